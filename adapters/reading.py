@@ -1,0 +1,63 @@
+"""The one record every adapter produces and the collector consumes.
+
+Cumulative registers are the truth: a `Reading` is a meter's counter at an
+instant, never an energy delta. Deltas are derived later, in one place
+(`collector.intervals`), so that a late or repeated reading can always be
+reconciled with the ones around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from adapters import quality
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value of one register of one meter at one instant.
+
+    `ts` must be timezone-aware; the collector converts it to UTC.
+    `quality` holds flags from `adapters.quality`; validation adds flags and
+    never changes `value`.
+    """
+
+    meter_id: str
+    register: str
+    ts: datetime
+    value: Decimal
+    quality: frozenset[str] = field(default_factory=frozenset)
+    source: str = ""
+
+    def flagged(self, *flags: str) -> Reading:
+        """Return a copy with more quality flags (the raw value is untouched)."""
+        for flag in flags:
+            quality.check(flag)
+        return Reading(
+            self.meter_id,
+            self.register,
+            self.ts,
+            self.value,
+            self.quality | frozenset(flags),
+            self.source,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An input that could not become a `Reading`, kept with its raw bytes.
+
+    Adapters and decoders hand these to the same ingestion entry point as
+    readings, so that every refusal lands in `rejected_reading` with a reason
+    that names the field: nothing is silently dropped.
+    """
+
+    source: str
+    raw: bytes
+    reason: str  # for a person: names the field and what is wrong with it
+    code: str = "invalid"  # for machines and metric labels: a short fixed word
+    meter_id: str | None = None
+    register: str | None = None
+    ts: datetime | None = None

@@ -1,0 +1,54 @@
+"""The `amr` console command.
+
+Each concern registers its own subcommands from its own module (listed in
+COMMAND_MODULES), so adding a command never means editing a central switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMAND_MODULES = [
+    "collector.commands.db",
+    "collector.commands.inventory",
+    "collector.commands.ingest",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amr",
+        description=(
+            "Automated electricity metering: read meters, validate and store readings, "
+            "split energy into tariff zones, bill it. Configuration comes from AMR_* "
+            "environment variables (AMR_DATABASE_URL, AMR_INVENTORY, ...)."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a clear message, not a traceback, for known errors
+        from collector.errors import UserError
+
+        if isinstance(exc, UserError):
+            print(f"amr {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of `amr`, one module per concern; each has `register(subparsers)`."""

