@@ -1,0 +1,337 @@
+"""The tariff catalogue: effective-dated rates per category, area and plan.
+
+Rates change twice a year by order of the Committee on Tariffs, so they are
+data (TOML files, then the `tariff` table), never code. A catalogue is refused
+as a whole when any entry is wrong, and every problem names the entry and the
+key, because the person reading it has the order and the file side by side.
+
+Volume bands (St. Petersburg since 01.07.2024: the rate depends on the
+account's monthly volume) fit the same shape: an entry carries `band` (1, 2,
+3...) with the monthly volume range `band_from_kwh`..`band_to_kwh` it applies
+to, and the overlap rule is per band. How zone volumes are shared between
+bands is not confirmed yet, so the engine refuses (holds back) a bill whose
+tariff has more than one band instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+PLAN_ZONES: dict[str, tuple[str, ...]] = {
+    "single": ("all",),
+    "two_zone": ("day", "night"),
+    "three_zone": ("peak", "half_peak", "night"),
+}
+# which stored zones (collector.zones) make up each zone of a plan
+FOLD: dict[str, dict[str, str]] = {
+    "single": {"night": "all", "peak": "all", "half_peak": "all"},
+    "two_zone": {"night": "night", "peak": "day", "half_peak": "day"},
+    "three_zone": {"night": "night", "peak": "peak", "half_peak": "half_peak"},
+}
+CATEGORIES = ("gas_stove", "electric_stove", "rural")
+AREAS = ("urban", "rural")
+_KEYS = {"from", "to", "category", "area", "plan", "rates", "band", "band_from_kwh", "band_to_kwh", "note"}
+
+
+class TariffError(ValueError):
+    """A refused catalogue; `problems` lists every one, `str()` one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Tariff:
+    """One entry of an order: rates of one plan for one category and area, dates inclusive."""
+
+    valid_from: date
+    valid_to: date
+    category: str
+    area: str
+    plan: str
+    rates: tuple[tuple[str, Decimal], ...]  # (zone, RUB/kWh with VAT), sorted by zone
+    band: int = 1
+    band_from_kwh: Decimal = Decimal(0)
+    band_to_kwh: Decimal | None = None
+    source: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        """Entries with the same key must not overlap in time."""
+        return (self.category, self.area, self.plan, self.band)
+
+    def rate(self, zone: str) -> Decimal:
+        return dict(self.rates)[zone]
+
+    def covers(self, day: date) -> bool:
+        return self.valid_from <= day <= self.valid_to
+
+    def rates_json(self) -> str:
+        return json.dumps({z: str(r) for z, r in self.rates})
+
+    def describe(self) -> str:
+        band = f" band {self.band}" if self.band != 1 else ""
+        return (f"{self.category}/{self.area}/{self.plan}{band} "
+                f"{self.valid_from}..{self.valid_to}" + (f" ({self.source})" if self.source else ""))
+
+
+def rate_items(rates: Mapping[str, Decimal]) -> tuple[tuple[str, Decimal], ...]:
+    """Rates in the hashable, ordered form a `Tariff` keeps."""
+    return tuple(sorted(rates.items()))
+
+
+def _decimal(value: Any) -> Decimal:
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    try:
+        d = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"not a decimal number: {value!r}") from None
+    if not d.is_finite():
+        raise ValueError(f"not a finite number: {value!r}")
+    return d
+
+
+def _date(value: Any) -> date:
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"not a date like 2026-07-01: {value!r}") from None
+
+
+def parse_entry(entry: Any, where: str) -> tuple[Tariff | None, list[str]]:
+    """One [[tariff]] table to a `Tariff`, or the list of what is wrong with it."""
+    problems: list[str] = []
+    if not isinstance(entry, dict):
+        return None, [f"{where}: must be a table ([[tariff]])"]
+    for key in sorted(set(entry) - _KEYS):
+        problems.append(f"{where}: key {key!r}: unknown key (known: {', '.join(sorted(_KEYS))})")
+    values: dict[str, Any] = {}
+    for key in ("from", "to"):
+        if key not in entry:
+            problems.append(f"{where}: key {key!r}: missing")
+            continue
+        try:
+            values[key] = _date(entry[key])
+        except ValueError as exc:
+            problems.append(f"{where}: key {key!r}: {exc}")
+    for key, allowed in (("category", CATEGORIES), ("area", AREAS), ("plan", tuple(PLAN_ZONES))):
+        v = entry.get(key)
+        if v is None:
+            problems.append(f"{where}: key {key!r}: missing (one of {', '.join(allowed)})")
+        elif v not in allowed:
+            problems.append(f"{where}: key {key!r}: {v!r} is not one of {', '.join(allowed)}")
+        else:
+            values[key] = v
+    if values.get("category") == "rural" and values.get("area") not in (None, "rural"):
+        problems.append(f"{where}: key 'area': category 'rural' needs area 'rural'")
+    if "from" in values and "to" in values and values["to"] < values["from"]:
+        problems.append(f"{where}: key 'to': {values['to']} is before 'from' {values['from']}")
+    rates: dict[str, Decimal] = {}
+    raw_rates = entry.get("rates")
+    if not isinstance(raw_rates, dict):
+        problems.append(f"{where}: key 'rates': missing or not a table like {{ all = \"3.39\" }}")
+    else:
+        zones = PLAN_ZONES.get(values.get("plan", ""), ())
+        for zone, raw in raw_rates.items():
+            if zones and zone not in zones:
+                problems.append(
+                    f"{where}: key 'rates.{zone}': plan {values['plan']!r} has no zone {zone!r} "
+                    f"(zones: {', '.join(zones)})")
+                continue
+            try:
+                rate = _decimal(raw)
+            except ValueError as exc:
+                problems.append(f"{where}: key 'rates.{zone}': {exc}")
+                continue
+            if rate <= 0:
+                problems.append(f"{where}: key 'rates.{zone}': rate must be positive, got {rate}")
+            else:
+                rates[zone] = rate
+        for zone in zones:
+            if zone not in raw_rates:
+                problems.append(f"{where}: key 'rates.{zone}': missing: every zone of plan "
+                                f"{values['plan']!r} needs a rate")
+    band = entry.get("band", 1)
+    if not isinstance(band, int) or isinstance(band, bool) or band < 1:
+        problems.append(f"{where}: key 'band': must be a whole number from 1, got {band!r}")
+        band = 1
+    lo, hi = Decimal(0), None
+    try:
+        lo = _decimal(entry.get("band_from_kwh", 0))
+        if lo < 0:
+            problems.append(f"{where}: key 'band_from_kwh': must not be negative")
+    except ValueError as exc:
+        problems.append(f"{where}: key 'band_from_kwh': {exc}")
+    if entry.get("band_to_kwh") is not None:
+        try:
+            hi = _decimal(entry["band_to_kwh"])
+            if hi <= lo:
+                problems.append(f"{where}: key 'band_to_kwh': must be above band_from_kwh {lo}")
+        except ValueError as exc:
+            problems.append(f"{where}: key 'band_to_kwh': {exc}")
+    if problems:
+        return None, problems
+    return Tariff(values["from"], values["to"], values["category"], values["area"], values["plan"],
+                  rate_items(rates), band, lo, hi, where), []
+
+
+def overlaps(tariffs: Iterable[Tariff]) -> list[str]:
+    """Every pair of entries with the same category, area, plan and band whose dates overlap."""
+    by_key: dict[tuple, list[Tariff]] = {}
+    for t in tariffs:
+        by_key.setdefault(t.key, []).append(t)
+    problems = []
+    for group in by_key.values():
+        group.sort(key=lambda t: (t.valid_from, t.valid_to))
+        a = group[0]  # the entry reaching furthest so far
+        for b in group[1:]:
+            if b.valid_from <= a.valid_to:
+                problems.append(
+                    f"{b.source}: key 'from': {b.valid_from} overlaps {a.source or 'an entry'} "
+                    f"({a.category}/{a.area}/{a.plan}, {a.valid_from}..{a.valid_to})")
+            if b.valid_to > a.valid_to:
+                a = b
+    return problems
+
+
+class Catalogue:
+    """A validated set of tariffs with the lookups billing needs."""
+
+    def __init__(self, tariffs: Iterable[Tariff]):
+        self.tariffs = sorted(tariffs, key=lambda t: (t.key, t.valid_from))
+        problems = overlaps(self.tariffs)
+        if problems:
+            raise TariffError(problems)
+        self._memo: dict[tuple, list] = {}
+
+    def __len__(self) -> int:
+        return len(self.tariffs)
+
+    def candidates(self, category: str, area: str, plan: str) -> list[Tariff]:
+        """Entries for a subscriber: its own category first, the rural category for rural homes."""
+        own = [t for t in self.tariffs if (t.category, t.area, t.plan) == (category, area, plan)]
+        if own or area != "rural":
+            return own
+        return [t for t in self.tariffs if (t.category, t.area, t.plan) == ("rural", "rural", plan)]
+
+    def segments(self, category: str, area: str, plan: str, first: date, last: date
+                 ) -> list[tuple[date, date, list[Tariff] | None]]:
+        """[first, last] cut into runs of days with the same tariff (bands together).
+
+        A run without any tariff comes back with None, so the caller can say
+        which days are unpriced instead of billing them at nothing.
+        """
+        memo_key = (category, area, plan, first, last)
+        if memo_key not in self._memo:
+            self._memo[memo_key] = self._segments(category, area, plan, first, last)
+        return self._memo[memo_key]
+
+    def _segments(self, category: str, area: str, plan: str, first: date, last: date
+                  ) -> list[tuple[date, date, list[Tariff] | None]]:
+        cands = self.candidates(category, area, plan)
+        out: list[tuple[date, date, list[Tariff] | None]] = []
+        day = first
+        while day <= last:
+            here = [t for t in cands if t.covers(day)] or None
+            if here:
+                end = min(min(t.valid_to for t in here), last)
+                # a band starting later inside the run cuts it too
+                later = [t.valid_from - timedelta(days=1) for t in cands if day < t.valid_from <= end]
+                end = min([end, *later])
+            else:
+                nxt = [t.valid_from for t in cands if t.valid_from > day]
+                end = min(min(nxt) - timedelta(days=1), last) if nxt else last
+            out.append((day, end, sorted(here, key=lambda t: t.band) if here else None))
+            day = end + timedelta(days=1)
+        return out
+
+
+def parse_catalogue(data: dict[str, Any], source: str = "<tariffs>") -> list[Tariff]:
+    """Validate a parsed TOML document; every problem is collected before refusing."""
+    problems: list[str] = []
+    for key in sorted(set(data) - {"tariff"}):
+        problems.append(f"{source}: unknown section {key!r} (expected [[tariff]])")
+    entries = data.get("tariff", [])
+    if not isinstance(entries, list) or not entries:
+        problems.append(f"{source}: no [[tariff]] entries")
+        entries = []
+    tariffs = []
+    for i, entry in enumerate(entries):
+        desc = ""
+        if isinstance(entry, dict):
+            desc = " (" + "/".join(str(entry.get(k, "?")) for k in ("category", "area", "plan")) \
+                + f" from {entry.get('from', '?')})"
+        t, errs = parse_entry(entry, f"{source}: tariff[{i}]{desc}")
+        problems.extend(errs)
+        if t:
+            tariffs.append(t)
+    problems.extend(overlaps(tariffs))
+    if problems:
+        raise TariffError(problems)
+    return tariffs
+
+
+def load_catalogue_file(path: Path | str) -> list[Tariff]:
+    """Read and validate a tariff file; raise `TariffError` naming each problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TariffError([f"{path}: no such file"]) from None
+    except UnicodeDecodeError as exc:
+        raise TariffError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TariffError([f"{path}: not valid TOML: {exc}"]) from None
+    return parse_catalogue(data, str(path))
+
+
+# --- the database side -------------------------------------------------------------
+
+def _row_to_tariff(row: tuple) -> Tariff:
+    vf, vt, cat, area, plan, band, lo, hi, rates, source = row
+    return Tariff(vf, vt, cat, area, plan, rate_items({z: Decimal(r) for z, r in rates.items()}),
+                  band, lo, hi, source)
+
+
+def load_db_catalogue(conn: Any) -> Catalogue:
+    """Every tariff stored in the database, as one validated catalogue."""
+    rows = conn.execute(
+        "SELECT valid_from, valid_to, category, area, plan, band, band_from_kwh, band_to_kwh,"
+        " rates, source FROM tariff ORDER BY id").fetchall()
+    return Catalogue(_row_to_tariff(r) for r in rows)
+
+
+def store_catalogue(conn: Any, tariffs: list[Tariff]) -> tuple[int, int]:
+    """Add tariffs to the database; returns (added, already there).
+
+    An entry identical to a stored one is skipped, so loading a file twice is
+    harmless; an entry overlapping a different stored one is refused with both
+    named. Everything is checked before anything is written.
+    """
+    with conn.transaction():
+        conn.execute("LOCK TABLE tariff IN SHARE ROW EXCLUSIVE MODE")
+        stored = load_db_catalogue(conn).tariffs
+        have = set(stored)
+        new = [t for t in tariffs if t not in have]
+        problems = overlaps([*stored, *new])
+        if problems:
+            raise TariffError(problems)
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO tariff (valid_from, valid_to, category, area, plan, band,"
+                " band_from_kwh, band_to_kwh, rates, source)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)",
+                [(t.valid_from, t.valid_to, t.category, t.area, t.plan, t.band, t.band_from_kwh,
+                  t.band_to_kwh, t.rates_json(), t.source) for t in new])
+    return len(new), len(tariffs) - len(new)
