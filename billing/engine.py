@@ -1,0 +1,348 @@
+"""Billing runs: a calendar month of stored zone energy priced into versioned bills.
+
+The run is set-based so that a whole city bills in seconds: one SQL aggregate
+gives each account's energy per stored zone and per run of days with one
+rate; Python folds it to the plan, prices and rounds each line (the one rule
+in `billing.money`) and compares it with the latest stored version; new and
+changed bills go back with COPY, all in one transaction.
+
+Rules held here:
+- a tariff change inside the month splits it by day: one line per plan zone
+  and per run of days with one rate;
+- a bill is never edited: changed data makes a new version with the reason and
+  the difference, unchanged data makes nothing;
+- energy marked suspect holds the account's bill back until a person accepts
+  or rejects it (`amr suspect`); so do days without a tariff and volume bands,
+  whose sharing rule is not confirmed;
+- a meter replaced mid-month: every meter of the account counts, each only
+  for the local days between its installation and removal.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from decimal import Decimal
+from typing import Any
+
+from billing import money
+from billing.tariffs import FOLD, PLAN_ZONES, Catalogue, load_db_catalogue
+from collector import metrics
+from collector.inventory import normalize_account
+
+ZERO = Decimal(0)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Line:
+    zone: str
+    date_from: date
+    date_to: date
+    kwh: Decimal
+    estimated_kwh: Decimal
+    rate: Decimal
+    amount: Decimal
+
+    def as_dict(self) -> dict[str, str]:
+        return {"zone": self.zone, "date_from": self.date_from.isoformat(),
+                "date_to": self.date_to.isoformat(), "kwh": _num(self.kwh),
+                "estimated_kwh": _num(self.estimated_kwh), "rate": _num(self.rate),
+                "amount": str(self.amount)}
+
+
+@dataclass(frozen=True)
+class Bill:
+    account: str
+    period: date
+    plan: str
+    category: str
+    area: str
+    lines: tuple[Line, ...]
+
+    @property
+    def total(self) -> Decimal:
+        return money.total([ln.amount for ln in self.lines])
+
+    @property
+    def kwh(self) -> Decimal:
+        return sum((ln.kwh for ln in self.lines), ZERO)
+
+    @property
+    def estimated_kwh(self) -> Decimal:
+        return sum((ln.estimated_kwh for ln in self.lines), ZERO)
+
+    def fingerprint(self) -> str:
+        """Same content, same fingerprint: how a re-run knows nothing changed."""
+        doc = {"plan": self.plan, "lines": [ln.as_dict() for ln in self.lines]}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Held:
+    account: str
+    reason: str
+
+
+@dataclass
+class RunSummary:
+    period: date
+    billed: int = 0  # first versions written
+    unchanged: int = 0
+    new_versions: int = 0
+    held_back: list[Held] = field(default_factory=list)
+    seconds: float = 0.0
+    written: list[tuple[str, int, str]] = field(default_factory=list)  # account, version, reason
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"period": self.period.strftime("%Y-%m"), "billed": self.billed,
+                "unchanged": self.unchanged, "new_versions": self.new_versions,
+                "held_back": len(self.held_back), "seconds": round(self.seconds, 3)}
+
+
+def _num(d: Decimal) -> str:
+    """A canonical text for a quantity: 1.500000 and 1.5 are the same energy."""
+    if d == 0:
+        return "0"
+    return format(d.normalize(), "f")
+
+
+def parse_period(text: str) -> date:
+    """'2026-10' (or a date inside the month) to the first day of the month."""
+    try:
+        if len(text) == 7:
+            y, m = text.split("-")
+            return date(int(y), int(m), 1)
+        d = date.fromisoformat(text)
+        return d.replace(day=1)
+    except ValueError:
+        raise ValueError(f"period must be a month like 2026-10, got {text!r}") from None
+
+
+def month_days(period: date) -> tuple[date, date]:
+    last = calendar.monthrange(period.year, period.month)[1]
+    return period, period.replace(day=last)
+
+
+def fold(zone_kwh: Mapping[str, Decimal], plan: str) -> dict[str, Decimal]:
+    """Stored zones (night, peak, half_peak) to the zones of a plan; the sum is kept."""
+    mapping = FOLD[plan]
+    out = {z: ZERO for z in PLAN_ZONES[plan]}
+    for zone, kwh in zone_kwh.items():
+        out[mapping[zone]] += kwh
+    return out
+
+
+def price(account: str, period: date, plan: str, category: str, area: str,
+          pieces: Sequence[tuple[date, date]], usage: Mapping[tuple[int, str], tuple[Decimal, Decimal]],
+          catalogue: Catalogue) -> Bill | Held:
+    """One account's bill from its energy per (piece of the month, stored zone).
+
+    `pieces` cut the month at every date where any tariff changes, so each
+    run of days with one rate is a union of whole pieces.
+    """
+    first, last = month_days(period)
+    lines: list[Line] = []
+    for seg_from, seg_to, tariffs in catalogue.segments(category, area, plan, first, last):
+        if tariffs is None:
+            return Held(account, f"no tariff for {category}/{area}/{plan} on {seg_from}..{seg_to}")
+        if len(tariffs) > 1 or tariffs[0].band_to_kwh is not None:
+            return Held(account, f"volume bands in the tariff for {category}/{area}/{plan} from "
+                                 f"{seg_from}: how zone volumes share bands is not confirmed yet")
+        kwh: dict[str, Decimal] = {}
+        est: dict[str, Decimal] = {}
+        for i, (p_from, p_to) in enumerate(pieces, start=1):
+            if p_from < seg_from or p_to > seg_to:
+                continue
+            for zone in ("night", "peak", "half_peak"):
+                got = usage.get((i, zone))
+                if got:
+                    kwh[zone] = kwh.get(zone, ZERO) + got[0]
+                    est[zone] = est.get(zone, ZERO) + got[1]
+        folded, folded_est = fold(kwh, plan), fold(est, plan)
+        tariff = tariffs[0]
+        for zone in PLAN_ZONES[plan]:
+            rate = tariff.rate(zone)
+            lines.append(Line(zone, seg_from, seg_to, folded[zone], folded_est[zone], rate,
+                              money.line_amount(folded[zone], rate)))
+    return Bill(account, period, plan, category, area, tuple(lines))
+
+
+def _pieces(catalogue: Catalogue, first: date, last: date) -> list[tuple[date, date]]:
+    cuts = {first}
+    for t in catalogue.tariffs:
+        for d in (t.valid_from, t.valid_to + timedelta(days=1)):
+            if first < d <= last:
+                cuts.add(d)
+    starts = sorted(cuts)
+    return [(s, (starts[i + 1] - timedelta(days=1)) if i + 1 < len(starts) else last)
+            for i, s in enumerate(starts)]
+
+
+def describe_change(old_lines: list[Line], new: Bill, old_total: Decimal) -> tuple[str, dict]:
+    """The reason and the difference a new version carries, for a person and for machines."""
+    old_by = {(ln.zone, ln.date_from): ln for ln in old_lines}
+    new_by = {(ln.zone, ln.date_from): ln for ln in new.lines}
+    what = set()
+    diff_lines = []
+    for key in sorted(set(old_by) | set(new_by), key=lambda k: (k[1], k[0])):
+        o, n = old_by.get(key), new_by.get(key)
+        if o and n and o == n:
+            continue
+        if not o or not n or o.kwh != n.kwh:
+            what.add("energy")
+        if o and n and o.rate != n.rate:
+            what.add("rates")
+        if o and n and o.estimated_kwh != n.estimated_kwh:
+            what.add("estimates")
+        diff_lines.append({
+            "zone": key[0], "date_from": key[1].isoformat(),
+            "kwh_old": _num(o.kwh) if o else None, "kwh_new": _num(n.kwh) if n else None,
+            "rate_old": _num(o.rate) if o else None, "rate_new": _num(n.rate) if n else None,
+            "amount_old": str(o.amount) if o else None, "amount_new": str(n.amount) if n else None,
+        })
+    delta = new.total - old_total
+    reason = (f"{' and '.join(sorted(what)) or 'content'} changed: total {old_total} -> "
+              f"{new.total} ({'+' if delta >= 0 else ''}{delta})")
+    return reason, {"total_old": str(old_total), "total_new": str(new.total),
+                    "total_delta": str(delta), "lines": diff_lines}
+
+
+def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, *,
+                catalogue: Catalogue | None = None, tz: str = "Europe/Moscow",
+                reason: str | None = None, progress: Progress | None = None) -> RunSummary:
+    """Bill every subscriber (or `accounts`) for the month starting `period`; commits."""
+    started = time.perf_counter()
+    period = period.replace(day=1)
+    first, last = month_days(period)
+    summary = RunSummary(period)
+    wanted = sorted({normalize_account(a) for a in accounts}) if accounts is not None else None
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(7217010, %s)", (period.year * 100 + period.month,))
+        cat = catalogue if catalogue is not None else load_db_catalogue(conn)
+        pieces = _pieces(cat, first, last)
+        filt = " AND s.account = ANY(%(accounts)s)" if wanted is not None else ""
+        subs = conn.execute(
+            "SELECT account, plan, category, area FROM subscriber s WHERE true" + filt
+            + " ORDER BY account", {"accounts": wanted}).fetchall()
+        rows = conn.execute(
+            "SELECT m.account, width_bucket(d.day, %(bounds)s::date[]), d.zone,"
+            " sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
+            " FROM daily_zone_usage d JOIN meter m ON m.id = d.meter_id"
+            " JOIN subscriber s ON s.account = m.account"
+            " WHERE d.day BETWEEN %(first)s AND %(last)s"
+            " AND (m.installed IS NULL OR d.day >= (m.installed AT TIME ZONE %(tz)s)::date)"
+            " AND (m.removed IS NULL OR d.day <= (m.removed AT TIME ZONE %(tz)s)::date)"
+            + filt + " GROUP BY 1, 2, 3",
+            {"bounds": [p[0] for p in pieces], "first": first, "last": last, "tz": tz,
+             "accounts": wanted}).fetchall()
+        usage: dict[str, dict[tuple[int, str], tuple[Decimal, Decimal]]] = {}
+        suspect: dict[str, Decimal] = {}
+        for account, piece, zone, kwh, est, sus in rows:
+            usage.setdefault(account, {})[(piece, zone)] = (kwh, est)
+            if sus:
+                suspect[account] = suspect.get(account, ZERO) + sus
+        latest = {r[0]: r[1:] for r in conn.execute(
+            "SELECT DISTINCT ON (account) account, version, fingerprint, total FROM bill"
+            " WHERE period = %s ORDER BY account, version DESC", (period,)).fetchall()}
+        new_bills: list[tuple[Bill, int, str, dict | None]] = []
+        changed: list[tuple[Bill, int, Decimal]] = []
+        total_subs = len(subs)
+        for n, (account, plan, category, area) in enumerate(subs, start=1):
+            if progress and n % 2000 == 0:
+                progress(n, total_subs)
+            if account in suspect:
+                summary.held_back.append(Held(account, (
+                    f"{_num(suspect[account])} kWh of suspect energy awaits a decision "
+                    f"(amr suspect list --account {account})")))
+                continue
+            if account not in usage:
+                summary.held_back.append(Held(account, "no energy data for the period"))
+                continue
+            got = price(account, period, plan, category, area, pieces, usage[account], cat)
+            if isinstance(got, Held):
+                summary.held_back.append(got)
+                continue
+            prev = latest.get(account)
+            if prev is None:
+                new_bills.append((got, 1, reason or "first bill for the period", None))
+            elif prev[1] == got.fingerprint():
+                summary.unchanged += 1
+            else:
+                changed.append((got, prev[0], prev[2]))
+        if changed:
+            old_lines = _lines_of(conn, period, [(b.account, v) for b, v, _ in changed])
+            for bill, version, old_total in changed:
+                why, diff = describe_change(old_lines.get(bill.account, []), bill, old_total)
+                new_bills.append((bill, version + 1, f"{reason}: {why}" if reason else why, diff))
+        _write(conn, new_bills)
+        if progress:
+            progress(total_subs, total_subs)
+    for bill, version, why, _ in new_bills:
+        summary.written.append((bill.account, version, why))
+        if version == 1:
+            summary.billed += 1
+        else:
+            summary.new_versions += 1
+    summary.seconds = time.perf_counter() - started
+    metrics.BILLING_RUN_SECONDS.observe(summary.seconds)
+    for outcome, count in (("billed", summary.billed), ("unchanged", summary.unchanged),
+                           ("new_version", summary.new_versions),
+                           ("held_back", len(summary.held_back))):
+        if count:
+            metrics.BILLS.labels(outcome).inc(count)
+    return summary
+
+
+def _lines_of(conn: Any, period: date, keys: list[tuple[str, int]]) -> dict[str, list[Line]]:
+    rows = conn.execute(
+        "SELECT l.account, l.zone, l.date_from, l.date_to, l.kwh, l.estimated_kwh, l.rate, l.amount"
+        " FROM bill_line l JOIN unnest(%s::text[], %s::int[]) AS k(account, version)"
+        " ON l.account = k.account AND l.version = k.version"
+        " WHERE l.period = %s ORDER BY l.account, l.line_no",
+        ([k[0] for k in keys], [k[1] for k in keys], period)).fetchall()
+    out: dict[str, list[Line]] = {}
+    for account, *rest in rows:
+        out.setdefault(account, []).append(Line(*rest))
+    return out
+
+
+def _write(conn: Any, bills: list[tuple[Bill, int, str, dict | None]]) -> None:
+    if not bills:
+        return
+    with conn.cursor() as cur:
+        with cur.copy("COPY bill (account, period, version, total, kwh, estimated_kwh, plan,"
+                      " category, area, reason, diff, fingerprint) FROM STDIN") as cp:
+            for b, version, why, diff in bills:
+                cp.write_row((b.account, b.period, version, b.total, b.kwh, b.estimated_kwh,
+                              b.plan, b.category, b.area, why,
+                              json.dumps(diff) if diff is not None else None, b.fingerprint()))
+        with cur.copy("COPY bill_line (account, period, version, line_no, zone, date_from,"
+                      " date_to, kwh, estimated_kwh, rate, amount) FROM STDIN") as cp:
+            for b, version, _, _ in bills:
+                for i, ln in enumerate(b.lines, start=1):
+                    cp.write_row((b.account, b.period, version, i, ln.zone, ln.date_from,
+                                  ln.date_to, ln.kwh, ln.estimated_kwh, ln.rate, ln.amount))
+
+
+def bills_of(conn: Any, account: str, period: date) -> list[dict[str, Any]]:
+    """Every version of one account's bill for a month, oldest first, with lines."""
+    account = normalize_account(account)
+    bills = conn.execute(
+        "SELECT version, total, kwh, estimated_kwh, plan, reason, diff, created_at FROM bill"
+        " WHERE account = %s AND period = %s ORDER BY version", (account, period)).fetchall()
+    lines = conn.execute(
+        "SELECT version, zone, date_from, date_to, kwh, estimated_kwh, rate, amount FROM bill_line"
+        " WHERE account = %s AND period = %s ORDER BY version, line_no", (account, period)).fetchall()
+    out = []
+    for version, total, kwh, est, plan, why, diff, created in bills:
+        out.append({"account": account, "period": period, "version": version, "total": total,
+                    "kwh": kwh, "estimated_kwh": est, "plan": plan, "reason": why, "diff": diff,
+                    "created_at": created,
+                    "lines": [Line(*r[1:]) for r in lines if r[0] == version]})
+    return out
