@@ -1,0 +1,344 @@
+"""Simulated IEC 62056-21 mode C meters on one serial line (a paced pseudo-terminal).
+
+Each meter's counters come from `simulators.consumption.ConsumptionModel`, so
+a test can compute what a poll must read. Several meters may share the line
+(multi-drop) and answer only to their device address; the line runs at the
+real character time of the current rate, and the readout rate switches after
+the option select exactly as the standard orders it.
+
+Faults (set `SimMeter.fault`, or `--fault ADDRESS=FAULT` on the command line):
+
+    no_answer      ignore the sign-on
+    slow           answer after `slow_s` seconds (beyond a poller's timeout)
+    bad_bcc        corrupt the block check character of the data message
+    garbage        answer the sign-on with random bytes
+    counter_reset  counters restart from zero at the moment the fault is set
+    rollover       counters wrap at `rollover_at` kWh
+    clock_drift    the meter's clock runs `clock_drift_s` seconds off
+
+Run `python -m simulators.iec62056_sim --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from adapters.iec62056 import (
+    ACK,
+    BAUD_OF_CHAR,
+    BYTESIZE,
+    CHAR_OF_BAUD,
+    CRLF,
+    PARITY,
+    STOPBITS,
+    data_message,
+    from_line,
+    identification,
+    to_line,
+)
+from simulators.consumption import ConsumptionModel, SimClock
+from simulators.serial_line import PtyLine
+
+FAULTS = ("no_answer", "slow", "bad_bcc", "garbage", "counter_reset", "rollover", "clock_drift")
+REGISTERS = ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0")
+_SIGN_ON = re.compile(rb"/\?([0-9A-Za-z ]{0,32})!\r\n")
+_MSK = ZoneInfo("Europe/Moscow")
+
+
+@dataclass
+class SimReadout:
+    """What the meter sent in its last readout: the truth a test compares with."""
+
+    t: datetime  # simulated instant the counters were latched
+    values: dict[str, Decimal]  # kWh, as printed (after faults)
+    clock: datetime  # the meter's own clock as printed (may drift)
+
+
+@dataclass
+class SimMeter:
+    """One simulated meter; fields may be changed while the line runs."""
+
+    address: str = ""
+    serial_number: str = "00000001"
+    seed: int = 1
+    manufacturer: str = "AMR"
+    max_baud: int = 9600
+    in_wh: bool = False  # print energies in Wh instead of kWh
+    with_clock: bool = True
+    fault: str | None = None
+    slow_s: float = 2.0
+    clock_drift_s: float = 600.0
+    rollover_at: Decimal = Decimal(10000)
+    model: ConsumptionModel | None = None
+    reset_at: datetime | None = None
+    last: SimReadout | None = None
+    readouts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = ConsumptionModel(self.seed)
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; known: {', '.join(FAULTS)}")
+        if self.max_baud not in CHAR_OF_BAUD:
+            raise ValueError(f"max_baud must be one of {sorted(CHAR_OF_BAUD)}")
+
+    def set_fault(self, fault: str | None, now: datetime) -> None:
+        """Inject (or clear) a fault; a counter reset starts from the counters at `now`."""
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+        self.fault = fault
+        if fault == "counter_reset":
+            self.reset_at = now
+
+    def values(self, t: datetime) -> dict[str, Decimal]:
+        """The registers as the meter would print them at simulated instant t."""
+        assert self.model is not None
+        out = {r: self.model.energy_kwh(t, r) for r in REGISTERS}
+        if self.fault == "counter_reset" and self.reset_at is not None:
+            base = {r: self.model.energy_kwh(self.reset_at, r) for r in REGISTERS}
+            out = {r: max(Decimal(0), out[r] - base[r]) for r in REGISTERS}
+        elif self.fault == "rollover":
+            out = {r: out[r] % self.rollover_at for r in REGISTERS}
+        if self.in_wh:  # the meter's resolution is then 1 Wh
+            out = {r: Decimal(int(v * 1000)) / 1000 for r, v in out.items()}
+        return out
+
+    def clock(self, t: datetime) -> datetime:
+        """The meter's clock, whole seconds (drifted under the clock_drift fault)."""
+        drift = self.clock_drift_s if self.fault == "clock_drift" else 0.0
+        return (t + timedelta(seconds=drift)).replace(microsecond=0)
+
+    def data_block(self, t: datetime) -> str:
+        values = self.values(t)
+        lines = [f"0.0.0({self.address or self.serial_number})", f"C.1.0({self.serial_number})"]
+        for reg in REGISTERS:
+            v = values[reg]
+            lines.append(f"{reg}({int(v * 1000):08d}*Wh)" if self.in_wh else f"{reg}({v:09.2f}*kWh)")
+        clock = self.clock(t)
+        if self.with_clock:
+            local = clock.astimezone(_MSK)
+            lines.append(f"0.9.1({local:%H:%M:%S})")
+            lines.append(f"0.9.2({local:%y-%m-%d})")
+        lines.append("F.F(00000000)")
+        self.last = SimReadout(t, values, clock)
+        self.readouts += 1
+        return "\r\n".join(lines) + "\r\n"
+
+    def ident(self) -> str:
+        return f"SIM{self.serial_number}"[:16]
+
+
+@dataclass
+class IecLineSim:
+    """Meters on one paced serial line; `device` is the path a poller opens."""
+
+    meters: list[SimMeter]
+    baudrate: int = 300  # the initial rate of every sign-on
+    clock: SimClock = field(default_factory=lambda: SimClock(datetime.now(UTC)))
+    reaction_s: float = 0.0  # the meter's reaction time before each answer
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        addresses = [m.address for m in self.meters]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"two meters share a device address on one line: {addresses}")
+        self.line = PtyLine(self.baudrate, BYTESIZE, PARITY, STOPBITS)
+        self.device = self.line.device
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random(self.seed)
+        self._pending = b""
+        self.sign_ons = 0
+
+    def start(self) -> IecLineSim:
+        self._thread = threading.Thread(target=self._serve, name=f"iec-sim {self.device}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.line.close()
+
+    def __enter__(self) -> IecLineSim:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def meter(self, address: str) -> SimMeter:
+        return next(m for m in self.meters if m.address == address)
+
+    # the meter side of the protocol
+
+    def _read_line(self, timeout: float) -> bytes | None:
+        """Bytes up to CRLF, or None when the line stayed quiet (or we are stopping)."""
+        buf = bytearray(self._pending)
+        self._pending = b""
+        deadline = time.monotonic() + timeout
+        while not buf.endswith(CRLF):
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.is_set():
+                return None
+            buf += from_line(self.line.read(1, min(left, 0.1)))[0]
+            if len(buf) > 256:
+                del buf[:-64]
+        return bytes(buf)
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stop.wait(seconds)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self.line.set_baudrate(self.baudrate)
+            msg = self._read_line(0.2)
+            if msg is None:
+                continue
+            m = _SIGN_ON.search(msg)
+            if m is None:
+                continue  # noise on the line: a meter waits for a proper sign-on
+            self.sign_ons += 1
+            try:
+                self._answer(m.group(1).decode("ascii"))
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+
+    def _answer(self, address: str) -> None:
+        chosen = [m for m in self.meters if m.address == address or address == ""]
+        if not chosen:
+            return
+        if len(chosen) > 1:  # everyone answers a bare sign-on on a multi-drop line: collision
+            self.line.write(bytes(self._rng.randrange(256) for _ in range(24)))  # raw noise
+            return
+        meter = chosen[0]
+        if meter.fault == "no_answer":
+            return
+        self._sleep(self.reaction_s + (meter.slow_s if meter.fault == "slow" else 0.0))
+        if meter.fault == "garbage":
+            self.line.write(bytes(self._rng.randrange(256) for _ in range(40)))
+            return
+        ident = identification(meter.manufacturer, CHAR_OF_BAUD[meter.max_baud], meter.ident())
+        self.line.write(to_line(ident))
+        ack = self._read_line(2.0)
+        if ack is None:
+            return
+        if _SIGN_ON.search(ack):  # the poller gave up on us and signs on again
+            self._pending = ack
+            return
+        at = ack.find(ACK)
+        if at < 0 or len(ack) < at + 4:
+            return
+        rate = BAUD_OF_CHAR.get(chr(ack[at + 2]))
+        mode = chr(ack[at + 3])
+        if rate is None or rate > meter.max_baud or mode != "0":
+            return  # only data readout is simulated; anything else returns to idle
+        self.line.set_baudrate(rate)
+        self._sleep(self.reaction_s)
+        msg = data_message(meter.data_block(self.clock.now()))
+        if meter.fault == "bad_bcc":
+            msg = msg[:-1] + bytes((msg[-1] ^ 0x5A,))
+        self.line.write(to_line(msg))
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m simulators.iec62056_sim",
+        description=(
+            "Simulated IEC 62056-21 mode C meters on one pseudo-terminal serial line with the "
+            "line's real timing. Prints the device path and an inventory for `amr`, then serves "
+            "until interrupted."
+        ),
+    )
+    p.add_argument("--meters", type=int, default=1, help="meters on the line (default 1)")
+    p.add_argument(
+        "--addresses", default="",
+        help="comma-separated device addresses (default: none for one meter, 00000001.. for several)",
+    )
+    p.add_argument("--baud", type=int, default=300, help="initial rate of the sign-on (default 300)")
+    p.add_argument("--max-baud", type=int, default=9600, help="readout rate the meters propose")
+    p.add_argument("--seed", type=int, default=1, help="seed of the first meter's consumption model")
+    p.add_argument("--scale", type=float, default=1.0, help="simulated seconds per wall second")
+    p.add_argument("--start", default="", help="simulated start instant, ISO 8601 (default now)")
+    p.add_argument("--reaction", type=float, default=0.02, help="meter reaction time in seconds")
+    p.add_argument("--wh", action="store_true", help="print energies in Wh instead of kWh")
+    p.add_argument(
+        "--fault", action="append", default=[], metavar="ADDRESS=FAULT",
+        help=f"inject a fault into one meter; faults: {', '.join(FAULTS)}",
+    )
+    p.add_argument("--link", type=Path, help="also make this symlink to the device (a stable path)")
+    p.add_argument("--account", default="1", help="account number used in the printed inventory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.addresses:
+        addresses = [a.strip() for a in args.addresses.split(",")]
+    else:
+        addresses = [""] if args.meters == 1 else [f"{i + 1:08d}" for i in range(args.meters)]
+    start = datetime.fromisoformat(args.start) if args.start else datetime.now(UTC)
+    meters = [
+        SimMeter(address=a, serial_number=f"{i + 1:08d}", seed=args.seed + i,
+                 max_baud=args.max_baud, in_wh=args.wh)
+        for i, a in enumerate(addresses)
+    ]
+    sim = IecLineSim(meters, args.baud, SimClock(start, args.scale), args.reaction)
+    for spec in args.fault:
+        addr, _, fault = spec.partition("=")
+        try:
+            sim.meter(addr).set_fault(fault, sim.clock.now())
+        except StopIteration:
+            print(f"--fault {spec}: no meter with address {addr!r}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"--fault {spec}: {exc}", file=sys.stderr)
+            return 2
+    device = sim.device
+    if args.link:
+        if args.link.is_symlink():
+            args.link.unlink()
+        os.symlink(device, args.link)
+        device = str(args.link)
+    print(f"# IEC 62056-21 line on {device} ({args.baud} baud initial, {len(meters)} meter(s))")
+    print(f'[[subscriber]]\naccount = "{args.account}"\n')
+    for i, m in enumerate(meters):
+        print(
+            f'[[meter]]\nid = "iec-{i + 1:04d}"\naccount = "{args.account}"\nadapter = "iec62056"\n'
+            f'port = "{device}"\nbaudrate = {args.baud}\n'
+            + (f'address = "{m.address}"\n' if m.address else "")
+            + 'registers = ["1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0"]\n'
+        )
+    sys.stdout.flush()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with sim:
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    if args.link and args.link.is_symlink():
+        args.link.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
