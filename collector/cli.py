@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "collector.commands.db",
     "collector.commands.inventory",
     "collector.commands.ingest",
+    "billing.commands",
 ]
 
 

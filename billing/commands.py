@@ -1,0 +1,244 @@
+"""`amr tariffs`, `amr bill`, `amr suspect` and `amr api`: billing staff's commands."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from collector.errors import UserError
+from collector.settings import get_settings
+from collector.storage import db
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("tariffs", help="tariff catalogue: load a TOML file, list what is stored",
+                       description="Tariffs are effective-dated rates (RUB/kWh with VAT) per "
+                       "category, area and plan. A file is checked whole before anything is stored.")
+    tsub = t.add_subparsers(dest="tariffs_command", metavar="ACTION", required=True)
+    ld = tsub.add_parser("load", help="validate FILE and add its tariffs (identical entries are skipped)")
+    ld.add_argument("file", type=Path)
+    ld.add_argument("--check", action="store_true", help="only validate the file; store nothing")
+    ld.set_defaults(func=cmd_tariffs_load)
+    ls = tsub.add_parser("list", help="the stored tariffs")
+    ls.add_argument("--on", type=date.fromisoformat, help="only those in force on this date")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(func=cmd_tariffs_list)
+
+    b = sub.add_parser(
+        "bill", help="bill a calendar month: every subscriber or the accounts named",
+        description="Prices each account's stored zone energy for a month at the rates in force "
+        "(a change inside the month splits it by day), one line per plan zone rounded half-up "
+        "to kopecks. Re-running changes nothing unless the data changed; then a new version "
+        "is written with the reason and the difference. Accounts with suspect energy are held "
+        "back until `amr suspect accept|reject`.")
+    b.add_argument("--period", required=True, help="the month, like 2026-10 (local time)")
+    b.add_argument("--account", action="append", metavar="N", help="bill only this account (repeatable)")
+    b.add_argument("--reason", help="why this run, kept on every new version (e.g. 'late data')")
+    b.add_argument("--json", action="store_true",
+                   help="one JSON object per line: each bill written, each held back, the summary")
+    b.set_defaults(func=cmd_bill)
+
+    s = sub.add_parser("suspect", help="energy held out of bills: list, accept or reject it",
+                       description="Intervals implying more than a meter's maximum power are "
+                       "suspect and hold the account's bill back. A person decides; the decision "
+                       "is applied to the daily totals and kept in an audit record.")
+    ssub = s.add_subparsers(dest="suspect_command", metavar="ACTION", required=True)
+    sl = ssub.add_parser("list", help="suspect intervals waiting for a decision")
+    sl.add_argument("--account", help="only this account's meters")
+    sl.add_argument("--meter", help="only this meter")
+    sl.add_argument("--json", action="store_true", help="one JSON object per line")
+    sl.set_defaults(func=cmd_suspect_list)
+    for name, verb in (("accept", "count it in bills"), ("reject", "leave it out of bills")):
+        a = ssub.add_parser(name, help=f"{name} a suspect interval: {verb}")
+        a.add_argument("meter", help="meter id")
+        a.add_argument("start", type=_aware, help="interval start, ISO 8601 with offset (from `list`)")
+        a.add_argument("--end", type=_aware, help="interval end (default: the suspect interval at START)")
+        a.add_argument("--register", default="1.8.0", help="register (default 1.8.0)")
+        a.add_argument("--by", default=None, help="who decides (default: the login name)")
+        a.add_argument("--note", help="why, for the audit record")
+        a.set_defaults(func=cmd_suspect_decide, decision="accepted" if name == "accept" else "rejected")
+
+    api = sub.add_parser("api", help="serve the read-only customer account API (uvicorn)",
+                         description="Bearer tokens come from the TOML file AMR_API_TOKENS; the "
+                         "OpenAPI spec is at /openapi.json, interactive docs at /docs.")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    api.set_defaults(func=cmd_api)
+
+
+def _aware(text: str) -> datetime:
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if ts.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs an offset, like 2026-10-05T14:00+03:00")
+    return ts
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        return str(v)
+    if isinstance(v, date | datetime):
+        return v.isoformat()
+    return v
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    print(json.dumps({k: _jsonable(v) for k, v in obj.items()}, ensure_ascii=False))
+
+
+def cmd_tariffs_load(args: argparse.Namespace) -> int:
+    from billing.tariffs import TariffError, load_catalogue_file, store_catalogue
+
+    try:
+        tariffs = load_catalogue_file(args.file)
+        if args.check:
+            print(f"{args.file}: {len(tariffs)} tariffs: OK")
+            return 0
+        with db.connect(get_settings().database_url) as conn:
+            added, known = store_catalogue(conn, tariffs)
+    except TariffError as exc:
+        raise UserError(f"{len(exc.problems)} problem(s) in the tariffs:\n{exc}") from None
+    print(f"{args.file}: added {added} tariffs, {known} already stored")
+    return 0
+
+
+def cmd_tariffs_list(args: argparse.Namespace) -> int:
+    from billing.tariffs import load_db_catalogue
+
+    with db.connect(get_settings().database_url) as conn:
+        cat = load_db_catalogue(conn)
+    rows = [t for t in cat.tariffs if args.on is None or t.covers(args.on)]
+    for t in rows:
+        if args.json:
+            _print_json({"from": t.valid_from, "to": t.valid_to, "category": t.category,
+                         "area": t.area, "plan": t.plan, "band": t.band,
+                         "rates": {z: str(r) for z, r in t.rates}, "source": t.source})
+        else:
+            rates = ", ".join(f"{z} {r}" for z, r in t.rates)
+            band = f" band {t.band}" if t.band != 1 else ""
+            print(f"{t.valid_from}..{t.valid_to}  {t.category:<14} {t.area:<5} {t.plan:<10}{band}  {rates}")
+    if not rows and not args.json:
+        print("no tariffs stored: load one with `amr tariffs load FILE`", file=sys.stderr)
+    return 0
+
+
+def cmd_bill(args: argparse.Namespace) -> int:
+    from billing.engine import bill_period, parse_period
+    from collector.inventory import normalize_account
+
+    try:
+        period = parse_period(args.period)
+        accounts = [normalize_account(a) for a in args.account] if args.account else None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    settings = get_settings()
+    with db.connect(settings.database_url) as conn:
+        if sys.stdout.isatty() and not args.json:
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task(f"billing {period:%Y-%m}", total=None)
+                summary = bill_period(conn, period, accounts, tz=settings.timezone, reason=args.reason,
+                                      progress=lambda n, total: bar.update(task, completed=n, total=total))
+        else:
+            summary = bill_period(conn, period, accounts, tz=settings.timezone, reason=args.reason)
+    if args.json:
+        for account, version, why in summary.written:
+            _print_json({"kind": "bill", "account": account, "period": args.period,
+                         "version": version, "reason": why})
+        for h in summary.held_back:
+            _print_json({"kind": "held_back", "account": h.account, "reason": h.reason})
+        _print_json({"kind": "summary", **summary.as_dict()})
+        return 0
+    for h in summary.held_back[:20]:
+        print(f"held back: account {h.account}: {h.reason}")
+    if len(summary.held_back) > 20:
+        print(f"... and {len(summary.held_back) - 20} more held back (use --json for all)")
+    for account, version, why in summary.written:
+        if version > 1:
+            print(f"new version {version} of account {account}: {why}")
+    print(f"{period:%Y-%m}: billed {summary.billed}, unchanged {summary.unchanged}, "
+          f"new versions {summary.new_versions}, held back {len(summary.held_back)} "
+          f"({summary.seconds:.1f} s)")
+    return 0
+
+
+def suspect_intervals(conn: Any, account: str | None = None, meter: str | None = None) -> list[dict]:
+    """Suspect intervals waiting for a decision, with their energy."""
+    rows = conn.execute(
+        "SELECT m.account, i.meter_id, i.register, i.start_ts, i.end_ts, sum(i.kwh)"
+        " FROM interval_usage i JOIN meter m ON m.id = i.meter_id"
+        " WHERE i.status = 'suspect' AND (%(a)s::text IS NULL OR m.account = %(a)s)"
+        " AND (%(m)s::text IS NULL OR i.meter_id = %(m)s)"
+        " GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4",
+        {"a": account, "m": meter}).fetchall()
+    return [{"account": r[0], "meter_id": r[1], "register": r[2], "start": r[3], "end": r[4],
+             "kwh": r[5]} for r in rows]
+
+
+def cmd_suspect_list(args: argparse.Namespace) -> int:
+    from collector.inventory import normalize_account
+
+    account = normalize_account(args.account) if args.account else None
+    with db.connect(get_settings().database_url) as conn:
+        rows = suspect_intervals(conn, account, args.meter)
+    for r in rows:
+        if args.json:
+            _print_json(r)
+        else:
+            print(f"account {r['account']}  meter {r['meter_id']}  {r['register']}  "
+                  f"{r['start'].isoformat()} .. {r['end'].isoformat()}  {r['kwh']} kWh")
+    if not rows and not args.json:
+        print("no suspect energy waiting for a decision")
+    return 0
+
+
+def decide(conn: Any, meter: str, register: str, start: datetime, end: datetime | None,
+           decision: str, by: str, note: str | None) -> dict[str, Any]:
+    """Apply a decision on one suspect interval and write its audit record, together."""
+    from collector.ingest import decide_interval
+
+    with conn.transaction():
+        found = conn.execute(
+            "SELECT end_ts, sum(kwh) FROM interval_usage WHERE meter_id = %s AND register = %s"
+            " AND start_ts = %s AND (%s::timestamptz IS NULL OR end_ts = %s) AND status = 'suspect'"
+            " GROUP BY end_ts", (meter, register, start, end, end)).fetchall()
+        if len(found) != 1:
+            raise UserError(
+                f"meter {meter}: no suspect interval of register {register} starting at "
+                f"{start.isoformat()}" + (f" and ending at {end.isoformat()}" if end else "")
+                + "; see `amr suspect list --meter " + meter + "`")
+        end_ts, kwh = found[0]
+        changed = decide_interval(conn, meter, register, start, end_ts, decision, by, note)
+        conn.execute(
+            "INSERT INTO suspect_audit (meter_id, register, start_ts, end_ts, kwh, decision,"
+            " decided_by, note) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (meter, register, start, end_ts, kwh, decision, by, note))
+    return {"meter_id": meter, "register": register, "start": start, "end": end_ts, "kwh": kwh,
+            "decision": decision, "by": by, "segments": changed}
+
+
+def cmd_suspect_decide(args: argparse.Namespace) -> int:
+    by = args.by or getpass.getuser()
+    with db.connect(get_settings().database_url) as conn:
+        r = decide(conn, args.meter, args.register, args.start, args.end, args.decision, by, args.note)
+    print(f"meter {r['meter_id']} {r['register']} {r['start'].isoformat()} .. {r['end'].isoformat()}: "
+          f"{r['kwh']} kWh {r['decision']} by {by}; bill the period again to apply it")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from billing.api import create_app
+
+    uvicorn.run(create_app(get_settings()), host=args.host, port=args.port)
+    return 0
