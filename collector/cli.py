@@ -15,7 +15,9 @@ COMMAND_MODULES = [
     "collector.commands.db",
     "collector.commands.inventory",
     "collector.commands.ingest",
+    "collector.commands.status",
     "billing.commands",
+    "collector.commands.mqtt",
 ]
 
 

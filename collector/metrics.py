@@ -2,11 +2,14 @@
 
 Labels are of low cardinality (adapter, bus, outcome, reason code): never one
 series per meter. The README's metrics table is written from this file.
+The process collectors of prometheus-client (process_cpu_seconds_total,
+process_resident_memory_bytes, process_open_fds, python_gc_*, ...) are on
+the same default registry and need nothing here.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -78,3 +81,39 @@ BILLS = Counter(
     "amr_bills_total", "Bills by outcome of a run (billed, unchanged, new_version, held_back)",
     ["outcome"],
 )
+
+# --- operations (collector.reload, collector.status, every daemon) ---
+DB_UP = Gauge(
+    "amr_db_up", "1 when the last database round trip of this process succeeded, 0 when it failed",
+)
+CONFIG_RELOADS = Counter(
+    "amr_config_reloads_total", "Reloads of inventory, presets and tariffs (SIGHUP) by outcome (ok, error)",
+    ["outcome"],
+)
+CONFIG_LOADED_AT = Gauge(
+    "amr_config_loaded_timestamp_seconds", "Unix time the configuration in use was loaded",
+)
+METERS_CONFIGURED = Gauge(
+    "amr_meters_configured", "Meters in the inventory this process works with", ["adapter"],
+)
+BUS_LAST_SUCCESS = Gauge(
+    "amr_bus_last_success_timestamp_seconds", "Unix time of the last successful read on a bus",
+    ["adapter", "bus"],
+)
+
+
+def exported_names(registry=REGISTRY) -> set[str]:
+    """Every series name the registry can export (counters with _total, histograms with _bucket...).
+
+    Used by the tests that check the dashboard, the alert rules and the README
+    against the code.
+    """
+    names: set[str] = set()
+    for family in registry.collect():
+        for sample in family.samples:
+            names.add(sample.name)
+        if family.type == "histogram":
+            names.update({f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"})
+        elif family.type == "counter":
+            names.add(f"{family.name}_total")
+    return names

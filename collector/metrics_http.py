@@ -1,0 +1,102 @@
+"""The /metrics endpoint of every long-running `amr` process (gateway, collector, API).
+
+Call `serve_metrics()` once at start-up. It serves the default registry
+(every metric of collector.metrics plus the process collectors) on
+AMR_METRICS_PORT, and, when the process has a database, refreshes the
+fleet-wide gauges that no single poll can know (amr_meters_stale, amr_db_up)
+in a background thread, so a dead database shows up on the dashboard even
+when nothing is being written.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from collector import metrics
+from collector.errors import UserError
+from collector.settings import Settings, get_settings
+
+log = logging.getLogger("amr.metrics")
+
+
+@dataclass
+class MetricsEndpoint:
+    """A running /metrics server; `port` is the one bound (useful when asked for 0 = any)."""
+
+    port: int
+    addr: str
+    _server: Any = None
+    _thread: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _refresher: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.addr in ("", "0.0.0.0", "::") else self.addr
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
+
+
+def refresh_fleet_gauges(db_url: str) -> int | None:
+    """One refresh of amr_db_up and amr_meters_stale; returns the stale count or None."""
+    from collector.commands.status import stale_meters
+    from collector.storage import db
+
+    try:
+        with db.connect(db_url) as conn:
+            stale = stale_meters(conn)
+    except Exception as exc:  # the database being down is exactly what this reports
+        metrics.DB_UP.set(0)
+        log.warning("database unreachable: %s", exc)
+        return None
+    metrics.DB_UP.set(1)
+    metrics.METERS_STALE.set(len(stale))
+    return len(stale)
+
+
+def serve_metrics(
+    settings: Settings | None = None, *, port: int | None = None, addr: str = "0.0.0.0",
+    db_url: str | None = None, refresh_every: float = 30.0,
+) -> MetricsEndpoint | None:
+    """Start the /metrics endpoint; None when AMR_METRICS_PORT is 0 (disabled).
+
+    `db_url`: refresh amr_db_up and amr_meters_stale from this database every
+    `refresh_every` seconds (a gateway without a database passes nothing).
+    A port already taken is a configuration error and says which variable
+    to change.
+    """
+    settings = settings or get_settings()
+    wanted = settings.metrics_port if port is None else port
+    if wanted is None or wanted < 0 or (wanted == 0 and port is None):
+        log.info("metrics endpoint disabled (AMR_METRICS_PORT=0)")
+        return None
+    try:
+        server, thread = start_http_server(wanted, addr=addr)
+    except OSError as exc:
+        raise UserError(
+            f"cannot serve /metrics on {addr}:{wanted}: {exc.strerror or exc}; "
+            "set AMR_METRICS_PORT to a free port, or 0 to disable the endpoint"
+        ) from None
+    endpoint = MetricsEndpoint(port=server.server_address[1], addr=addr, _server=server, _thread=thread)
+    log.info("serving metrics on %s", endpoint.url, extra={"port": endpoint.port})
+    if db_url:
+        def loop() -> None:
+            while not endpoint._stop.is_set():
+                refresh_fleet_gauges(db_url)
+                endpoint._stop.wait(refresh_every)
+
+        endpoint._refresher = threading.Thread(target=loop, name="amr-fleet-gauges", daemon=True)
+        endpoint._refresher.start()
+    return endpoint
