@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "collector.commands.db",
     "collector.commands.inventory",
     "collector.commands.ingest",
+    "collector.commands.mqtt",
     "collector.commands.status",
     "billing.commands",
     "collector.commands.mqtt",

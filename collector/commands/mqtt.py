@@ -1,0 +1,161 @@
+"""`amr mqtt decode` (what a message yields, and why not) and `amr collect` (the consumer daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from collector.errors import UserError
+
+_FORMATS = ("amr", "tasmota", "shelly", "zigbee2mqtt")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mqtt", help="MQTT payloads: decode a message the way the collector would",
+        description="Tools for MQTT meters and gateways.",
+    )
+    msub = p.add_subparsers(dest="mqtt_command", metavar="ACTION", required=True)
+    d = msub.add_parser(
+        "decode",
+        help="print the readings one MQTT message yields, or the exact reason it yields none",
+        description=(
+            "Decode one MQTT message as the collector would, without a broker, a database or an "
+            "inventory: the tool for a device whose data does not show up. The format is detected "
+            "from the topic (amr/v1/<source>/readings, tele/<device>/SENSOR, "
+            "shellies/<id>/emeter/<n>/total, <id>/status/emdata:0, zigbee2mqtt/<device>) unless "
+            "--format is given. The device id printed is what goes into the inventory "
+            "([[meter]] adapter = \"mqtt\", device = \"...\"). Exit status 1 when the message "
+            "yields no reading."
+        ),
+    )
+    d.add_argument("topic", help="the MQTT topic, like tele/plug-7/SENSOR")
+    d.add_argument("payload", help="the payload text; '-' reads it from standard input, @FILE from a file")
+    d.add_argument("--format", choices=_FORMATS, help="payload family, when the topic does not tell")
+    d.add_argument("--json", action="store_true",
+                   help="one JSON object per reading: device, register, ts, value (kWh); "
+                        "problems as objects with code and reason")
+    d.add_argument("--timezone", default=None,
+                   help="zone of device clocks that publish local time without an offset "
+                        "(default AMR_TIMEZONE, Europe/Moscow)")
+    d.set_defaults(func=cmd_decode)
+
+    c = sub.add_parser(
+        "collect",
+        help="run the MQTT collector: consume meters and gateways, store readings (daemon)",
+        description=(
+            "Subscribe to the broker at AMR_MQTT_URL with an MQTT 5 shared subscription "
+            "($share/AMR_MQTT_GROUP/...), decode every message, store its readings in "
+            "AMR_DATABASE_URL and acknowledge it only after the commit. Run as many as needed "
+            "with distinct --client-id values; each keeps a persistent session under its id, so "
+            "restart a collector with the same id to get back what the broker kept for it. "
+            "Devices are mapped to meters by the inventory (AMR_INVENTORY, meters with "
+            "adapter = \"mqtt\" and a device). Stops cleanly on SIGTERM or Ctrl-C."
+        ),
+    )
+    c.add_argument("--client-id", default=None,
+                   help="stable MQTT client id of this collector (default amr-collector-<hostname>)")
+    c.add_argument("--formats", default=",".join(_FORMATS),
+                   help=f"comma-separated payload families to subscribe to (default {','.join(_FORMATS)})")
+    c.add_argument("--batch", type=int, default=500, help="most messages stored in one transaction (500)")
+    c.add_argument("--batch-wait", type=float, default=0.05,
+                   help="seconds to wait for more messages before storing a batch (0.05)")
+    c.add_argument("--inventory", type=Path, default=None, help="inventory file (default AMR_INVENTORY)")
+    c.set_defaults(func=cmd_collect)
+
+
+def _payload(arg: str) -> bytes:
+    if arg == "-":
+        return sys.stdin.buffer.read()
+    if arg.startswith("@"):
+        try:
+            return Path(arg[1:]).read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read payload file {arg[1:]}: {exc.strerror}") from None
+    return arg.encode("utf-8")
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from adapters import mqtt_formats as fmt
+    from collector.settings import get_settings
+
+    tz = args.timezone or get_settings().timezone
+    d = fmt.decode(args.topic, _payload(args.payload), datetime.now(UTC), family=args.format, local_tz=tz)
+    if args.json:
+        for v in d.values:
+            print(json.dumps({"device": v.device, "register": v.register, "ts": v.ts.isoformat(),
+                              "value": str(v.value), "format": d.format,
+                              "quality": sorted(v.quality)}))
+        for p in d.problems:
+            print(json.dumps({"problem": p.code, "reason": p.reason, "device": p.device,
+                              "register": p.register, "format": d.format}))
+        for x in d.forwarded:
+            print(json.dumps({"forwarded_reject": x.code, "reason": x.reason, "meter": x.meter_id}))
+        if d.ignored:
+            print(json.dumps({"ignored": d.ignored, "format": d.format}))
+    else:
+        if d.format:
+            print(f"format {d.format} ({d.family})")
+        for v in d.values:
+            clock = "device clock" if "meter_clock" in v.quality else "time of receipt"
+            print(f"  {v.device}  {v.register}  {v.ts.isoformat()}  {v.value} kWh  ({clock})")
+        for p in d.problems:
+            where = f"device {p.device!r}: " if p.device and p.device not in p.reason else ""
+            print(f"  no reading: {where}{p.reason} [{p.code}]")
+        for x in d.forwarded:
+            print(f"  forwarded reject from the gateway: {x.reason} [{x.code}]")
+        if d.ignored:
+            print(f"  no reading: {d.ignored} (ignored, not an error)")
+        if not d.values and not d.problems and not d.ignored and not d.forwarded:
+            print("  no reading: the message carries no readings")
+    return 0 if d.values else 1
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from adapters import mqtt_formats as fmt
+    from collector import logs
+    from collector.inventory import InventoryError, load_inventory
+    from collector.metrics_http import serve_metrics
+    from collector.mqtt_client import broker_from_settings
+    from collector.mqtt_consumer import Consumer
+    from collector.settings import get_settings
+
+    settings = get_settings()
+    logs.setup()
+    if not settings.database_url:
+        raise UserError("no database configured: set AMR_DATABASE_URL")
+    broker = broker_from_settings(settings)
+    families = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = [f for f in families if f not in _FORMATS]
+    if unknown:
+        raise UserError(f"--formats: unknown {', '.join(unknown)}; known: {', '.join(_FORMATS)}")
+    inv_path = args.inventory or settings.inventory
+    devices = fmt.DeviceMap()
+    if inv_path is not None:
+        try:
+            devices = fmt.DeviceMap(load_inventory(inv_path).meters.values())
+        except InventoryError as exc:
+            raise UserError(f"{len(exc.problems)} problem(s) in the inventory:\n{exc}") from None
+    consumer = Consumer(
+        broker, settings.database_url, args.client_id or f"amr-collector-{socket.gethostname()}",
+        group=settings.mqtt_group, devices=devices, families=families, settings=settings,
+        batch_messages=args.batch, batch_wait=args.batch_wait, local_tz=settings.timezone,
+    )
+    endpoint = serve_metrics(settings, db_url=settings.database_url)
+
+    def _stop(signum: int, frame: object) -> None:
+        consumer.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        consumer.run()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+    return 0

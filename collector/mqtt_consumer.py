@@ -1,0 +1,238 @@
+"""The MQTT collector: consume, decode, store, and only then acknowledge.
+
+Any number of these processes share the load through one MQTT 5 shared
+subscription (`$share/<group>/...`). Each keeps a persistent session under a
+stable client id, so a collector that dies keeps its queue at the broker and
+gets it back when it restarts with the same id.
+
+At-least-once end to end: messages are acknowledged by hand (PUBACK) only
+after the transaction holding their readings has committed. A crash between
+commit and PUBACK makes the broker deliver the message again; the idempotent
+store turns that into a counted duplicate, not a second reading.
+
+A message that cannot be decoded is not left unacknowledged (that would eat
+the broker's in-flight window until consumption stops): it becomes a
+`Rejected` with its raw bytes and reason, stored in `rejected_reading` with
+the batch, and acknowledged like any other.
+
+Messages are gathered into batches (up to `batch_messages`, or whatever came
+within `batch_wait` seconds) so that one COPY and one commit serve many.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import paho.mqtt.client as mqtt
+import psycopg
+
+from adapters import mqtt_formats as fmt
+from adapters.reading import Reading, Rejected
+from collector import metrics
+from collector.mqtt_client import BrokerConfig, Connection, connect_properties, make_client
+
+log = logging.getLogger("amr.mqtt")
+
+
+@dataclass(frozen=True, slots=True)
+class _Msg:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    received: datetime
+    generation: int
+
+
+def shared(group: str, topic_filter: str) -> str:
+    return f"$share/{group}/{topic_filter}" if group else topic_filter
+
+
+class Consumer:
+    """One collector process's consumer; `run()` blocks until `stop()`."""
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        database_url: str,
+        client_id: str,
+        group: str = "amr-collectors",
+        devices: fmt.DeviceMap | None = None,
+        families: Sequence[str] = fmt.FAMILIES,
+        settings: object | None = None,
+        batch_messages: int = 500,
+        batch_wait: float = 0.05,
+        receive_maximum: int = 1000,
+        local_tz: str = "Europe/Moscow",
+    ):
+        self.broker = broker
+        self.database_url = database_url
+        self.client_id = client_id
+        self.group = group
+        self.devices = devices or fmt.DeviceMap()
+        self.filters = fmt.subscriptions(families)
+        self.settings = settings
+        self.batch_messages = batch_messages
+        self.batch_wait = batch_wait
+        self.local_tz = local_tz
+        self.receive_maximum = receive_maximum
+        self.stored_messages = 0
+        self._queue: queue.Queue[_Msg] = queue.Queue()
+        self._stop = threading.Event()
+        self._generation = 0
+        self._started = False
+        self._conn_state = Connection()
+        self._db: psycopg.Connection | None = None
+        self._ingestor = None
+        self.client = make_client(broker, client_id)
+        self.client.manual_ack_set(True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._conn_state.on_disconnect
+        self.client.on_message = self._on_message
+
+    # --- network thread ---
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._conn_state.on_connect(client, userdata, flags, reason_code, properties)
+        if reason_code.is_failure:
+            log.warning("broker %s refused the connection: %s", self.broker.describe(), reason_code)
+            return
+        self._generation += 1
+        if flags.session_present:
+            # a persistent session keeps old subscriptions (Telegraf#9703): drop the ones we no longer want
+            stale = [shared(self.group, f) for f in fmt.subscriptions() if f not in self.filters]
+            if stale:
+                client.unsubscribe(stale)
+        client.subscribe([(shared(self.group, f), 1) for f in self.filters])
+        log.info(
+            "connected to %s as %s (session %s), %d topic filters in group %s",
+            self.broker.describe(), self.client_id,
+            "resumed" if flags.session_present else "new", len(self.filters), self.group,
+        )
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put(_Msg(msg.mid, msg.qos, msg.topic, bytes(msg.payload), datetime.now(UTC), self._generation))
+
+    # --- worker ---
+
+    def start(self) -> None:
+        self.client.connect_async(
+            self.broker.host, self.broker.port, keepalive=30, clean_start=False,
+            properties=connect_properties(persistent=True, receive_maximum=self.receive_maximum),
+        )
+        self.client.loop_start()
+        self._started = True
+
+    def run(self) -> None:
+        """Consume until `stop()`; connects first when `start()` was not called."""
+        if not self._started:
+            self.start()
+        try:
+            while not self._stop.is_set():
+                batch = self._gather()
+                if batch:
+                    self._handle(batch)
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+            if self._db is not None:
+                self._db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _gather(self) -> list[_Msg]:
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait
+        while len(batch) < self.batch_messages:
+            left = deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get_nowait() if left <= 0 else self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+        return batch
+
+    def _decode(self, m: _Msg) -> tuple[str, str, list[Reading | Rejected]]:
+        d = fmt.decode(m.topic, m.payload, m.received, local_tz=self.local_tz)
+        items = fmt.to_items(d, m.payload, self.devices)
+        if d.ignored is not None:
+            outcome = "ignored"
+        elif d.values and not any(isinstance(i, Rejected) for i in items):
+            outcome = "ok"
+        elif any(isinstance(i, Reading) for i in items):
+            outcome = "partial"
+        else:
+            outcome = "rejected"
+        return d.family or "unknown", outcome, items
+
+    def _handle(self, batch: list[_Msg]) -> None:
+        decoded = [self._decode(m) for m in batch]
+        items = [it for _, _, its in decoded for it in its]
+        backoff = 0.5
+        while True:
+            try:
+                self._ingest(items)
+                break
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                metrics.DB_ERRORS.inc()
+                self._drop_db()
+                log.warning("database write failed (%s); %d messages kept unacknowledged, retrying",
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                            len(batch))
+                if self._stop.wait(backoff):
+                    return  # unacknowledged: the broker delivers them again
+                backoff = min(backoff * 2, 30)
+            except Exception as exc:  # a message the store refuses must not stall the stream
+                self._drop_db()
+                log.error("batch of %d messages failed (%s); storing message by message", len(batch), exc)
+                self._one_by_one(batch, decoded)
+                break
+        for m, (family, outcome, _) in zip(batch, decoded, strict=True):
+            metrics.MQTT_MESSAGES.labels(family, outcome).inc()
+            self._ack(m)
+        self.stored_messages += len(batch)
+
+    def _one_by_one(self, batch: list[_Msg], decoded: list) -> None:
+        for m, (_family, _outcome, items) in zip(batch, decoded, strict=True):
+            try:
+                self._ingest(items)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except Exception as exc:
+                self._drop_db()
+                self._ingest([Rejected(f"mqtt:{m.topic}"[:256], m.payload[: fmt.MAX_RAW_KEPT],
+                                       f"the store refused this message: {exc}", "store_error")])
+
+    def _ack(self, m: _Msg) -> None:
+        if m.qos == 0:
+            return
+        if m.generation != self._generation:
+            return  # received on an earlier connection: the broker redelivers it on this one
+        self.client.ack(m.mid, m.qos)
+
+    def _ingest(self, items: list[Reading | Rejected]) -> None:
+        from collector.ingest import Ingestor
+        from collector.storage import db
+
+        if self._db is None or self._db.closed:
+            self._db = db.connect(self.database_url)
+            self._ingestor = Ingestor(self._db, self.settings)
+        self._ingestor.ingest(items)
+
+    def _drop_db(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except Exception:
+                pass
+        self._db = None
