@@ -15,7 +15,6 @@ COMMAND_MODULES = [
     "collector.commands.db",
     "collector.commands.inventory",
     "collector.commands.ingest",
-    "collector.commands.mqtt",
     "collector.commands.status",
     "billing.commands",
     "collector.commands.mqtt",
