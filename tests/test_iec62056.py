@@ -1,0 +1,277 @@
+"""IEC 62056-21 mode C: the adapter against simulated meters on paced pseudo-terminals."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from adapters import quality
+from adapters.base import PollError
+from adapters.iec62056 import (
+    ETX,
+    STX,
+    FrameError,
+    Iec62056Adapter,
+    bcc,
+    data_message,
+    from_line,
+    parse_data_message,
+    to_line,
+)
+from adapters.obis import ObisError, normalise, parse_data_block
+from collector.inventory import Meter, parse_inventory, upsert_inventory
+from collector.settings import Settings
+from simulators.consumption import SimClock
+from simulators.iec62056_sim import REGISTERS, IecLineSim, SimMeter
+from tests.conftest import ROOT
+
+ALL = REGISTERS
+
+
+def _meter(sim: IecLineSim, mid: str = "m1", address: str = "", **kw: object) -> Meter:
+    fields: dict[str, object] = {
+        "id": mid, "account": "1", "adapter": "iec62056", "port": sim.device,
+        "baudrate": sim.baudrate, "registers": ALL, "timeout": 0.5,
+    }
+    if address:
+        fields["address"] = address
+    fields.update(kw)
+    return Meter.model_validate(fields)
+
+
+@pytest.fixture
+def adapter():
+    a = Iec62056Adapter(Settings())
+    yield a
+    a.close_blocking()
+
+
+def _values(readings):
+    return {r.register: r.value for r in readings}
+
+
+# --- framing and OBIS (pure) ---------------------------------------------------------
+
+
+def test_bcc_and_data_message_roundtrip() -> None:
+    msg = data_message("1.8.0(000123.45*kWh)\r\n")
+    assert msg[:1] == STX and msg[-2:-1] == ETX
+    assert bcc(msg[1:-1]) == msg[-1:]
+    assert "1.8.0(000123.45*kWh)" in parse_data_message(msg)
+    with pytest.raises(FrameError) as e:
+        parse_data_message(msg[:-1] + bytes((msg[-1] ^ 1,)))
+    assert e.value.outcome == "crc"
+    with pytest.raises(FrameError) as e:
+        parse_data_message(b"xx" + msg)
+    assert e.value.outcome == "garbage"
+
+
+def test_parity_bit_is_even_and_checked() -> None:
+    line = to_line(b"/?!\r\n")
+    assert all(bin(b).count("1") % 2 == 0 for b in line)
+    assert from_line(line) == (b"/?!\r\n", 0)
+    assert from_line(bytes((line[0] ^ 0x80,)) + line[1:])[1] == 1
+
+
+def test_obis_units_prefixes_and_errors() -> None:
+    sets = parse_data_block(
+        "1-0:1.8.0*255(0012345.678*kWh)\r\n1.8.1(4000500*Wh)2.8.0(0.5*MWh)\r\n99.9.9(7)\r\n"
+    )
+    assert sets["1.8.0"].value == Decimal("12345.678")
+    assert sets["1.8.1"].value == Decimal("4000.500")
+    assert sets["2.8.0"].value == Decimal("500.0")
+    assert "99.9.9" not in sets
+    assert normalise("1-0:1.8.2&01") == "1.8.2"
+    with pytest.raises(ObisError, match=r"1\.8\.0.*unit"):
+        parse_data_block("1.8.0(12.5*kW)")
+    with pytest.raises(ObisError, match="not a decimal"):
+        parse_data_block("1.8.0(12,5*kWh)")
+
+
+# --- against the simulator --------------------------------------------------------------
+
+
+def test_readout_with_baud_change_equals_simulator_state(adapter: Iec62056Adapter) -> None:
+    with IecLineSim([SimMeter(seed=7)], baudrate=300) as sim:
+        m = _meter(sim)
+        t0 = time.perf_counter()
+        ro = adapter.readout(m)
+        elapsed = time.perf_counter() - t0
+        readings = adapter.readings(m, ro)
+        truth = sim.meters[0].last
+        assert truth is not None
+        assert ro.baudrate == 9600
+        assert [b for _, b in ro.line_bytes] == [300, 300, 300, 9600]
+        # the line's timing is real: the exchange cannot beat the bytes it moved
+        assert elapsed >= ro.line_seconds() * 0.98
+        assert _values(readings) == truth.values
+        assert truth.values["1.8.0"] > 1000
+        for r in readings:
+            assert r.ts == truth.clock and r.ts.tzinfo is not None
+            assert r.quality == frozenset({quality.METER_CLOCK})
+            assert r.meter_id == "m1" and r.source.startswith("iec62056:")
+
+
+def test_meter_proposing_a_lower_rate_is_read_at_that_rate(adapter: Iec62056Adapter) -> None:
+    with IecLineSim([SimMeter(seed=2, max_baud=2400, in_wh=True)], baudrate=300) as sim:
+        m = _meter(sim)
+        ro = adapter.readout(m)
+        assert ro.baudrate == 2400
+        truth = sim.meters[0].last
+        assert _values(adapter.readings(m, ro)) == truth.values  # Wh converted to kWh
+
+
+def test_multidrop_each_address_reads_its_own_meter(adapter: Iec62056Adapter) -> None:
+    meters = [SimMeter(address=f"{i:08d}", serial_number=f"S{i}", seed=10 + i) for i in (1, 2, 3)]
+    with IecLineSim(meters, baudrate=9600) as sim:
+        for sm in meters:
+            readings = adapter.read_blocking(_meter(sim, f"m{sm.address}", sm.address))
+            assert sm.last is not None and sm.readouts == 1
+            assert _values(readings) == sm.last.values
+        got = [sm.last.values["1.8.0"] for sm in meters if sm.last]
+        assert len(set(got)) == 3  # three different meters, not one answering thrice
+        # a bare sign-on on a shared line makes every meter answer: a collision
+        with pytest.raises(PollError) as e:
+            adapter.read_blocking(_meter(sim, "bare"))
+        assert e.value.outcome in ("garbage", "crc")
+
+
+def test_async_read_does_not_block_the_event_loop(adapter: Iec62056Adapter) -> None:
+    async def run(sim: IecLineSim) -> tuple[int, list]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        readings = await asyncio.wait_for(adapter.read(_meter(sim)), timeout=10)
+        stop.set()
+        await task
+        return ticks, readings
+
+    with IecLineSim([SimMeter(seed=4)], baudrate=300) as sim:
+        ticks, readings = asyncio.run(run(sim))
+        assert _values(readings) == sim.meters[0].last.values
+        assert ticks >= 30  # the readout takes > 1 s at 300 baud; the loop kept ticking
+
+
+@pytest.mark.parametrize(
+    "fault,outcome",
+    [("no_answer", "timeout"), ("slow", "timeout"), ("bad_bcc", "crc"), ("garbage", "garbage")],
+)
+def test_fault_gives_named_error_and_no_reading(
+    adapter: Iec62056Adapter, fault: str, outcome: str
+) -> None:
+    faulty = SimMeter(address="00000002", seed=2, fault=fault, slow_s=0.8)
+    good = SimMeter(address="00000001", seed=1)
+    with IecLineSim([good, faulty], baudrate=9600) as sim:
+        m = _meter(sim, "bad-meter", "00000002", timeout=0.3)
+        with pytest.raises(PollError) as e:
+            adapter.read_blocking(m)
+        assert e.value.outcome == outcome
+        assert "bad-meter" in str(e.value) and sim.device in str(e.value)
+        if fault == "slow":
+            time.sleep(0.8)  # let the late answer pass before the next poll
+        # the other meter on the line still reads, and the faulty one recovers when fixed
+        assert _values(adapter.read_blocking(_meter(sim, "ok", "00000001"))) == good.last.values
+        faulty.fault = None
+        assert _values(adapter.read_blocking(m)) == faulty.last.values
+
+
+def test_slow_answer_within_timeout_is_read(adapter: Iec62056Adapter) -> None:
+    with IecLineSim([SimMeter(seed=5, fault="slow", slow_s=0.2)], baudrate=9600) as sim:
+        readings = adapter.read_blocking(_meter(sim, timeout=0.6))
+        assert _values(readings) == sim.meters[0].last.values
+
+
+def test_clock_drift_is_flagged_and_our_time_kept(adapter: Iec62056Adapter) -> None:
+    with IecLineSim([SimMeter(seed=6, fault="clock_drift", clock_drift_s=600)], baudrate=9600) as sim:
+        before = datetime.now(UTC)
+        readings = adapter.read_blocking(_meter(sim))
+        after = datetime.now(UTC)
+        truth = sim.meters[0].last
+        assert truth.clock - truth.t > timedelta(seconds=590)
+        for r in readings:
+            assert quality.CLOCK_SKEW in r.quality and quality.METER_CLOCK not in r.quality
+            assert before <= r.ts <= after
+        assert _values(readings) == truth.values
+
+
+def test_missing_register_and_missing_port_are_named(adapter: Iec62056Adapter) -> None:
+    with IecLineSim([SimMeter(seed=6)], baudrate=9600) as sim:
+        with pytest.raises(PollError) as e:
+            adapter.read_blocking(_meter(sim, registers=("1.8.0", "1.8.4")))
+        assert e.value.outcome == "decode" and "1.8.4" in str(e.value)
+    m = Meter(id="gone", account="1", adapter="iec62056", port="/dev/nonexistent-tty", timeout=0.2)
+    with pytest.raises(PollError) as e:
+        adapter.read_blocking(m)
+    assert e.value.outcome == "refused" and "gone" in str(e.value)
+
+
+def _inventory(conn, rollover: Decimal) -> None:
+    inv = parse_inventory({
+        "subscriber": [{"account": "1"}],
+        "meter": [{
+            "id": "m1", "account": "1", "adapter": "iec62056", "port": "/dev/null",
+            "rollover": str(rollover), "max_power_kw": "30", "interval": "30m",
+        }],
+    })
+    upsert_inventory(conn, inv)
+    conn.commit()
+
+
+@pytest.mark.parametrize("fault,flag", [("counter_reset", quality.RESET), ("rollover", quality.ROLLOVER)])
+def test_counter_reset_and_rollover_reach_validation_flagged(conn, fault: str, flag: str) -> None:
+    from collector.ingest import Ingestor
+
+    # a day of simulated time per wall second, starting two days ago, so that the
+    # counters move between two polls and the meter's clock stays in the past
+    clock = SimClock(datetime.now(UTC) - timedelta(days=2), scale=86400)
+    adapter = Iec62056Adapter(Settings(), clock_tolerance_s=10 * 86400)
+    try:
+        with IecLineSim([SimMeter(seed=8)], baudrate=9600, clock=clock) as sim:
+            meter = _meter(sim, registers=("1.8.0",))
+            first = adapter.read_blocking(meter)
+            v1 = first[0].value
+            sm = sim.meters[0]
+            if fault == "rollover":
+                sm.rollover_at = v1.to_integral_value() + 1
+                _inventory(conn, sm.rollover_at)
+            else:
+                _inventory(conn, Decimal(1_000_000))
+            sm.set_fault(fault, clock.now())
+            time.sleep(0.3)
+            second = adapter.read_blocking(meter)
+        assert second[0].value < v1  # the counter went backwards on the wire
+        assert second[0].value == sm.last.values["1.8.0"]
+        result = Ingestor(conn, Settings()).ingest(first + second)
+        assert result.accepted == 2
+        rows = conn.execute(
+            "SELECT value, quality FROM reading WHERE meter_id = 'm1' ORDER BY ts"
+        ).fetchall()
+        assert [r[0] for r in rows] == [v1, second[0].value]
+        assert flag in rows[1][1]
+        negative = conn.execute("SELECT count(*) FROM interval_usage WHERE kwh < 0").fetchone()[0]
+        assert negative == 0
+        kinds = {r[0] for r in conn.execute("SELECT kind FROM interval_usage").fetchall()}
+        assert kinds <= {"rollover", "reset", "normal", "gap"} and kinds & {flag}
+    finally:
+        adapter.close_blocking()
+
+
+def test_simulator_command_line_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "simulators.iec62056_sim", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert "--fault" in out and "no_answer" in out and "--baud" in out
