@@ -99,7 +99,20 @@ class ModbusAdapter:
     base_dir resolves preset paths written relative to the inventory file.
     """
 
-    def __init__(self, base_dir: Path | None = None, now: Callable[[], datetime] | None = None):
+    def __init__(
+        self,
+        settings: Any = None,
+        base_dir: Path | None = None,
+        now: Callable[[], datetime] | None = None,
+        clock_tolerance_s: float | None = None,
+    ):
+        if clock_tolerance_s is None:
+            if settings is None:
+                from collector.settings import get_settings
+
+                settings = get_settings()
+            clock_tolerance_s = float(settings.clock_skew_tolerance_s)
+        self.clock_tolerance_s = clock_tolerance_s
         self.base_dir = base_dir
         self.now = now or (lambda: datetime.now(UTC))
         self._maps: dict[str, RegisterMap] = {}
@@ -242,7 +255,7 @@ class ModbusAdapter:
                 out.append(Value(spec.key, decoded[spec.key], spec.unit, ts, spec.obis is not None))
         return out
 
-    async def read(self, meter: Any, skew_tolerance_s: float = 60.0) -> list[Reading]:
+    async def read(self, meter: Any) -> list[Reading]:
         """The meter's configured OBIS registers as readings (cumulative kWh)."""
         rmap = self.register_map(meter)
         wanted = [k for k in meter.registers if rmap.get(k) is not None]
@@ -253,7 +266,7 @@ class ModbusAdapter:
         clock = next((v for v in values if v.key == "clock"), None)
         if clock is not None:
             skew = float(clock.value) - clock.ts.timestamp()
-            if abs(skew) > skew_tolerance_s:
+            if abs(skew) > self.clock_tolerance_s:
                 flags.add(quality.CLOCK_SKEW)
         source = f"{meter.adapter}:{self._link(meter).bus}/{meter.unit}"
         return [

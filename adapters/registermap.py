@@ -13,6 +13,7 @@ than two short ones (the request optimisation Telegraf's modbus input does).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import struct
@@ -258,7 +259,7 @@ def _overlaps(regs: Sequence[RegisterSpec]) -> list[str]:
     problems = []
     for fn in ("input", "holding"):
         ordered = sorted((r for r in regs if r.function == fn), key=lambda r: r.address)
-        for a, b in zip(ordered, ordered[1:], strict=False):
+        for a, b in itertools.pairwise(ordered):
             if b.address < a.end:
                 problems.append(
                     f"registers {a.key!r} ({fn} {a.address}..{a.end - 1}) and {b.key!r} "
@@ -380,3 +381,68 @@ def quantize_like(value: Decimal, spec: RegisterSpec) -> Decimal:
     if TYPES[spec.type][3]:
         return value
     return (value / spec.scale).to_integral_value(rounding=ROUND_HALF_EVEN) * spec.scale
+
+
+# --- inventory checks at start-up ----------------------------------------------
+
+MODBUS_ADAPTERS = ("modbus_tcp", "modbus_rtu")
+
+
+def check_modbus_meters(meters: Iterable[Any], source: str = "<inventory>", base: Path | None = None) -> list[str]:
+    """Every reason the Modbus meters of an inventory cannot be polled, one line each.
+
+    Run before the first poll: a wrong preset, a register the preset lacks, a
+    bad address or two meters answering to one unit id on one bus would
+    otherwise show up as confusing timeouts or, worse, as another meter's
+    values.
+    """
+    problems: list[str] = []
+    maps: dict[str, RegisterMap | None] = {}
+    owners: dict[tuple[str, int], str] = {}
+    bauds: dict[str, tuple[int, str]] = {}
+    for m in meters:
+        if m.adapter not in MODBUS_ADAPTERS:
+            continue
+        where = f"{source}: meter {m.id!r}"
+        if not m.preset:
+            problems.append(f"{where}: key 'preset': a Modbus meter needs a register map preset")
+        else:
+            if m.preset not in maps:
+                try:
+                    maps[m.preset] = load_register_map(m.preset, base)
+                except RegisterMapError as exc:
+                    maps[m.preset] = None
+                    problems += [f"{where}: key 'preset': {p}" for p in exc.problems]
+            rmap = maps[m.preset]
+            if rmap is not None:
+                for reg in m.registers:
+                    if rmap.get(reg) is None:
+                        known = ", ".join(r.key for r in rmap.readings)
+                        problems.append(
+                            f"{where}: key 'registers': preset {m.preset!r} has no register {reg!r} (it has {known})"
+                        )
+        if m.unit is None or not 1 <= m.unit <= 247:
+            problems.append(f"{where}: key 'unit': a unit id 1..247 is needed (0 is broadcast, never answered)")
+        if m.adapter == "modbus_tcp":
+            if not m.host:
+                problems.append(f"{where}: key 'host': a Modbus TCP meter needs a host")
+            if m.port is not None and (not isinstance(m.port, int) or not 1 <= m.port <= 65535):
+                problems.append(f"{where}: key 'port': a TCP port 1..65535 is needed, got {m.port!r}")
+        else:
+            if not isinstance(m.port, str) or not m.port:
+                problems.append(f"{where}: key 'port': a Modbus RTU meter needs a serial device path like /dev/ttyUSB0")
+            else:
+                baud = int(m.baudrate or 9600)
+                first = bauds.setdefault(m.bus_name, (baud, m.id))
+                if first[0] != baud:
+                    problems.append(
+                        f"{where}: key 'baudrate': {baud} on bus {m.bus_name}, but meter {first[1]!r} "
+                        f"on the same bus uses {first[0]}"
+                    )
+        if m.unit is not None:
+            key = (m.bus_name, m.unit)
+            if key in owners:
+                problems.append(f"{where}: key 'unit': unit {m.unit} on bus {m.bus_name} is already meter {owners[key]!r}")
+            else:
+                owners[key] = m.id
+    return problems

@@ -1,0 +1,177 @@
+"""The gateway daemon: the scheduler over the whole inventory, into a sink.
+
+Where the readings go is a deployment choice:
+- with a spool path and an uplink (the distributed deployment, or any
+  gateway that must survive a network or database outage), readings go into
+  the local SQLite spool and the uplink drains it to MQTT (when AMR_MQTT_URL
+  is set) or to the database;
+- `direct`: straight into the ingestion entry point, in batches (the
+  all-in-one deployment, tests, benchmarks).
+
+The inventory is checked completely before the first poll: a broken file is
+refused with the file, the meter and the reason, never half-polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from adapters.base import PollingAdapter
+from adapters.reading import Reading, Rejected
+from adapters.registermap import check_modbus_meters
+from collector.inventory import Inventory, InventoryError, load_inventory
+from collector.scheduler import Scheduler, Sink
+from collector.settings import Settings, get_settings
+
+log = logging.getLogger("amr.gateway")
+
+POLLED_ADAPTERS = ("modbus_tcp", "modbus_rtu", "iec62056")
+
+
+def check_inventory(path: Path | str) -> Inventory:
+    """Load the inventory and check every polled meter against its adapter; refuse with all problems."""
+    inv = load_inventory(path)
+    problems = check_modbus_meters(inv.meters.values(), str(path), Path(path).resolve().parent)
+    for m in inv.meters.values():
+        if m.adapter == "iec62056" and not isinstance(m.port, str):
+            problems.append(f"{path}: meter {m.id!r}: key 'port': an IEC 62056-21 meter needs a serial device path")
+    if problems:
+        raise InventoryError(problems)
+    return inv
+
+
+class Adapters:
+    """One adapter per protocol, shared by all meters of that protocol (they share ports)."""
+
+    def __init__(self, settings: Settings, base_dir: Path | None = None):
+        self.settings = settings
+        self.base_dir = base_dir
+        self._made: dict[str, PollingAdapter] = {}
+
+    def __call__(self, meter: Any) -> PollingAdapter:
+        kind = "modbus" if meter.adapter.startswith("modbus") else meter.adapter
+        got = self._made.get(kind)
+        if got is None:
+            if kind == "modbus":
+                from adapters.modbus import ModbusAdapter
+
+                got = ModbusAdapter(self.settings, base_dir=self.base_dir)
+            elif kind == "iec62056":
+                from adapters.iec62056 import Iec62056Adapter
+
+                got = Iec62056Adapter(self.settings)
+            else:
+                raise ValueError(f"meter {meter.id}: adapter {meter.adapter!r} is not polled")
+            self._made[kind] = got
+        return got
+
+    async def close(self) -> None:
+        for a in self._made.values():
+            await a.close()
+        self._made.clear()
+
+
+class IngestSink:
+    """Straight into the ingestion entry point (one transaction per batch)."""
+
+    def __init__(self, database_url: str, settings: Settings | None = None, batch: int = 5000):
+        from collector.ingest import Ingestor
+        from collector.storage import db
+
+        self.conn = db.connect(database_url)
+        self.ingestor = Ingestor(self.conn, settings)
+        self.batch = batch
+        self.accepted = 0
+
+    def put(self, items: list[Reading | Rejected]) -> None:
+        for i in range(0, len(items), self.batch):
+            result = self.ingestor.ingest(items[i : i + self.batch])
+            self.accepted += result.accepted
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SpoolSink:
+    """Into the gateway spool; the uplink thread drains it (store and forward)."""
+
+    def __init__(self, settings: Settings):
+        from collector.spool import Spool
+        from collector.uplink import IngestForwarder, MqttForwarder, Uplink
+
+        self.spool = Spool(settings.spool_path, settings.spool_max_readings, settings.spool_full_policy)
+        if settings.mqtt_url:
+            from collector.mqtt_client import broker_from_settings
+
+            forwarder: Any = MqttForwarder(broker_from_settings(settings))
+        elif settings.database_url:
+            forwarder = IngestForwarder(settings.database_url, settings)
+        else:
+            raise InventoryError(["set AMR_MQTT_URL or AMR_DATABASE_URL: the spool needs somewhere to drain to"])
+        self.uplink = Uplink(self.spool, forwarder)
+        self.uplink.start()
+
+    def put(self, items: list[Reading | Rejected]) -> None:
+        self.spool.put(items)
+        self.uplink.notify()
+
+    def close(self) -> None:
+        self.uplink.stop()
+        self.spool.close()
+
+
+def make_sink(settings: Settings, mode: str) -> Any:
+    """mode: spool (spool + uplink) or direct (ingestion in batches)."""
+    if mode == "direct":
+        if not settings.database_url:
+            raise InventoryError(["AMR_DATABASE_URL is not set: direct mode writes to the database"])
+        return IngestSink(settings.database_url, settings)
+    return SpoolSink(settings)
+
+
+async def run_gateway(
+    inventory_path: Path | str,
+    sink: Sink,
+    settings: Settings | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+    cycles: int | None = None,
+    scheduler_options: dict[str, Any] | None = None,
+    on_scheduler: Callable[[Scheduler], None] | None = None,
+) -> Scheduler:
+    """Poll every meter of the inventory until stop is set (SIGTERM/SIGINT set it too)."""
+    settings = settings or get_settings()
+    inv = check_inventory(inventory_path)
+    meters = [m for m in inv.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None]
+    adapters = Adapters(settings, Path(inventory_path).resolve().parent)
+    sched = Scheduler(meters, adapters, sink, **(scheduler_options or {}))
+    if on_scheduler:
+        on_scheduler(sched)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        try:
+            new = check_inventory(inventory_path)
+        except InventoryError as exc:
+            log.error("reload refused, keeping the running inventory:\n%s", exc)
+            return
+        sched.replace_meters([m for m in new.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None])
+        log.info("inventory reloaded: %d meters polled", len(sched.meters))
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+        pass
+    log.info("gateway polling %d meters from %s", len(meters), inventory_path)
+    try:
+        await sched.run(stop, cycles)
+    finally:
+        await adapters.close()
+    return sched

@@ -1,0 +1,313 @@
+"""The polling scheduler: every meter read once per interval, on the wall clock.
+
+Slots are aligned to the epoch (a 30-minute meter is read at :00 and :30 UTC,
+which are :00 and :30 in Moscow too), with a small per-meter jitter so a
+thousand meters do not hit one gateway in the same millisecond. Meters on a
+network (Modbus TCP) are read concurrently up to a bound; meters on one
+serial bus are read in turn by that bus's own worker, so a bus never carries
+two requests at once and a dead meter costs the others only its timeout.
+
+A failed read is retried later in the same interval; a slot with no good read
+is a missed slot: counted and logged with meter, bus and reason, never
+skipped in silence. A meter that keeps failing backs off exponentially (up
+to `backoff_max_s`) and is probed once when its back-off ends, so a dead
+meter does not eat a bus's time every cycle and a repaired one comes back on
+its own.
+
+Readings leave through a `Sink` (the gateway spool, or the ingestion entry
+point directly): one `put` per pass, never per value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from adapters import quality
+from adapters.base import PollError, PollingAdapter
+from adapters.reading import Reading, Rejected
+from collector import metrics
+
+log = logging.getLogger("amr.scheduler")
+
+SERIAL_ADAPTERS = ("modbus_rtu", "iec62056")
+
+
+class Sink(Protocol):
+    """Where a pass's readings go (spool, ingestion); must not lose what it accepts."""
+
+    def put(self, items: list[Reading | Rejected]) -> None: ...
+
+
+@dataclass
+class MeterState:
+    """What the scheduler remembers about one meter between slots."""
+
+    failures: int = 0  # consecutive failed attempts
+    backoff_s: float = 0.0  # current back-off; 0 when healthy
+    backoff_until: float = 0.0  # monotonic time of the next probe
+    last_ok: datetime | None = None
+    last_error: str = ""
+    missed: int = 0
+    reads: int = 0
+
+
+@dataclass
+class CycleReport:
+    """One slot of one interval group: who was read, who was missed and why."""
+
+    slot: datetime
+    read: list[str] = field(default_factory=list)
+    missed: dict[str, str] = field(default_factory=dict)  # meter id -> last reason
+    errors: list[tuple[str, str, str]] = field(default_factory=list)  # (meter, outcome, message)
+    retried: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    overrun: bool = False
+
+
+def slot_start(now: datetime, interval: timedelta) -> datetime:
+    """The start of the interval slot that contains now (aligned to the Unix epoch)."""
+    step = interval.total_seconds()
+    ts = now.timestamp()
+    return datetime.fromtimestamp(ts - ts % step, UTC)
+
+
+def jitter_of(meter_id: str, jitter_s: float) -> float:
+    """A stable per-meter offset in [0, jitter_s): the same meter keeps its place in a slot."""
+    if jitter_s <= 0:
+        return 0.0
+    return (zlib.crc32(meter_id.encode()) % 10_000) / 10_000 * jitter_s
+
+
+class Scheduler:
+    """Reads the meters on their intervals and hands readings to a sink.
+
+    adapter_for(meter) returns the adapter that reads it (one per protocol,
+    shared). Times are wall-clock UTC for slots and monotonic for waiting.
+    """
+
+    def __init__(
+        self,
+        meters: Sequence[Any],
+        adapter_for: Callable[[Any], PollingAdapter],
+        sink: Sink,
+        *,
+        tcp_concurrency: int = 100,
+        jitter_s: float = 2.0,
+        retry_delay_s: float | None = None,
+        backoff_after: int = 3,
+        backoff_base_s: float = 30.0,
+        backoff_max_s: float = 300.0,
+        snap_s: float = 10.0,
+        now: Callable[[], datetime] | None = None,
+    ):
+        self.meters = list(meters)
+        self.adapter_for = adapter_for
+        self.sink = sink
+        self.tcp_concurrency = tcp_concurrency
+        self.jitter_s = jitter_s
+        self.retry_delay_s = retry_delay_s
+        self.backoff_after = backoff_after
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.snap_s = snap_s
+        self.now = now or (lambda: datetime.now(UTC))
+        self.state: dict[str, MeterState] = defaultdict(MeterState)
+        self.reports: list[CycleReport] = []
+        self._sink_lock = asyncio.Lock()
+
+    # --- one read ------------------------------------------------------------
+
+    def _bus(self, meter: Any) -> str:
+        return str(meter.bus_name)
+
+    def _backed_off(self, meter: Any, mono: float) -> bool:
+        st = self.state[meter.id]
+        return st.backoff_s > 0 and mono < st.backoff_until
+
+    async def _attempt(self, meter: Any, slot: datetime, retry: bool, report: CycleReport) -> list[Reading] | None:
+        """Read a meter once; on failure count it, log it, and move its back-off."""
+        st = self.state[meter.id]
+        bus = self._bus(meter)
+        t0 = time.perf_counter()
+        try:
+            readings = await self.adapter_for(meter).read(meter)
+        except PollError as exc:
+            metrics.POLLS.labels(meter.adapter, bus, exc.outcome).inc()
+            self._failed(meter, st, f"{exc.outcome}: {exc}")
+            report.errors.append((meter.id, exc.outcome, str(exc)))
+            log.warning("poll failed: %s", exc, extra={"meter": meter.id, "bus": bus, "outcome": exc.outcome})
+            return None
+        except Exception as exc:  # an adapter bug must not stop the daemon
+            metrics.POLLS.labels(meter.adapter, bus, "decode").inc()
+            msg = f"meter {meter.id} on bus {bus}: {type(exc).__name__}: {exc}"
+            self._failed(meter, st, f"decode: {msg}")
+            report.errors.append((meter.id, "decode", msg))
+            log.exception("poll crashed: %s", msg)
+            return None
+        metrics.POLL_SECONDS.labels(meter.adapter, bus).observe(time.perf_counter() - t0)
+        metrics.POLLS.labels(meter.adapter, bus, "ok").inc()
+        if st.backoff_s:
+            log.info("meter %s on bus %s answers again after back-off", meter.id, bus)
+        st.failures, st.backoff_s, st.backoff_until = 0, 0.0, 0.0
+        st.last_ok, st.reads = self.now(), st.reads + 1
+        return [self._stamp(r, slot, retry) for r in readings]
+
+    def _stamp(self, r: Reading, slot: datetime, retry: bool) -> Reading:
+        """Snap a prompt first read to its slot; flag a retried one."""
+        if retry:
+            return r.flagged(quality.RETRIED, quality.LATE)
+        if abs((r.ts - slot).total_seconds()) <= self.snap_s and quality.METER_CLOCK not in r.quality:
+            return Reading(r.meter_id, r.register, slot, r.value, r.quality, r.source)
+        return r
+
+    def _failed(self, meter: Any, st: MeterState, reason: str) -> None:
+        st.failures += 1
+        st.last_error = reason
+        if st.failures >= self.backoff_after:
+            was = st.backoff_s
+            st.backoff_s = min(self.backoff_max_s, was * 2 if was else self.backoff_base_s)
+            st.backoff_until = time.monotonic() + st.backoff_s
+            log.warning(
+                "meter %s on bus %s backs off for %.0f s after %d failures (%s)",
+                meter.id, self._bus(meter), st.backoff_s, st.failures, reason,
+            )
+
+    # --- one slot ------------------------------------------------------------
+
+    async def _flush(self, items: list[Reading | Rejected]) -> None:
+        if not items:
+            return
+        batch = list(items)
+        items.clear()
+        async with self._sink_lock:
+            await asyncio.to_thread(self.sink.put, batch)
+
+    async def run_slot(self, meters: Sequence[Any], slot: datetime, interval: timedelta) -> CycleReport:
+        """Read every meter of one slot, retrying failures until the slot is nearly over."""
+        report = CycleReport(slot)
+        t_start = time.monotonic()
+        slot_end = t_start + max(0.0, (slot + interval - self.now()).total_seconds())
+        margin = min(interval.total_seconds() * 0.1, 30.0)
+        retry_delay = self.retry_delay_s if self.retry_delay_s is not None else min(interval.total_seconds() / 10, 60.0)
+        done: set[str] = set()
+        pending: list[Reading | Rejected] = []
+
+        buses: dict[str, list[Any]] = defaultdict(list)
+        network: list[Any] = []
+        for m in meters:
+            (buses[self._bus(m)] if m.adapter in SERIAL_ADAPTERS else network).append(m)
+        sem = asyncio.Semaphore(self.tcp_concurrency)
+
+        async def one(m: Any, retry: bool) -> None:
+            got = await self._attempt(m, slot, retry, report)
+            if got is not None:
+                done.add(m.id)
+                pending.extend(got)
+                report.read.append(m.id)
+                if retry:
+                    report.retried.append(m.id)
+                if len(pending) >= 5000:
+                    await self._flush(pending)
+
+        async def network_one(m: Any, retry: bool) -> None:
+            if not retry:
+                delay = jitter_of(m.id, self.jitter_s)
+                if delay:
+                    await asyncio.sleep(delay)
+            async with sem:
+                await one(m, retry)
+
+        async def bus_worker(ms: list[Any], retry: bool) -> None:
+            if not retry and self.jitter_s:
+                await asyncio.sleep(jitter_of(self._bus(ms[0]), self.jitter_s))
+            for m in ms:
+                await one(m, retry)
+
+        def due(group: list[Any], mono: float) -> list[Any]:
+            return [m for m in group if m.id not in done and not self._backed_off(m, mono)]
+
+        async def run_pass(retry: bool) -> None:
+            mono = time.monotonic()
+            tasks = [network_one(m, retry) for m in due(network, mono)]
+            tasks += [bus_worker(ms, retry) for ms in (due(g, mono) for g in buses.values()) if ms]
+            if tasks:
+                await asyncio.gather(*tasks)
+            await self._flush(pending)
+
+        await run_pass(retry=False)
+        while True:  # retries within the interval
+            left = [m for m in meters if m.id not in done and not self._backed_off(m, time.monotonic())]
+            if not left or time.monotonic() + retry_delay + margin >= slot_end:
+                break
+            await asyncio.sleep(retry_delay)
+            await run_pass(retry=True)
+
+        for m in meters:
+            if m.id in done:
+                continue
+            st = self.state[m.id]
+            st.missed += 1
+            why = st.last_error or "not read"
+            if self._backed_off(m, time.monotonic()) and not any(e[0] == m.id for e in report.errors):
+                why = f"backed off for {st.backoff_s:.0f} s after: {st.last_error}"
+            report.missed[m.id] = why
+            metrics.MISSED_SLOTS.labels(m.adapter, self._bus(m)).inc()
+            log.warning(
+                "missed slot %s of meter %s on bus %s: %s", slot.isoformat(), m.id, self._bus(m), why,
+                extra={"meter": m.id, "bus": self._bus(m)},
+            )
+        self._update_backoff_gauge()
+        report.seconds = time.monotonic() - t_start
+        if time.monotonic() > slot_end:
+            report.overrun = True
+            for bus in {self._bus(m) for m in meters}:
+                metrics.CYCLE_OVERRUNS.labels(bus).inc()
+        self.reports.append(report)
+        del self.reports[:-100]
+        return report
+
+    def _update_backoff_gauge(self) -> None:
+        counts: dict[str, int] = defaultdict(int)
+        for m in self.meters:
+            counts[self._bus(m)] += 1 if self.state[m.id].backoff_s > 0 else 0
+        for bus, n in counts.items():
+            metrics.METERS_BACKED_OFF.labels(bus).set(n)
+
+    # --- the daemon loop -------------------------------------------------------
+
+    async def _group_loop(self, interval: timedelta, stop: asyncio.Event, cycles: int | None) -> None:
+        ran = 0
+        while not stop.is_set() and (cycles is None or ran < cycles):
+            now = self.now()
+            slot = slot_start(now, interval) + interval
+            try:
+                await asyncio.wait_for(stop.wait(), (slot - now).total_seconds())
+                return
+            except TimeoutError:
+                pass
+            meters = [m for m in self.meters if m.interval == interval]
+            report = await self.run_slot(meters, slot, interval)
+            ran += 1
+            if report.overrun:
+                log.warning("slot %s of the %s meters overran its interval", slot.isoformat(), interval)
+
+    async def run(self, stop: asyncio.Event | None = None, cycles: int | None = None) -> None:
+        """Poll until stop is set (or `cycles` slots per interval group have run)."""
+        stop = stop or asyncio.Event()
+        intervals = sorted({m.interval for m in self.meters})
+        await asyncio.gather(*(self._group_loop(iv, stop, cycles) for iv in intervals))
+
+    def replace_meters(self, meters: Sequence[Any]) -> None:
+        """Take a reloaded inventory: new meters from the next slot; state kept by id."""
+        self.meters = list(meters)
+        ids = {m.id for m in self.meters}
+        for mid in [k for k in self.state if k not in ids]:
+            del self.state[mid]
