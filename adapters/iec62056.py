@@ -33,7 +33,7 @@ import serial
 
 from adapters import quality
 from adapters.base import PollError
-from adapters.obis import DataSet, ObisError, parse_data_block
+from adapters.obis import OBIS, DataSet, ObisError, parse_data_block
 from adapters.reading import Reading
 
 SOH, STX, ETX, ACK, NAK = b"\x01", b"\x02", b"\x03", b"\x06", b"\x15"
@@ -173,6 +173,27 @@ def meter_clock(sets: dict[str, DataSet], tz: ZoneInfo) -> datetime | None:
 
 
 # --- the adapter -------------------------------------------------------------------
+
+
+def check_meter(meter: Any) -> list[str]:
+    """Problems with an iec62056 meter's inventory keys, for refusal at start-up.
+
+    Each names the key and the reason; the caller adds the file and the meter.
+    """
+    problems = []
+    if not isinstance(meter.port, str) or not meter.port.startswith("/"):
+        problems.append(f"key 'port': a serial device path is needed, like /dev/ttyUSB0 (got {meter.port!r})")
+    if meter.baudrate is not None and meter.baudrate not in CHAR_OF_BAUD:
+        problems.append(f"key 'baudrate': IEC 62056-21 rates are {sorted(CHAR_OF_BAUD)} (got {meter.baudrate})")
+    if meter.address is not None and not _ADDRESS.match(meter.address):
+        problems.append(f"key 'address': up to 32 letters or digits (got {meter.address!r})")
+    for reg in meter.registers:
+        entry = OBIS.get(reg)
+        if entry is None or entry.kind != "energy":
+            energies = sorted(k for k, e in OBIS.items() if e.kind == "energy")
+            problems.append(f"key 'registers': {reg!r} is not an energy register of the readout ({', '.join(energies)})")
+    return problems
+
 
 
 @dataclass

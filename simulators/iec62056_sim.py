@@ -192,6 +192,7 @@ class IecLineSim:
         while not buf.endswith(CRLF):
             left = deadline - time.monotonic()
             if left <= 0 or self._stop.is_set():
+                self._pending = bytes(buf)  # a message still arriving is kept for the next call
                 return None
             buf += from_line(self.line.read(1, min(left, 0.1)))[0]
             if len(buf) > 256:

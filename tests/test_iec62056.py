@@ -19,6 +19,7 @@ from adapters.iec62056 import (
     FrameError,
     Iec62056Adapter,
     bcc,
+    check_meter,
     data_message,
     from_line,
     parse_data_message,
@@ -119,8 +120,10 @@ def test_readout_with_baud_change_equals_simulator_state(adapter: Iec62056Adapte
 
 
 def test_meter_proposing_a_lower_rate_is_read_at_that_rate(adapter: Iec62056Adapter) -> None:
-    with IecLineSim([SimMeter(seed=2, max_baud=2400, in_wh=True)], baudrate=300) as sim:
-        m = _meter(sim)
+    # an addressed sign-on at 300 baud outlasts the simulator's idle poll: it must still be heard
+    meter = SimMeter(address="12345678", seed=2, max_baud=2400, in_wh=True)
+    with IecLineSim([meter], baudrate=300) as sim:
+        m = _meter(sim, address="12345678")
         ro = adapter.readout(m)
         assert ro.baudrate == 2400
         truth = sim.meters[0].last
@@ -216,6 +219,19 @@ def test_missing_register_and_missing_port_are_named(adapter: Iec62056Adapter) -
     with pytest.raises(PollError) as e:
         adapter.read_blocking(m)
     assert e.value.outcome == "refused" and "gone" in str(e.value)
+
+
+def test_check_meter_names_each_bad_key() -> None:
+    ok = Meter(id="a", account="1", adapter="iec62056", port="/dev/ttyUSB0", baudrate=300,
+               address="12345678", registers=("1.8.0", "1.8.2"))
+    assert check_meter(ok) == []
+    bad = Meter(id="b", account="1", adapter="iec62056", port=502, baudrate=57600,
+                address="no/slash", registers=("1.8.0", "32.7.0"))
+    problems = check_meter(bad)
+    assert [p.split(":")[0] for p in problems] == [
+        "key 'port'", "key 'baudrate'", "key 'address'", "key 'registers'"
+    ]
+    assert "32.7.0" in problems[-1]
 
 
 def _inventory(conn, rollover: Decimal) -> None:
