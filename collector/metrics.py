@@ -10,6 +10,7 @@ the same default registry and need nothing here.
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -116,4 +117,31 @@ def exported_names(registry=REGISTRY) -> set[str]:
             names.update({f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"})
         elif family.type == "counter":
             names.add(f"{family.name}_total")
+        elif family.type == "gauge":  # a labelled gauge exports nothing until first set
+            names.add(family.name)
     return names
+
+
+def documented_rows() -> list[tuple[str, str, str, str]]:
+    """(name as scraped, type, labels, meaning) of every metric defined in this module."""
+    rows = []
+    for obj in list(globals().values()):
+        if not isinstance(obj, MetricWrapperBase):
+            continue
+        for family in obj.describe():
+            name = f"{family.name}_total" if family.type == "counter" else family.name
+            labels = ", ".join(obj._labelnames)
+            rows.append((name, family.type, labels, family.documentation))
+    return sorted(rows)
+
+
+def markdown_table() -> str:
+    """The README's metrics table: `python -m collector.metrics` prints it."""
+    lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for name, kind, labels, doc in documented_rows():
+        lines.append(f"| `{name}` | {kind} | {labels or '-'} | {doc.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
