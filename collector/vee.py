@@ -1,0 +1,98 @@
+"""Validation (VEE): the one place where a reading is accepted or refused.
+
+Every adapter, decoder and file import hands readings to ingestion, and
+ingestion asks this module. A refusal is a (code, reason) pair: the code is a
+short fixed word for metrics, the reason names the meter, the field and what is
+wrong, for the person reading `rejected_reading`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from adapters.reading import Reading
+
+OBIS_REGISTER = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}$")
+# the register whose energy is billed and kept in daily_zone_usage
+BILLED_REGISTER = "1.8.0"
+
+
+@dataclass(frozen=True, slots=True)
+class MeterRules:
+    """What validation and interval derivation need to know of a meter."""
+
+    meter_id: str
+    multiplier: Decimal = Decimal(1)
+    rollover: Decimal = Decimal(1_000_000)
+    max_power_kw: Decimal = Decimal(30)
+    interval: timedelta = timedelta(minutes=30)
+    installed: datetime | None = None
+    removed: datetime | None = None
+
+
+class Refusal(tuple):
+    """(code, reason)"""
+
+    __slots__ = ()
+
+    def __new__(cls, code: str, reason: str) -> Refusal:
+        return super().__new__(cls, (code, reason))
+
+    @property
+    def code(self) -> str:
+        return self[0]
+
+    @property
+    def reason(self) -> str:
+        return self[1]
+
+
+def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance: timedelta) -> Refusal | None:
+    """Refuse a reading that must not be stored; None when it may be."""
+    who = f"meter {r.meter_id!r} register {r.register!r}"
+    if meter is None:
+        return Refusal("unknown_meter", f"meter_id {r.meter_id!r}: no such meter in the inventory")
+    if not isinstance(r.register, str) or not OBIS_REGISTER.match(r.register):
+        return Refusal("bad_register", f"meter {r.meter_id!r}: register {r.register!r} is not an OBIS code like 1.8.0")
+    value = r.value
+    if not isinstance(value, Decimal):
+        return Refusal("not_numeric", f"{who}: value {value!r} is not a decimal number")
+    if not value.is_finite():
+        return Refusal("not_finite", f"{who}: value {value} is not a finite number")
+    if value < 0:
+        return Refusal("negative", f"{who}: value {value} is negative; registers count up from 0")
+    if value >= meter.rollover:
+        return Refusal(
+            "above_rollover", f"{who}: value {value} is not below the register's rollover {meter.rollover}"
+        )
+    ts = r.ts
+    if not isinstance(ts, datetime):
+        return Refusal("bad_ts", f"{who}: ts {ts!r} is not a timestamp")
+    if ts.tzinfo is None or ts.utcoffset() is None:
+        return Refusal("naive_ts", f"{who}: ts {ts.isoformat()} has no UTC offset")
+    if ts > now + future_tolerance:
+        return Refusal(
+            "future_ts",
+            f"{who}: ts {ts.isoformat()} is in the future (now {now.isoformat(timespec='seconds')}, "
+            f"tolerance {int(future_tolerance.total_seconds())} s)",
+        )
+    if meter.installed is not None and ts < meter.installed:
+        return Refusal(
+            "before_installation",
+            f"{who}: ts {ts.isoformat()} is before the meter was installed ({meter.installed.isoformat()})",
+        )
+    if meter.removed is not None and ts > meter.removed:
+        return Refusal(
+            "after_removal",
+            f"{who}: ts {ts.isoformat()} is after the meter was removed ({meter.removed.isoformat()})",
+        )
+    return None
+
+
+def max_energy_kwh(meter: MeterRules, seconds: float) -> Decimal:
+    """The most energy the meter can pass in that time, with slack for register resolution."""
+    limit = meter.max_power_kw * Decimal(repr(seconds)) / Decimal(3600)
+    return limit * Decimal("1.05") + Decimal("0.01") * meter.multiplier

@@ -1,0 +1,56 @@
+"""Migrations: idempotent, refuse a newer schema, and the time-table switch."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from collector.storage import migrate, timeseries
+
+
+def test_rerun_is_a_noop_and_partitions_exist(conn) -> None:
+    version = migrate.current_version(conn)
+    assert version == migrate.available()[-1].version
+    assert migrate.migrate(conn) == []
+    assert migrate.current_version(conn) == version
+    parts = conn.execute(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'reading'::regclass"
+    ).fetchone()[0]
+    assert parts >= 4  # two months back, three ahead
+    kind = conn.execute("SELECT relkind FROM pg_class WHERE relname = 'reading'").fetchone()[0]
+    assert kind == "p"
+
+
+def test_refuses_a_schema_newer_than_the_code(conn) -> None:
+    conn.execute("INSERT INTO amr_schema_migration (version, name) VALUES (999, 'from_the_future')")
+    conn.commit()
+    with pytest.raises(migrate.SchemaTooNew, match="version 999, newer than this code"):
+        migrate.migrate(conn)
+
+
+def test_fresh_database_from_nothing(pg_admin_url) -> None:
+    import uuid
+
+    name = f"amr_m_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
+        info["dbname"] = name
+        with psycopg.connect(psycopg.conninfo.make_conninfo(**info)) as c:
+            applied = migrate.migrate(c, timescale=False)
+            assert [m.version for m in applied] == [m.version for m in migrate.available()]
+            for table in ("subscriber", "meter", "reading", "interval_usage", "daily_zone_usage",
+                          "rejected_reading", "tariff", "bill", "bill_line"):
+                assert c.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None, table
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_timescale_rendering_drops_partitioning_and_names_hypertables() -> None:
+    sql = migrate.available()[0].sql
+    plain, tables = timeseries.render(sql, timescale=False)
+    ts_sql, ts_tables = timeseries.render(sql, timescale=True)
+    assert "PARTITION BY RANGE (ts)" in plain and "PARTITION BY" not in ts_sql
+    assert [t.table for t in tables] == [t.table for t in ts_tables] == ["reading", "interval_usage"]
