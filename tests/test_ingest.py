@@ -66,7 +66,7 @@ def test_same_reading_twice_is_a_noop_and_other_value_a_conflict(ing, conn) -> N
     res = ing.ingest([r("m1", 0, "100.000"), r("m1", 1, "101"), r("m1", 1, "999")])
     assert (res.accepted, res.duplicate, res.conflict, res.rejected) == (0, 2, 1, 0)
     assert conn.execute("SELECT value FROM reading WHERE ts = %s", (T0 + H,)).fetchone()[0] == 101
-    (kind, code, reason), = rejects(conn)
+    (kind, _code, reason), = rejects(conn)
     assert kind == "conflict" and "already stored" in reason and "999" in reason
     assert conn.execute("SELECT count(*) FROM interval_usage").fetchone()[0] == before
     # a conflict inside one batch too

@@ -65,7 +65,7 @@ def test_interval_energy_is_exact_in_any_arrival_order(conn, data) -> None:
     # intervals tile the time line between the first and last reading
     assert [r[0] for r in rows] == ts[:-1] and [r[1] for r in rows] == ts[1:]
     # each interval's zone parts sum to the interval's energy
-    for (s, e, kwh, _), (a, b) in zip(rows, zip(cum, cum[1:], strict=False), strict=True):
+    for (s, e, kwh, _), (a, b) in zip(rows, itertools.pairwise(cum), strict=True):
         assert kwh == Decimal(b - a) / 100, (s, e)
     daily = conn.execute(
         "SELECT coalesce(sum(kwh + suspect_kwh), 0) FROM daily_zone_usage WHERE meter_id = %s", (meter,)
