@@ -291,3 +291,13 @@ def test_simulator_command_line_help() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
     ).stdout
     assert "--fault" in out and "no_answer" in out and "--baud" in out
+
+
+def test_example_inventory_is_valid() -> None:
+    from collector.inventory import load_inventory
+
+    inv = load_inventory(ROOT / "deploy" / "examples" / "inventory-iec62056.toml")
+    iec = [m for m in inv.meters.values() if m.adapter == "iec62056"]
+    assert len(iec) == 2
+    assert all(check_meter(m) == [] for m in iec)
+    assert len({m.bus_name for m in iec}) == 1  # one line, read in turn
