@@ -80,6 +80,8 @@ class Meter(BaseModel):
     unit: int | None = Field(default=None, ge=0, le=247)
     baudrate: int | None = Field(default=None, gt=0)
     address: str | None = None  # IEC 62056-21 device address (multi-drop)
+    dialect: Literal["standard", "energomera"] = "standard"  # IEC 62056-21 dialect
+    password: str | None = None  # IEC 62056-21 programming-mode password (Energomera)
     device: str | None = None  # MQTT device id / topic part
     format: str | None = None  # MQTT payload format
     bus: str | None = None  # name of the RS-485 bus; default: the port
