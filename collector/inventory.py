@@ -233,7 +233,7 @@ def upsert_inventory(conn: Any, inv: Inventory) -> tuple[int, int]:
                     int(m.interval.total_seconds()),
                     m.installed,
                     m.removed,
-                    Jsonb(m.model_dump(mode="json", exclude={"id", "account", "adapter"})),
+                    Jsonb(m.model_dump(mode="json", exclude={"id", "account", "adapter", "password"})),  # no secrets in the DB
                 )
                 for m in inv.meters.values()
             ],
