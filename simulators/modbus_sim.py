@@ -90,6 +90,7 @@ class SimMeter:
     seed: int = 1
     model: ConsumptionModel = field(init=False)
     faults: Faults = field(default_factory=Faults)
+    fixed: dict[str, Decimal] = field(default_factory=dict)  # register key -> a value set by hand
     requests: int = 0  # requests answered or refused, for tests and benchmarks
 
     def __post_init__(self) -> None:
@@ -134,6 +135,8 @@ class SimMeter:
 
     def value(self, spec: RegisterSpec, t: datetime) -> Decimal:
         """What the meter shows for a register at t (faults included)."""
+        if spec.key in self.fixed:
+            return self.fixed[spec.key]
         if spec.obis:
             if spec.obis.startswith(("1.8.", "2.8.")):
                 return self.model.energy_kwh(t, spec.obis) + self.faults.counter_offset
@@ -210,8 +213,12 @@ class ModbusTcpFleet:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     async def _handle(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             while True:
                 head = await reader.readexactly(7)
@@ -236,10 +243,11 @@ class ModbusTcpFleet:
                 if resp is None:
                     continue
                 writer.write(struct.pack(">HHHB", tid, 0, len(resp) + 1, unit) + resp)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+            self._tasks.discard(task)  # type: ignore[arg-type]
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
@@ -254,6 +262,9 @@ class ModbusTcpFleet:
         await self._stop.wait()
         for s in servers:
             s.close()
+        for t in list(self._tasks):  # end open connections before the loop goes away
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for s in servers:
             await s.wait_closed()
 

@@ -1,0 +1,181 @@
+"""The Modbus adapter against the simulated TCP fleet over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from adapters import quality
+from adapters.base import PollError
+from adapters.modbus import ModbusAdapter
+from adapters.registermap import TYPES, load_register_map
+from collector.inventory import Meter
+from simulators.consumption import SimClock
+from simulators.modbus_sim import ModbusTcpFleet, SimMeter
+from tests.conftest import free_port
+
+T0 = datetime(2026, 3, 1, 9, 15, tzinfo=UTC)
+FROZEN = SimClock(T0, 0.0)  # simulated time stands still: values are exact
+
+
+def meter(port: int, unit: int, preset: str = "generic_counter", **kw) -> Meter:
+    return Meter(
+        id=kw.pop("id", f"m{unit}"), account="1", adapter="modbus_tcp", preset=preset,
+        host="127.0.0.1", port=port, unit=unit, timeout=kw.pop("timeout", 0.3), **kw,
+    )
+
+
+def all_types_preset(path: Path) -> Path:
+    """Every data type in every word and byte order, back to back (32 values)."""
+    lines = ['model = "all types"', "max_gap = 0"]
+    address = 0
+    for typ in TYPES:
+        for word in ("big", "little"):
+            for byte in ("big", "little"):
+                lines += [
+                    "[[register]]", f'name = "{typ}_{word}_{byte}"', f"address = {address}",
+                    'function = "holding"', f'type = "{typ}"', f'word_order = "{word}"',
+                    f'byte_order = "{byte}"', 'unit = "x"',
+                ]
+                address += TYPES[typ][1] // 16
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sample(typ: str, i: int) -> Decimal:
+    _fmt, bits, signed, is_float = TYPES[typ]
+    if is_float:
+        return Decimal("-1234.5") - i if typ == "f32" else Decimal("-98765.4321") - i
+    top = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    return Decimal(-(top - i) if signed else top - i)  # extreme values: sign and width errors show
+
+
+def test_every_type_and_order_decodes_to_the_simulator_state(tmp_path: Path) -> None:
+    preset = all_types_preset(tmp_path / "alltypes.toml")
+    rmap = load_register_map(str(preset))
+    port = free_port()
+    sim = SimMeter(7, rmap, FROZEN)
+    sim.fixed = {r.key: sample(r.type, i) for i, r in enumerate(rmap.registers)}
+    m = meter(port, 7, str(preset))
+
+    async def go() -> tuple[dict, dict]:
+        adapter = ModbusAdapter(clock_tolerance_s=60)
+        try:
+            batched = {v.key: v.value for v in await adapter.read_values(m)}
+            requests = sim.requests
+            one_by_one = {}
+            for r in rmap.registers:
+                words = await adapter.request(m, r.function, r.address, r.words)
+                one_by_one[r.key] = r.decode(words)
+            return batched, {"requests": requests, "values": one_by_one}
+        finally:
+            await adapter.close()
+
+    with ModbusTcpFleet({(port, 7): sim}):
+        batched, single = asyncio.run(go())
+    assert batched == sim.fixed  # exact for integers of every width and sign, floats as sent
+    assert single["values"] == batched
+    assert single["requests"] == 1 < len(rmap.registers)
+
+
+def test_energy_counters_equal_the_consumption_model() -> None:
+    port = free_port()
+    rmap = load_register_map("generic_counter")
+    sims = {(port, u): SimMeter(u, rmap, FROZEN, seed=u) for u in (1, 2, 3)}
+
+    async def go() -> list:
+        adapter = ModbusAdapter(clock_tolerance_s=60)
+        try:
+            out = []
+            for u in (1, 2, 3):
+                regs = ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0")
+                out.append(await adapter.read(meter(port, u, registers=regs)))
+            return out
+        finally:
+            await adapter.close()
+
+    with ModbusTcpFleet(sims):
+        results = asyncio.run(go())
+    for u, readings in zip((1, 2, 3), results, strict=True):
+        model = sims[(port, u)].model
+        assert {r.register: r.value for r in readings} == {
+            reg: model.energy_kwh(T0, reg) for reg in ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0")
+        }
+        assert all(r.meter_id == f"m{u}" and r.ts.tzinfo is not None for r in readings)
+        # the simulated meter's clock stands at T0, ours is now: a skew to flag
+        assert all(quality.CLOCK_SKEW in r.quality for r in readings)
+    # five registers and the clock came in one request per meter
+    assert [sims[(port, u)].requests for u in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_eastron_floats_read_as_published() -> None:
+    port = free_port()
+    sim = SimMeter(1, load_register_map("eastron_sdm630"), FROZEN, seed=4)
+
+    async def go() -> list:
+        adapter = ModbusAdapter(clock_tolerance_s=60)
+        try:
+            return await adapter.read_values(meter(port, 1, "eastron_sdm630"))
+        finally:
+            await adapter.close()
+
+    with ModbusTcpFleet({(port, 1): sim}):
+        values = {v.key: v for v in asyncio.run(go())}
+    expected = sim.model.energy_kwh(T0, "1.8.0")
+    assert abs(values["1.8.0"].value - expected) <= expected * Decimal("1e-7")
+    assert values["1.8.0"].unit == "kWh" and values["voltage_l1"].unit == "V"
+    assert values["voltage_l1"].value == Decimal("230.1")
+    assert sim.requests == 3  # 10 values: voltages+currents, total power, frequency+energies
+
+
+@pytest.mark.parametrize(
+    ("fault", "arg", "outcome", "words"),
+    [
+        ("no_answer", None, "timeout", "no answer within the timeout"),
+        ("slow", 1.0, "timeout", "no answer"),
+        ("garbage", None, "garbage", "unparseable answer"),
+        ("exception", 2, "exception", "Modbus exception 2 (illegal data address)"),
+        ("exception", 6, "exception", "server device busy"),
+    ],
+)
+def test_each_fault_is_a_named_error_and_the_neighbour_still_reads(
+    fault: str, arg: float | None, outcome: str, words: str
+) -> None:
+    port = free_port()
+    rmap = load_register_map("generic_counter")
+    sims = {(port, u): SimMeter(u, rmap, FROZEN, seed=u) for u in (1, 2)}
+    sims[(port, 2)].inject(fault, arg)
+
+    async def go() -> tuple[PollError, list]:
+        adapter = ModbusAdapter(clock_tolerance_s=60)
+        try:
+            with pytest.raises(PollError) as err:
+                await adapter.read(meter(port, 2, id="bad"))
+            good = await adapter.read(meter(port, 1, id="good"))
+            return err.value, good
+        finally:
+            await adapter.close()
+
+    with ModbusTcpFleet(sims):
+        err, good = asyncio.run(go())
+    assert err.outcome == outcome
+    assert f"meter bad on bus 127.0.0.1:{port} unit 2" in str(err) and words in str(err)
+    assert good and good[0].value == sims[(port, 1)].model.energy_kwh(T0, "1.8.0")
+
+
+def test_nobody_listening_is_refused() -> None:
+    async def go() -> PollError:
+        adapter = ModbusAdapter(clock_tolerance_s=60)
+        try:
+            with pytest.raises(PollError) as err:
+                await adapter.read(meter(free_port(), 1, id="gone"))
+            return err.value
+        finally:
+            await adapter.close()
+
+    err = asyncio.run(go())
+    assert err.outcome == "refused" and "meter gone on bus 127.0.0.1:" in str(err)
