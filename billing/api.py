@@ -1,0 +1,495 @@
+"""The customer account API: read-only consumption and bills, readings entry for manual metering.
+
+What a customer sees on the supplier's portal. Every endpoint needs a bearer
+token; the tokens file names the accounts each token may see (one person can
+hold several). Another account's data, a malformed account number and an
+unknown one all answer the same 404, so a probe learns nothing. Reads go
+through the portal views (migration 011), the same ones the read-only
+database role sees. The only write is `POST /accounts/{n}/readings`, for
+manual-metering subscribers; it goes through the one ingestion path
+(`collector.ingest.Ingestor`) with the quality flag `manual`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import ConnectionPool
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from collector.inventory import normalize_account
+from collector.settings import Settings, get_settings
+
+MONTH = r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])$"
+MAX_DAYS = 366
+
+
+# --- tokens -------------------------------------------------------------------------
+
+class TokenFileError(ValueError):
+    pass
+
+
+def hash_token(token: str) -> str:
+    """Tokens are kept at rest as SHA-256: a leaked tokens file opens no account."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """Which accounts each token (by its SHA-256) may see."""
+
+    accounts_by_hash: dict[str, frozenset[str]]
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<tokens>") -> TokenStore:
+        """[[token]] tables with `sha256` (or, for development, `token`) and `accounts`."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise TokenFileError(f"{source}: not valid TOML: {exc}") from None
+        out: dict[str, frozenset[str]] = {}
+        for i, entry in enumerate(data.get("token", [])):
+            where = f"{source}: token[{i}]" + (f" ({entry['name']!r})" if "name" in entry else "")
+            digest = entry.get("sha256") or (hash_token(entry["token"]) if entry.get("token") else None)
+            if not digest or len(digest) != 64:
+                raise TokenFileError(f"{where}: key 'sha256': missing or not 64 hex digits")
+            try:
+                accounts = frozenset(normalize_account(a) for a in entry.get("accounts", []))
+            except ValueError as exc:
+                raise TokenFileError(f"{where}: key 'accounts': {exc}") from None
+            if not accounts:
+                raise TokenFileError(f"{where}: key 'accounts': names no account")
+            out[digest.lower()] = accounts
+        return cls(out)
+
+    @classmethod
+    def load(cls, path: Path | None) -> TokenStore:
+        if path is None:
+            return cls({})
+        return cls.from_toml(Path(path).read_text(encoding="utf-8"), str(path))
+
+    def accounts(self, token: str) -> frozenset[str] | None:
+        digest = hash_token(token)
+        for known, accounts in self.accounts_by_hash.items():
+            if hmac.compare_digest(known, digest):
+                return accounts
+        return None
+
+
+# --- response models ----------------------------------------------------------------
+
+class Problem(BaseModel):
+    code: str
+    message: str
+
+
+class RegisterValue(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    obis: str = Field(alias="register", description="OBIS code, like 1.8.0")
+    value: Decimal
+    read_at: datetime
+
+
+class MeterInfo(BaseModel):
+    meter_id: str
+    installed: datetime | None
+    removed: datetime | None
+    registers: list[RegisterValue]
+
+
+class AccountSummary(BaseModel):
+    account: str
+    metering: str = Field(description="amr: read remotely; manual: the customer enters readings")
+    plan: str
+    category: str
+    area: str
+    meters: list[MeterInfo]
+
+
+class AccountList(BaseModel):
+    accounts: list[str]
+
+
+class ZoneEnergy(BaseModel):
+    night: Decimal = Decimal(0)
+    peak: Decimal = Decimal(0)
+    half_peak: Decimal = Decimal(0)
+    total: Decimal = Decimal(0)
+    estimated: Decimal = Field(default=Decimal(0), description="part of total whose time placement is estimated")
+    suspect: Decimal = Field(default=Decimal(0), description="energy held back pending a check, not in total")
+
+
+class DayUsage(ZoneEnergy):
+    day: date
+
+
+class MonthUsage(ZoneEnergy):
+    month: str
+
+
+class DailyConsumption(BaseModel):
+    account: str
+    days: list[DayUsage]
+
+
+class MonthlyConsumption(BaseModel):
+    account: str
+    months: list[MonthUsage]
+
+
+class BillLineOut(BaseModel):
+    zone: str
+    date_from: date
+    date_to: date
+    kwh: Decimal
+    estimated_kwh: Decimal
+    rate: Decimal
+    amount: Decimal
+
+
+class BillVersion(BaseModel):
+    version: int
+    total: Decimal
+    kwh: Decimal
+    estimated_kwh: Decimal
+    plan: str
+    reason: str
+    diff: dict[str, Any] | None
+    created_at: datetime
+    lines: list[BillLineOut]
+
+
+class BillSummary(BaseModel):
+    period: str
+    version: int
+    versions: int
+    total: Decimal
+    kwh: Decimal
+    estimated_kwh: Decimal
+
+
+class BillList(BaseModel):
+    account: str
+    bills: list[BillSummary]
+
+
+class BillDetail(BaseModel):
+    account: str
+    period: str
+    latest: BillVersion
+    versions: list[BillVersion]
+
+
+class ReadingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    meter_id: str | None = Field(default=None, max_length=64,
+                                 description="needed only when the account has several meters")
+    obis: str = Field(default="1.8.0", alias="register", pattern=r"^[0-9]\.8\.[0-4]$")
+    ts: AwareDatetime = Field(description="when the value was read, with an offset")
+    value: Decimal = Field(ge=0, max_digits=16, decimal_places=6, allow_inf_nan=False)
+
+
+class ReadingsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    readings: list[ReadingIn] = Field(min_length=1, max_length=10)
+
+
+class ReadingsResult(BaseModel):
+    accepted: int
+    duplicate: int
+    conflict: int
+    rejected: int
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        self.status, self.code, self.message = status, code, message
+
+
+NOT_FOUND = ApiError(404, "not_found", "Лицевой счёт не найден.")
+ERRORS = {401: {"model": Problem, "description": "no or unknown bearer token"},
+          404: {"model": Problem, "description": "no such account among the token's accounts"},
+          422: {"model": Problem, "description": "invalid parameters"}}
+
+
+# --- the app ------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="a token from the supplier's portal")
+
+
+def token_accounts(
+    request: Request, cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> frozenset[str]:
+    """The accounts the presented token may see; 401 without a known token."""
+    if cred is None or cred.scheme.lower() != "bearer":
+        raise ApiError(401, "unauthorized", "Нужен токен доступа (Authorization: Bearer ...).")
+    accounts = request.app.state.tokens.accounts(cred.credentials)
+    if accounts is None:
+        raise ApiError(401, "unauthorized", "Токен доступа не принят.")
+    return accounts
+
+
+Tokens = Annotated[frozenset[str], Depends(token_accounts)]
+AccountNo = Annotated[str, PathParam(description="account number; leading zeros are ignored",
+                                     max_length=32)]
+
+
+def create_app(settings: Settings | None = None, tokens: TokenStore | None = None) -> FastAPI:
+    """The API bound to one database and one tokens file."""
+    settings = settings or get_settings()
+    store = tokens if tokens is not None else TokenStore.load(settings.api_tokens)
+    tz = ZoneInfo(settings.timezone)
+    app = FastAPI(
+        title="AMR customer account API",
+        version="1",
+        description="Read-only consumption by tariff zone and bills of the accounts a bearer "
+        "token names; readings entry for manual-metering accounts. Amounts are RUB with VAT, "
+        "energy kWh, both as decimal strings.",
+    )
+    app.state.tokens = store
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"code": exc.code, "message": exc.message}, exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"code": "invalid_request", "message": "; ".join(parts)}, 422)
+
+    pool = ConnectionPool(settings.database_url, min_size=1, max_size=8, open=False,
+                          kwargs={"connect_timeout": 5, "options": "-c TimeZone=UTC"})
+    app.router.add_event_handler("shutdown", pool.close)
+
+    @contextmanager
+    def connection() -> Iterator[psycopg.Connection]:
+        if pool.closed:
+            pool.open(wait=True, timeout=10)
+        with pool.connection(timeout=10) as conn:
+            yield conn
+
+    def own(account: str, allowed: frozenset[str]) -> str:
+        try:
+            acc = normalize_account(account)
+        except ValueError:
+            raise NOT_FOUND from None
+        if acc not in allowed:
+            raise NOT_FOUND
+        return acc
+
+    def subscriber(conn: psycopg.Connection, acc: str) -> tuple:
+        row = conn.execute("SELECT account, metering, plan, category, area FROM portal_account"
+                           " WHERE account = %s", (acc,)).fetchone()
+        if row is None:
+            raise NOT_FOUND
+        return row
+
+    @app.get("/accounts", response_model=AccountList, responses={401: ERRORS[401]},
+             summary="the accounts this token may see")
+    def list_accounts(allowed: Tokens) -> AccountList:
+        return AccountList(accounts=sorted(allowed, key=lambda a: (len(a), a)))
+
+    @app.get("/accounts/{account}", response_model=AccountSummary, responses=ERRORS,
+             summary="metering mode, plan, meters and their latest register values")
+    def account_summary(account: AccountNo, allowed: Tokens) -> AccountSummary:
+        acc = own(account, allowed)
+        with connection() as conn:
+            row = subscriber(conn, acc)
+            meters = conn.execute("SELECT meter_id, installed, removed FROM portal_meter"
+                                  " WHERE account = %s ORDER BY installed NULLS FIRST, meter_id",
+                                  (acc,)).fetchall()
+            values = conn.execute("SELECT meter_id, register, ts, value FROM portal_latest_reading"
+                                  " WHERE account = %s ORDER BY meter_id, register", (acc,)).fetchall()
+        return AccountSummary(
+            account=row[0], metering=row[1], plan=row[2], category=row[3], area=row[4],
+            meters=[MeterInfo(meter_id=m, installed=i, removed=r, registers=[
+                RegisterValue(obis=v[1], value=v[3], read_at=v[2]) for v in values if v[0] == m])
+                for m, i, r in meters])
+
+    def _zone_energy(rows: list[tuple]) -> dict[Any, dict[str, Decimal]]:
+        out: dict[Any, dict[str, Decimal]] = {}
+        for key, zone, kwh, est, sus in rows:
+            z = out.setdefault(key, {"night": Decimal(0), "peak": Decimal(0), "half_peak": Decimal(0),
+                                     "total": Decimal(0), "estimated": Decimal(0), "suspect": Decimal(0)})
+            if zone in ("night", "peak", "half_peak"):
+                z[zone] += kwh
+            z["total"] += kwh
+            z["estimated"] += est
+            z["suspect"] += sus
+        return out
+
+    @app.get("/accounts/{account}/consumption/daily", response_model=DailyConsumption,
+             responses=ERRORS, summary="energy per local day, split by tariff zone")
+    def daily(account: AccountNo, allowed: Tokens,
+              from_: Annotated[date | None, Query(alias="from", description="first day (default: 1st of this month)")] = None,
+              to: Annotated[date | None, Query(description="last day, inclusive (default: today)")] = None,
+              ) -> DailyConsumption:
+        acc = own(account, allowed)
+        today = datetime.now(tz).date()
+        last = to or today
+        first = from_ or last.replace(day=1)
+        if last < first or (last - first).days >= MAX_DAYS:
+            raise ApiError(422, "invalid_range", f"Период должен быть от 1 до {MAX_DAYS} дней.")
+        with connection() as conn:
+            subscriber(conn, acc)
+            rows = conn.execute(
+                "SELECT day, zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
+                " FROM portal_daily_usage WHERE account = %s AND day BETWEEN %s AND %s"
+                " GROUP BY 1, 2 ORDER BY 1, 2", (acc, first, last)).fetchall()
+        per = _zone_energy(rows)
+        return DailyConsumption(account=acc, days=[DayUsage(day=d, **z) for d, z in sorted(per.items())])
+
+    def _month(text: str | None, default: date) -> date:
+        if text is None:
+            return default
+        y, m = text.split("-")
+        return date(int(y), int(m), 1)
+
+    @app.get("/accounts/{account}/consumption/monthly", response_model=MonthlyConsumption,
+             responses=ERRORS, summary="energy per calendar month, split by tariff zone")
+    def monthly(account: AccountNo, allowed: Tokens,
+                from_: Annotated[str | None, Query(alias="from", pattern=MONTH, description="first month, like 2026-01")] = None,
+                to: Annotated[str | None, Query(pattern=MONTH, description="last month, like 2026-12")] = None,
+                ) -> MonthlyConsumption:
+        acc = own(account, allowed)
+        this = datetime.now(tz).date().replace(day=1)
+        last = _month(to, this)
+        first = _month(from_, date(last.year - 1, last.month, 1) if last.year > 1 else last)
+        if last < first or (last.year - first.year) * 12 + last.month - first.month >= 120:
+            raise ApiError(422, "invalid_range", "Период должен быть от 1 до 120 месяцев.")
+        end = date(last.year + (last.month == 12), last.month % 12 + 1, 1) if last.year < 9999 else date.max
+        with connection() as conn:
+            subscriber(conn, acc)
+            rows = conn.execute(
+                "SELECT to_char(day, 'YYYY-MM'), zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
+                " FROM portal_daily_usage WHERE account = %s AND day >= %s AND day < %s"
+                " GROUP BY 1, 2 ORDER BY 1, 2", (acc, first, end)).fetchall()
+        per = _zone_energy(rows)
+        return MonthlyConsumption(account=acc, months=[MonthUsage(month=m, **z) for m, z in sorted(per.items())])
+
+    @app.get("/accounts/{account}/bills", response_model=BillList, responses=ERRORS,
+             summary="the latest version of each month's bill")
+    def bills(account: AccountNo, allowed: Tokens) -> BillList:
+        acc = own(account, allowed)
+        with connection() as conn:
+            subscriber(conn, acc)
+            rows = conn.execute(
+                "SELECT to_char(period, 'YYYY-MM'), version, count(*) OVER w, total, kwh, estimated_kwh"
+                " FROM portal_bill WHERE account = %s"
+                " WINDOW w AS (PARTITION BY period) ORDER BY period DESC, version DESC", (acc,)).fetchall()
+        seen, out = set(), []
+        for p, v, n, total, kwh, est in rows:
+            if p not in seen:
+                seen.add(p)
+                out.append(BillSummary(period=p, version=v, versions=n, total=total, kwh=kwh,
+                                       estimated_kwh=est))
+        return BillList(account=acc, bills=out)
+
+    @app.get("/accounts/{account}/bills/{period}", response_model=BillDetail, responses=ERRORS,
+             summary="one month's bill: every version with its lines, reason and difference")
+    def bill(account: AccountNo, allowed: Tokens,
+             period: Annotated[str, PathParam(pattern=MONTH, description="the month, like 2026-10")],
+             ) -> BillDetail:
+        acc = own(account, allowed)
+        p = _month(period, date.min)
+        with connection() as conn:
+            subscriber(conn, acc)
+            heads = conn.execute(
+                "SELECT version, total, kwh, estimated_kwh, plan, reason, diff, created_at FROM portal_bill"
+                " WHERE account = %s AND period = %s ORDER BY version", (acc, p)).fetchall()
+            lines = conn.execute(
+                "SELECT version, zone, date_from, date_to, kwh, estimated_kwh, rate, amount"
+                " FROM portal_bill_line WHERE account = %s AND period = %s ORDER BY version, line_no",
+                (acc, p)).fetchall()
+        if not heads:
+            raise ApiError(404, "not_found", "Счёт за этот месяц не выставлен.")
+        versions = [BillVersion(
+            version=h[0], total=h[1], kwh=h[2], estimated_kwh=h[3], plan=h[4], reason=h[5], diff=h[6],
+            created_at=h[7], lines=[BillLineOut(zone=ln[1], date_from=ln[2], date_to=ln[3], kwh=ln[4],
+                                                estimated_kwh=ln[5], rate=ln[6], amount=ln[7])
+                                    for ln in lines if ln[0] == h[0]]) for h in heads]
+        return BillDetail(account=acc, period=period, latest=versions[-1], versions=versions)
+
+    @app.post("/accounts/{account}/readings", response_model=ReadingsResult, status_code=201,
+              responses={**ERRORS, 409: {"model": Problem, "description":
+                                         "readings_entry_disabled: the account is on automated metering"}},
+              summary="enter meter readings (manual-metering accounts only)")
+    def enter_readings(account: AccountNo, allowed: Tokens, body: ReadingsIn) -> ReadingsResult:
+        acc = own(account, allowed)
+        with connection() as conn:
+            row = subscriber(conn, acc)
+            if row[1] != "manual":
+                raise ApiError(409, "readings_entry_disabled",
+                               "Показания по этому лицевому счёту передаются прибором учёта "
+                               "автоматически, вводить их вручную не нужно.")
+            return _store_readings(conn, acc, body.readings, settings)
+
+    return app
+
+
+def _store_readings(conn: psycopg.Connection, acc: str, readings: list[ReadingIn],
+                    settings: Settings) -> ReadingsResult:
+    """Check manual readings against the last stored ones, then ingest them."""
+    from adapters import quality
+    from adapters.reading import Reading
+    from collector.ingest import Ingestor
+
+    meters = {m: (p, rem) for m, p, rem in conn.execute(
+        "SELECT id, max_power_kw, removed FROM meter WHERE account = %s", (acc,)).fetchall()}
+    active = [m for m, (_, rem) in meters.items() if rem is None]
+    now = datetime.now(UTC)
+    items = []
+    for i, r in enumerate(sorted(readings, key=lambda r: r.ts)):
+        where = f"readings[{i}]"
+        meter_id = r.meter_id
+        if meter_id is None:
+            if len(active) != 1:
+                raise ApiError(422, "meter_required",
+                               f"{where}: укажите номер прибора учёта (meter_id): на счёте их {len(active)}.")
+            meter_id = active[0]
+        if meter_id not in meters:
+            raise ApiError(422, "unknown_meter", f"{where}: прибор учёта {meter_id!r} не относится к счёту.")
+        if r.ts > now + timedelta(seconds=settings.future_tolerance_s):
+            raise ApiError(422, "reading_in_future", f"{where}: дата показания ещё не наступила.")
+        last = conn.execute(
+            "SELECT ts, value FROM reading WHERE meter_id = %s AND register = %s AND ts <= %s"
+            " ORDER BY ts DESC LIMIT 1", (meter_id, r.obis, r.ts)).fetchone()
+        if last is not None:
+            last_ts, last_value = last
+            if r.value < last_value:
+                raise ApiError(422, "reading_below_last",
+                               f"{where}: показание {r.value} меньше предыдущего {last_value} "
+                               f"от {last_ts.astimezone(ZoneInfo(settings.timezone)):%d.%m.%Y}.")
+            hours = Decimal(max((r.ts - last_ts).total_seconds(), 1)) / 3600
+            max_kw = meters[meter_id][0]
+            if (r.value - last_value) / hours > max_kw:
+                raise ApiError(422, "reading_implausible",
+                               f"{where}: расход {r.value - last_value} кВт·ч за это время больше "
+                               f"возможного для прибора (до {max_kw} кВт); проверьте показание.")
+        items.append(Reading(meter_id, r.obis, r.ts, r.value, frozenset({quality.MANUAL}), "portal"))
+    result = Ingestor(conn, settings).ingest(items)
+    if result.rejected or result.conflict:
+        codes = ", ".join(sorted(result.rejects_by_code)) or "conflict"
+        raise ApiError(422, "reading_rejected", f"Показание не принято ({codes}).")
+    return ReadingsResult(**result.as_dict())
