@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -33,7 +34,7 @@ import serial
 
 from adapters import quality
 from adapters.base import PollError
-from adapters.obis import OBIS, DataSet, ObisError, parse_data_block
+from adapters.obis import OBIS, DataSet, ObisError, energy_kwh, parse_data_block
 from adapters.reading import Reading
 
 SOH, STX, ETX, ACK, NAK = b"\x01", b"\x02", b"\x03", b"\x06", b"\x15"
@@ -81,6 +82,43 @@ def bcc(data: bytes) -> bytes:
     return bytes((x,))
 
 
+def bcc_sum7(data: bytes) -> bytes:
+    """Energomera's block check: the sum of the same bytes, modulo 128."""
+    return bytes((sum(data) & 0x7F,))
+
+
+BccRule = Callable[[bytes], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How a meter family departs from the standard readout.
+
+    mode is the option select's Y: "0" a data readout, "1" programming mode,
+    where the values are asked for by command (`R1 CMD()`) after a password
+    (`P1 (password)`). commands maps each command to the registers its values
+    fill, in order; clock names the commands that give the date and the time.
+    """
+
+    bcc: BccRule
+    mode: str
+    default_password: str | None
+    commands: tuple[tuple[str, tuple[str, ...]], ...]
+    clock: tuple[str, str] | None
+
+
+DIALECTS: dict[str, Dialect] = {
+    "standard": Dialect(bcc, "0", None, (), None),
+    # Energomera CE102M/CE301/CE303: ET0PE() gives the total then tariffs T1..T5 (kWh);
+    # DATE_() gives "weekday.dd.mm.yy", TIME_() "hh:mm:ss"; factory password 777777
+    "energomera": Dialect(
+        bcc_sum7, "1", "777777",
+        (("ET0PE", ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "1.8.4", "1.8.5")),),
+        ("DATE_", "TIME_"),
+    ),
+}
+
+
 def sign_on(address: str = "") -> bytes:
     if not _ADDRESS.match(address):
         raise ValueError(f"device address must be up to 32 letters or digits, got {address!r}")
@@ -96,9 +134,21 @@ def option_select(baud_char: str, mode: str = "0", protocol: str = "0") -> bytes
     return ACK + protocol.encode("ascii") + baud_char.encode("ascii") + mode.encode("ascii") + CRLF
 
 
-def data_message(block: str) -> bytes:
+def data_message(block: str, rule: BccRule = bcc) -> bytes:
     body = block.encode("ascii") + b"!" + CRLF + ETX
-    return STX + body + bcc(body)
+    return STX + body + rule(body)
+
+
+def command_message(command: str, data: str | None = None, rule: BccRule = bcc) -> bytes:
+    """SOH C D [STX data] ETX BCC: password (P1), read (R1) and break (B0) messages."""
+    body = command.encode("ascii") + (STX + data.encode("ascii") if data is not None else b"") + ETX
+    return SOH + body + rule(body)
+
+
+def answer_message(data: str, rule: BccRule = bcc) -> bytes:
+    """STX data ETX BCC: a meter's answer in programming mode."""
+    body = data.encode("ascii") + ETX
+    return STX + body + rule(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,23 +175,45 @@ class FrameError(ValueError):
         super().__init__(reason)
 
 
-def parse_data_message(msg: bytes) -> str:
-    """The data block of `STX ... ETX BCC`, checked; FrameError says what is wrong."""
-    if not msg.startswith(STX):
-        raise FrameError("garbage", f"data message does not start with STX: {msg[:24]!r}")
+def parse_frame(msg: bytes, rule: BccRule = bcc) -> tuple[str, str]:
+    """(command, data) of `SOH cmd [STX data] ETX BCC` or `STX data ETX BCC`, checked.
+
+    The command is "" for an STX frame. FrameError says what is wrong.
+    """
+    if msg[:1] not in (STX, SOH):
+        raise FrameError("garbage", f"message does not start with STX or SOH: {msg[:24]!r}")
     end = msg.find(ETX)
     if end < 0 or end + 2 != len(msg):
-        raise FrameError("garbage", f"data message not closed by ETX and BCC ({len(msg)} bytes)")
+        raise FrameError("garbage", f"message not closed by ETX and BCC ({len(msg)} bytes)")
     body = msg[1 : end + 1]
-    if bcc(body) != msg[end + 1 : end + 2]:
+    if rule(body) != msg[end + 1 : end + 2]:
         raise FrameError(
-            "crc", f"BCC mismatch: computed {bcc(body).hex()}, received {msg[end + 1 : end + 2].hex()}"
+            "crc", f"BCC mismatch: computed {rule(body).hex()}, received {msg[end + 1 : end + 2].hex()}"
         )
     try:
         text = body[:-1].decode("ascii")
     except UnicodeDecodeError:
-        raise FrameError("garbage", "data block holds non-ASCII bytes despite a good BCC") from None
+        raise FrameError("garbage", "message holds non-ASCII bytes despite a good BCC") from None
+    if msg[:1] == STX:
+        return "", text
+    command, _, data = text.partition("\x02")
+    return command, data
+
+
+def parse_data_message(msg: bytes, rule: BccRule = bcc) -> str:
+    """The data block of a readout's `STX ... ! CRLF ETX BCC`, checked."""
+    if msg[:1] != STX:
+        raise FrameError("garbage", f"data message does not start with STX: {msg[:24]!r}")
+    _, text = parse_frame(msg, rule)
     return text.removesuffix("\r\n").removesuffix("!").rstrip("\r\n")
+
+
+_VALUES = re.compile(r"\(([^()]*)\)")
+
+
+def command_values(data: str) -> list[str]:
+    """The values of a programming-mode answer: 'ET0PE(1.5)\r\n(0.5)' -> ['1.5', '0.5']."""
+    return _VALUES.findall(data)
 
 
 # --- the meter's clock -----------------------------------------------------------
@@ -304,64 +376,138 @@ class Iec62056Adapter:
     # the exchange
 
     def _exchange(self, ser: serial.Serial, meter: Any, where: str) -> Readout:
+        dialect = DIALECTS[getattr(meter, "dialect", "standard") or "standard"]
         initial = int(meter.baudrate or DEFAULT_INITIAL_BAUD)
         timeout = float(meter.timeout)
+        wire: list[tuple[int, int]] = []
         if ser.baudrate != initial:
             ser.baudrate = initial
         ser.reset_input_buffer()
-        request = sign_on(meter.address or "")
-        ser.write(to_line(request))
-        ser.flush()
-        try:
-            line = self._read_until(ser, lambda b: b.endswith(CRLF), timeout)
-        except _NoAnswer as na:
-            if na.got:
-                raise PollError(
-                    "garbage", f"{where}: incomplete identification, {len(na.got)} bytes: {na.got[:32]!r}"
-                ) from None
-            raise PollError("timeout", f"{where}: no identification within {timeout:g} s") from None
-        line, parity_errors = from_line(line)
+        self._send(ser, sign_on(meter.address or ""), wire)
+        line = self._receive(ser, lambda b: b.endswith(CRLF), timeout, "identification", where, wire)
         try:
             ident = parse_identification(line)
         except ValueError as exc:
             raise PollError("garbage", f"{where}: {exc}") from None
-        if parity_errors:
-            raise PollError("crc", f"{where}: parity error in {parity_errors} byte(s) of the identification")
         rate = ident.baudrate
         if rate is None:
             raise PollError(
                 "decode", f"{where}: identification proposes unknown rate character {ident.baud_char!r}"
             )
-        ack = option_select(ident.baud_char)
-        ser.write(to_line(ack))
-        ser.flush()  # tcdrain: the ACK must leave at the old rate before we switch
+        self._send(ser, option_select(ident.baud_char, dialect.mode), wire)
         polled_at = datetime.now(UTC)
         if rate != initial:
             ser.baudrate = rate
+        if dialect.mode == "0":
+            msg = self._receive(ser, _message_complete, timeout, "data message", where, wire)
+            try:
+                sets = parse_data_block(parse_data_message(msg, dialect.bcc))
+            except FrameError as exc:
+                raise PollError(exc.outcome, f"{where}: {exc}") from None
+            except ObisError as exc:
+                raise PollError("decode", f"{where}: {exc}") from None
+        else:
+            try:
+                polled_at, sets = self._programming(ser, meter, dialect, timeout, where, wire)
+            finally:  # leave programming mode whatever happened, so the meter is free again
+                try:
+                    self._send(ser, command_message("B0", None, dialect.bcc), wire)
+                except (OSError, serial.SerialException):
+                    pass
         try:
-            msg = self._read_until(ser, _message_complete, timeout)
-        except _NoAnswer as na:
-            if na.got:
-                raise PollError(
-                    "garbage", f"{where}: incomplete data message, {len(na.got)} bytes: {na.got[:32]!r}"
-                ) from None
-            raise PollError("timeout", f"{where}: no data message within {timeout:g} s") from None
-        msg, parity_errors = from_line(msg)
-        try:
-            block = parse_data_message(msg)
-        except FrameError as exc:
-            raise PollError(exc.outcome, f"{where}: {exc}") from None
-        if parity_errors:
-            raise PollError("crc", f"{where}: parity error in {parity_errors} byte(s) of the data message")
-        try:
-            sets = parse_data_block(block)
             clock = meter_clock(sets, self._tz)
         except ObisError as exc:
             raise PollError("decode", f"{where}: {exc}") from None
-        return Readout(
-            ident, sets, polled_at, clock, rate,
-            [(len(request), initial), (len(line), initial), (len(ack), initial), (len(msg), rate)],
+        return Readout(ident, sets, polled_at, clock, rate, wire)
+
+    def _programming(
+        self, ser: serial.Serial, meter: Any, dialect: Dialect, timeout: float, where: str,
+        wire: list[tuple[int, int]],
+    ) -> tuple[datetime, dict[str, DataSet]]:
+        """Password, then one read command per group of wanted registers, then the clock."""
+        self._frame(ser, dialect, timeout, "password request (P0)", where, wire, expect="P0")
+        password = meter.password or dialect.default_password or ""
+        self._send(ser, command_message("P1", f"({password})", dialect.bcc), wire)
+        answer = self._receive(
+            ser, lambda b: b[:1] in (ACK, NAK) or _frame_complete(b), timeout,
+            "password answer", where, wire,
         )
+        if answer[:1] == NAK:
+            raise PollError("refused", f"{where}: the meter refused the password (key 'password')")
+        if answer[:1] != ACK:
+            raise PollError("garbage", f"{where}: password answer is neither ACK nor NAK: {answer[:24]!r}")
+        polled_at = datetime.now(UTC)
+        sets: dict[str, DataSet] = {}
+        wanted = set(meter.registers)
+        for command, registers in dialect.commands:
+            if not wanted & set(registers):
+                continue
+            values = self._command(ser, dialect, command, timeout, where, wire)
+            for reg, raw in zip(registers, values, strict=False):
+                try:
+                    sets[reg] = DataSet(reg, "energy", energy_kwh(reg, raw, "kWh"), "kWh")
+                except ObisError as exc:
+                    raise PollError("decode", f"{where}: {command}(): {exc}") from None
+        if dialect.clock:
+            date_cmd, time_cmd = dialect.clock
+            date_v = self._command(ser, dialect, date_cmd, timeout, where, wire)[:1]
+            time_v = self._command(ser, dialect, time_cmd, timeout, where, wire)[:1]
+            parts = date_v[0].split(".") if date_v else []
+            if len(parts) == 4 and time_v:  # weekday.dd.mm.yy
+                sets["0.9.2"] = DataSet("0.9.2", "date", f"{parts[3]}-{parts[2]}-{parts[1]}", None)
+                sets["0.9.1"] = DataSet("0.9.1", "time", time_v[0], None)
+            else:
+                raise PollError("decode", f"{where}: clock answers {date_v!r} {time_v!r} are not dd.dd.mm.yy / hh:mm:ss")
+        return polled_at, sets
+
+    def _command(
+        self, ser: serial.Serial, dialect: Dialect, command: str, timeout: float, where: str,
+        wire: list[tuple[int, int]],
+    ) -> list[str]:
+        self._send(ser, command_message("R1", f"{command}()", dialect.bcc), wire)
+        data = self._frame(ser, dialect, timeout, f"answer to {command}()", where, wire, expect="")
+        values = command_values(data)
+        if not values or values[0].startswith("ERR"):
+            raise PollError("exception", f"{where}: the meter answered {data.strip()!r} to {command}()")
+        return values
+
+    def _frame(
+        self, ser: serial.Serial, dialect: Dialect, timeout: float, what: str, where: str,
+        wire: list[tuple[int, int]], expect: str,
+    ) -> str:
+        msg = self._receive(ser, _frame_complete, timeout, what, where, wire)
+        try:
+            command, data = parse_frame(msg, dialect.bcc)
+        except FrameError as exc:
+            raise PollError(exc.outcome, f"{where}: {what}: {exc}") from None
+        if command != expect:
+            raise PollError("garbage", f"{where}: expected the {what}, got a {command or 'data'} message")
+        return data
+
+    def _send(self, ser: serial.Serial, data: bytes, wire: list[tuple[int, int]]) -> None:
+        ser.write(to_line(data))
+        ser.flush()  # tcdrain: an option select must leave at the old rate before we switch
+        wire.append((len(data), ser.baudrate))
+
+    def _receive(
+        self, ser: serial.Serial, done: Any, timeout: float, what: str, where: str,
+        wire: list[tuple[int, int]],
+    ) -> bytes:
+        """One message as 7-bit characters; PollError for silence, garbage or parity errors."""
+        try:
+            raw = self._read_until(ser, done, timeout)
+        except _NoAnswer as na:
+            if na.got:
+                raise PollError(
+                    "garbage", f"{where}: incomplete {what}, {len(na.got)} bytes: {na.got[:32]!r}"
+                ) from None
+            raise PollError("timeout", f"{where}: no {what} within {timeout:g} s") from None
+        wire.append((len(raw), ser.baudrate))
+        msg, parity_errors = from_line(raw)
+        # a message that does not even start right is reported as garbage by its parser
+        if parity_errors and msg[:1] in (b"/", STX, SOH, ACK, NAK):
+            raise PollError("crc", f"{where}: parity error in {parity_errors} byte(s) of the {what}")
+        return msg
 
     @staticmethod
     def _read_until(ser: serial.Serial, done: Any, idle: float) -> bytes:
@@ -377,7 +523,7 @@ class Iec62056Adapter:
             if done(bytearray(buf.translate(_STRIP))):
                 return bytes(buf)
             if len(buf) > MAX_MESSAGE:
-                raise _NoAnswer(bytes(buf))
+                raise _NoAnswer(bytes(buf).translate(_STRIP))
 
     # ports
 
@@ -406,6 +552,14 @@ class Iec62056Adapter:
                 ser.close()
             except (OSError, serial.SerialException):
                 pass
+
+
+def _frame_complete(buf: bytearray) -> bool:
+    """An STX/SOH frame is complete one byte (the BCC) after its ETX; garbage at a line end."""
+    if buf[:1] not in (STX, SOH):
+        return buf.endswith(CRLF) or len(buf) >= 64
+    end = buf.find(ETX)
+    return end >= 0 and len(buf) >= end + 2
 
 
 def _message_complete(buf: bytearray) -> bool:

@@ -74,9 +74,10 @@ def normalise(address: str) -> str:
     return _SUFFIX.sub("", _PREFIX.sub("", address.strip()))
 
 
-def _energy(address: str, raw: str) -> Decimal:
+def energy_kwh(address: str, raw: str, default_unit: str = "") -> Decimal:
+    """'012.5*kWh' -> Decimal kWh; a meter that prints no unit gets default_unit."""
     number, _, unit = raw.partition("*")
-    unit = unit.strip()
+    unit = unit.strip() or default_unit
     factor = ENERGY_UNITS.get(unit)
     if factor is None:
         known = ", ".join(ENERGY_UNITS)
@@ -102,7 +103,7 @@ def parse_data_block(text: str) -> dict[str, DataSet]:
         if entry is None:
             continue
         if entry.kind == "energy":
-            value: Decimal | str = _energy(entry.register, raw)
+            value: Decimal | str = energy_kwh(entry.register, raw)
         else:
             value = raw.strip()
         found.setdefault(entry.register, DataSet(entry.register, entry.kind, value, entry.unit))
