@@ -35,6 +35,7 @@ from simulators.serial_line import PtyLine
 FAULTS = ("none", "no_answer", "slow", "bad_crc", "garbage", "exception", "reset", "rollover", "clock_drift")
 ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE = 1, 2, 3
 GATEWAY_TARGET_FAILED = 0x0B
+ENERGY_REGISTERS = ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0")
 
 
 # --- CRC-16/MODBUS ---------------------------------------------------------
@@ -76,7 +77,7 @@ class Faults:
     bad_crc: bool = False
     garbage: bool = False
     exception: int | None = None
-    counter_offset: Decimal = Decimal(0)  # added to every energy counter (reset, rollover)
+    counter_offset: dict[str, Decimal] = field(default_factory=dict)  # per energy register (reset, rollover)
     clock_drift_s: float = 0.0
 
 
@@ -112,7 +113,8 @@ class SimMeter:
         elif fault == "exception":
             f.exception = int(value if value is not None else 4)
         elif fault == "reset":  # the counters start again from zero now
-            f.counter_offset = -self.true_energy("1.8.0", self.clock.now())
+            now = self.clock.now()
+            f.counter_offset = {r: -self.true_energy(r, now) for r in ENERGY_REGISTERS}
         elif fault == "rollover":  # the counters sit value kWh below the register's wrap
             spec = self._counter_spec()
             if spec is None:
@@ -120,7 +122,8 @@ class SimMeter:
             bits = {"u16": 16, "u32": 32, "u64": 64, "i16": 15, "i32": 31, "i64": 63}[spec.type]
             wrap = Decimal(1 << bits) * spec.scale
             below = Decimal(str(value if value is not None else 0.05))
-            f.counter_offset = wrap - below - self.true_energy("1.8.0", self.clock.now())
+            now = self.clock.now()
+            f.counter_offset = {r: wrap - below - self.true_energy(r, now) for r in ENERGY_REGISTERS}
         elif fault == "clock_drift":
             f.clock_drift_s = float(value if value is not None else 600)
         else:
@@ -139,7 +142,7 @@ class SimMeter:
             return self.fixed[spec.key]
         if spec.obis:
             if spec.obis.startswith(("1.8.", "2.8.")):
-                return self.model.energy_kwh(t, spec.obis) + self.faults.counter_offset
+                return self.model.energy_kwh(t, spec.obis) + self.faults.counter_offset.get(spec.obis, 0)
             return Decimal(0)
         name = spec.name or ""
         kw = self.model.power_kw(t)
@@ -154,7 +157,7 @@ class SimMeter:
         if name == "clock":
             return Decimal(int(t.timestamp() + self.faults.clock_drift_s))
         if name == "import_wh_total":
-            return self.model.energy_kwh(t, "1.8.0") + self.faults.counter_offset
+            return self.model.energy_kwh(t, "1.8.0") + self.faults.counter_offset.get("1.8.0", 0)
         for probe in self.rmap.probes:
             if probe.name == name:
                 return probe.min

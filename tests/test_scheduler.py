@@ -1,0 +1,212 @@
+"""The scheduler against simulated TCP meters: slots, retries, back-off, bounds, and what reaches the database."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+
+from adapters import quality
+from adapters.modbus import ModbusAdapter
+from adapters.reading import Reading, Rejected
+from adapters.registermap import load_register_map
+from collector import metrics
+from collector.gateway import IngestSink, run_gateway
+from collector.inventory import Meter, load_inventory, upsert_inventory
+from collector.scheduler import Scheduler, jitter_of, slot_start
+from collector.settings import Settings
+from simulators.consumption import SimClock
+from simulators.modbus_sim import ModbusTcpFleet, SimMeter, inventory_toml
+from tests.conftest import free_port
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.items: list[Reading | Rejected] = []
+
+    def put(self, items: list[Reading | Rejected]) -> None:
+        self.items.extend(items)
+
+
+def tcp_meter(port: int, unit: int, **kw) -> Meter:
+    return Meter(
+        id=kw.pop("id", f"m{port}-{unit}"), account="1", adapter="modbus_tcp", preset="generic_counter",
+        host="127.0.0.1", port=port, unit=unit, timeout=kw.pop("timeout", 0.2), interval=kw.pop("interval", "1s"),
+        **kw,
+    )
+
+
+def live_fleet(keys: list[tuple[int, int]]) -> ModbusTcpFleet:
+    clock = SimClock(datetime.now(UTC), 1.0)
+    rmap = load_register_map("generic_counter")
+    return ModbusTcpFleet({k: SimMeter(k[1], rmap, clock, seed=i) for i, k in enumerate(keys)})
+
+
+def counter(c, *labels: str) -> float:
+    return c.labels(*labels)._value.get()
+
+
+def test_slots_align_to_the_wall_clock_and_jitter_is_stable() -> None:
+    t = datetime(2026, 3, 1, 9, 47, 12, tzinfo=UTC)
+    assert slot_start(t, timedelta(minutes=30)) == datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+    assert slot_start(t, timedelta(hours=1)) == datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    assert jitter_of("m-1", 2.0) == jitter_of("m-1", 2.0)
+    assert 0 <= jitter_of("m-1", 2.0) < 2.0 and jitter_of("m-1", 0) == 0
+    assert len({round(jitter_of(f"m-{i}", 2.0), 3) for i in range(100)}) > 50  # spread out
+
+
+def test_a_missed_read_is_retried_within_the_interval_flagged_and_counted() -> None:
+    port = free_port()
+    with live_fleet([(port, 1), (port, 2)]) as fleet:
+        fleet.meters[(port, 2)].inject("no_answer")
+        threading.Timer(0.5, lambda: fleet.meters[(port, 2)].inject("none")).start()
+        ms = [tcp_meter(port, 1, interval="3s"), tcp_meter(port, 2, interval="3s", id="flaky")]
+        sink = ListSink()
+        before = counter(metrics.POLLS, "modbus_tcp", f"127.0.0.1:{port}", "timeout")
+
+        async def go() -> Scheduler:
+            adapter = ModbusAdapter(clock_tolerance_s=60)
+            sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0, retry_delay_s=0.2, backoff_after=10)
+            slot = datetime.now(UTC)  # a whole interval ahead for the retries
+            await sched.run_slot(ms, slot, timedelta(seconds=3))
+            await adapter.close()
+            return sched
+
+        sched = asyncio.run(go())
+    report = sched.reports[0]
+    assert sorted(report.read) == ["flaky", f"m{port}-1"] and report.retried == ["flaky"]
+    assert not report.missed
+    assert counter(metrics.POLLS, "modbus_tcp", f"127.0.0.1:{port}", "timeout") >= before + 1
+    flaky = [r for r in sink.items if r.meter_id == "flaky"]
+    assert flaky and all({quality.RETRIED, quality.LATE} <= r.quality for r in flaky)
+    assert all(not r.quality for r in sink.items if r.meter_id != "flaky")
+    # the prompt read is stamped with its slot; the retried one keeps its real time
+    assert {r.ts for r in sink.items if r.meter_id != "flaky"} == {report.slot}
+    assert all(r.ts > report.slot for r in flaky)
+
+
+def test_back_off_grows_to_its_cap_and_a_probe_brings_the_meter_back() -> None:
+    port = free_port()
+    with live_fleet([(port, 1), (port, 2)]) as fleet:
+        dead = fleet.meters[(port, 2)]
+        dead.inject("exception", 4)
+        ms = [tcp_meter(port, 1, interval="1s"), tcp_meter(port, 2, interval="1s", id="dead")]
+        sink = ListSink()
+        backoffs: list[float] = []
+
+        async def go() -> Scheduler:
+            adapter = ModbusAdapter(clock_tolerance_s=60)
+            sched = Scheduler(
+                ms, lambda m: adapter, sink, jitter_s=0, retry_delay_s=0.05, backoff_after=1,
+                backoff_base_s=0.4, backoff_max_s=0.8,
+            )
+            iv = timedelta(seconds=1)
+            for i in range(6):
+                if i == 4:
+                    dead.inject("none")  # repaired: the next probe must find it
+                now = datetime.now(UTC)
+                slot = slot_start(now, iv) + iv
+                await asyncio.sleep((slot - now).total_seconds())
+                await sched.run_slot(ms, slot, iv)
+                backoffs.append(sched.state["dead"].backoff_s)
+            await adapter.close()
+            return sched
+
+        sched = asyncio.run(go())
+        requests_of_dead = dead.requests
+    assert backoffs[:3] == [0.4, 0.8, 0.8]  # doubled, then capped
+    assert backoffs[-1] == 0.0 and "dead" in sched.reports[-1].read  # probed and back
+    assert all(f"m{port}-1" in r.read for r in sched.reports)  # the neighbour never missed a slot
+    missed = sum(1 for r in sched.reports if "dead" in r.missed)
+    assert 3 <= missed <= 5
+    # without back-off each of the missed slots would have cost ~5 attempts (retry every 0.05 s)
+    assert requests_of_dead <= missed + 2
+
+
+def test_tcp_reads_run_concurrently_up_to_the_bound() -> None:
+    ports = [free_port() for _ in range(12)]
+    with live_fleet([(p, 1) for p in ports]) as fleet:
+        for m in fleet.meters.values():
+            m.inject("slow", 0.15)
+        ms = [tcp_meter(p, 1, timeout=1.0) for p in ports]
+
+        def cycle(bound: int) -> float:
+            async def go() -> float:
+                adapter = ModbusAdapter(clock_tolerance_s=60)
+                sched = Scheduler(ms, lambda m: adapter, ListSink(), jitter_s=0, tcp_concurrency=bound)
+                t = time.perf_counter()
+                report = await sched.run_slot(ms, slot_start(datetime.now(UTC), timedelta(seconds=60)),
+                                              timedelta(seconds=60))
+                took = time.perf_counter() - t
+                assert len(report.read) == 12
+                await adapter.close()
+                return took
+
+            return asyncio.run(go())
+
+        bounded, wide = cycle(3), cycle(12)
+    assert bounded >= 4 * 0.15 * 0.95  # 12 reads, 3 at a time: at least four rounds of 150 ms
+    assert wide < bounded * 0.6
+
+
+def test_faults_are_counted_and_named_and_only_good_readings_are_stored(db_url: str, tmp_path: Path) -> None:
+    """Through the gateway into the real database: good meters stored, faulty ones counted, none stored."""
+    port = free_port()
+    keys = [(port, u) for u in range(1, 7)]
+    with live_fleet(keys) as fleet:
+        faults = {2: ("no_answer", None), 3: ("garbage", None), 4: ("exception", 2), 5: ("slow", 1.0)}
+        for unit, (kind, arg) in faults.items():
+            fleet.meters[(port, unit)].inject(kind, arg)
+        fleet.meters[(port, 6)].inject("clock_drift", 900)
+        inv_path = tmp_path / "inventory.toml"
+        inv_path.write_text(
+            inventory_toml(fleet.meters, "generic_counter", registers=("1.8.0", "1.8.1"), interval="2s", timeout=0.2)
+        )
+        with psycopg.connect(db_url) as conn:
+            upsert_inventory(conn, load_inventory(inv_path))
+        settings = Settings(database_url=db_url, clock_skew_tolerance_s=60)
+        sink = IngestSink(db_url, settings)
+        bus = f"127.0.0.1:{port}"
+        before = {o: counter(metrics.POLLS, "modbus_tcp", bus, o) for o in ("ok", "timeout", "garbage", "exception")}
+        missed_before = counter(metrics.MISSED_SLOTS, "modbus_tcp", bus)
+        got: dict = {}
+
+        async def go() -> None:
+            await run_gateway(
+                inv_path, sink, settings, cycles=1,
+                scheduler_options={"jitter_s": 0.1, "retry_delay_s": 0.3, "backoff_after": 2},
+                on_scheduler=lambda s: got.setdefault("s", s),
+            )
+
+        asyncio.run(go())
+        # a counter reset on meter 1 in the next slot: stored, flagged, never negative energy
+        fleet.meters[(port, 1)].inject("reset")
+        asyncio.run(go())
+        sink.close()
+    report = got["s"].reports[0]
+    assert sorted(report.missed) == [f"sim-{port}-{u}" for u in (2, 3, 4, 5)]
+    outcomes = {mid: outcome for mid, outcome, _ in report.errors}
+    assert outcomes == {
+        f"sim-{port}-2": "timeout", f"sim-{port}-3": "garbage", f"sim-{port}-4": "exception",
+        f"sim-{port}-5": "timeout",
+    }
+    assert all(f"on bus {bus} unit" in msg for _, _, msg in report.errors)
+    assert counter(metrics.POLLS, "modbus_tcp", bus, "ok") == before["ok"] + 2 + 2
+    assert counter(metrics.POLLS, "modbus_tcp", bus, "exception") >= before["exception"] + 1
+    assert counter(metrics.POLLS, "modbus_tcp", bus, "garbage") >= before["garbage"] + 1
+    assert counter(metrics.MISSED_SLOTS, "modbus_tcp", bus) >= missed_before + 8
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT meter_id, register, ts, value, quality FROM reading ORDER BY meter_id, ts").fetchall()
+        negative = conn.execute("SELECT count(*) FROM interval_usage WHERE kwh < 0").fetchone()[0]
+    assert {r[0] for r in rows} == {f"sim-{port}-1", f"sim-{port}-6"}
+    assert len(rows) == 2 * 2 * 2  # two meters, two registers, two slots
+    assert all(quality.CLOCK_SKEW in r[4] for r in rows if r[0] == f"sim-{port}-6")
+    assert not any(quality.CLOCK_SKEW in r[4] for r in rows if r[0] == f"sim-{port}-1")
+    m1 = [r for r in rows if r[0] == f"sim-{port}-1" and r[1] == "1.8.0"]
+    assert m1[1][3] < m1[0][3] and m1[1][3] < Decimal(1)  # the reset was stored as read
+    assert negative == 0
