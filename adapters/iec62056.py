@@ -259,11 +259,16 @@ def check_meter(meter: Any) -> list[str]:
         problems.append(f"key 'baudrate': IEC 62056-21 rates are {sorted(CHAR_OF_BAUD)} (got {meter.baudrate})")
     if meter.address is not None and not _ADDRESS.match(meter.address):
         problems.append(f"key 'address': up to 32 letters or digits (got {meter.address!r})")
+    dialect = DIALECTS.get(getattr(meter, "dialect", "standard") or "standard")
+    if dialect is None or not dialect.commands:
+        energies = sorted(k for k, e in OBIS.items() if e.kind == "energy")
+    else:
+        energies = sorted({r for _, regs in dialect.commands for r in regs})
     for reg in meter.registers:
-        entry = OBIS.get(reg)
-        if entry is None or entry.kind != "energy":
-            energies = sorted(k for k, e in OBIS.items() if e.kind == "energy")
-            problems.append(f"key 'registers': {reg!r} is not an energy register of the readout ({', '.join(energies)})")
+        if reg not in energies:
+            problems.append(
+                f"key 'registers': {reg!r} is not an energy register this meter gives ({', '.join(energies)})"
+            )
     return problems
 
 

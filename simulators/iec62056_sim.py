@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -41,11 +42,19 @@ from adapters.iec62056 import (
     BYTESIZE,
     CHAR_OF_BAUD,
     CRLF,
+    DIALECTS,
+    ETX,
+    NAK,
     PARITY,
+    SOH,
     STOPBITS,
+    STX,
+    answer_message,
+    command_message,
     data_message,
     from_line,
     identification,
+    parse_frame,
     to_line,
 )
 from simulators.consumption import ConsumptionModel, SimClock
@@ -81,6 +90,8 @@ class SimMeter:
     slow_s: float = 2.0
     clock_drift_s: float = 600.0
     rollover_at: Decimal = Decimal(10000)
+    dialect: str = "standard"  # or "energomera": programming mode, password, ET0PE()
+    password: str = "777777"
     model: ConsumptionModel | None = None
     reset_at: datetime | None = None
     last: SimReadout | None = None
@@ -91,6 +102,8 @@ class SimMeter:
             self.model = ConsumptionModel(self.seed)
         if self.fault is not None and self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; known: {', '.join(FAULTS)}")
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {self.dialect!r}; known: {', '.join(DIALECTS)}")
         if self.max_baud not in CHAR_OF_BAUD:
             raise ValueError(f"max_baud must be one of {sorted(CHAR_OF_BAUD)}")
 
@@ -135,6 +148,22 @@ class SimMeter:
         self.last = SimReadout(t, values, clock)
         self.readouts += 1
         return "\r\n".join(lines) + "\r\n"
+
+    def command_answer(self, request: str, t: datetime) -> str:
+        """The data of the answer to an Energomera read command, like `ET0PE()`."""
+        name = request.partition("(")[0]
+        if name == "ET0PE":
+            values = self.values(t)
+            self.last = SimReadout(t, values, self.clock(t))
+            self.readouts += 1
+            tariffs = [values[r] for r in ("1.8.0", "1.8.1", "1.8.2", "1.8.3")] + [Decimal(0)] * 2
+            return "ET0PE" + "\r\n".join(f"({v:.2f})" for v in tariffs) + "\r\n"
+        local = self.clock(t).astimezone(_MSK)
+        if name == "DATE_":
+            return f"DATE_({local.isoweekday() % 7:02d}.{local:%d.%m.%y})\r\n"
+        if name == "TIME_":
+            return f"TIME_({local:%H:%M:%S})\r\n"
+        return "(ERR12)"
 
     def ident(self) -> str:
         return f"SIM{self.serial_number}"[:16]
@@ -186,10 +215,22 @@ class IecLineSim:
 
     def _read_line(self, timeout: float) -> bytes | None:
         """Bytes up to CRLF, or None when the line stayed quiet (or we are stopping)."""
+        return self._read_until(lambda b: b.endswith(CRLF), timeout)
+
+    def _read_frame(self, timeout: float) -> bytes | None:
+        """A SOH/STX frame up to its BCC (a sign-on line also ends the wait)."""
+
+        def done(b: bytearray) -> bool:
+            end = b.find(ETX)
+            return (end >= 0 and len(b) >= end + 2) or bool(_SIGN_ON.search(b))
+
+        return self._read_until(done, timeout)
+
+    def _read_until(self, done: Callable[[bytearray], bool], timeout: float) -> bytes | None:
         buf = bytearray(self._pending)
         self._pending = b""
         deadline = time.monotonic() + timeout
-        while not buf.endswith(CRLF):
+        while not done(buf):
             left = deadline - time.monotonic()
             if left <= 0 or self._stop.is_set():
                 self._pending = bytes(buf)  # a message still arriving is kept for the next call
@@ -247,14 +288,46 @@ class IecLineSim:
             return
         rate = BAUD_OF_CHAR.get(chr(ack[at + 2]))
         mode = chr(ack[at + 3])
-        if rate is None or rate > meter.max_baud or mode != "0":
-            return  # only data readout is simulated; anything else returns to idle
+        if rate is None or rate > meter.max_baud or mode not in ("0", "1"):
+            return  # not an option select this meter accepts: back to idle
         self.line.set_baudrate(rate)
         self._sleep(self.reaction_s)
-        msg = data_message(meter.data_block(self.clock.now()))
-        if meter.fault == "bad_bcc":
+        rule = DIALECTS[meter.dialect].bcc
+        if mode == "1":
+            if meter.dialect == "energomera":
+                self._programming(meter, rule)
+            return
+        self._send(meter, data_message(meter.data_block(self.clock.now()), rule))
+
+    def _send(self, meter: SimMeter, msg: bytes) -> None:
+        if meter.fault == "bad_bcc" and msg[:1] in (STX, SOH):
             msg = msg[:-1] + bytes((msg[-1] ^ 0x5A,))
         self.line.write(to_line(msg))
+
+    def _programming(self, meter: SimMeter, rule: Callable[[bytes], bytes]) -> None:
+        """Energomera programming mode: P0, password, read commands until B0 or silence."""
+        self._send(meter, command_message("P0", f"({meter.serial_number})", rule))
+        authorised = False
+        while True:
+            frame = self._read_frame(2.0)
+            if frame is None or _SIGN_ON.search(frame):
+                self._pending = frame or b""
+                return
+            try:
+                command, data = parse_frame(frame, rule)
+            except ValueError:
+                self.line.write(to_line(NAK))
+                continue
+            self._sleep(self.reaction_s)
+            if command == "B0":
+                return
+            if command == "P1":
+                authorised = data == f"({meter.password})"
+                self.line.write(to_line(ACK if authorised else NAK))
+            elif command == "R1" and authorised:
+                self._send(meter, answer_message(meter.command_answer(data, self.clock.now()), rule))
+            else:
+                self._send(meter, answer_message("(ERR12)", rule))
 
 
 # --- command line ---------------------------------------------------------------------
@@ -282,6 +355,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reaction", type=float, default=0.02, help="meter reaction time in seconds")
     p.add_argument("--wh", action="store_true", help="print energies in Wh instead of kWh")
     p.add_argument(
+        "--dialect", choices=sorted(DIALECTS), default="standard",
+        help="energomera: programming mode with password 777777 and ET0PE()/DATE_()/TIME_()",
+    )
+    p.add_argument(
         "--fault", action="append", default=[], metavar="ADDRESS=FAULT",
         help=f"inject a fault into one meter; faults: {', '.join(FAULTS)}",
     )
@@ -299,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     start = datetime.fromisoformat(args.start) if args.start else datetime.now(UTC)
     meters = [
         SimMeter(address=a, serial_number=f"{i + 1:08d}", seed=args.seed + i,
-                 max_baud=args.max_baud, in_wh=args.wh)
+                 max_baud=args.max_baud, in_wh=args.wh, dialect=args.dialect,
+                 manufacturer="EKT" if args.dialect == "energomera" else "AMR")
         for i, a in enumerate(addresses)
     ]
     sim = IecLineSim(meters, args.baud, SimClock(start, args.scale), args.reaction)
@@ -326,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             f'[[meter]]\nid = "iec-{i + 1:04d}"\naccount = "{args.account}"\nadapter = "iec62056"\n'
             f'port = "{device}"\nbaudrate = {args.baud}\n'
             + (f'address = "{m.address}"\n' if m.address else "")
+            + (f'dialect = "{m.dialect}"\n' if m.dialect != "standard" else "")
             + 'registers = ["1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0"]\n'
         )
     sys.stdout.flush()

@@ -301,3 +301,50 @@ def test_example_inventory_is_valid() -> None:
     assert len(iec) == 2
     assert all(check_meter(m) == [] for m in iec)
     assert len({m.bus_name for m in iec}) == 1  # one line, read in turn
+
+
+# --- the Energomera dialect -------------------------------------------------------------
+
+TARIFFS = ("1.8.0", "1.8.1", "1.8.2", "1.8.3")
+
+
+def _energomera(**kw: object) -> SimMeter:
+    return SimMeter(address="1234", seed=21, dialect="energomera", manufacturer="EKT", **kw)
+
+
+def test_energomera_programming_mode_read_equals_simulator(adapter: Iec62056Adapter) -> None:
+    with IecLineSim([_energomera()], baudrate=9600) as sim:
+        m = _meter(sim, address="1234", dialect="energomera", registers=TARIFFS)
+        assert check_meter(m) == []
+        readings = adapter.read_blocking(m)
+        truth = sim.meters[0].last
+        assert {r: truth.values[r] for r in TARIFFS} == _values(readings)
+        for r in readings:
+            assert r.quality == frozenset({quality.METER_CLOCK})
+            assert abs(r.ts - truth.clock) <= timedelta(seconds=1)
+        # the meter left programming mode (B0): a second read works the same way
+        assert _values(adapter.read_blocking(m)) == {r: sim.meters[0].last.values[r] for r in TARIFFS}
+
+
+def test_energomera_wrong_password_is_refused_then_right_one_reads(adapter: Iec62056Adapter) -> None:
+    with IecLineSim([_energomera(password="111111")], baudrate=9600) as sim:
+        m = _meter(sim, address="1234", dialect="energomera", registers=TARIFFS)
+        with pytest.raises(PollError) as e:
+            adapter.read_blocking(m)
+        assert e.value.outcome == "refused" and "password" in str(e.value)
+        assert sim.meters[0].readouts == 0
+        good = m.model_copy(update={"password": "111111"})
+        assert _values(adapter.read_blocking(good)) == {r: sim.meters[0].last.values[r] for r in TARIFFS}
+
+
+def test_energomera_bcc_rule_differs_from_the_standard(adapter: Iec62056Adapter) -> None:
+    with IecLineSim([_energomera()], baudrate=9600) as sim:
+        # read as a standard meter, its sum-mod-128 check character fails the XOR check
+        with pytest.raises(PollError) as e:
+            adapter.read_blocking(_meter(sim, address="1234", registers=TARIFFS))
+        assert e.value.outcome == "crc"
+        sim.meters[0].fault = "bad_bcc"
+        with pytest.raises(PollError) as e:
+            adapter.read_blocking(_meter(sim, address="1234", dialect="energomera", registers=TARIFFS))
+        assert e.value.outcome == "crc"
+        assert check_meter(_meter(sim, dialect="energomera", registers=("2.8.0",)))
