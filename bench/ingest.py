@@ -1,0 +1,111 @@
+"""Benchmark: readings/s through the ingestion entry point vs the raw COPY rate.
+
+Simulated 30-minute data for many meters, delivered time-major (as gateways
+send it), goes through collector.ingest.Ingestor: validation, idempotent
+store, interval derivation, zone splitting and daily totals. The same rows are
+then COPYed (binary, the fastest path psycopg has) into a plain table shaped
+like `reading`, in the same database, in the same run: that is the physical
+limit the figure is compared with.
+
+    .venv/bin/python bench/ingest.py            # 2,000 meters x 31 days = 2.98 M readings
+    .venv/bin/python bench/ingest.py --quick    # 200 meters x 7 days
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg  # noqa: E402
+from _db import scratch_database  # noqa: E402
+
+from adapters.reading import Reading  # noqa: E402
+from collector.ingest import Ingestor  # noqa: E402
+from collector.inventory import parse_inventory, upsert_inventory  # noqa: E402
+from simulators.consumption import ConsumptionModel  # noqa: E402
+
+START = datetime(2026, 10, 1, tzinfo=UTC) - timedelta(hours=3)  # local midnight, 1 October
+
+
+def generate(meters: int, days: int) -> list[Reading]:
+    """Counter values from the consumption model; each meter its own scale and start."""
+    model = ConsumptionModel(seed=7)
+    steps = days * 48
+    base = [model.energy_kwh(START + timedelta(minutes=30 * k)) for k in range(steps + 1)]
+    incs = [b - a for a, b in zip(base, base[1:], strict=False)]
+    out: list[Reading] = []
+    values = [Decimal(1000 + 37 * m) for m in range(meters)]
+    scale = [Decimal(50 + m % 100) / 100 for m in range(meters)]
+    ids = [f"b{m:05d}" for m in range(meters)]
+    empty: frozenset[str] = frozenset()
+    for k in range(steps):
+        ts = START + timedelta(minutes=30 * k)
+        inc = incs[k]
+        for m in range(meters):
+            out.append(Reading(ids[m], "1.8.0", ts, values[m], empty, "bench"))
+            values[m] = (values[m] + inc * scale[m]).quantize(Decimal("0.01"))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--meters", type=int, default=2000)
+    ap.add_argument("--days", type=int, default=31)
+    ap.add_argument("--batch", type=int, default=20000, help="readings per ingest call")
+    ap.add_argument("--quick", action="store_true", help="200 meters x 7 days")
+    args = ap.parse_args()
+    if args.quick:
+        args.meters, args.days = 200, 7
+
+    print(f"generating {args.meters} meters x {args.days} days of 30-minute readings ...", flush=True)
+    readings = generate(args.meters, args.days)
+    n = len(readings)
+    with scratch_database() as url, psycopg.connect(url) as conn:
+        upsert_inventory(conn, parse_inventory({
+            "subscriber": [{"account": "1"}],
+            "meter": [{"id": f"b{m:05d}", "account": "1", "installed": "2026-01-01T00:00:00+03:00"}
+                      for m in range(args.meters)],
+        }))
+        conn.commit()
+        ing = Ingestor(conn, clock=lambda: datetime(2026, 12, 1, tzinfo=UTC))
+        t0 = time.perf_counter()
+        accepted = 0
+        for i in range(0, n, args.batch):
+            accepted += ing.ingest(readings[i : i + args.batch]).accepted
+            done = min(i + args.batch, n)
+            if (i // args.batch) % 20 == 0:
+                print(f"  ingested {done:>9,} / {n:,}  ({done / (time.perf_counter() - t0):,.0f}/s)", flush=True)
+        ingest_s = time.perf_counter() - t0
+        assert accepted == n, (accepted, n)
+        intervals = conn.execute("SELECT count(*) FROM interval_usage").fetchone()[0]
+        days = conn.execute("SELECT count(*) FROM daily_zone_usage").fetchone()[0]
+
+        conn.execute("CREATE TABLE raw_reading (meter_id text, register text, ts timestamptz,"
+                     " value numeric, quality text[], source text, PRIMARY KEY (meter_id, register, ts))")
+        conn.commit()
+        t0 = time.perf_counter()
+        with conn.cursor() as cur, cur.copy("COPY raw_reading FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(["text", "text", "timestamptz", "numeric", "text[]", "text"])
+            for r in readings:
+                cp.write_row((r.meter_id, r.register, r.ts, r.value, [], r.source))
+        conn.commit()
+        raw_s = time.perf_counter() - t0
+
+    rate, raw = n / ingest_s, n / raw_s
+    print()
+    print(f"readings                    {n:>12,}   ({intervals:,} interval rows, {days:,} daily zone rows)")
+    print(f"ingestion entry point       {rate:>12,.0f} readings/s   ({ingest_s:.1f} s; validation, store, "
+          "intervals, zones, daily totals)")
+    print(f"raw binary COPY, same rows  {raw:>12,.0f} readings/s   ({raw_s:.1f} s; the physical limit)")
+    print(f"ratio                       {rate / raw:>12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
