@@ -22,13 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psycopg  # noqa: E402
-from _db import scratch_database  # noqa: E402
+import itertools
 
-from adapters.reading import Reading  # noqa: E402
-from collector.ingest import Ingestor  # noqa: E402
-from collector.inventory import parse_inventory, upsert_inventory  # noqa: E402
-from simulators.consumption import ConsumptionModel  # noqa: E402
+import psycopg
+from _db import scratch_database
+
+from adapters.reading import Reading
+from collector.ingest import Ingestor
+from collector.inventory import parse_inventory, upsert_inventory
+from simulators.consumption import ConsumptionModel
 
 START = datetime(2026, 10, 1, tzinfo=UTC) - timedelta(hours=3)  # local midnight, 1 October
 
@@ -38,7 +40,7 @@ def generate(meters: int, days: int) -> list[Reading]:
     model = ConsumptionModel(seed=7)
     steps = days * 48
     base = [model.energy_kwh(START + timedelta(minutes=30 * k)) for k in range(steps + 1)]
-    incs = [b - a for a, b in zip(base, base[1:], strict=False)]
+    incs = [b - a for a, b in itertools.pairwise(base)]
     out: list[Reading] = []
     values = [Decimal(1000 + 37 * m) for m in range(meters)]
     scale = [Decimal(50 + m % 100) / 100 for m in range(meters)]
