@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "collector.commands.status",
     "billing.commands",
     "collector.commands.mqtt",
+    "collector.commands.poll",
 ]
 
 

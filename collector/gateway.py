@@ -37,9 +37,11 @@ def check_inventory(path: Path | str) -> Inventory:
     """Load the inventory and check every polled meter against its adapter; refuse with all problems."""
     inv = load_inventory(path)
     problems = check_modbus_meters(inv.meters.values(), str(path), Path(path).resolve().parent)
-    for m in inv.meters.values():
-        if m.adapter == "iec62056" and not isinstance(m.port, str):
-            problems.append(f"{path}: meter {m.id!r}: key 'port': an IEC 62056-21 meter needs a serial device path")
+    iec = [m for m in inv.meters.values() if m.adapter == "iec62056"]
+    if iec:
+        from adapters.iec62056 import check_meter
+
+        problems += [f"{path}: meter {m.id!r}: {p}" for m in iec for p in check_meter(m)]
     if problems:
         raise InventoryError(problems)
     return inv

@@ -1,0 +1,301 @@
+"""`amr poll METER_ID`, `amr scan` and `amr gateway`: the tools of an engineer on site.
+
+`poll` reads one meter of the inventory once and prints what it says;
+`scan` walks the unit ids of a Modbus host or serial bus and guesses each
+answering device's preset from its probe registers; `gateway` runs the
+polling daemon over the whole inventory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from adapters.base import PollError
+from collector.errors import UserError
+from collector.inventory import InventoryError, Meter
+from collector.settings import get_settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "poll", help="read one meter of the inventory once and print its values with units",
+        description=(
+            "Read one meter of the inventory (AMR_INVENTORY or --inventory) once, now, and print "
+            "every decoded value with its unit: the first thing to run when a meter is added or "
+            "a reading looks wrong. Nothing is stored. With --json: one object per value with "
+            "the keys register, value (a decimal string), unit, and ts where the meter gives its clock."
+        ),
+    )
+    p.add_argument("meter_id", metavar="METER_ID")
+    p.add_argument("--inventory", type=Path, help="inventory file (default: AMR_INVENTORY)")
+    p.add_argument("--readings", action="store_true",
+                   help="only the registers the gateway stores (the meter's `registers`), as readings")
+    p.add_argument("--json", action="store_true", help="one JSON object per value")
+    p.set_defaults(func=cmd_poll)
+
+    s = sub.add_parser(
+        "scan", help="find the Modbus unit ids that answer on a host or serial bus",
+        description=(
+            "Ask every unit id in --units on a Modbus TCP host (--host, --port) or an RTU serial "
+            "bus (--device, --baudrate) for one register, and list those that answer, with a "
+            "guess of their preset from each preset's probe registers. A unit that is silent "
+            "costs --timeout seconds, so narrow --units on a slow bus."
+        ),
+    )
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--host", help="Modbus TCP host")
+    where.add_argument("--device", help="serial device of an RS-485 bus, e.g. /dev/ttyUSB0")
+    s.add_argument("--port", type=int, default=502, help="Modbus TCP port (default 502)")
+    s.add_argument("--baudrate", type=int, default=9600)
+    s.add_argument("--units", default="1-247", help="unit ids: '1-247', '1-10,20' (default 1-247)")
+    s.add_argument("--timeout", type=float, default=0.3, help="seconds to wait for each unit")
+    s.add_argument("--json", action="store_true", help="one JSON object per answering unit")
+    s.set_defaults(func=cmd_scan)
+
+    g = sub.add_parser(
+        "gateway", help="run the polling daemon over the whole inventory",
+        description=(
+            "Poll every Modbus and IEC 62056-21 meter of the inventory on its interval, aligned to "
+            "the wall clock, and hand the readings on. --sink spool (default) keeps them in the "
+            "local spool (AMR_SPOOL_PATH) and an uplink drains it to MQTT (AMR_MQTT_URL) or to the "
+            "database (AMR_DATABASE_URL); --sink direct writes to the database in batches. The "
+            "inventory is checked completely first and refused with every problem. SIGHUP reloads "
+            "the inventory; SIGTERM stops after the running slot. Metrics on AMR_METRICS_PORT."
+        ),
+    )
+    g.add_argument("--inventory", type=Path, help="inventory file (default: AMR_INVENTORY)")
+    g.add_argument("--sink", choices=("spool", "direct"), default="spool")
+    g.add_argument("--concurrency", type=int, default=100, help="Modbus TCP reads in flight at once")
+    g.add_argument("--jitter", type=float, default=2.0, help="seconds of per-meter spread after each slot start")
+    g.add_argument("--cycles", type=int, help="stop after this many slots per interval (default: run on)")
+    g.set_defaults(func=cmd_gateway)
+
+
+def _inventory_path(arg: Path | None) -> Path:
+    path = arg or get_settings().inventory
+    if path is None:
+        raise UserError("no inventory: pass --inventory FILE or set AMR_INVENTORY")
+    return path
+
+
+def _checked(path: Path) -> Any:
+    from collector.gateway import check_inventory
+
+    try:
+        return check_inventory(path)
+    except InventoryError as exc:
+        raise UserError(f"{len(exc.problems)} problem(s) in the inventory:\n{exc}") from None
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, ensure_ascii=False), flush=True)
+
+
+# --- amr poll -----------------------------------------------------------------
+
+
+async def _poll_modbus(meter: Meter, path: Path, readings_only: bool) -> list[dict[str, Any]]:
+    from adapters.modbus import ModbusAdapter
+
+    adapter = ModbusAdapter(get_settings(), base_dir=path.resolve().parent)
+    try:
+        if readings_only:
+            return [
+                {"register": r.register, "value": r.value, "unit": "kWh", "quality": sorted(r.quality)}
+                for r in await adapter.read(meter)
+            ]
+        values = await adapter.read_values(meter)
+    finally:
+        await adapter.close()
+    clock = next((v for v in values if v.key == "clock"), None)
+    meter_ts = datetime.fromtimestamp(int(clock.value), UTC) if clock is not None else None
+    out = []
+    for v in values:
+        row: dict[str, Any] = {"register": v.key, "value": v.value, "unit": v.unit}
+        if meter_ts is not None:
+            row["ts"] = meter_ts
+        out.append(row)
+    return out
+
+
+async def _poll_iec(meter: Meter) -> list[dict[str, Any]]:
+    from adapters.iec62056 import Iec62056Adapter
+
+    adapter = Iec62056Adapter(get_settings())
+    try:
+        ro = await asyncio.to_thread(adapter.readout, meter)
+    finally:
+        await adapter.close()
+    out = []
+    for ds in ro.data.values():
+        row: dict[str, Any] = {"register": ds.register, "value": ds.value, "unit": ds.unit or ""}
+        if ro.meter_time is not None:
+            row["ts"] = ro.meter_time
+        out.append(row)
+    return out
+
+
+def cmd_poll(args: argparse.Namespace) -> int:
+    path = _inventory_path(args.inventory)
+    inv = _checked(path)
+    meter = inv.meters.get(args.meter_id)
+    if meter is None:
+        known = ", ".join(sorted(inv.meters)[:10])
+        raise UserError(f"no meter {args.meter_id!r} in {path} (meters: {known}{', ...' if len(inv.meters) > 10 else ''})")
+    try:
+        if meter.adapter.startswith("modbus"):
+            rows = asyncio.run(_poll_modbus(meter, path, args.readings))
+        elif meter.adapter == "iec62056":
+            rows = asyncio.run(_poll_iec(meter))
+        else:
+            raise UserError(f"meter {meter.id}: adapter {meter.adapter!r} is not polled (it publishes or is read by hand)")
+    except PollError as exc:
+        raise UserError(f"{exc.outcome}: {exc}") from None
+    if not args.json:
+        clock = next((r["ts"] for r in rows if "ts" in r), None)
+        print(f"meter {meter.id} ({meter.adapter} {meter.bus_name} unit {meter.unit}, preset {meter.preset})"
+              + (f", meter clock {clock.isoformat()}" if clock else ""))
+    for row in rows:
+        if args.json:
+            _emit({k: (str(v) if isinstance(v, Decimal) else v.isoformat() if isinstance(v, datetime) else v)
+                   for k, v in row.items()})
+        else:
+            print(f"  {row['register']:<20} {row['value']!s:>16} {row['unit']}")
+    return 0
+
+
+# --- amr scan ---------------------------------------------------------------------
+
+
+def parse_units(text: str) -> list[int]:
+    """'1-10,20' -> [1..10, 20]; refuses ids outside 1..247."""
+    units: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise UserError(f"--units: {part!r} is not a number or a range like 1-10") from None
+        if not 1 <= a <= b <= 247:
+            raise UserError(f"--units: {part!r} is outside 1..247")
+        units += range(a, b + 1)
+    return sorted(set(units))
+
+
+async def scan(
+    *, host: str | None, port: int, device: str | None, baudrate: int, units: list[int], timeout: float
+) -> list[dict[str, Any]]:
+    """Every unit that answers, with the presets whose probes it passes (most specific first)."""
+    from adapters.modbus import ModbusAdapter
+    from adapters.registermap import available_presets, load_register_map
+
+    base = Meter(
+        id="scan", account="0", adapter="modbus_tcp" if host else "modbus_rtu", host=host,
+        port=port if host else device, unit=1, baudrate=baudrate, timeout=timeout,
+    )
+    maps = [load_register_map(p) for p in available_presets()]
+    adapter = ModbusAdapter(clock_tolerance_s=60)
+    found = []
+    try:
+        for unit in units:
+            cache: dict[tuple, Decimal | None] = {}
+            answered = silent = False
+            for m in maps:
+                for p in m.probes:
+                    key = (p.function, p.address, p.type)
+                    if key in cache:
+                        continue
+                    try:
+                        cache[key] = await adapter.probe(base, p.as_register(), unit)
+                        answered = True
+                    except PollError as exc:
+                        cache[key] = None
+                        if exc.outcome == "exception" and "(gateway" not in str(exc):
+                            answered = True  # a Modbus exception is an answer: someone is there
+                        elif exc.outcome == "refused":
+                            raise UserError(str(exc)) from None
+                        elif not answered:
+                            # no answer, or a TCP gateway saying nobody is behind it: nobody at this unit
+                            silent = True
+                            break
+                if silent:
+                    break
+            if not answered:
+                continue
+            matches = [
+                m for m in maps if m.probes and all(
+                    (v := cache.get((p.function, p.address, p.type))) is not None and p.min <= v <= p.max
+                    for p in m.probes
+                )
+            ]
+            matches.sort(key=lambda m: -len(m.probes))
+            found.append({"unit": unit, "presets": [m.name for m in matches]})
+    finally:
+        await adapter.close()
+    return found
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    units = parse_units(args.units)
+    found = asyncio.run(
+        scan(host=args.host, port=args.port, device=args.device, baudrate=args.baudrate, units=units,
+             timeout=args.timeout)
+    )
+    where = f"{args.host}:{args.port}" if args.host else f"{args.device} at {args.baudrate} baud"
+    for f in found:
+        if args.json:
+            _emit({"bus": where, "unit": f["unit"], "preset": f["presets"][0] if f["presets"] else None,
+                   "candidates": f["presets"]})
+        else:
+            guess = f["presets"][0] if f["presets"] else "unknown (no preset's probe matches)"
+            also = f" (also matches {', '.join(f['presets'][1:])})" if len(f["presets"]) > 1 else ""
+            print(f"unit {f['unit']:>3}: {guess}{also}")
+    sys.stdout.flush()
+    if not args.json:
+        print(f"{len(found)} of {len(units)} unit ids answered on {where}", file=sys.stderr)
+    return 0
+
+
+# --- amr gateway -------------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from collector import logs
+    from collector.gateway import make_sink, run_gateway
+    from collector.metrics_http import serve_metrics
+
+    settings = get_settings()
+    logs.setup("INFO", settings.log_format)
+    path = _inventory_path(args.inventory)
+    _checked(path)  # refuse a broken inventory before opening anything
+    try:
+        sink = make_sink(settings, args.sink)
+    except InventoryError as exc:
+        raise UserError(str(exc)) from None
+    endpoint = serve_metrics(settings)
+    log = logging.getLogger("amr.gateway")
+    try:
+        asyncio.run(
+            run_gateway(
+                path, sink, settings, cycles=args.cycles,
+                scheduler_options={"tcp_concurrency": args.concurrency, "jitter_s": args.jitter},
+            )
+        )
+    except KeyboardInterrupt:
+        log.info("gateway stopped")
+    finally:
+        sink.close()
+        if endpoint is not None:
+            endpoint.close()
+    return 0
