@@ -348,3 +348,52 @@ def test_energomera_bcc_rule_differs_from_the_standard(adapter: Iec62056Adapter)
             adapter.read_blocking(_meter(sim, address="1234", dialect="energomera", registers=TARIFFS))
         assert e.value.outcome == "crc"
         assert check_meter(_meter(sim, dialect="energomera", registers=("2.8.0",)))
+
+
+# --- through the scheduler into the database -----------------------------------------------
+
+
+def test_gateway_reads_a_line_with_a_dead_meter_into_the_database(db_url: str, conn) -> None:
+    from collector import metrics
+    from collector.gateway import Adapters, IngestSink
+    from collector.scheduler import Scheduler, slot_start
+
+    sims = [SimMeter(address=f"{i:08d}", seed=30 + i) for i in (1, 2, 3)]
+    sims[1].fault = "no_answer"
+    with IecLineSim(sims, baudrate=9600) as sim:
+        meters = [
+            _meter(sim, f"iec-{sm.address}", sm.address, timeout=0.3, interval="60s")
+            for sm in sims
+        ]
+        upsert_inventory(conn, parse_inventory({
+            "subscriber": [{"account": "1"}],
+            "meter": [m.model_dump(mode="json", exclude_none=True) | {"interval": "60s"} for m in meters],
+        }))
+        conn.commit()
+        adapters = Adapters(Settings())
+        sink = IngestSink(db_url, Settings())
+        sched = Scheduler(meters, adapters, sink, jitter_s=0, retry_delay_s=0.2, backoff_after=100)
+        bus = meters[0].bus_name
+        timeouts = metrics.POLLS.labels("iec62056", bus, "timeout")
+        before = timeouts._value.get()
+
+        async def one_slot():
+            try:
+                slot = slot_start(datetime.now(UTC), timedelta(seconds=60))
+                return await asyncio.wait_for(
+                    sched.run_slot(meters, slot, timedelta(seconds=3)), timeout=30
+                )
+            finally:
+                await adapters.close()
+
+        report = asyncio.run(one_slot())
+        sink.close()
+    assert sorted(report.read) == ["iec-00000001", "iec-00000003"]
+    assert list(report.missed) == ["iec-00000002"]
+    assert "timeout" in report.missed["iec-00000002"] and bus in report.missed["iec-00000002"]
+    assert timeouts._value.get() - before >= 1
+    rows = conn.execute("SELECT meter_id, register, value FROM reading ORDER BY meter_id, register").fetchall()
+    assert {r[0] for r in rows} == {"iec-00000001", "iec-00000003"}
+    for sm in (sims[0], sims[2]):
+        stored = {r[1]: r[2] for r in rows if r[0] == f"iec-{sm.address}"}
+        assert stored == sm.last.values
