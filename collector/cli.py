@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "collector.commands.inventory",
     "collector.commands.ingest",
     "collector.commands.status",
+    "collector.commands.demo",
     "billing.commands",
     "collector.commands.mqtt",
     "collector.commands.poll",

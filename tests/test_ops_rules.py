@@ -226,3 +226,14 @@ def test_example_configs_are_valid():
             m = re.match(r"^(AMR_[A-Z_]+)=", line)
             if m:
                 assert m.group(1) in known, f"{env.name}: {m.group(1)} is not a setting"
+
+
+def test_readme_metrics_table_is_the_one_the_code_makes():
+    text = (ROOT / "README.md").read_text()
+    start, end = text.index("<!-- metrics:start -->"), text.index("<!-- metrics:end -->")
+    table = text[start + len("<!-- metrics:start -->"):end].strip()
+    assert table == metrics.markdown_table(), "README metrics table is stale: paste `python -m collector.metrics`"
+    # and the table names every amr_ metric, with its labels
+    for name, _kind, labels, _doc in metrics.documented_rows():
+        assert f"| `{name}` |" in table and (labels or "-") in table
+    assert start > text.index("<!-- ops:start -->") and end < text.index("<!-- ops:end -->")

