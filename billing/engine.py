@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from billing import money
 from billing.tariffs import FOLD, PLAN_ZONES, Catalogue, load_db_catalogue
@@ -39,8 +39,9 @@ ZERO = Decimal(0)
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class Line:
+class Line(NamedTuple):
+    """One bill line: a plan zone over a run of days with one rate."""
+
     zone: str
     date_from: date
     date_to: date
@@ -54,6 +55,10 @@ class Line:
                 "date_to": self.date_to.isoformat(), "kwh": _num(self.kwh),
                 "estimated_kwh": _num(self.estimated_kwh), "rate": _num(self.rate),
                 "amount": str(self.amount)}
+
+    def canonical(self) -> str:
+        return (f"{self.zone},{self.date_from},{self.date_to},{_num(self.kwh)},"
+                f"{_num(self.estimated_kwh)},{_num(self.rate)},{self.amount}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,8 @@ class Bill:
 
     def fingerprint(self) -> str:
         """Same content, same fingerprint: how a re-run knows nothing changed."""
-        doc = {"plan": self.plan, "lines": [ln.as_dict() for ln in self.lines]}
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+        text = ";".join([self.plan, *(ln.canonical() for ln in self.lines)])
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -140,37 +145,55 @@ def fold(zone_kwh: Mapping[str, Decimal], plan: str) -> dict[str, Decimal]:
 
 def price(account: str, period: date, plan: str, category: str, area: str,
           pieces: Sequence[tuple[date, date]], usage: Mapping[tuple[int, str], tuple[Decimal, Decimal]],
-          catalogue: Catalogue) -> Bill | Held:
+          catalogue: Catalogue, memo: dict | None = None) -> Bill | Held:
     """One account's bill from its energy per (piece of the month, stored zone).
 
     `pieces` cut the month at every date where any tariff changes, so each
-    run of days with one rate is a union of whole pieces.
+    run of days with one rate is a union of whole pieces. `memo` keeps the
+    plan's segments between accounts of one run.
     """
-    first, last = month_days(period)
+    key = (plan, category, area)
+    plan_segs = memo.get(key) if memo is not None else None
+    if plan_segs is None:
+        plan_segs = _plan_segments(period, plan, category, area, pieces, catalogue)
+        if memo is not None:
+            memo[key] = plan_segs
+    if isinstance(plan_segs, str):
+        return Held(account, plan_segs)
+    fold_map = FOLD[plan]
+    zones = PLAN_ZONES[plan]
     lines: list[Line] = []
+    for seg_from, seg_to, rates, piece_ids in plan_segs:
+        kwh = dict.fromkeys(zones, ZERO)
+        est = dict.fromkeys(zones, ZERO)
+        for i in piece_ids:
+            for zone, pz in fold_map.items():
+                got = usage.get((i, zone))
+                if got is not None:
+                    kwh[pz] += got[0]
+                    est[pz] += got[1]
+        for pz in zones:
+            rate = rates[pz]
+            lines.append(Line(pz, seg_from, seg_to, kwh[pz], est[pz], rate,
+                              money.line_amount(kwh[pz], rate)))
+    return Bill(account, period, plan, category, area, tuple(lines))
+
+
+def _plan_segments(period: date, plan: str, category: str, area: str,
+                   pieces: Sequence[tuple[date, date]], catalogue: Catalogue) -> list | str:
+    """The runs of days with one rate for a plan, with their rates and pieces; or why none."""
+    first, last = month_days(period)
+    out = []
     for seg_from, seg_to, tariffs in catalogue.segments(category, area, plan, first, last):
         if tariffs is None:
-            return Held(account, f"no tariff for {category}/{area}/{plan} on {seg_from}..{seg_to}")
+            return f"no tariff for {category}/{area}/{plan} on {seg_from}..{seg_to}"
         if len(tariffs) > 1 or tariffs[0].band_to_kwh is not None:
-            return Held(account, f"volume bands in the tariff for {category}/{area}/{plan} from "
-                                 f"{seg_from}: how zone volumes share bands is not confirmed yet")
-        kwh: dict[str, Decimal] = {}
-        est: dict[str, Decimal] = {}
-        for i, (p_from, p_to) in enumerate(pieces, start=1):
-            if p_from < seg_from or p_to > seg_to:
-                continue
-            for zone in ("night", "peak", "half_peak"):
-                got = usage.get((i, zone))
-                if got:
-                    kwh[zone] = kwh.get(zone, ZERO) + got[0]
-                    est[zone] = est.get(zone, ZERO) + got[1]
-        folded, folded_est = fold(kwh, plan), fold(est, plan)
-        tariff = tariffs[0]
-        for zone in PLAN_ZONES[plan]:
-            rate = tariff.rate(zone)
-            lines.append(Line(zone, seg_from, seg_to, folded[zone], folded_est[zone], rate,
-                              money.line_amount(folded[zone], rate)))
-    return Bill(account, period, plan, category, area, tuple(lines))
+            return (f"volume bands in the tariff for {category}/{area}/{plan} from {seg_from}: "
+                    "how zone volumes share bands is not confirmed yet")
+        ids = [i for i, (p_from, p_to) in enumerate(pieces, start=1)
+               if seg_from <= p_from and p_to <= seg_to]
+        out.append((seg_from, seg_to, dict(tariffs[0].rates), ids))
+    return out
 
 
 def _pieces(catalogue: Catalogue, first: date, last: date) -> list[tuple[date, date]]:
@@ -224,21 +247,23 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
     wanted = sorted({normalize_account(a) for a in accounts}) if accounts is not None else None
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(7217010, %s)", (period.year * 100 + period.month,))
+        # one big aggregate: keep it in memory and skip JIT compilation, which costs more than it saves
+        conn.execute("SET LOCAL work_mem = '256MB'")
+        conn.execute("SET LOCAL jit = off")
         cat = catalogue if catalogue is not None else load_db_catalogue(conn)
         pieces = _pieces(cat, first, last)
-        filt = " AND s.account = ANY(%(accounts)s)" if wanted is not None else ""
+        filt = " AND account = ANY(%(accounts)s)" if wanted is not None else ""
         subs = conn.execute(
-            "SELECT account, plan, category, area FROM subscriber s WHERE true" + filt
+            "SELECT account, plan, category, area FROM subscriber WHERE true" + filt
             + " ORDER BY account", {"accounts": wanted}).fetchall()
         rows = conn.execute(
             "SELECT m.account, width_bucket(d.day, %(bounds)s::date[]), d.zone,"
             " sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
             " FROM daily_zone_usage d JOIN meter m ON m.id = d.meter_id"
-            " JOIN subscriber s ON s.account = m.account"
             " WHERE d.day BETWEEN %(first)s AND %(last)s"
             " AND (m.installed IS NULL OR d.day >= (m.installed AT TIME ZONE %(tz)s)::date)"
             " AND (m.removed IS NULL OR d.day <= (m.removed AT TIME ZONE %(tz)s)::date)"
-            + filt + " GROUP BY 1, 2, 3",
+            + filt.replace(" account", " m.account") + " GROUP BY 1, 2, 3",
             {"bounds": [p[0] for p in pieces], "first": first, "last": last, "tz": tz,
              "accounts": wanted}).fetchall()
         usage: dict[str, dict[tuple[int, str], tuple[Decimal, Decimal]]] = {}
@@ -251,6 +276,7 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
             "SELECT DISTINCT ON (account) account, version, fingerprint, total FROM bill"
             " WHERE period = %s ORDER BY account, version DESC", (period,)).fetchall()}
         new_bills: list[tuple[Bill, int, str, dict | None]] = []
+        memo: dict = {}
         changed: list[tuple[Bill, int, Decimal]] = []
         total_subs = len(subs)
         for n, (account, plan, category, area) in enumerate(subs, start=1):
@@ -264,7 +290,7 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
             if account not in usage:
                 summary.held_back.append(Held(account, "no energy data for the period"))
                 continue
-            got = price(account, period, plan, category, area, pieces, usage[account], cat)
+            got = price(account, period, plan, category, area, pieces, usage[account], cat, memo)
             if isinstance(got, Held):
                 summary.held_back.append(got)
                 continue
