@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "OpenAPI spec is at /openapi.json, interactive docs at /docs.")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    api.add_argument("--hash-token", action="store_true",
+                     help="read a token on stdin, print its sha256 for the tokens file, and exit")
     api.set_defaults(func=cmd_api)
 
 
@@ -239,6 +241,15 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from billing.api import create_app
+    from collector import logs
+    from collector.metrics_http import serve_metrics
 
-    uvicorn.run(create_app(get_settings()), host=args.host, port=args.port)
+    settings = get_settings()
+    logs.setup("INFO", settings.log_format)
+    endpoint = serve_metrics(settings, db_url=settings.database_url)  # /metrics beside the API
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     return 0

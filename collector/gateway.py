@@ -72,6 +72,13 @@ class Adapters:
             self._made[kind] = got
         return got
 
+    def forget_presets(self) -> None:
+        """After a reload: register maps are read again from their files on next use."""
+        for a in self._made.values():
+            maps = getattr(a, "_maps", None)
+            if isinstance(maps, dict):
+                maps.clear()
+
     async def close(self) -> None:
         for a in self._made.values():
             await a.close()
@@ -157,18 +164,24 @@ async def run_gateway(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def reload() -> None:
-        try:
-            new = check_inventory(inventory_path)
-        except InventoryError as exc:
-            log.error("reload refused, keeping the running inventory:\n%s", exc)
+    from collector.reload import Reloader, load_runtime_config
+
+    def load() -> Any:
+        check_inventory(inventory_path)  # the adapters' own checks, then inventory, presets, tariffs
+        return load_runtime_config(inventory_path, settings.tariffs)
+
+    def apply(old: Any, new: Any) -> None:
+        if old is None:
             return
+        adapters.forget_presets()
         sched.replace_meters([m for m in new.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None])
-        log.info("inventory reloaded: %d meters polled", len(sched.meters))
+        log.info("configuration reloaded: %d meters polled", len(sched.meters))
+
+    reloader = Reloader(load, apply, name="gateway configuration")
 
     try:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        reloader.install_sighup(loop)  # build and check off the loop, swap on it; a bad file keeps the old
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
         pass
     log.info("gateway polling %d meters from %s", len(meters), inventory_path)

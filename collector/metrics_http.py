@@ -68,12 +68,13 @@ def refresh_fleet_gauges(db_url: str) -> int | None:
 
 def serve_metrics(
     settings: Settings | None = None, *, port: int | None = None, addr: str = "0.0.0.0",
-    db_url: str | None = None, refresh_every: float = 30.0,
+    db_url: str | None = None, refresh_every: float | None = None,
 ) -> MetricsEndpoint | None:
     """Start the /metrics endpoint; None when AMR_METRICS_PORT is 0 (disabled).
 
     `db_url`: refresh amr_db_up and amr_meters_stale from this database every
-    `refresh_every` seconds (a gateway without a database passes nothing).
+    `refresh_every` seconds (default AMR_METRICS_REFRESH_S; a gateway without
+    a database passes nothing).
     A port already taken is a configuration error and says which variable
     to change.
     """
@@ -92,10 +93,12 @@ def serve_metrics(
     endpoint = MetricsEndpoint(port=server.server_address[1], addr=addr, _server=server, _thread=thread)
     log.info("serving metrics on %s", endpoint.url, extra={"port": endpoint.port})
     if db_url:
+        every = refresh_every if refresh_every is not None else settings.metrics_refresh_s
+
         def loop() -> None:
             while not endpoint._stop.is_set():
                 refresh_fleet_gauges(db_url)
-                endpoint._stop.wait(refresh_every)
+                endpoint._stop.wait(every)
 
         endpoint._refresher = threading.Thread(target=loop, name="amr-fleet-gauges", daemon=True)
         endpoint._refresher.start()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from collector import metrics
+from collector.errors import UserError
 from collector.inventory import Inventory, InventoryError, load_inventory
 
 log = logging.getLogger("amr.reload")
@@ -35,12 +36,12 @@ log = logging.getLogger("amr.reload")
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; `problems` names file, entry and key of each."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("\n".join(problems))
+        super().__init__(f"{len(problems)} problem(s) in the configuration:\n" + "\n".join(problems))
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class Reloader(Generic[T]):
         self._name = name
         self._lock = threading.Lock()
         self._requested = threading.Event()
+        self._tasks: set[asyncio.Task] = set()
         self._current: T | None = initial
         self.generation = 0
         self.last_error: str | None = None
@@ -246,7 +248,12 @@ class Reloader(Generic[T]):
         ever touched by the loop.
         """
         if loop is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_async()))
+            def on_signal() -> None:
+                task = loop.create_task(self.reload_async())
+                self._tasks.add(task)  # keep a reference until it is done
+                task.add_done_callback(self._tasks.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, on_signal)
         else:
             signal.signal(signal.SIGHUP, lambda signum, frame: self.request())
 
@@ -273,3 +280,34 @@ class Reloader(Generic[T]):
             metrics.CONFIG_RELOADS.labels(outcome="ok").inc()
             log.info("%s reloaded (generation %d)", self._name, self.generation)
             return True
+
+
+def install_collector_reload(consumer: Any, inventory: Path | str, settings: Any) -> Reloader[RuntimeConfig]:
+    """SIGHUP for `amr collect`: new device map (and tariffs into the database), or nothing.
+
+    The consumer's loop blocks, so the reload runs in a thread of its own;
+    the swap is one attribute assignment that the consumer reads once per
+    message. Messages in flight keep the map they were decoded with.
+    """
+    from adapters.mqtt_formats import DeviceMap
+
+    def apply(old: RuntimeConfig | None, new: RuntimeConfig) -> None:
+        if old is not None and new.tariffs is not None and diff(old, new).tariffs_changed:
+            from billing.tariffs import store_catalogue
+            from collector.storage import db
+
+            with db.connect(settings.database_url) as conn:
+                store_catalogue(conn, list(new.tariffs.tariffs))
+                conn.commit()
+        consumer.devices = DeviceMap(new.meters.values())
+        if old is not None:
+            log.info("collector configuration reloaded: %s", diff(old, new).describe())
+
+    reloader: Reloader[RuntimeConfig] = Reloader(
+        lambda: load_runtime_config(inventory, settings.tariffs), apply, name="collector configuration",
+    )
+    signal.signal(
+        signal.SIGHUP,
+        lambda signum, frame: threading.Thread(target=reloader.reload, name="amr-reload", daemon=True).start(),
+    )
+    return reloader

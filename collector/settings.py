@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     mqtt_key: Path | None = None
     mqtt_group: str = Field(default="amr-collectors", description="shared subscription group")
     metrics_port: int = Field(default=9108, description="Prometheus /metrics port; 0 disables")
+    metrics_refresh_s: float = Field(
+        default=30.0, gt=0, description="how often database-wide gauges (stale meters, db up) are refreshed"
+    )
     api_tokens: Path | None = Field(default=None, description="TOML of bearer tokens and accounts")
     log_format: str = Field(default="auto", description="auto | json | text")
 

@@ -153,6 +153,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if inv_path is not None:
+        from collector.reload import install_collector_reload
+
+        install_collector_reload(consumer, inv_path, settings)  # SIGHUP: devices and tariffs, atomically
     try:
         consumer.run()
     finally:

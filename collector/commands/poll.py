@@ -283,7 +283,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         sink = make_sink(settings, args.sink)
     except InventoryError as exc:
         raise UserError(str(exc)) from None
-    endpoint = serve_metrics(settings)
+    # with the database at hand (direct mode) it also shows amr_db_up and amr_meters_stale
+    endpoint = serve_metrics(settings, db_url=settings.database_url if args.sink == "direct" else None)
     log = logging.getLogger("amr.gateway")
     try:
         asyncio.run(
