@@ -98,6 +98,7 @@ class DeviceFormat:
     registers: dict[str, str] = field(default_factory=dict)
     each_path: str | None = None
     each_key: re.Pattern[str] | None = None
+    ignore: re.Pattern[str] | None = None
 
 
 @lru_cache(maxsize=1)
@@ -124,6 +125,7 @@ def device_formats() -> tuple[DeviceFormat, ...]:
                 registers=dict(f.get("registers", {})),
                 each_path=each["path"] if each else None,
                 each_key=re.compile(each["key"]) if each else None,
+                ignore=re.compile(f["ignore"]) if f.get("ignore") else None,
             )
         )
     return tuple(out)
@@ -257,6 +259,11 @@ def decode(
         m = f.topic.match(topic)
         if m:
             return _decode_device(f, m, topic, payload, received, ZoneInfo(local_tz))
+    for f in candidates:
+        if f.ignore is not None and f.ignore.match(topic):
+            d = Decoded(topic, f.name, f.family)
+            d.ignored = f"topic {topic!r} is a {f.family} topic without energy counters"
+            return d
     if family is not None:
         names = ", ".join(s for f in candidates for s in f.subscribe)
         return Decoded(topic, None, family).reject(

@@ -95,11 +95,18 @@ class Consumer:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._conn_state.on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     # --- network thread ---
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._conn_state.on_connect(client, userdata, flags, reason_code, properties)
+        try:
+            self._subscribe(client, flags, reason_code, properties)
+        except Exception:  # an exception here would silently end paho's network thread
+            log.exception("subscribing at %s failed", self.broker.describe())
+
+    def _subscribe(self, client, flags, reason_code, properties) -> None:
+        self._conn_state.on_connect(client, None, flags, reason_code, properties)
         if reason_code.is_failure:
             log.warning("broker %s refused the connection: %s", self.broker.describe(), reason_code)
             return
@@ -115,6 +122,13 @@ class Consumer:
             self.broker.describe(), self.client_id,
             "resumed" if flags.session_present else "new", len(self.filters), self.group,
         )
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("broker %s refused subscriptions: %s", self.broker.describe(), ", ".join(failed))
+        else:
+            log.info("subscribed to %d topic filters in group %s", len(reason_codes), self.group)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self._queue.put(_Msg(msg.mid, msg.qos, msg.topic, bytes(msg.payload), datetime.now(UTC), self._generation))
@@ -143,6 +157,7 @@ class Consumer:
             self.client.loop_stop()
             if self._db is not None:
                 self._db.close()
+            log.info("collector %s stopped after storing %d messages", self.client_id, self.stored_messages)
 
     def stop(self) -> None:
         self._stop.set()
