@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -83,7 +84,7 @@ class MqttForwarder:
         self.timeout = timeout
         self.broker = broker
         self.conn = Connection()
-        self.client = make_client(broker, client_id or f"amr-uplink-{socket.gethostname()}")
+        self.client = make_client(broker, client_id or f"amr-uplink-{socket.gethostname()}-{os.getpid()}")
         self.client.on_connect = self.conn.on_connect
         self.client.on_disconnect = self.conn.on_disconnect
         self.client.max_queued_messages_set(0)

@@ -45,6 +45,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default AMR_TIMEZONE, Europe/Moscow)")
     d.set_defaults(func=cmd_decode)
 
+    dr = msub.add_parser(
+        "drain",
+        help="send what a gateway spool holds upstream, in order, and exit when it is empty",
+        description=(
+            "Drain a gateway spool file (default AMR_SPOOL_PATH) the way a running gateway's "
+            "uplink does: in order, in bounded batches, each removed only after the broker "
+            "acknowledged it (QoS 1) or, with --to database, after it was committed. Use it to "
+            "empty the spool of a gateway that is out of service (stop the gateway first: one "
+            "process owns a spool). Interrupted, it loses nothing: run it again."
+        ),
+    )
+    dr.add_argument("--spool", type=Path, default=None, help="spool file (default AMR_SPOOL_PATH)")
+    dr.add_argument("--to", choices=("mqtt", "database"), default="mqtt",
+                    help="AMR_MQTT_URL (default) or AMR_DATABASE_URL")
+    dr.add_argument("--topic", default=None, help="topic to publish to (default amr/v1/<hostname>/readings)")
+    dr.add_argument("--batch", type=int, default=500, help="readings per message or transaction (500)")
+    dr.add_argument("--follow", action="store_true", help="keep draining as new readings arrive; never exit")
+    dr.set_defaults(func=cmd_drain)
+
     c = sub.add_parser(
         "collect",
         help="run the MQTT collector: consume meters and gateways, store readings (daemon)",
@@ -163,3 +182,49 @@ def cmd_collect(args: argparse.Namespace) -> int:
         if endpoint is not None:
             endpoint.close()
     return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    import time
+
+    from collector import logs
+    from collector.mqtt_client import broker_from_settings
+    from collector.settings import get_settings
+    from collector.spool import Spool, SpoolError
+    from collector.uplink import IngestForwarder, MqttForwarder, Uplink
+
+    settings = get_settings()
+    logs.setup()
+    path = args.spool or settings.spool_path
+    if not Path(path).exists():
+        raise UserError(f"no spool file {path}")
+    try:
+        spool = Spool(path, settings.spool_max_readings, settings.spool_full_policy)
+    except SpoolError as exc:
+        raise UserError(str(exc)) from None
+    if args.to == "mqtt":
+        forwarder = MqttForwarder(broker_from_settings(settings), args.topic)
+    else:
+        if not settings.database_url:
+            raise UserError("--to database: set AMR_DATABASE_URL")
+        forwarder = IngestForwarder(settings.database_url, settings)
+    uplink = Uplink(spool, forwarder, batch_size=args.batch)
+    stop = {"now": False}
+
+    def _stop(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    started = len(spool)
+    print(f"draining {started} readings from {path}", file=sys.stderr, flush=True)
+    uplink.start()
+    try:
+        while not stop["now"] and (args.follow or len(spool) > 0):
+            time.sleep(0.1)
+    finally:
+        uplink.stop()
+        left = len(spool)
+        spool.close()
+    print(f"delivered {uplink.delivered} readings; {left} left in the spool", file=sys.stderr)
+    return 0 if left == 0 else 1

@@ -1,0 +1,179 @@
+"""The gateway uplink: spool to broker (QoS 1) or to the database, in order, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+
+from adapters.reading import Reading, Rejected
+from collector.inventory import parse_inventory, upsert_inventory
+from collector.mqtt_client import parse_broker_url
+from collector.settings import Settings
+from collector.spool import Spool
+from collector.uplink import IngestForwarder, MqttForwarder, Uplink
+from tests.conftest import ROOT
+from tests.test_mqtt_collector import MOSQUITTO, Broker
+
+T0 = (datetime.now(UTC) - timedelta(days=30)).replace(minute=0, second=0, microsecond=0)
+
+
+@pytest.fixture
+def broker():
+    if not Path(MOSQUITTO).exists():
+        pytest.fail(f"no mosquitto binary at {MOSQUITTO}")
+    with tempfile.TemporaryDirectory(prefix="amr-mosq-") as d:
+        b = Broker(Path(d))
+        yield b
+        b.stop()
+
+
+class Subscriber:
+    """Records every amr/v1 reading the broker delivers, in delivery order (persistent session)."""
+
+    def __init__(self, port: int):
+        self.values: list[tuple[str, str, str]] = []
+        self.rejected: list[dict] = []
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="uplink-test-sub",
+                                  protocol=mqtt.MQTTv5)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.on_connect = lambda c, *a: c.subscribe("amr/v1/+/readings", 1)
+        self.client.on_subscribe = lambda *a: self.ready.set()
+        self.client.on_message = self._on_message
+        from collector.mqtt_client import connect_properties
+
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=connect_properties())
+        self.client.loop_start()
+        assert self.ready.wait(10)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        body = json.loads(msg.payload)
+        with self.lock:
+            self.values.extend((r["meter"], r["ts"], r["value"]) for r in body["readings"])
+            self.rejected.extend(body.get("rejected", ()))
+
+    def first_seen(self) -> list[tuple[str, str, str]]:
+        """Delivery order with redeliveries removed."""
+        seen, out = set(), []
+        with self.lock:
+            for v in self.values:
+                if v not in seen:
+                    seen.add(v)
+                    out.append(v)
+        return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _readings(n: int, start: int = 0, meter: str = "gw-m") -> list[Reading]:
+    return [Reading(meter, "1.8.0", T0 + timedelta(minutes=30 * i), Decimal(1000 + i) / 10, frozenset(), "modbus")
+            for i in range(start, start + n)]
+
+
+def _key(r: Reading) -> tuple[str, str, str]:
+    return (r.meter_id, r.ts.isoformat(), str(r.value))
+
+
+def _until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_broker_down_spool_grows_then_drains_in_order(tmp_path, broker):
+    sub = Subscriber(broker.port)
+    broker.stop()
+    spool = Spool(tmp_path / "spool.sqlite", 100_000)
+    fwd = MqttForwarder(parse_broker_url(f"mqtt://127.0.0.1:{broker.port}"), "amr/v1/gw-test/readings",
+                        timeout=2)
+    uplink = Uplink(spool, fwd, batch_size=100, max_backoff=1)
+    uplink.start()
+    rej = Rejected("modbus:bus1", b"\x00\xff", "meter 'gw-m2' register '1.8.0': CRC mismatch", "crc", "gw-m2")
+    sent: list[Reading] = []
+    for k in range(10):  # the gateway keeps polling through the outage
+        batch = _readings(50, 50 * k)
+        spool.put(batch + ([rej] if k == 3 else []))
+        sent.extend(batch)
+        uplink.notify()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert len(spool) == 501 and uplink.delivered == 0  # nothing left while the broker is down
+    broker.start()
+    _until(lambda: len(spool) == 0, 60, f"spool did not drain: {len(spool)} left")
+    _until(lambda: len(sub.first_seen()) == len(sent), 20, "subscriber did not see everything")
+    uplink.stop()
+    sub.close()
+    assert sub.first_seen() == [_key(r) for r in sent]  # in order, none missing
+    assert [r["reason"] for r in sub.rejected][:1] == [rej.reason]
+
+
+def test_kill_9_during_drain_loses_nothing(tmp_path, broker):
+    sub = Subscriber(broker.port)
+    path = tmp_path / "spool.sqlite"
+    sent = _readings(6000)
+    with Spool(path, 100_000) as s:
+        for i in range(0, len(sent), 500):
+            s.put(sent[i: i + 500])
+    env = {**os.environ, "AMR_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}", "AMR_METRICS_PORT": "0",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "collector.cli", "mqtt", "drain", "--spool", str(path), "--batch", "100",
+           "--topic", "amr/v1/gw-kill/readings"]
+    gw = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _until(lambda: len(sub.values) >= 1500, 60, "the drain did not start")
+    gw.send_signal(signal.SIGKILL)
+    gw.wait(10)
+    gw.stderr.close()
+    left = len(Spool(path, 100_000))
+    assert 0 < left < len(sent)  # killed mid-drain
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _until(lambda: len(sub.first_seen()) == len(sent), 20, "subscriber did not see everything")
+    sub.close()
+    assert sub.first_seen() == [_key(r) for r in sent]
+    assert len(Spool(path, 100_000)) == 0
+
+
+def test_drain_to_the_database_after_commit_only(tmp_path, db_url):
+    with psycopg.connect(db_url) as c:
+        upsert_inventory(c, parse_inventory({"subscriber": [{"account": "1"}],
+                                             "meter": [{"id": "gw-m", "account": "1"}]}))
+    spool = Spool(tmp_path / "spool.sqlite", 10_000)
+    sent = _readings(120)
+    spool.put(sent)
+    bad = Uplink(spool, IngestForwarder(db_url + "_no_such_db", Settings()), batch_size=50)
+    with pytest.raises(Exception, match="database write failed"):
+        bad.drain_once()
+    assert len(spool) == 120  # nothing left the spool without a commit
+    good = Uplink(spool, IngestForwarder(db_url, Settings()), batch_size=50)
+    while good.drain_once():
+        pass
+    good.forwarder.close()
+    assert len(spool) == 0
+    with psycopg.connect(db_url) as c:
+        rows = c.execute("SELECT ts, value, quality FROM reading WHERE meter_id = 'gw-m' ORDER BY ts").fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(r.ts, r.value) for r in sent]
+    assert all("spooled" in r[2] for r in rows)
+
+
+def test_secrets_are_not_in_the_description(tmp_path):
+    cfg = parse_broker_url("mqtts://gw:hunter2@broker.example:8883")
+    assert cfg.tls and cfg.port == 8883 and cfg.username == "gw"
+    assert cfg.password.get_secret_value() == "hunter2"
+    assert "hunter2" not in cfg.describe() and "hunter2" not in repr(cfg)
