@@ -80,12 +80,15 @@ class _Link:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     rx: bytearray = field(default_factory=bytearray)
     quiet_at: float = 0.0  # monotonic time before which no request may start
+    rx_at: float = 0.0  # when the last bytes arrived
     connected: bool = False
 
     def trace(self, sending: bool, data: bytes) -> bytes:
         # the transport hands over its whole unconsumed buffer each time: keep the longest
-        if not sending and len(data) > len(self.rx):
-            self.rx[:] = data
+        if not sending:
+            self.rx_at = time.monotonic()
+            if len(data) > len(self.rx):
+                self.rx[:] = data
         return data
 
 
@@ -116,6 +119,7 @@ class ModbusAdapter:
         self.base_dir = base_dir
         self.now = now or (lambda: datetime.now(UTC))
         self._maps: dict[str, RegisterMap] = {}
+        self._plans: dict[tuple, list[Request]] = {}
         self._links: dict[tuple, _Link] = {}
 
     # --- register maps ---------------------------------------------------
@@ -129,6 +133,13 @@ class ModbusAdapter:
 
     def plan(self, meter: Any, keys: Iterable[str] | None = None) -> list[Request]:
         """The requests that read the meter's registers (keys None: every value of the map)."""
+        ck = (meter.preset, None if keys is None else tuple(keys), meter.max_request)
+        got = self._plans.get(ck)
+        if got is None:
+            got = self._plans[ck] = self._plan(meter, keys)
+        return got
+
+    def _plan(self, meter: Any, keys: Iterable[str] | None) -> list[Request]:
         rmap = self.register_map(meter)
         specs = rmap.select(keys)
         clock = rmap.get("clock")  # read along to flag clock skew
@@ -209,7 +220,9 @@ class ModbusAdapter:
                     await self._drop(link)  # a late or corrupt answer must not reach the next request
                 raise PollError(outcome, f"{where}: {why}") from None
             finally:
-                link.quiet_at = time.monotonic() + link.gap_s + float(meter.pause)
+                # t3.5 counts from the end of the answer (or from now, when none came)
+                last = link.rx_at if link.rx else time.monotonic()
+                link.quiet_at = last + link.gap_s + float(meter.pause)
         if resp.isError():
             code = getattr(resp, "exception_code", 0)
             name = EXCEPTION_NAMES.get(code, "unknown exception")

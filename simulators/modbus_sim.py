@@ -25,11 +25,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
 from adapters.registermap import RegisterMap, RegisterSpec, load_register_map
-from simulators.consumption import ConsumptionModel, SimClock
+from simulators.consumption import _MSK, EPOCH, SLOT, SLOTS_PER_DAY, ConsumptionModel, SimClock
 from simulators.serial_line import PtyLine
 
 FAULTS = ("none", "no_answer", "slow", "bad_crc", "garbage", "exception", "reset", "rollover", "clock_drift")
@@ -96,6 +96,8 @@ class SimMeter:
 
     def __post_init__(self) -> None:
         self.model = ConsumptionModel(self.seed)
+        self._snap_t: datetime | None = None
+        self._snap: dict[str, Decimal] = {}
 
     def inject(self, fault: str, value: float | int | None = None) -> None:
         """Turn a fault on ('none' clears all). value: seconds, exception code or kWh."""
@@ -136,13 +138,44 @@ class SimMeter:
     def true_energy(self, register: str, t: datetime) -> Decimal:
         return self.model.energy_kwh(t, register)
 
+    def energy(self, t: datetime) -> dict[str, Decimal]:
+        """Every energy register at t in one pass, equal to `model.energy_kwh(t, register)` each.
+
+        A meter answers many registers from one instant; asking the model once per
+        register would walk the day's slots five times per request.
+        """
+        if self._snap_t == t:
+            return self._snap
+        model = self.model
+        local = t.astimezone(_MSK)
+        n = (local.date() - EPOCH).days
+        acc = dict(model._cumulative_before_day(n))
+        slots = model._day_slots(n)
+        tariff = model.tariff_of_hour
+        seconds = local.hour * 3600 + local.minute * 60 + local.second + local.microsecond / 1e6
+        whole, frac = divmod(seconds, SLOT.total_seconds())
+        for i in range(int(whole)):
+            acc["1.8.0"] += slots[i]
+            acc[tariff[i // 4]] += slots[i]
+        if int(whole) < SLOTS_PER_DAY:
+            part = slots[int(whole)] * frac / SLOT.total_seconds()
+            acc["1.8.0"] += part
+            acc[tariff[int(whole) // 4]] += part
+        out = {"2.8.0": Decimal(0)}
+        for reg in ("1.8.0", "1.8.1", "1.8.2", "1.8.3"):
+            base = model.start_kwh if reg == "1.8.0" else Decimal(0)
+            out[reg] = (base + Decimal(repr(acc[reg]))).quantize(model.resolution, rounding=ROUND_DOWN)
+        out["2.8.0"] = out["2.8.0"].quantize(model.resolution)
+        self._snap_t, self._snap = t, out
+        return out
+
     def value(self, spec: RegisterSpec, t: datetime) -> Decimal:
         """What the meter shows for a register at t (faults included)."""
         if spec.key in self.fixed:
             return self.fixed[spec.key]
         if spec.obis:
-            if spec.obis.startswith(("1.8.", "2.8.")):
-                return self.model.energy_kwh(t, spec.obis) + self.faults.counter_offset.get(spec.obis, 0)
+            if spec.obis in ENERGY_REGISTERS:
+                return self.energy(t)[spec.obis] + self.faults.counter_offset.get(spec.obis, 0)
             return Decimal(0)
         name = spec.name or ""
         kw = self.model.power_kw(t)
@@ -157,7 +190,7 @@ class SimMeter:
         if name == "clock":
             return Decimal(int(t.timestamp() + self.faults.clock_drift_s))
         if name == "import_wh_total":
-            return self.model.energy_kwh(t, "1.8.0") + self.faults.counter_offset.get("1.8.0", 0)
+            return self.energy(t)["1.8.0"] + self.faults.counter_offset.get("1.8.0", 0)
         for probe in self.rmap.probes:
             if probe.name == name:
                 return probe.min
