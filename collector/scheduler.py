@@ -154,6 +154,7 @@ class Scheduler:
             return None
         metrics.POLL_SECONDS.labels(meter.adapter, bus).observe(time.perf_counter() - t0)
         metrics.POLLS.labels(meter.adapter, bus, "ok").inc()
+        metrics.BUS_LAST_SUCCESS.labels(meter.adapter, bus).set_to_current_time()
         if st.backoff_s:
             log.info("meter %s on bus %s answers again after back-off", meter.id, bus)
         st.failures, st.backoff_s, st.backoff_until = 0, 0.0, 0.0

@@ -1,0 +1,214 @@
+"""/metrics of a running gateway and collector (real processes, over HTTP): the series move
+as readings flow and as faults are injected (a meter that stops answering, a dead port,
+malformed MQTT messages, the database going away)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from collector.inventory import load_inventory, upsert_inventory
+from simulators.consumption import ConsumptionModel, SimClock
+from simulators.modbus_sim import ModbusTcpFleet, SimMeter
+from simulators.mqtt_sim import messages
+from tests.conftest import free_port
+
+AMR = [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())"]
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when none)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def has(samples: dict, name: str) -> bool:
+    return any(n == name for n, _ in samples)
+
+
+def wait_for(port: int, check: Callable[[dict], bool], what: str, timeout: float = 25) -> dict:
+    deadline = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            last = scrape(port)
+            if check(last):
+                return last
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}; amr_ series: "
+                         f"{ {k: v for k, v in last.items() if k[0].startswith('amr_')} }")
+
+
+def inventory(port: int, dead_port: int, device: str) -> str:
+    common = 'account = "555001"\nadapter = "modbus_tcp"\npreset = "generic_counter"\nhost = "127.0.0.1"\n' \
+             'interval = "2s"\ntimeout = 0.3\n'
+    return (
+        '[[subscriber]]\naccount = "555001"\nplan = "three_zone"\n\n'
+        f'[[meter]]\nid = "scrape-a"\n{common}port = {port}\nunit = 1\n\n'
+        f'[[meter]]\nid = "scrape-b"\n{common}port = {port}\nunit = 2\n\n'
+        f'[[meter]]\nid = "scrape-dead"\n{common}port = {dead_port}\nunit = 1\n\n'
+        f'[[meter]]\nid = "scrape-mqtt"\naccount = "555001"\nadapter = "mqtt"\ndevice = "{device}"\n'
+        'format = "tasmota"\ninterval = "2s"\n'
+    )
+
+
+@pytest.fixture
+def fleet():
+    from adapters.registermap import load_register_map
+
+    rmap = load_register_map("generic_counter")
+    clock = SimClock(datetime.now(UTC), 1.0)
+    port = free_port()
+    f = ModbusTcpFleet({(port, u): SimMeter(u, rmap, clock, seed=u) for u in (1, 2)}).start()
+    yield f, port
+    f.stop()
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([*AMR, *args], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_gateway_and_collector_metrics_move(db_url, conn, mqtt_broker, fleet, tmp_path):
+    sim, port = fleet
+    n = random.randint(5000, 9999)
+    device = f"tasmota-{n:04d}"
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(inventory(port, free_port(), device))
+    upsert_inventory(conn, load_inventory(inv))
+    conn.commit()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AMR_")}
+    base |= {"AMR_DATABASE_URL": db_url, "AMR_INVENTORY": str(inv), "AMR_LOG_FORMAT": "json"}
+    gw_port, col_port = free_port(), free_port()
+    gateway = start(
+        ["gateway", "--sink", "spool", "--jitter", "0"],
+        {**base, "AMR_METRICS_PORT": str(gw_port), "AMR_SPOOL_PATH": str(tmp_path / "spool.sqlite")},
+        tmp_path / "gateway.log",
+    )
+    host, mport = mqtt_broker
+    run_id = f"{os.getpid()}-{n}"
+    collector = start(
+        ["collect", "--client-id", f"scrape-{run_id}", "--formats", "tasmota,shelly"],
+        {**base, "AMR_METRICS_PORT": str(col_port), "AMR_MQTT_URL": f"mqtt://{host}:{mport}",
+         "AMR_MQTT_GROUP": f"scrape-{run_id}", "AMR_METRICS_REFRESH_S": "0.5"},
+        tmp_path / "collector.log",
+    )
+    try:
+        # --- the gateway: reads flow -----------------------------------------------------
+        labels = {"adapter": "modbus_tcp", "bus": f"127.0.0.1:{port}"}
+        first = wait_for(gw_port, lambda s: value(s, "amr_polls_total", outcome="ok", **labels) >= 2,
+                         "first good reads")
+        later = wait_for(
+            gw_port,
+            lambda s: value(s, "amr_polls_total", outcome="ok", **labels)
+            >= value(first, "amr_polls_total", outcome="ok", **labels) + 4
+            and value(s, "amr_readings_total", outcome="accepted") > value(first, "amr_readings_total", outcome="accepted"),
+            "reads and stored readings to grow",
+        )
+        assert value(later, "amr_poll_duration_seconds_count", **labels) > value(first, "amr_poll_duration_seconds_count", **labels)
+        assert value(later, "amr_modbus_requests_total") > 0
+        assert value(later, "amr_db_write_seconds_count") > 0 and value(later, "amr_db_batch_size_sum") > 0
+        assert has(later, "amr_spool_depth") and has(later, "amr_spool_oldest_age_seconds")
+        assert value(later, "amr_bus_last_success_timestamp_seconds", **labels) > time.time() - 30
+        assert value(later, "process_resident_memory_bytes") > 0
+        # a dead port: refused reads on its own bus, the others carry on
+        assert value(later, "amr_polls_total", outcome="refused") > 0 or value(later, "amr_polls_total", outcome="timeout") > 0
+
+        # --- fault: meter b stops answering -------------------------------------------------
+        before = value(later, "amr_polls_total", outcome="timeout", **labels)
+        sim.meters[(port, 2)].inject("no_answer")
+        faulty = wait_for(gw_port, lambda s: value(s, "amr_polls_total", outcome="timeout", **labels) > before,
+                          "timeouts from the silent meter")
+        ok_then = value(faulty, "amr_polls_total", outcome="ok", **labels)
+        wait_for(gw_port, lambda s: value(s, "amr_polls_total", outcome="ok", **labels) > ok_then,
+                 "meter a still read while b is silent")
+        sim.meters[(port, 2)].inject("none")
+
+        # --- SIGHUP: the reload is counted ----------------------------------------------------
+        gateway.send_signal(signal.SIGHUP)
+        wait_for(gw_port, lambda s: value(s, "amr_config_reloads_total", outcome="ok") == 1, "a counted reload")
+
+        # --- the collector: MQTT messages flow ----------------------------------------------
+        wait_for(col_port, lambda s: value(s, "amr_db_up") == 1, "amr_db_up = 1")
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"scrape-pub-{run_id}", protocol=mqtt.MQTTv5)
+        pub.connect(host, mport, keepalive=30)
+        pub.loop_start()
+        try:
+            time.sleep(0.5)  # the collector's subscription is in place once amr_db_up is; give SUBACK a moment
+            models = {n: ConsumptionModel(n)}
+            t0 = datetime.now(UTC) - timedelta(minutes=10)
+            sent = 0
+            for i in range(5):
+                for topic, payload in messages("tasmota", range(n, n + 1), t0 + timedelta(minutes=2 * i), models):
+                    pub.publish(topic, payload, qos=1).wait_for_publish(10)
+                    sent += 1
+            got = wait_for(col_port, lambda s: value(s, "amr_mqtt_messages_total", format="tasmota", outcome="ok") >= sent,
+                           "tasmota messages stored")
+            assert value(got, "amr_readings_total", outcome="accepted") >= sent
+            # --- fault: malformed messages are counted and refused, not dropped ----------------
+            pub.publish(f"shellies/shellyem-{n:04d}/emeter/0/total", b"twelve", qos=1).wait_for_publish(10)
+            pub.publish(f"tele/{device}/SENSOR", b"{not json", qos=1).wait_for_publish(10)
+            bad = wait_for(col_port, lambda s: value(s, "amr_mqtt_messages_total", outcome="rejected") >= 2,
+                           "malformed messages counted")
+            assert value(bad, "amr_rejected_readings_total") >= 2
+            assert value(bad, "amr_readings_total", outcome="rejected") >= 2
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+
+        # --- stale meters: the dead one, counted, not listed per meter -------------------------
+        stale = wait_for(col_port, lambda s: value(s, "amr_meters_stale") >= 1, "a stale meter counted", timeout=15)
+        assert not any("meter" in dict(ls) for (name, ls) in stale if name.startswith("amr_"))
+
+        # --- fault: the database goes away --------------------------------------------------------
+        stop(gateway)
+        info = psycopg.conninfo.conninfo_to_dict(db_url)
+        admin = psycopg.conninfo.make_conninfo(**{**info, "dbname": "postgres"})
+        conn.close()
+        with psycopg.connect(admin, autocommit=True) as a:
+            a.execute(f'ALTER DATABASE "{info["dbname"]}" ALLOW_CONNECTIONS false')
+            a.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{info['dbname']}'")
+        try:
+            wait_for(col_port, lambda s: value(s, "amr_db_up") == 0, "amr_db_up = 0 with the database refusing")
+        finally:
+            with psycopg.connect(admin, autocommit=True) as a:
+                a.execute(f'ALTER DATABASE "{info["dbname"]}" ALLOW_CONNECTIONS true')
+        wait_for(col_port, lambda s: value(s, "amr_db_up") == 1, "amr_db_up back to 1")
+    finally:
+        stop(gateway)
+        stop(collector)
+    assert "Traceback" not in (tmp_path / "gateway.log").read_text()
