@@ -54,3 +54,20 @@ def test_timescale_rendering_drops_partitioning_and_names_hypertables() -> None:
     ts_sql, ts_tables = timeseries.render(sql, timescale=True)
     assert "PARTITION BY RANGE (ts)" in plain and "PARTITION BY" not in ts_sql
     assert [t.table for t in tables] == [t.table for t in ts_tables] == ["reading", "interval_usage"]
+
+
+def test_maintain_drops_partitions_past_retention_only(conn) -> None:
+    from datetime import UTC, datetime
+
+    from collector.storage.timeseries import Partitions
+
+    with conn.transaction():
+        Partitions().ensure(conn, datetime(2019, 1, 5, tzinfo=UTC), datetime(2019, 3, 5, tzinfo=UTC))
+    conn.commit()
+    names = lambda: {r[0] for r in conn.execute(  # noqa: E731
+        "SELECT relname FROM pg_class WHERE relname LIKE 'reading_p2019%' AND relkind = 'r'").fetchall()}
+    assert names() == {"reading_p201901", "reading_p201902", "reading_p201903"}
+    # five years of retention counted from 2024-02-15: January 2019 goes, February stays
+    dropped = migrate.maintain(conn, now=datetime(2024, 2, 15, tzinfo=UTC))
+    assert "reading_p201901" in dropped and "interval_usage_p201901" in dropped
+    assert names() == {"reading_p201902", "reading_p201903"}

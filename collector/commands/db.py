@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_migrate)
     s = dbsub.add_parser("status", help="schema version of the database and of this code")
     s.set_defaults(func=cmd_status)
+    mt = dbsub.add_parser(
+        "maintain",
+        help="create time partitions ahead and drop those past retention (plain PostgreSQL; run daily)",
+    )
+    mt.set_defaults(func=cmd_maintain)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -43,4 +48,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     latest = migrate.available()[-1].version
     state = "up to date" if have == latest else ("behind: run `amr db migrate`" if have < latest else "NEWER than this code")
     print(f"database schema {have}, code {latest}: {state}")
+    return 0
+
+
+def cmd_maintain(args: argparse.Namespace) -> int:
+    with db.connect(get_settings().database_url) as conn:
+        dropped = migrate.maintain(conn)
+    print(f"partitions ready; dropped past retention: {', '.join(dropped) or 'none'}")
     return 0

@@ -1,7 +1,7 @@
 -- Core model: subscribers, meters, readings, interval usage split into zones,
 -- daily zone totals and rejected input.
 -- Time tables carry the marker /*@time_partitioned(col)*/ and a line
--- "-- @time_table TABLE COLUMN CHUNK COMPRESS_AFTER SEGMENT_BY"; the migrator turns
+-- "-- @time_table TABLE COLUMN CHUNK COMPRESS_AFTER SEGMENT_BY RETENTION"; the migrator turns
 -- them into native range partitions or TimescaleDB hypertables (collector/storage/timeseries.py).
 
 CREATE TABLE subscriber (
@@ -42,7 +42,7 @@ CREATE TABLE reading (
     received_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (meter_id, register, ts)
 ) /*@time_partitioned(ts)*/;
--- @time_table reading ts 1month 30days meter_id
+-- @time_table reading ts 1month 30days meter_id 5years
 
 -- Energy between consecutive valid readings of one register, cut into
 -- segments of one local day and one zone. An interval [start_ts, end_ts) is
@@ -62,7 +62,7 @@ CREATE TABLE interval_usage (
     status     text NOT NULL DEFAULT 'ok' CHECK (status IN ('ok', 'suspect', 'accepted', 'rejected')),
     PRIMARY KEY (meter_id, register, seg_start)
 ) /*@time_partitioned(seg_start)*/;
--- @time_table interval_usage seg_start 1month 30days meter_id
+-- @time_table interval_usage seg_start 1month 30days meter_id 5years
 
 -- Per meter, local calendar day and zone, import energy (register 1.8.0).
 -- kwh excludes suspect energy until someone accepts it; suspect_kwh shows it.

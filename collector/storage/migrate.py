@@ -64,7 +64,8 @@ def migrate(conn: psycopg.Connection, *, timescale: bool | None = None) -> list[
         )
         conn.execute(
             "CREATE TABLE IF NOT EXISTS amr_time_table (name text PRIMARY KEY,"
-            " column_name text NOT NULL, chunk text NOT NULL, hypertable boolean NOT NULL)"
+            " column_name text NOT NULL, chunk text NOT NULL, hypertable boolean NOT NULL,"
+            " retention text)"
         )
         have = current_version(conn)
         if have > latest:
@@ -93,7 +94,18 @@ def migrate(conn: psycopg.Connection, *, timescale: bool | None = None) -> list[
                 (mig.version, mig.name),
             )
         applied.append(mig)
-    now = datetime.now(UTC)
-    with conn.transaction():
-        timeseries.Partitions().ensure(conn, now - timedelta(days=62), now + timedelta(days=92))
+    maintain(conn)
     return applied
+
+
+def maintain(conn: psycopg.Connection, now: datetime | None = None) -> list[str]:
+    """Create partitions ahead and drop expired ones (plain PostgreSQL; TimescaleDB has policies).
+
+    Run by `amr db migrate` and `amr db maintain` (daily, from a timer); ingestion
+    also creates the partitions a batch needs, so a missed run loses nothing.
+    """
+    now = now or datetime.now(UTC)
+    parts = timeseries.Partitions()
+    with conn.transaction():
+        parts.ensure(conn, now - timedelta(days=62), now + timedelta(days=92))
+        return parts.drop_expired(conn, now)

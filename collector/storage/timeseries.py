@@ -14,8 +14,13 @@ from datetime import UTC, date, datetime
 import psycopg
 
 MARKER = re.compile(r"/\*@time_partitioned\((\w+)\)\*/")
-DIRECTIVE = re.compile(r"^--\s*@time_table\s+(\w+)\s+(\w+)\s+(\w+)\s+(\w+)\s+(\w+)\s*$", re.M)
-_INTERVALS = {"1month": "1 month", "7days": "7 days", "1day": "1 day", "30days": "30 days"}
+DIRECTIVE = re.compile(
+    r"^--\s*@time_table\s+(\w+)\s+(\w+)\s+(\w+)\s+(\w+)\s+(\w+)\s+(\w+)\s*$", re.M
+)
+_INTERVALS = {
+    "1month": "1 month", "7days": "7 days", "1day": "1 day", "30days": "30 days",
+    "5years": "5 years", "10years": "10 years",
+}
 
 
 @dataclass(frozen=True)
@@ -25,11 +30,26 @@ class TimeTable:
     chunk: str
     compress_after: str
     segment_by: str
+    retention: str  # older data is dropped: the billing dispute horizon, not a cache size
 
 
 def timescale_available(conn: psycopg.Connection) -> bool:
+    """Which path a database takes when not told (`amr db migrate --timescale auto`).
+
+    A database keeps the path its time tables took (recorded in amr_time_table).
+    A new one takes TimescaleDB when the extension is already created here, or
+    when it can be: installed and preloaded (CREATE EXTENSION timescaledb fails
+    without shared_preload_libraries, so "installed" alone is not enough).
+    """
+    row = conn.execute("SELECT to_regclass('amr_time_table') IS NOT NULL").fetchone()
+    if row and row[0]:
+        row = conn.execute("SELECT bool_or(hypertable) FROM amr_time_table").fetchone()
+        if row and row[0] is not None:
+            return bool(row[0])
     row = conn.execute(
-        "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
+        "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'timescaledb')"
+        " OR (EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb')"
+        "     AND current_setting('shared_preload_libraries') ~ '(^|[ ,/\"])timescaledb($|[ ,\"])')"
     ).fetchone()
     return bool(row and row[0])
 
@@ -58,10 +78,11 @@ def setup_time_table(conn: psycopg.Connection, t: TimeTable, timescale: bool) ->
         conn.execute(
             f"SELECT add_compression_policy('{t.table}', INTERVAL '{_INTERVALS[t.compress_after]}')"
         )
+        conn.execute(f"SELECT add_retention_policy('{t.table}', INTERVAL '{_INTERVALS[t.retention]}')")
     conn.execute(
-        "INSERT INTO amr_time_table (name, column_name, chunk, hypertable) VALUES (%s, %s, %s, %s)"
-        " ON CONFLICT (name) DO NOTHING",
-        (t.table, t.column, chunk, timescale),
+        "INSERT INTO amr_time_table (name, column_name, chunk, hypertable, retention)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+        (t.table, t.column, chunk, timescale, _INTERVALS[t.retention]),
     )
 
 
@@ -116,3 +137,19 @@ class Partitions:
                     )
                     self._known.add((table, month))
             month = _next_month(month)
+
+    def drop_expired(self, conn: psycopg.Connection, now: datetime) -> list[str]:
+        """Drop monthly partitions wholly older than their table's retention (plain PostgreSQL)."""
+        dropped = []
+        rows = conn.execute(
+            "SELECT name, (%s::timestamptz - retention::interval) FROM amr_time_table"
+            " WHERE NOT hypertable AND retention IS NOT NULL",
+            (now,),
+        ).fetchall()
+        for table, cutoff in rows:
+            for (name, month) in sorted(self._known):
+                if name == table and _next_month(month) <= cutoff.astimezone(UTC).date():
+                    conn.execute(f"DROP TABLE IF EXISTS {table}_p{month:%Y%m}")
+                    self._known.discard((name, month))
+                    dropped.append(f"{table}_p{month:%Y%m}")
+        return dropped
