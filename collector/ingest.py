@@ -10,6 +10,7 @@ whole or not at all, so a caller that keeps its batch until `ingest` returns
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -355,13 +356,15 @@ class Ingestor:
                 new_rows.extend(self._segments(mid, reg, iv, decisions))
             # keep the derived flags on readings in step with their classification
             last = len(pts) - 1 if end_i is None else end_i
-            kinds = {iv.end: iv.kind for iv in intervals}
+            kinds = {iv.end: iv.kind for iv in intervals if iv.kind in ("rollover", "reset")}
             for j in range(start_i, last + 1):
                 ts, _v, flags = pts[j]
+                if not flags and not bad[j] and ts not in kinds:
+                    continue  # the common case: nothing to flag, nothing flagged
                 want = set(flags) - _DERIVED_FLAGS
                 if bad[j]:
                     want.add(quality.GLITCH)
-                elif kinds.get(ts) in ("rollover", "reset"):
+                elif ts in kinds:
                     want.add(kinds[ts])
                 if want != set(flags):
                     flag_updates.append((mid, reg, ts, sorted(want)))
@@ -408,8 +411,9 @@ class Ingestor:
         (or to the true ends of the series).
         """
         n = len(pts)
-        first_new = next(j for j in range(n) if pts[j][0] >= lo)
-        last_new = max(j for j in range(n) if pts[j][0] <= hi)
+        times = [p[0] for p in pts]
+        first_new = bisect.bisect_left(times, lo)
+        last_new = bisect.bisect_right(times, hi) - 1
         true_start = first_new < CONTEXT
         true_end = n - 1 - last_new < CONTEXT
         bad = glitches([p[1] for p in pts])

@@ -54,6 +54,7 @@ def glitches(values: Sequence[Decimal]) -> list[bool]:
 def between(a_ts: datetime, a: Decimal, b_ts: datetime, b: Decimal, meter: MeterRules) -> Interval:
     """The interval from one valid reading to the next."""
     seconds = (b_ts - a_ts).total_seconds()
+    limit = max_energy_kwh(meter.max_power_kw, meter.multiplier, seconds)
     gap = seconds > meter.interval.total_seconds() * 1.5
     if b >= a:
         raw, kind, estimated = b - a, ("gap" if gap else "normal"), gap
@@ -62,10 +63,10 @@ def between(a_ts: datetime, a: Decimal, b_ts: datetime, b: Decimal, meter: Meter
     else:
         # a reset to zero counts what was read since; a replaced counter that did
         # not start near zero would invent energy, so it counts nothing
-        plausible = b * meter.multiplier <= max_energy_kwh(meter, seconds)
+        plausible = b * meter.multiplier <= limit
         raw, kind, estimated = (b if plausible else Decimal(0)), "reset", True
     kwh = raw * meter.multiplier
-    return Interval(a_ts, b_ts, kwh, kind, estimated, kwh > max_energy_kwh(meter, seconds))
+    return Interval(a_ts, b_ts, kwh, kind, estimated, kwh > limit)
 
 
 def derive(

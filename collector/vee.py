@@ -9,6 +9,7 @@ wrong, for the person reading `rejected_reading`.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -92,7 +93,11 @@ def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance:
     return None
 
 
-def max_energy_kwh(meter: MeterRules, seconds: float) -> Decimal:
-    """The most energy the meter can pass in that time, with slack for register resolution."""
-    limit = meter.max_power_kw * Decimal(repr(seconds)) / Decimal(3600)
-    return limit * Decimal("1.05") + Decimal("0.01") * meter.multiplier
+@lru_cache(maxsize=4096)
+def max_energy_kwh(max_power_kw: Decimal, multiplier: Decimal, seconds: float) -> Decimal:
+    """The most energy a meter can pass in that time, with slack for register resolution.
+
+    Cached: a fleet has a handful of (power, multiplier, interval) combinations.
+    """
+    limit = max_power_kw * Decimal(repr(seconds)) / Decimal(3600)
+    return limit * Decimal("1.05") + Decimal("0.01") * multiplier
