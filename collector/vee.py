@@ -9,10 +9,10 @@ wrong, for the person reading `rejected_reading`.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 
 from adapters.reading import Reading
 
