@@ -132,6 +132,18 @@ def cmd_tariffs_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_run_metrics(summary: object, settings: object) -> None:
+    """Held-back count and run time for Prometheus, via AMR_METRICS_TEXTFILE (this process is short-lived)."""
+    import time
+
+    from collector import metrics
+    from collector.metrics_http import write_textfile
+
+    metrics.BILLING_HELD_BACK.set(len(summary.held_back))  # type: ignore[attr-defined]
+    metrics.BILLING_LAST_RUN.set(time.time())
+    write_textfile(settings)  # type: ignore[arg-type]
+
+
 def cmd_bill(args: argparse.Namespace) -> int:
     from billing.engine import bill_period, parse_period
     from collector.inventory import normalize_account
@@ -152,6 +164,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
                                       progress=lambda n, total: bar.update(task, completed=n, total=total))
         else:
             summary = bill_period(conn, period, accounts, tz=settings.timezone, reason=args.reason)
+    _export_run_metrics(summary, settings)
     if args.json:
         for account, version, why in summary.written:
             _print_json({"kind": "bill", "account": account, "period": args.period,

@@ -82,6 +82,12 @@ BILLS = Counter(
     "amr_bills_total", "Bills by outcome of a run (billed, unchanged, new_version, held_back)",
     ["outcome"],
 )
+BILLING_HELD_BACK = Gauge(
+    "amr_billing_held_back", "Accounts the last billing run of this process held back (no tariff, no data)",
+)
+BILLING_LAST_RUN = Gauge(
+    "amr_billing_last_run_timestamp_seconds", "Unix time the last billing run of this process finished",
+)
 
 # --- operations (collector.reload, collector.status, every daemon) ---
 DB_UP = Gauge(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -103,3 +104,26 @@ def serve_metrics(
         endpoint._refresher = threading.Thread(target=loop, name="amr-fleet-gauges", daemon=True)
         endpoint._refresher.start()
     return endpoint
+
+
+def write_textfile(settings: Settings | None = None) -> Path | None:
+    """For one-shot commands (`amr bill`): write this process's amr_ metrics to AMR_METRICS_TEXTFILE.
+
+    node_exporter's textfile collector serves the file, so a monthly run
+    that lives for seconds still reaches Prometheus (and its alerts). Only
+    amr_ series are written: node_exporter has process metrics of its own.
+    The file is replaced atomically.
+    """
+    settings = settings or get_settings()
+    path = settings.metrics_textfile
+    if path is None:
+        return None
+    from prometheus_client import REGISTRY, write_to_textfile
+
+    names = [n for n in metrics.exported_names() if n.startswith("amr_")]
+    try:
+        write_to_textfile(str(path), REGISTRY.restricted_registry(names))
+    except OSError as exc:
+        log.error("cannot write metrics to %s: %s", path, exc.strerror or exc)
+        return None
+    return Path(path)

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     metrics_refresh_s: float = Field(
         default=30.0, gt=0, description="how often database-wide gauges (stale meters, db up) are refreshed"
     )
+    metrics_textfile: Path | None = Field(
+        default=None, description="a one-shot command (amr bill) writes its amr_ metrics here, for node_exporter"
+    )
     api_tokens: Path | None = Field(default=None, description="TOML of bearer tokens and accounts")
     log_format: str = Field(default="auto", description="auto | json | text")
 

@@ -101,7 +101,7 @@ def test_the_alerts_the_issue_asks_for_exist():
     assert "amr_spool_depth" in by_metric  # spool growing
     assert "amr_polls_total" in by_metric and "amr_readings_total" in by_metric  # error rates
     assert "amr_db_up" in by_metric  # database unreachable
-    assert any("held_back" in r["expr"] for r in alert_rules())  # billing held back
+    assert "amr_billing_held_back" in by_metric  # billing held back (one-shot run, via the textfile)
 
 
 def test_every_metric_on_the_dashboard_is_exported():
@@ -167,7 +167,7 @@ def test_scrape_config_jobs_match_the_compose_services():
     assert {"timescaledb", "mosquitto", "prometheus", "grafana", "gateway", "collector", "api"} <= services
     assert compose["services"]["timescaledb"]["image"].startswith("timescale/timescaledb")
     jobs = {j["job_name"]: j for j in scrape["scrape_configs"]}
-    assert {"amr-gateway", "amr-collector", "amr-api"} <= set(jobs)
+    assert {"amr-gateway", "amr-collector", "amr-api", "amr-billing"} <= set(jobs)
     for name in ("gateway", "collector", "api"):
         targets = jobs[f"amr-{name}"]["static_configs"][0]["targets"]
         assert targets == [f"{name}:9108"]
@@ -188,22 +188,26 @@ def test_compose_mounts_files_that_exist():
 
 def test_systemd_units_are_hardened_and_valid(tmp_path):
     units = sorted((DEPLOY / "systemd").glob("amr-*.service"))
-    assert [u.name for u in units] == ["amr-api.service", "amr-collector.service", "amr-gateway.service"]
+    names = [u.name for u in units]
+    assert names == ["amr-api.service", "amr-bill.service", "amr-collector.service", "amr-gateway.service"]
     for unit in units:
         text = unit.read_text()
-        for key in ("User=amr", "Restart=on-failure", "NoNewPrivileges=true", "ProtectSystem=strict",
-                    "ProtectHome=true", "PrivateTmp=true", "ExecReload=/bin/kill -HUP $MAINPID",
-                    "CapabilityBoundingSet=", "SystemCallFilter=@system-service"):
+        daemon = unit.name != "amr-bill.service"
+        for key in ("User=amr", "NoNewPrivileges=true", "ProtectSystem=strict", "ProtectHome=true",
+                    "PrivateTmp=true", "CapabilityBoundingSet=", "SystemCallFilter=@system-service",
+                    *(("Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID") if daemon else ())):
             assert key in text, f"{unit.name}: no {key}"
         env_file = re.search(r"^EnvironmentFile=/etc/amr/(\S+)$", text, re.M)
         assert env_file and (DEPLOY / "examples" / env_file.group(1)).exists()
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return
+    (tmp_path / "amr-bill.timer").write_text((DEPLOY / "systemd" / "amr-bill.timer").read_text())
     for unit in units:  # the binary is not installed here: verify a copy that runs /bin/true
         copy = tmp_path / unit.name
         copy.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", unit.read_text(), flags=re.M))
-        out = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+        extra = [str(tmp_path / "amr-bill.timer")] if unit.name == "amr-bill.service" else []
+        out = subprocess.run([analyze, "verify", str(copy), *extra], capture_output=True, text=True, timeout=60)
         problems = [line for line in (out.stdout + out.stderr).splitlines() if "Unknown" in line or "Invalid" in line
                     or "Failed" in line]
         assert not problems, f"{unit.name}: {problems}"
@@ -237,3 +241,36 @@ def test_readme_metrics_table_is_the_one_the_code_makes():
     for name, _kind, labels, _doc in metrics.documented_rows():
         assert f"| `{name}` |" in table and (labels or "-") in table
     assert start > text.index("<!-- ops:start -->") and end < text.index("<!-- ops:end -->")
+
+
+def test_one_shot_billing_writes_its_metrics_for_node_exporter(db_url, tmp_path):
+    """`amr bill` lives for seconds: its held-back count reaches Prometheus through a textfile."""
+    import os
+    import sys
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = tmp_path / "amr-bill.prom"
+    env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_METRICS_TEXTFILE": str(prom)}
+    amr = [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())"]
+    ok = subprocess.run([*amr, "inventory", "load", str(DEPLOY / "examples" / "inventory.toml")],
+                        env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    # no tariffs loaded and no data: every subscriber is held back
+    out = subprocess.run([*amr, "bill", "--period", "2026-10", "--json"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    held = sum(1 for line in out.stdout.splitlines() if '"held_back"' in line and '"kind": "held_back"' in line)
+    samples = {s.name: s.value for f in text_string_to_metric_families(prom.read_text()) for s in f.samples}
+    assert held > 0 and samples["amr_billing_held_back"] == held
+    assert samples["amr_billing_last_run_timestamp_seconds"] > 0
+    assert not any(name.startswith("process_") for name in samples)  # node_exporter has its own
+
+
+def test_dashboard_json_is_what_its_generator_writes():
+    import sys
+
+    out = subprocess.run([sys.executable, str(DEPLOY / "grafana" / "src" / "make_dashboard.py")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == json.loads(DASHBOARD.read_text()), "regenerate deploy/grafana/amr-dashboard.json"
