@@ -365,9 +365,10 @@ class Iec62056Adapter:
         where = f"meter {meter.id} on {meter.bus_name}" + (
             f" (address {meter.address})" if meter.address else ""
         )
-        port = str(meter.port or "")
-        if not port:
-            raise PollError("refused", f"{where}: no serial port configured (key 'port')")
+        problems = check_meter(meter)
+        if problems:  # normally refused at start-up; a daemon must still not crash on them
+            raise PollError("refused", f"{where}: " + "; ".join(problems))
+        port = str(meter.port)
         with self._port_lock(port):
             ser = self._open(port, where)
             try:

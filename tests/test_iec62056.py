@@ -38,7 +38,7 @@ ALL = REGISTERS
 def _meter(sim: IecLineSim, mid: str = "m1", address: str = "", **kw: object) -> Meter:
     fields: dict[str, object] = {
         "id": mid, "account": "1", "adapter": "iec62056", "port": sim.device,
-        "baudrate": sim.baudrate, "registers": ALL, "timeout": 0.5,
+        "baudrate": sim.baudrate, "registers": ALL, "timeout": 1.0,  # generous: CI is loaded
     }
     if address:
         fields["address"] = address
@@ -188,7 +188,8 @@ def test_fault_gives_named_error_and_no_reading(
         # the other meter on the line still reads, and the faulty one recovers when fixed
         assert _values(adapter.read_blocking(_meter(sim, "ok", "00000001"))) == good.last.values
         faulty.fault = None
-        assert _values(adapter.read_blocking(m)) == faulty.last.values
+        recovered = adapter.read_blocking(m.model_copy(update={"timeout": 1.0}))
+        assert _values(recovered) == faulty.last.values
 
 
 def test_slow_answer_within_timeout_is_read(adapter: Iec62056Adapter) -> None:
@@ -362,7 +363,7 @@ def test_gateway_reads_a_line_with_a_dead_meter_into_the_database(db_url: str, c
     sims[1].fault = "no_answer"
     with IecLineSim(sims, baudrate=9600) as sim:
         meters = [
-            _meter(sim, f"iec-{sm.address}", sm.address, timeout=0.3, interval="60s")
+            _meter(sim, f"iec-{sm.address}", sm.address, timeout=0.3 if sm.fault else 1.0, interval="60s")
             for sm in sims
         ]
         upsert_inventory(conn, parse_inventory({
