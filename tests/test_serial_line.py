@@ -11,8 +11,9 @@ import serial
 from simulators.serial_line import PtyLine, bits_per_char
 
 
-def _tolerance(expected: float) -> float:
-    return 0.1 * expected + 0.005
+def _on_time(elapsed: float, expected: float) -> bool:
+    """Never faster than the line; late by at most 10% plus scheduling noise of a busy machine."""
+    return expected * 0.98 - 0.001 <= elapsed <= expected * 1.1 + 0.02
 
 
 def test_bits_per_char() -> None:
@@ -33,7 +34,7 @@ def test_write_takes_line_time(baud: int, n: int) -> None:
         elapsed = time.perf_counter() - t0
         assert got == payload
         expected = n * 10 / baud
-        assert abs(elapsed - expected) < _tolerance(expected), (elapsed, expected)
+        assert _on_time(elapsed, expected), (elapsed, expected)
 
 
 def test_first_byte_not_before_one_char_time() -> None:
@@ -42,7 +43,7 @@ def test_first_byte_not_before_one_char_time() -> None:
         threading.Thread(target=line.write, args=(b"AB",), daemon=True).start()
         assert client.read(1) == b"A"
         elapsed = time.perf_counter() - t0
-        assert abs(elapsed - 10 / 300) < _tolerance(10 / 300), elapsed
+        assert _on_time(elapsed, 10 / 300), elapsed
 
 
 def test_request_cannot_be_read_before_it_arrived() -> None:
@@ -53,7 +54,7 @@ def test_request_cannot_be_read_before_it_arrived() -> None:
         got = line.read(96, timeout=2)
         elapsed = time.perf_counter() - t0
         assert got == request
-        assert abs(elapsed - 0.1) < _tolerance(0.1), elapsed
+        assert _on_time(elapsed, 0.1), elapsed
 
 
 def test_read_returns_partial_on_timeout() -> None:
@@ -73,7 +74,7 @@ def test_read_until_silence_splits_frames_on_gap() -> None:
         elapsed = time.perf_counter() - t0
         assert frame == b"first"
         expected = 5 * line.char_time + gap
-        assert abs(elapsed - expected) < _tolerance(expected), elapsed
+        assert _on_time(elapsed, expected), elapsed
         assert line.read_until_silence(gap, timeout=0.02) == b""
 
 
@@ -86,7 +87,7 @@ def test_back_to_back_writes_queue_on_the_line() -> None:
         got = line.read(96, timeout=2)
         elapsed = time.perf_counter() - t0
         assert got == b"a" * 48 + b"b" * 48
-        assert abs(elapsed - 0.1) < _tolerance(0.1), elapsed
+        assert _on_time(elapsed, 0.1), elapsed
 
 
 def test_set_baudrate_changes_pace() -> None:
@@ -96,4 +97,4 @@ def test_set_baudrate_changes_pace() -> None:
         threading.Thread(target=line.write, args=(b"z" * 96,), daemon=True).start()
         assert client.read(96) == b"z" * 96
         elapsed = time.perf_counter() - t0
-        assert abs(elapsed - 0.1) < _tolerance(0.1), elapsed
+        assert _on_time(elapsed, 0.1), elapsed
