@@ -81,6 +81,7 @@ class _Link:
     rx: bytearray = field(default_factory=bytearray)
     quiet_at: float = 0.0  # monotonic time before which no request may start
     rx_at: float = 0.0  # when the last bytes arrived
+    requests: Any = None  # the bus's request counter
     connected: bool = False
 
     def trace(self, sending: bool, data: bytes) -> bytes:
@@ -173,6 +174,7 @@ class ModbusAdapter:
                 key[1], baudrate=baud, parity=parity, stopbits=stop, bytesize=8, timeout=meter.timeout,
                 retries=0, reconnect_delay=0, trace_packet=link.trace,
             )
+        link.requests = metrics.MODBUS_REQUESTS.labels(link.bus)
         self._links[key] = link
         return link
 
@@ -211,9 +213,10 @@ class ModbusAdapter:
             read = (
                 link.client.read_input_registers if function == "input" else link.client.read_holding_registers
             )
-            metrics.MODBUS_REQUESTS.labels(link.bus).inc()
+            link.requests.inc()
             try:
-                resp = await asyncio.wait_for(read(address, count=count, device_id=unit), meter.timeout + 0.5)
+                async with asyncio.timeout(meter.timeout + 0.5):  # pymodbus times out first; this is a backstop
+                    resp = await read(address, count=count, device_id=unit)
             except (TimeoutError, ModbusException, OSError) as exc:
                 outcome, why = self._classify(link, exc, unit, 4 if function == "input" else 3)
                 if link.kind == "tcp" and outcome in ("timeout", "garbage", "refused"):

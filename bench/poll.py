@@ -83,7 +83,7 @@ async def tcp_bench(meters: int, per_port: int, cycles: int, concurrency: int) -
     ports = (meters + per_port - 1) // per_port
     base = free_port_block(ports)
     proc, _ = start_sim(["tcp", "--meters", str(meters), "--units-per-port", str(per_port),
-                         "--base-port", str(base)], "modbus tcp fleet")
+                         "--base-port", str(base), "--profiles", "20"], "modbus tcp fleet")
     try:
         ms = [
             Meter(id=f"b{i}", account="1", adapter="modbus_tcp", preset="generic_counter", host="127.0.0.1",
@@ -184,6 +184,7 @@ def main() -> int:
     parser.add_argument("--baud", type=int, default=9600)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    print(f"load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     os.chdir(ROOT)
     meters = args.meters or (200 if args.quick else 1000)
     cycles = 2 if args.quick else 5

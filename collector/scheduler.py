@@ -122,6 +122,15 @@ class Scheduler:
         self.state: dict[str, MeterState] = defaultdict(MeterState)
         self.reports: list[CycleReport] = []
         self._sink_lock = asyncio.Lock()
+        self._children: dict[tuple, Any] = {}
+
+    def _metric(self, metric: Any, *labels: str) -> Any:
+        """A labelled child, looked up once: labels() is costly at a thousand reads a second."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # --- one read ------------------------------------------------------------
 
@@ -140,20 +149,20 @@ class Scheduler:
         try:
             readings = await self.adapter_for(meter).read(meter)
         except PollError as exc:
-            metrics.POLLS.labels(meter.adapter, bus, exc.outcome).inc()
+            self._metric(metrics.POLLS, meter.adapter, bus, exc.outcome).inc()
             self._failed(meter, st, f"{exc.outcome}: {exc}")
             report.errors.append((meter.id, exc.outcome, str(exc)))
             log.warning("poll failed: %s", exc, extra={"meter": meter.id, "bus": bus, "outcome": exc.outcome})
             return None
         except Exception as exc:  # an adapter bug must not stop the daemon
-            metrics.POLLS.labels(meter.adapter, bus, "decode").inc()
+            self._metric(metrics.POLLS, meter.adapter, bus, "decode").inc()
             msg = f"meter {meter.id} on bus {bus}: {type(exc).__name__}: {exc}"
             self._failed(meter, st, f"decode: {msg}")
             report.errors.append((meter.id, "decode", msg))
             log.exception("poll crashed: %s", msg)
             return None
-        metrics.POLL_SECONDS.labels(meter.adapter, bus).observe(time.perf_counter() - t0)
-        metrics.POLLS.labels(meter.adapter, bus, "ok").inc()
+        self._metric(metrics.POLL_SECONDS, meter.adapter, bus).observe(time.perf_counter() - t0)
+        self._metric(metrics.POLLS, meter.adapter, bus, "ok").inc()
         metrics.BUS_LAST_SUCCESS.labels(meter.adapter, bus).set_to_current_time()
         if st.backoff_s:
             log.info("meter %s on bus %s answers again after back-off", meter.id, bus)
