@@ -389,17 +389,19 @@ def _decode_amr(topic: str, payload: bytes) -> Decoded:
         register = r.get("register") if isinstance(r, dict) else None
         meter = meter if isinstance(meter, str) else None
         register = register if isinstance(register, str) else None
-        raw = json.dumps(r, separators=(",", ":"))[:MAX_RAW_KEPT].encode()
+        def raw(r: Any = r) -> bytes:
+            return json.dumps(r, separators=(",", ":"))[:MAX_RAW_KEPT].encode()
+
         if i in bad_readings:
-            d.problems.append(Problem(_code_of(bad_readings[i]), bad_readings[i], meter, register, raw))
+            d.problems.append(Problem(_code_of(bad_readings[i]), bad_readings[i], meter, register, raw()))
             continue
         try:
             ts = datetime.fromisoformat(r["ts"])
         except ValueError:
-            d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} is not ISO 8601", meter, register, raw))
+            d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} is not ISO 8601", meter, register, raw()))
             continue
         if ts.tzinfo is None:
-            d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} has no offset; add Z or +03:00", meter, register, raw))
+            d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} has no offset; add Z or +03:00", meter, register, raw()))
             continue
         v = r["value"]
         value = Decimal(repr(v) if isinstance(v, float) else str(v)) * unit

@@ -1,0 +1,296 @@
+"""Benchmark: readings per second from the MQTT broker into the database through the collector.
+
+Measured in the same run, on the same machine, against a Mosquitto of its own:
+
+- raw COPY: readings/s of a bare COPY into a table shaped like `reading`
+  (with its primary key): the database's limit for our rows;
+- bare paho receive: readings/s a plain paho-mqtt QoS 1 subscriber drains from
+  the broker (the broker and client library limit);
+- the ingestion entry point alone (collector.ingest.Ingestor on the same
+  readings, no MQTT): the ceiling of the collector;
+- collector, one reading per message and batched messages: readings/s the
+  collector (decode, validate, COPY, derive intervals and zones, commit, then
+  PUBACK) drains from the broker into the database.
+
+Each path drains a queue the broker already holds for a persistent session,
+so the publisher's speed does not enter the figure. Target: the batched path
+at 0.5 or more of the raw COPY rate.
+
+    .venv/bin/python bench/mqtt.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+import psycopg  # noqa: E402
+
+from adapters.mqtt_formats import AMR_SUBSCRIBE  # noqa: E402
+from collector.inventory import parse_inventory, upsert_inventory  # noqa: E402
+from collector.mqtt_client import connect_properties, parse_broker_url  # noqa: E402
+from collector.mqtt_consumer import Consumer, shared  # noqa: E402
+from collector.settings import Settings  # noqa: E402
+from collector.storage import migrate  # noqa: E402
+from simulators import mqtt_sim  # noqa: E402
+from simulators.consumption import ConsumptionModel  # noqa: E402
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    def __init__(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.dir = tempfile.mkdtemp(prefix="amr-bench-mosq-")
+        self.port = free_port()
+        conf = Path(self.dir) / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        "max_queued_messages 0\nmax_inflight_messages 0\nmax_queued_bytes 0\n")
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            try:
+                c.connect("127.0.0.1", self.port)
+                c.disconnect()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def make_db(admin_url: str) -> str:
+    name = f"amr_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    info = psycopg.conninfo.conninfo_to_dict(admin_url)
+    info["dbname"] = name
+    url = psycopg.conninfo.make_conninfo(**info)
+    with psycopg.connect(url) as c:
+        c.execute("SET TIME ZONE 'UTC'")
+        migrate.migrate(c)
+        c.commit()
+    return url
+
+
+def drop_db(admin_url: str, url: str) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(admin_url, autocommit=True) as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def messages(meters: int, steps: int, per_message: int, start: datetime, first: int = 0) -> list[tuple[str, bytes]]:
+    devices = range(first, first + meters)
+    models = {n: ConsumptionModel(seed=n) for n in devices}
+    out: list[tuple[str, bytes]] = []
+    for k in range(steps):
+        out.extend(mqtt_sim.messages("amr", devices, start + timedelta(minutes=30 * k), models,
+                                     batch=per_message))
+    return out
+
+
+def publish_all(port: int, msgs: list[tuple[str, bytes]]) -> None:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}",
+                    protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    infos = [c.publish(t, p, qos=1) for t, p in msgs]
+    for i in infos:
+        i.wait_for_publish(60)
+    c.disconnect()
+    c.loop_stop()
+
+
+def create_session(port: int, client_id: str, topic_filter: str) -> None:
+    """Make the broker keep a queue for client_id, then leave."""
+    done = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.on_subscribe = lambda *a: done.set()
+    c.connect("127.0.0.1", port, clean_start=True, properties=connect_properties())
+    c.loop_start()
+    c.subscribe(topic_filter, 1)
+    done.wait(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def bare_receive_rate(port: int, msgs: list[tuple[str, bytes]], readings: int) -> float:
+    cid = f"bench-bare-{uuid.uuid4().hex[:6]}"
+    create_session(port, cid, AMR_SUBSCRIBE[0])
+    publish_all(port, msgs)
+    got = 0
+    done = threading.Event()
+
+    def on_message(client, userdata, msg) -> None:
+        nonlocal got
+        got += 1
+        if got >= len(msgs):
+            done.set()
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    t0 = time.perf_counter()
+    c.connect("127.0.0.1", port, clean_start=False, properties=connect_properties())
+    c.loop_start()
+    done.wait(300)
+    dt = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    return readings / dt
+
+
+def raw_copy_rate(url: str, rows: int, start: datetime) -> float:
+    with psycopg.connect(url) as c:
+        c.execute("CREATE TABLE bench_copy (LIKE reading INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+        c.execute("ALTER TABLE bench_copy ADD PRIMARY KEY (meter_id, register, ts)")
+        c.commit()
+        data = [(f"sim-{i % 100:04d}", "1.8.0", start + timedelta(minutes=30 * (i // 100)), 1000 + i / 100,
+                 [], "mqtt:bench") for i in range(rows)]
+        t0 = time.perf_counter()
+        with c.cursor() as cur, cur.copy(
+            "COPY bench_copy (meter_id, register, ts, value, quality, source) FROM STDIN"
+        ) as cp:
+            for row in data:
+                cp.write_row(row)
+        c.commit()
+        dt = time.perf_counter() - t0
+        c.execute("DROP TABLE bench_copy")
+        c.commit()
+    return rows / dt
+
+
+def ingest_only_rate(url: str, msgs: list[tuple[str, bytes]], readings: int, batch: int) -> float:
+    """The ingestion entry point alone on the same decoded readings: the collector's ceiling."""
+    from adapters import mqtt_formats as fmt
+    from collector.ingest import Ingestor
+
+    batches = []
+    for i in range(0, len(msgs), batch):
+        items = []
+        for t, p in msgs[i: i + batch]:
+            items.extend(fmt.to_items(fmt.decode(t, p), p, None))
+        batches.append(items)
+    with psycopg.connect(url) as c:
+        c.execute("SET TIME ZONE 'UTC'")
+        c.commit()
+        ing = Ingestor(c, Settings(database_url=url, metrics_port=0))
+        t0 = time.perf_counter()
+        for items in batches:
+            ing.ingest(items)
+        dt = time.perf_counter() - t0
+    return readings / dt
+
+
+def collector_rate(port: int, url: str, msgs: list[tuple[str, bytes]], readings: int, batch: int) -> float:
+    cid = f"bench-col-{uuid.uuid4().hex[:6]}"
+    group = f"bench{uuid.uuid4().hex[:6]}"
+    create_session(port, cid, shared(group, AMR_SUBSCRIBE[0]))
+    publish_all(port, msgs)
+    settings = Settings(database_url=url, metrics_port=0)
+    consumer = Consumer(parse_broker_url(f"mqtt://127.0.0.1:{port}"), url, cid, group=group,
+                        families=["amr"], settings=settings, batch_messages=batch, batch_wait=0.02,
+                        receive_maximum=65535)
+    with psycopg.connect(url, autocommit=True) as c:
+        base = c.execute("SELECT count(*) FROM reading").fetchone()[0]
+        t0 = time.perf_counter()
+        th = threading.Thread(target=consumer.run, daemon=True)
+        th.start()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            n = c.execute("SELECT count(*) FROM reading").fetchone()[0] - base
+            if n >= readings:
+                break
+            time.sleep(0.02)
+        dt = time.perf_counter() - t0
+    consumer.stop()
+    th.join(30)
+    print(f"  collector, {len(msgs)} messages: {dt:.2f} s, of which decode {consumer.decode_seconds:.2f} s,"
+          f" ingestion {consumer.ingest_seconds:.2f} s", file=sys.stderr)
+    if n < readings:
+        raise SystemExit(f"collector stored {n} of {readings} readings within the time limit")
+    return readings / dt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Needs PostgreSQL (AMR_BENCH_ADMIN_URL) and /usr/sbin/mosquitto.")
+    p.add_argument("--quick", action="store_true", help="small run (seconds), for a smoke check")
+    p.add_argument("--meters", type=int, default=100, help="simulated meters (100)")
+    p.add_argument("--per-message", type=int, default=100, help="readings per batched message (100)")
+    p.add_argument("--admin-url", default=os.environ.get(
+        "AMR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="PostgreSQL URL allowed to create a database (AMR_BENCH_ADMIN_URL)")
+    args = p.parse_args(argv)
+    single_steps, batch_steps = (20, 100) if args.quick else (100, 500)
+    start = (datetime.now(UTC) - timedelta(days=60)).replace(minute=0, second=0, microsecond=0)
+    broker = Mosquitto()
+    results: dict[str, float] = {}
+    try:
+        single = messages(args.meters, single_steps, 1, start)
+        batched = messages(args.meters, batch_steps, args.per_message, start + timedelta(days=20))
+        n_single, n_batched = len(single), args.meters * batch_steps
+        url = make_db(args.admin_url)
+        try:
+            with psycopg.connect(url) as c:
+                inv = {"subscriber": [{"account": "1"}],
+                       "meter": [{"id": mqtt_sim.device_name("amr", n), "account": "1", "adapter": "mqtt"}
+                                 for n in range(2 * args.meters)]}
+                upsert_inventory(c, parse_inventory(inv))
+            results["raw COPY"] = raw_copy_rate(url, n_batched, start + timedelta(days=60))
+            results["bare paho receive, 1 reading/message"] = bare_receive_rate(broker.port, single, n_single)
+            results[f"bare paho receive, {args.per_message} readings/message"] = bare_receive_rate(
+                broker.port, batched, n_batched)
+            # other meters, same shape: the collector's runs below start from the same state
+            results[f"ingestion entry point alone, batches of {200 * args.per_message}"] = ingest_only_rate(
+                url, messages(args.meters, batch_steps, args.per_message, start + timedelta(days=20),
+                              first=args.meters), n_batched, 200)
+            results["collector, 1 reading/message"] = collector_rate(broker.port, url, single, n_single, 500)
+            results[f"collector, {args.per_message} readings/message"] = collector_rate(
+                broker.port, url, batched, n_batched, 200)
+        finally:
+            drop_db(args.admin_url, url)
+    finally:
+        broker.close()
+    copy = results["raw COPY"]
+    print(f"readings: {n_single} as single messages, {n_batched} in messages of {args.per_message}; "
+          f"{args.meters} meters; {os.cpu_count()} CPUs")
+    print(f"{'path':48s} {'readings/s':>12s} {'/ raw COPY':>11s}")
+    for name, rate in results.items():
+        print(f"{name:48s} {rate:12.0f} {rate / copy:11.2f}")
+    batched_ratio = results[f"collector, {args.per_message} readings/message"] / copy
+    print(f"target: batched collector >= 0.5 x raw COPY: {'met' if batched_ratio >= 0.5 else 'NOT met'} "
+          f"({batched_ratio:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
