@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters import quality
 from adapters.base import PollError
@@ -19,10 +21,13 @@ from adapters.iec62056 import (
     FrameError,
     Iec62056Adapter,
     bcc,
+    bcc_sum7,
     check_meter,
+    command_message,
     data_message,
     from_line,
     parse_data_message,
+    parse_frame,
     to_line,
 )
 from adapters.obis import ObisError, normalise, parse_data_block
@@ -71,6 +76,25 @@ def test_bcc_and_data_message_roundtrip() -> None:
     with pytest.raises(FrameError) as e:
         parse_data_message(b"xx" + msg)
     assert e.value.outcome == "garbage"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    command=st.sampled_from(["P1", "R1", "W1"]),
+    data=st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60),
+    rule=st.sampled_from([bcc, bcc_sum7]),
+    flip=st.integers(min_value=0),
+)
+def test_frames_roundtrip_and_single_bit_errors_are_caught(command, data, rule, flip) -> None:
+    msg = command_message(command, data, rule)
+    assert parse_frame(msg, rule) == (command, data)
+    # flip one of the 7 data bits of one byte after SOH up to ETX: both rules catch it
+    body_len = len(msg) - 2
+    pos, bit = 1 + flip % body_len, (flip // body_len) % 7
+    bad = bytearray(msg)
+    bad[pos] ^= 1 << bit
+    with pytest.raises(FrameError):
+        parse_frame(bytes(bad), rule)
 
 
 def test_parity_bit_is_even_and_checked() -> None:
@@ -299,9 +323,9 @@ def test_example_inventory_is_valid() -> None:
 
     inv = load_inventory(ROOT / "deploy" / "examples" / "inventory-iec62056.toml")
     iec = [m for m in inv.meters.values() if m.adapter == "iec62056"]
-    assert len(iec) == 2
+    assert len(iec) == 3
     assert all(check_meter(m) == [] for m in iec)
-    assert len({m.bus_name for m in iec}) == 1  # one line, read in turn
+    assert len({m.bus_name for m in iec}) == 2  # two meters share a line, read in turn
 
 
 # --- the Energomera dialect -------------------------------------------------------------
