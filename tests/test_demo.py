@@ -112,3 +112,41 @@ def test_demo_refuses_bad_arguments(bad):
     out = subprocess.run([*AMR, "demo", *bad], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "--days" in out.stderr or "month" in out.stderr
+
+
+def test_demo_serve_keeps_metrics_and_api_up_until_stopped(db_url, tmp_path):
+    import signal
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMR_")}
+    env |= {"AMR_DATABASE_URL": db_url, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([*AMR, "demo", "--json", "--days", "1", "--no-mqtt", "--serve"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        subs, run = [], None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            obj = json.loads(line)
+            if obj["type"] == "subscriber":
+                subs.append(obj)
+            else:
+                run = obj
+                break
+        assert run is not None and run["api_url"] and run["api_token"]
+        req = urllib.request.Request(f"{run['api_url']}/accounts/990001/bills",
+                                     headers={"Authorization": f"Bearer {run['api_token']}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = resp.read().decode()
+        printed = next(s for s in subs if s["account"] == "990001")
+        assert printed["bill"]["total"].rstrip("0").rstrip(".") in body
+        with urllib.request.urlopen(run["metrics_url"], timeout=10) as resp:
+            metrics_text = resp.read().decode()
+        assert 'amr_readings_total{outcome="accepted"}' in metrics_text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    with pytest.raises(OSError):  # the API is gone with the demo
+        urllib.request.urlopen(f"{run['api_url']}/docs", timeout=3)
+    assert not list(tmp_path.glob("amr-demo-*"))

@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="port of the /metrics endpoint during the run (default: any free port)")
     p.add_argument("--json", action="store_true",
                    help="print the summary as JSON lines (one object per subscriber, then the run)")
+    p.add_argument("--serve", action="store_true",
+                   help="after the summary, keep the database, /metrics and the customer-account API "
+                        "running until Ctrl-C, and print their URLs and an API token")
+    p.add_argument("--api-port", type=int, default=0, help="port of the API with --serve (default: any free)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -69,12 +73,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = _console()
     with quiet_logs(), _Progress(console, enabled=console is not None and not args.json) as progress:
         demo = Demo(opts, progress=progress.update, say=progress.say)
-        result = demo.run()
-    if args.json:
-        print_json(result)
-    else:
-        print_summary(result)
+        result = demo.run(keep_open=args.serve)
+    try:
+        api = demo.serve_api(result, args.api_port) if args.serve else None
+        if args.json:
+            print_json(result, api)
+        else:
+            print_summary(result, api)
+        sys.stdout.flush()
+        if api is not None:
+            _wait_for_interrupt()
+    finally:
+        demo.close()
     return 0
+
+
+def _wait_for_interrupt() -> None:
+    import signal
+    import threading
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print("serving until Ctrl-C", file=sys.stderr, flush=True)
+    try:
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
 
 
 def _console() -> Any:
@@ -129,7 +154,7 @@ class _Progress:
             print(f"amr demo: {text}", file=sys.stderr, flush=True)
 
 
-def print_json(result: Any) -> None:
+def print_json(result: Any, api: tuple[str, str, Any] | None = None) -> None:
     for sub in result.subscribers:
         print(json.dumps({"type": "subscriber", "period": result.period.isoformat(), **_plain(sub)}))
     print(json.dumps({
@@ -138,10 +163,11 @@ def print_json(result: Any) -> None:
         "protocols": result.protocols, "mqtt": result.mqtt, "database": result.database,
         "embedded_database": result.embedded, "metrics_url": result.metrics_url,
         "billing": _plain(result.billing), "seconds": result.seconds,
+        "api_url": api[0] if api else None, "api_token": api[1] if api else None,
     }))
 
 
-def print_summary(result: Any) -> None:
+def print_summary(result: Any, api: tuple[str, str, Any] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -154,9 +180,11 @@ def print_summary(result: Any) -> None:
     )
     console.print("protocols: " + ", ".join(result.protocols))
     for sub in result.subscribers:
-        title = (f"account {sub['account']} · {sub['plan']} · {sub['category']}/{sub['area']} · "
-                 f"{sub['metering']} metering · meters {', '.join(sub['meters'])}")
-        table = Table(title=title, title_justify="left", show_edge=False)
+        console.print(
+            f"\n[bold]account {sub['account']}[/bold] · {sub['plan']} · {sub['category']}/{sub['area']} · "
+            f"{sub['metering']} metering · meters {', '.join(sub['meters'])} · {sub['readings']} readings"
+        )
+        table = Table(show_edge=False)
         table.add_column("zone")
         table.add_column("kWh", justify="right")
         table.add_column("rate, RUB/kWh", justify="right")
@@ -167,23 +195,29 @@ def print_summary(result: Any) -> None:
                 table.add_row(line["zone"], f"{line['kwh']:.3f}", str(line["rate"]), str(line["amount"]))
             table.add_row("[bold]total[/bold]", f"[bold]{bill['kwh']:.3f}[/bold]", "",
                           f"[bold]{bill['total']}[/bold]")
+            console.print(table)
+        else:
+            console.print("  [yellow]no bill: held back[/yellow]")
         zones = ", ".join(f"{z} {sub['zones'][z]:.3f}" for z in ("peak", "half_peak", "night"))
-        console.print()
-        console.print(table)
-        console.print(f"  energy by zone, kWh: {zones} (estimated placement {sub['estimated_kwh']:.3f})"
-                      + ("" if bill else "  [yellow]no bill: held back[/yellow]"))
-    held = result.billing.get("held") or []
-    for h in held:
+        console.print(f"  energy by zone, kWh: {zones} (placement estimated: {sub['estimated_kwh']:.3f})")
+    for h in result.billing.get("held") or []:
         console.print(f"[yellow]held back[/yellow] account {h['account']}: {h['reason']}")
     console.print("\n[bold]where to look next[/bold]")
-    if result.metrics_url:
-        console.print(f"  metrics (while a process runs): {result.metrics_url}; every daemon serves "
-                      "/metrics on AMR_METRICS_PORT (9108), dashboard in deploy/grafana/")
-    where = ("the demo's embedded database was removed; set AMR_DATABASE_URL and run `amr demo` again "
-             "to keep the data") if result.embedded else f"data kept in {result.database}"
-    console.print(f"  {where}")
-    console.print("  with AMR_DATABASE_URL set:")
-    console.print(f"    amr bill --period {result.period:%Y-%m} --json   the bills, line by line")
-    console.print(f"    amr status --at {result.last.isoformat()}   meters, readings, rejects")
-    console.print("    amr api --port 8080   then http://127.0.0.1:8080/docs, the customer-account API")
-    console.print("  amr --help lists every command; deploy/ has systemd units, Prometheus rules, compose")
+    if api is not None:
+        url, token, _ = api
+        console.print(f"  metrics:  {result.metrics_url}")
+        console.print(f"  API:      {url}/docs   (token {token})")
+        console.print(f'            curl -H "Authorization: Bearer {token}" {url}/accounts/990001/bills')
+    else:
+        console.print(f"  metrics:  {result.metrics_url} served while the demo ran; `amr demo --serve` keeps "
+                      "it and the customer-account API up until Ctrl-C")
+    console.print("  daemons:  amr gateway, amr collect and amr api serve /metrics on AMR_METRICS_PORT (9108); "
+                  "Grafana dashboard: deploy/grafana/amr-dashboard.json")
+    if result.embedded:
+        console.print("  data:     the embedded database is removed at the end; set AMR_DATABASE_URL to keep it")
+    else:
+        console.print(f"  data:     {result.database}; with AMR_DATABASE_URL set to it:")
+    console.print(f"    amr bill --period {result.period:%Y-%m} --json      the bills, line by line")
+    console.print(f"    amr status --at {result.last.isoformat()}      meters, readings, rejects")
+    console.print("    amr api --port 8080      the customer-account API, http://127.0.0.1:8080/docs")
+    console.print("  amr --help lists every command; deploy/ has systemd units, Prometheus rules, a compose file")
