@@ -7,6 +7,12 @@ The exchange, at the meter's initial rate (300 baud unless configured):
     -> ACK 0 Z 0 CRLF                 option select: normal protocol, rate Z, data readout
     <- STX <data block> ! CRLF ETX BCC   at the new rate; BCC = XOR from after STX to ETX
 
+Meter families that depart from this are described as data in `DIALECTS`:
+the Energomera dialect asks for programming mode (option select Y = 1),
+sends a password (`SOH P1 STX (password) ETX BCC`), reads values by command
+(`SOH R1 STX ET0PE() ETX BCC`), ends with a break (`SOH B0 ETX BCC`) and sums
+its block check instead of XOR-ing it.
+
 Characters are 7 data bits with even parity (7E1). The port is opened as
 8N1 and the parity bit is made and checked here: on the wire that is the
 same bit sequence, and it works on every UART, USB adapter and
@@ -270,7 +276,6 @@ def check_meter(meter: Any) -> list[str]:
                 f"key 'registers': {reg!r} is not an energy register this meter gives ({', '.join(energies)})"
             )
     return problems
-
 
 
 @dataclass
