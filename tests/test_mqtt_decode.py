@@ -194,3 +194,17 @@ def test_cli_decode_says_why_nothing(capsys):
     assert rc == 1 and "ENERGY.Total" in out and "expected a number" in out
     rc = _cli(["mqtt", "decode", "--format", "shelly", "tele/p/SENSOR", "1"])
     assert rc == 1 and "not a shelly topic" in capsys.readouterr().out
+
+
+def test_example_inventory_maps_every_simulated_device():
+    from collector.inventory import load_inventory
+    from tests.conftest import ROOT
+
+    inv = load_inventory(ROOT / "deploy/examples/mqtt/inventory-mqtt.toml")
+    devices = fmt.DeviceMap(inv.meters.values())
+    t = datetime(2026, 2, 10, 8, 30, tzinfo=UTC)
+    models = {0: ConsumptionModel(seed=0)}
+    for fmt_name in ("tasmota", "shelly_gen1", "shelly_gen2", "zigbee2mqtt"):
+        [(topic, payload)] = mqtt_sim.messages(fmt_name, range(1), t, models)
+        items = fmt.to_items(fmt.decode(topic, payload, t), payload, devices)
+        assert items and all(isinstance(i, Reading) and i.meter_id.startswith("flat-12-") for i in items), items
