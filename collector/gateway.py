@@ -129,7 +129,14 @@ class SpoolSink:
         self.spool.put(items)
         self.uplink.notify()
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 10.0) -> None:
+        """Give the uplink a moment to deliver what is queued; the rest waits in the spool."""
+        import time
+
+        deadline = time.monotonic() + drain_s
+        while len(self.spool) and time.monotonic() < deadline:
+            self.uplink.notify()
+            time.sleep(0.05)
         self.uplink.stop()
         self.spool.close()
 

@@ -146,3 +146,14 @@ def test_a_dead_meter_costs_the_bus_only_its_timeout(bus: ModbusRtuBus) -> None:
     assert len(slots) == 3 and all(ts.microsecond == 0 for ts in slots)  # snapped to the slots
     assert {r.meter_id for r in sink.items} == {"r1", "r3"}
     assert all(s2 - s1 == timedelta(seconds=1) for s1, s2 in zip(sorted(slots), sorted(slots)[1:], strict=False))
+
+
+def test_scan_on_a_serial_bus_lists_who_answers(bus: ModbusRtuBus) -> None:
+    from collector.commands.poll import scan
+
+    t = time.perf_counter()
+    found = asyncio.run(scan(host=None, port=502, device=bus.device, baudrate=9600, units=[1, 2, 3, 4], timeout=0.2))
+    took = time.perf_counter() - t
+    assert [f["unit"] for f in found] == [1, 2, 3]
+    assert [f["presets"][0] for f in found] == ["eastron_sdm120", "eastron_sdm630", "generic_counter"]
+    assert took < 3.0  # the silent unit 4 cost one timeout, not one per probe

@@ -179,3 +179,49 @@ def test_nobody_listening_is_refused() -> None:
 
     err = asyncio.run(go())
     assert err.outcome == "refused" and "meter gone on bus 127.0.0.1:" in str(err)
+
+
+def test_amr_poll_prints_one_json_object_per_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from collector.cli import main
+    from simulators.modbus_sim import inventory_toml
+
+    port = free_port()
+    sims = {(port, 1): SimMeter(1, load_register_map("generic_counter"), FROZEN, seed=9)}
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(inventory_toml(sims, "generic_counter"))
+    with ModbusTcpFleet(sims):
+        assert main(["poll", f"sim-{port}-1", "--inventory", str(inv), "--json"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert main(["poll", f"sim-{port}-1", "--inventory", str(inv)]) == 0
+        text = capsys.readouterr().out
+    by = {r["register"]: r for r in rows}
+    assert set(rows[0]) == {"register", "value", "unit", "ts"}
+    assert Decimal(by["1.8.0"]["value"]) == sims[(port, 1)].model.energy_kwh(T0, "1.8.0")
+    assert by["1.8.0"]["unit"] == "kWh" and by["power"]["unit"] == "kW"
+    assert datetime.fromisoformat(by["1.8.0"]["ts"]) == T0  # the meter's own clock
+    assert "1.8.0" in text and "kWh" in text and f"meter clock {T0.isoformat()}" in text
+    # an unknown meter is a clear error, not a traceback
+    assert main(["poll", "nope", "--inventory", str(inv)]) == 2
+    assert "no meter 'nope'" in capsys.readouterr().err
+
+
+def test_amr_scan_finds_the_answering_units_and_guesses_their_model(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from collector.cli import main
+
+    port = free_port()
+    sims = {
+        (port, 1): SimMeter(1, load_register_map("eastron_sdm630"), FROZEN),
+        (port, 2): SimMeter(2, load_register_map("eastron_sdm120"), FROZEN),
+        (port, 5): SimMeter(5, load_register_map("generic_counter"), FROZEN),
+    }
+    with ModbusTcpFleet(sims):
+        assert main(["scan", "--host", "127.0.0.1", "--port", str(port), "--units", "1-6", "--json"]) == 0
+    found = {r["unit"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert sorted(found) == [1, 2, 5]
+    assert found[1]["preset"] == "eastron_sdm630"
+    assert found[2]["preset"] == "eastron_sdm120" and "eastron_sdm630" not in found[2]["candidates"]
+    assert found[5]["preset"] == "generic_counter"

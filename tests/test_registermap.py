@@ -52,7 +52,7 @@ def test_sdm630_import_energy_decodes_a_published_float() -> None:
 @pytest.mark.parametrize("word", ["big", "little"])
 @pytest.mark.parametrize("byte", ["big", "little"])
 def test_known_wire_layouts(typ: str, word: str, byte: str) -> None:
-    fmt, bits, signed, is_float = TYPES[typ]
+    fmt, _bits, signed, is_float = TYPES[typ]
     value = -1234.5 if is_float else (-12345 if signed else 54321)
     raw = struct.pack(">" + fmt, value)
     words = [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]

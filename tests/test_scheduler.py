@@ -210,3 +210,55 @@ def test_faults_are_counted_and_named_and_only_good_readings_are_stored(db_url: 
     m1 = [r for r in rows if r[0] == f"sim-{port}-1" and r[1] == "1.8.0"]
     assert m1[1][3] < m1[0][3] and m1[1][3] < Decimal(1)  # the reset was stored as read
     assert negative == 0
+
+
+def test_amr_gateway_polls_into_the_spool_and_the_uplink_delivers(db_url: str, tmp_path: Path) -> None:
+    """The daemon as an operator starts it: a subprocess, the spool, the uplink to the database."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    with live_fleet([(port, 1), (port, 2)]) as fleet:
+        inv_path = tmp_path / "inventory.toml"
+        inv_path.write_text(inventory_toml(fleet.meters, "generic_counter", interval="1s", timeout=0.5))
+        with psycopg.connect(db_url) as conn:
+            upsert_inventory(conn, load_inventory(inv_path))
+        env = {
+            **os.environ, "AMR_DATABASE_URL": db_url, "AMR_SPOOL_PATH": str(tmp_path / "spool.sqlite"),
+            "AMR_METRICS_PORT": "0", "AMR_MQTT_URL": "", "AMR_LOG_FORMAT": "text",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "collector.cli", "gateway", "--inventory", str(inv_path), "--cycles", "2",
+             "--jitter", "0"],
+            env=env, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+        )
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT meter_id, ts, quality FROM reading ORDER BY ts").fetchall()
+    assert {r[0] for r in rows} == {f"sim-{port}-1", f"sim-{port}-2"}
+    assert len(rows) == 4 and all(quality.SPOOLED in r[2] for r in rows)
+    assert len({r[1] for r in rows}) == 2  # two slots, one second apart
+
+
+def test_amr_gateway_refuses_a_broken_inventory(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(
+        '[[subscriber]]\naccount = "1"\n\n'
+        '[[meter]]\nid = "a"\naccount = "1"\nadapter = "modbus_rtu"\npreset = "eastron_sdm120"\n'
+        'port = "/dev/ttyS9"\nunit = 3\n\n'
+        '[[meter]]\nid = "b"\naccount = "1"\nadapter = "modbus_rtu"\npreset = "eastron_sdm120"\n'
+        'port = "/dev/ttyS9"\nunit = 3\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "collector.cli", "gateway", "--inventory", str(inv), "--cycles", "1"],
+        env={**os.environ, "AMR_METRICS_PORT": "0"}, capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 2
+    assert f"{inv}: meter 'b': key 'unit': unit 3 on bus /dev/ttyS9 is already meter 'a'" in done.stderr
+    assert "Traceback" not in done.stderr
