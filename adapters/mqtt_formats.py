@@ -455,8 +455,19 @@ class DeviceMap:
 
     def __init__(self, meters: Iterable[Any] = ()):
         self._by_key: dict[tuple[str | None, str], str] = {}
+        self.warnings: list[str] = []
+        known = set(FAMILIES) | {f.name for f in device_formats()}
         for m in meters:
             if getattr(m, "adapter", None) != "mqtt" or not getattr(m, "device", None):
+                continue
+            if m.format is not None and m.format not in known:
+                self.warnings.append(
+                    f"meter {m.id!r}: key 'format': {m.format!r} is not a known MQTT format "
+                    f"({', '.join(sorted(known))}); its device {m.device!r} will never match"
+                )
+            other = self._by_key.get((m.format, m.device))
+            if other is not None:
+                self.warnings.append(f"meter {m.id!r}: device {m.device!r} is already meter {other!r}; kept {other!r}")
                 continue
             self._by_key[(m.format, m.device)] = m.id
 

@@ -309,3 +309,27 @@ def test_malformed_messages_are_dead_lettered_and_never_stall(db_url, tmp_path, 
     assert all(r[2] and r[3] is not None for r in rejects)  # a reason and the raw bytes, always
     assert any(bytes(r[3]) == b"not json at all" for r in rejects)
     assert any("unknown-plug" in r[2] for r in rejects if r[1] == "unknown_device")
+
+
+def test_sighup_maps_a_new_device_without_restart(db_url, tmp_path, broker):
+    inv = _setup_meters(db_url, tmp_path, [{"id": "hup-a", "adapter": "mqtt", "device": "plug-a"}])
+    c = Collector(db_url, "127.0.0.1", broker.port, "g", "c-hup", inv)
+    pub = Publisher("127.0.0.1", broker.port)
+    t = BASE
+    pub.publish("zigbee2mqtt/plug-b", json.dumps({"energy": 1.5, "last_seen": t.isoformat()}).encode())
+    pub.confirm()
+    deadline = time.monotonic() + 20
+    while not [r for r in _rejects(db_url) if r[1] == "unknown_device"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [r[1] for r in _rejects(db_url)] == ["unknown_device"]
+    _setup_meters(db_url, tmp_path, [{"id": "hup-a", "adapter": "mqtt", "device": "plug-a"},
+                                     {"id": "hup-b", "adapter": "mqtt", "device": "plug-b"}])
+    c.proc.send_signal(signal.SIGHUP)
+    c.wait_log("collector configuration reloaded")
+    pub.publish("zigbee2mqtt/plug-b", json.dumps({"energy": 2.5, "last_seen": (t + timedelta(hours=1)).isoformat()}).encode())
+    pub.confirm()
+    rows = _wait_for(db_url, "hup-", 1, timeout=20)
+    log = c.stop()
+    pub.close()
+    assert [(r[0], r[3]) for r in rows] == [("hup-b", Decimal("2.5"))], log
+    assert c.proc.returncode == 0

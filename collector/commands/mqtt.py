@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import socket
 import sys
@@ -11,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from collector.errors import UserError
+
+log = logging.getLogger("amr.mqtt")
 
 _FORMATS = ("amr", "tasmota", "shelly", "zigbee2mqtt")
 
@@ -138,7 +141,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_collect(args: argparse.Namespace) -> int:
     from adapters import mqtt_formats as fmt
     from collector import logs
-    from collector.inventory import InventoryError, load_inventory
     from collector.metrics_http import serve_metrics
     from collector.mqtt_client import broker_from_settings
     from collector.mqtt_consumer import Consumer
@@ -154,17 +156,22 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"--formats: unknown {', '.join(unknown)}; known: {', '.join(_FORMATS)}")
     inv_path = args.inventory or settings.inventory
-    devices = fmt.DeviceMap()
-    if inv_path is not None:
-        try:
-            devices = fmt.DeviceMap(load_inventory(inv_path).meters.values())
-        except InventoryError as exc:
-            raise UserError(f"{len(exc.problems)} problem(s) in the inventory:\n{exc}") from None
     consumer = Consumer(
         broker, settings.database_url, args.client_id or f"amr-collector-{socket.gethostname()}",
-        group=settings.mqtt_group, devices=devices, families=families, settings=settings,
+        group=settings.mqtt_group, devices=fmt.DeviceMap(), families=families, settings=settings,
         batch_messages=args.batch, batch_wait=args.batch_wait, local_tz=settings.timezone,
     )
+    if inv_path is not None:
+        # the device map comes from the inventory; SIGHUP reloads it (a bad file keeps the old map)
+        from collector.reload import install_collector_reload
+
+        install_collector_reload(consumer, inv_path, settings)
+        for warning in consumer.devices.warnings:
+            log.warning("inventory %s: %s", inv_path, warning)
+    else:
+        log.warning("no inventory (AMR_INVENTORY): only amr/v1 messages can be stored; "
+                    "device messages are rejected as unknown devices")
+        signal.signal(signal.SIGHUP, lambda signum, frame: log.warning("SIGHUP: no inventory to reload"))
     endpoint = serve_metrics(settings, db_url=settings.database_url)
 
     def _stop(signum: int, frame: object) -> None:
