@@ -302,7 +302,11 @@ class _NoAnswer(Exception):
 class Iec62056Adapter:
     """Reads IEC 62056-21 meters; one open port and one lock per serial device."""
 
-    def __init__(self, settings: Any = None, clock_tolerance_s: float | None = None) -> None:
+    def __init__(
+        self, settings: Any = None, clock_tolerance_s: float | None = None,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        """now is our reference clock (UTC); a simulation passes its own simulated clock."""
         if settings is None:
             from collector.settings import get_settings
 
@@ -311,6 +315,7 @@ class Iec62056Adapter:
         self._tolerance = timedelta(
             seconds=settings.clock_skew_tolerance_s if clock_tolerance_s is None else clock_tolerance_s
         )
+        self._now = now or (lambda: datetime.now(UTC))
         self._ports: dict[str, serial.Serial] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -406,7 +411,7 @@ class Iec62056Adapter:
                 "decode", f"{where}: identification proposes unknown rate character {ident.baud_char!r}"
             )
         self._send(ser, option_select(ident.baud_char, dialect.mode), wire)
-        polled_at = datetime.now(UTC)
+        polled_at = self._now()
         if rate != initial:
             ser.baudrate = rate
         if dialect.mode == "0":
@@ -447,7 +452,7 @@ class Iec62056Adapter:
             raise PollError("refused", f"{where}: the meter refused the password (key 'password')")
         if answer[:1] != ACK:
             raise PollError("garbage", f"{where}: password answer is neither ACK nor NAK: {answer[:24]!r}")
-        polled_at = datetime.now(UTC)
+        polled_at = self._now()
         sets: dict[str, DataSet] = {}
         wanted = set(meter.registers)
         for command, registers in dialect.commands:

@@ -422,3 +422,17 @@ def test_gateway_reads_a_line_with_a_dead_meter_into_the_database(db_url: str, c
     for sm in (sims[0], sims[2]):
         stored = {r[1]: r[2] for r in rows if r[0] == f"iec-{sm.address}"}
         assert stored == sm.last.values
+
+
+def test_reference_clock_can_be_simulated() -> None:
+    """Against a simulated month, the meter's clock is compared with the simulated clock."""
+    clock = SimClock(datetime(2026, 3, 1, tzinfo=UTC), scale=1.0)
+    adapter = Iec62056Adapter(Settings(), now=clock.now)
+    try:
+        with IecLineSim([SimMeter(seed=9)], baudrate=9600, clock=clock) as sim:
+            readings = adapter.read_blocking(_meter(sim))
+        assert all(r.quality == frozenset({quality.METER_CLOCK}) for r in readings)
+        assert readings[0].ts == sim.meters[0].last.clock
+        assert readings[0].ts.date() == datetime(2026, 3, 1).date()
+    finally:
+        adapter.close_blocking()
