@@ -34,6 +34,7 @@ from pathlib import Path
 
 from adapters.reading import Reading, Rejected
 from collector import metrics
+from collector.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class SpoolEntry:
     item: Reading | Rejected
 
 
-class SpoolError(ValueError):
-    """A spool that cannot be opened as configured."""
+class SpoolError(UserError, ValueError):
+    """A spool that cannot be opened as configured (the CLI prints it without a traceback)."""
 
 
 def encode_item(item: Reading | Rejected) -> str:

@@ -74,7 +74,8 @@ class MqttForwarder:
         timeout: float = 10.0,
         source: str | None = None,
     ):
-        self.topic = topic or default_topic()
+        # by default the broker user names the topic, so an ACL `pattern write amr/v1/%u/readings` fits
+        self.topic = topic or default_topic(broker.username)
         if source:
             self.source = source
         elif self.topic.startswith("amr/v1/") and self.topic.count("/") >= 3:
