@@ -447,6 +447,7 @@ class Demo:
         )
         thread = threading.Thread(target=consumer.run, name="amr-demo-collector", daemon=True)
         thread.start()
+        self._stack.callback(_end_session, broker, f"amr-demo-{run_id}")  # last: after the consumer stopped
         self._stack.callback(thread.join, 10)
         self._stack.callback(consumer.stop)
         pub = make_client(broker, f"amr-demo-sim-{run_id}", persistent=False)
@@ -478,6 +479,26 @@ class Demo:
         self.progress("mqtt", consumer.stored_messages, published)
         if consumer.stored_messages < published:
             self.say(f"MQTT: only {consumer.stored_messages} of {published} messages stored within 60 s")
+
+
+def _end_session(broker: Any, client_id: str) -> None:
+    """Drop the demo collector's persistent session, so the broker keeps nothing for it."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from collector.mqtt_client import make_client
+
+    client = make_client(broker, client_id, persistent=False)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    try:
+        client.connect(broker.host, broker.port, keepalive=10, clean_start=True, properties=props)
+        client.loop_start()
+        time.sleep(0.2)
+        client.disconnect()
+        client.loop_stop()
+    except OSError as exc:
+        log.warning("could not drop the demo's MQTT session %s: %s", client_id, exc)
 
 
 def _free_port() -> int:
