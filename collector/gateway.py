@@ -42,6 +42,16 @@ def check_inventory(path: Path | str) -> Inventory:
         from adapters.iec62056 import check_meter
 
         problems += [f"{path}: meter {m.id!r}: {p}" for m in iec for p in check_meter(m)]
+    # one serial port speaks one protocol: two adapters would talk over each other
+    protocol_of_port: dict[str, tuple[str, str]] = {}
+    for m in inv.meters.values():
+        if m.adapter in ("modbus_rtu", "iec62056") and isinstance(m.port, str):
+            first = protocol_of_port.setdefault(m.port, (m.adapter, m.id))
+            if first[0] != m.adapter:
+                problems.append(
+                    f"{path}: meter {m.id!r}: key 'port': {m.port} is a {first[0]} bus (meter {first[1]!r}); "
+                    f"one port cannot carry {m.adapter} too"
+                )
     if problems:
         raise InventoryError(problems)
     return inv

@@ -204,6 +204,12 @@ preset = "eastron_sdm120"
 port = "/dev/ttyS1"
 unit = 5
 registers = ["1.8.0", "1.8.1"]
+
+[[meter]]
+id = "iec-on-rtu"
+account = "1"
+adapter = "iec62056"
+port = "/dev/ttyS1"
 """
 
 
@@ -226,5 +232,6 @@ def test_broken_inventory_is_refused_with_file_meter_and_reason(tmp_path: Path) 
     from collector.gateway import check_inventory
 
     (tmp_path / "site.toml").write_text(INVENTORY)
-    with pytest.raises(InventoryError, match="meter 'twin'"):
+    with pytest.raises(InventoryError, match="meter 'twin'") as err:
         check_inventory(tmp_path / "site.toml")
+    assert "meter 'iec-on-rtu': key 'port': /dev/ttyS1 is a modbus_rtu bus" in str(err.value)

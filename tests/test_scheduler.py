@@ -262,3 +262,43 @@ def test_amr_gateway_refuses_a_broken_inventory(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"{inv}: meter 'b': key 'unit': unit 3 on bus /dev/ttyS9 is already meter 'a'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_register_rollover_is_stored_as_read_and_never_gives_negative_energy(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    clock = SimClock(datetime.now(UTC), 600.0)  # ten simulated minutes a second: the counter moves
+    sim = SimMeter(1, load_register_map("generic_counter"), clock, seed=3)
+    with ModbusTcpFleet({(port, 1): sim}):
+        inv_path = tmp_path / "inventory.toml"
+        inv_path.write_text(
+            inventory_toml({(port, 1): sim}, "generic_counter", interval="1s", timeout=0.5)
+            + "rollover = 42949672.96\nmax_power_kw = 10000\n"
+        )
+        inv = load_inventory(inv_path)
+        with psycopg.connect(db_url) as conn:
+            upsert_inventory(conn, inv)
+        settings = Settings(database_url=db_url)
+        sink = IngestSink(db_url, settings)
+        ms = list(inv.meters.values())
+
+        async def go() -> None:
+            adapter = ModbusAdapter(clock_tolerance_s=10**9)
+            sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0, snap_s=0)
+            now = clock.now()
+            # the u32 register (0.01 kWh) wraps about one wall second from now
+            sim.inject("rollover", float(sim.model.energy_kwh(now + timedelta(minutes=10)) - sim.model.energy_kwh(now)))
+            for _ in range(3):
+                await sched.run_slot(ms, datetime.now(UTC), timedelta(seconds=1))
+                await asyncio.sleep(1.0)
+            await adapter.close()
+
+        asyncio.run(go())
+        sink.close()
+    with psycopg.connect(db_url) as conn:
+        values = [r[0] for r in conn.execute(
+            "SELECT value FROM reading WHERE register = '1.8.0' ORDER BY ts").fetchall()]
+        kinds = conn.execute("SELECT kind, kwh FROM interval_usage WHERE register = '1.8.0'").fetchall()
+    assert len(values) == 3
+    assert values[0] > Decimal("42949672") and values[-1] < Decimal(5)  # it wrapped, as the meter shows it
+    assert kinds and all(kwh >= 0 for _, kwh in kinds)
+    assert "rollover" in {k for k, _ in kinds}
