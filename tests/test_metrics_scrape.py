@@ -4,6 +4,7 @@ malformed MQTT messages, the database going away)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -211,4 +212,24 @@ def test_gateway_and_collector_metrics_move(db_url, conn, mqtt_broker, fleet, tm
     finally:
         stop(gateway)
         stop(collector)
-    assert "Traceback" not in (tmp_path / "gateway.log").read_text()
+    gateway_log = (tmp_path / "gateway.log").read_text()
+    assert "Traceback" not in gateway_log
+    # off a terminal the logs are JSON lines; a line about a device names the meter and the bus
+    lines = [json.loads(line) for line in gateway_log.splitlines() if line.strip()]
+    failures = [r for r in lines if r["msg"].startswith("poll failed")]
+    assert failures and all(r.get("meter") and r.get("bus") for r in failures)
+    assert {"scrape-dead", "scrape-b"} <= {r["meter"] for r in failures}
+
+
+def test_api_serves_metrics(db_url, tmp_path):
+    api_port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMR_")}
+    env |= {"AMR_DATABASE_URL": db_url, "AMR_METRICS_PORT": str(metrics_port), "AMR_METRICS_REFRESH_S": "0.5"}
+    proc = start(["api", "--port", str(api_port)], env, tmp_path / "api.log")
+    try:
+        got = wait_for(metrics_port, lambda s: value(s, "amr_db_up") == 1, "the API's /metrics")
+        assert value(got, "process_resident_memory_bytes") > 0 and has(got, "amr_meters_stale")
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/openapi.json", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        stop(proc)
