@@ -65,7 +65,10 @@ class TokenStore:
         except tomllib.TOMLDecodeError as exc:
             raise TokenFileError(f"{source}: not valid TOML: {exc}") from None
         out: dict[str, frozenset[str]] = {}
-        for i, entry in enumerate(data.get("token", [])):
+        entries = data.get("token", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TokenFileError(f"{source}: tokens must be [[token]] tables")
+        for i, entry in enumerate(entries):
             where = f"{source}: token[{i}]" + (f" ({entry['name']!r})" if "name" in entry else "")
             digest = entry.get("sha256") or (hash_token(entry["token"]) if entry.get("token") else None)
             if not digest or len(digest) != 64:

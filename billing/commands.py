@@ -251,17 +251,32 @@ def cmd_suspect_decide(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    from billing.api import TokenFileError, TokenStore, create_app, hash_token
+
+    if args.hash_token:
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise UserError("no token on stdin")
+        print(f'sha256 = "{hash_token(token)}"')
+        return 0
+    settings = get_settings()
+    if settings.api_tokens is None or not settings.api_tokens.is_file():
+        raise UserError(f"no tokens file ({settings.api_tokens or 'AMR_API_TOKENS is not set'}): set "
+                        "AMR_API_TOKENS to a TOML file of [[token]] entries with sha256 (see "
+                        "`amr api --hash-token`) and accounts")
+    try:
+        tokens = TokenStore.load(settings.api_tokens)
+    except (OSError, UnicodeDecodeError, TokenFileError) as exc:
+        raise UserError(str(exc)) from None
     import uvicorn
 
-    from billing.api import create_app
     from collector import logs
     from collector.metrics_http import serve_metrics
 
-    settings = get_settings()
     logs.setup("INFO", settings.log_format)
     endpoint = serve_metrics(settings, db_url=settings.database_url)  # /metrics beside the API
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+        uvicorn.run(create_app(settings, tokens), host=args.host, port=args.port, log_config=None)
     finally:
         if endpoint is not None:
             endpoint.close()
