@@ -367,6 +367,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _toml_list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.addresses:
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             f'port = "{device}"\nbaudrate = {args.baud}\n'
             + (f'address = "{m.address}"\n' if m.address else "")
             + (f'dialect = "{m.dialect}"\n' if m.dialect != "standard" else "")
-            + 'registers = ["1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0"]\n'
+            + f"registers = {_toml_list(REGISTERS if m.dialect == 'standard' else REGISTERS[:4])}\n"
         )
     sys.stdout.flush()
     stop = threading.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -436,3 +437,35 @@ def test_reference_clock_can_be_simulated() -> None:
         assert readings[0].ts.date() == datetime(2026, 3, 1).date()
     finally:
         adapter.close_blocking()
+
+
+def test_simulator_command_prints_an_inventory_that_reads(adapter: Iec62056Adapter, tmp_path) -> None:
+    import select
+    import tomllib
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulators.iec62056_sim", "--meters", "2", "--baud", "9600",
+         "--fault", "00000002=bad_bcc", "--link", str(tmp_path / "line")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        out = b""
+        deadline = time.monotonic() + 20
+        while out.count(b"\nregisters") < 2:
+            assert time.monotonic() < deadline, out
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                assert chunk, proc.stderr.read()
+                out += chunk
+        inv = parse_inventory(tomllib.loads(out.decode()))
+        m1, m2 = inv.meters["iec-0001"], inv.meters["iec-0002"]
+        assert check_meter(m1) == [] and m1.port == str(tmp_path / "line")
+        assert {r.register for r in adapter.read_blocking(m1)} == set(ALL)
+        with pytest.raises(PollError) as e:
+            adapter.read_blocking(m2)
+        assert e.value.outcome == "crc"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    assert not (tmp_path / "line").exists()  # the link is removed on exit
