@@ -295,6 +295,7 @@ class Scheduler:
 
     async def _group_loop(self, interval: timedelta, stop: asyncio.Event, cycles: int | None) -> None:
         ran = 0
+        last: datetime | None = None
         while not stop.is_set() and (cycles is None or ran < cycles):
             now = self.now()
             slot = slot_start(now, interval) + interval
@@ -304,10 +305,23 @@ class Scheduler:
             except TimeoutError:
                 pass
             meters = [m for m in self.meters if m.interval == interval]
+            if last is not None and slot - last > interval:
+                self._skipped(meters, int((slot - last) / interval) - 1, last + interval)
             report = await self.run_slot(meters, slot, interval)
+            last = slot
             ran += 1
             if report.overrun:
                 log.warning("slot %s of the %s meters overran its interval", slot.isoformat(), interval)
+
+    def _skipped(self, meters: Sequence[Any], n: int, first: datetime) -> None:
+        """Slots that an overrun (or a suspended process) left no time for: counted, never silent."""
+        for m in meters:
+            self.state[m.id].missed += n
+            self._metric(metrics.MISSED_SLOTS, m.adapter, self._bus(m)).inc(n)
+        log.warning(
+            "%d slot(s) from %s skipped for %d meters: the previous slot overran or the process stalled",
+            n, first.isoformat(), len(meters),
+        )
 
     async def run(self, stop: asyncio.Event | None = None, cycles: int | None = None) -> None:
         """Poll until stop is set (or `cycles` slots per interval group have run)."""

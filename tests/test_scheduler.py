@@ -302,3 +302,28 @@ def test_a_register_rollover_is_stored_as_read_and_never_gives_negative_energy(d
     assert values[0] > Decimal("42949672") and values[-1] < Decimal(5)  # it wrapped, as the meter shows it
     assert kinds and all(kwh >= 0 for _, kwh in kinds)
     assert "rollover" in {k for k, _ in kinds}
+
+
+def test_an_overrun_counts_the_slots_it_swallowed() -> None:
+    port = free_port()
+    with live_fleet([(port, 1)]) as fleet:
+        fleet.meters[(port, 1)].inject("slow", 1.2)  # longer than the 1 s interval
+        ms = [tcp_meter(port, 1, interval="1s", timeout=3.0, id="slow")]
+        bus = f"127.0.0.1:{port}"
+        missed_before = counter(metrics.MISSED_SLOTS, "modbus_tcp", bus)
+        overruns_before = counter(metrics.CYCLE_OVERRUNS, bus)
+
+        async def go() -> Scheduler:
+            adapter = ModbusAdapter(clock_tolerance_s=10**9)
+            sched = Scheduler(ms, lambda m: adapter, ListSink(), jitter_s=0)
+            await sched.run(cycles=2)
+            await adapter.close()
+            return sched
+
+        sched = asyncio.run(go())
+    first, second = sched.reports
+    assert first.read == ["slow"] and first.overrun
+    assert second.slot - first.slot == timedelta(seconds=2)  # the slot between them had no time
+    assert sched.state["slow"].missed == 1
+    assert counter(metrics.MISSED_SLOTS, "modbus_tcp", bus) == missed_before + 1
+    assert counter(metrics.CYCLE_OVERRUNS, bus) >= overruns_before + 1

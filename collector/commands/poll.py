@@ -161,7 +161,9 @@ def cmd_poll(args: argparse.Namespace) -> int:
         raise UserError(f"{exc.outcome}: {exc}") from None
     if not args.json:
         clock = next((r["ts"] for r in rows if "ts" in r), None)
-        print(f"meter {meter.id} ({meter.adapter} {meter.bus_name} unit {meter.unit}, preset {meter.preset})"
+        where = (f"unit {meter.unit}, preset {meter.preset}" if meter.adapter.startswith("modbus")
+                 else f"address {meter.address or '(none)'}")
+        print(f"meter {meter.id} ({meter.adapter} on {meter.bus_name}, {where})"
               + (f", meter clock {clock.isoformat()}" if clock else ""))
     for row in rows:
         if args.json:
