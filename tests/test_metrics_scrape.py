@@ -224,7 +224,12 @@ def test_gateway_and_collector_metrics_move(db_url, conn, mqtt_broker, fleet, tm
 def test_api_serves_metrics(db_url, tmp_path):
     api_port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMR_")}
-    env |= {"AMR_DATABASE_URL": db_url, "AMR_METRICS_PORT": str(metrics_port), "AMR_METRICS_REFRESH_S": "0.5"}
+    from billing.api import hash_token
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nname = "t"\nsha256 = "{hash_token("scrape-token")}"\naccounts = ["1"]\n')
+    env |= {"AMR_DATABASE_URL": db_url, "AMR_METRICS_PORT": str(metrics_port), "AMR_METRICS_REFRESH_S": "0.5",
+            "AMR_API_TOKENS": str(tokens)}
     proc = start(["api", "--port", str(api_port)], env, tmp_path / "api.log")
     try:
         got = wait_for(metrics_port, lambda s: value(s, "amr_db_up") == 1, "the API's /metrics")
