@@ -389,19 +389,16 @@ def _decode_amr(topic: str, payload: bytes) -> Decoded:
         register = r.get("register") if isinstance(r, dict) else None
         meter = meter if isinstance(meter, str) else None
         register = register if isinstance(register, str) else None
-        def raw(r: Any = r) -> bytes:
-            return json.dumps(r, separators=(",", ":"))[:MAX_RAW_KEPT].encode()
-
         if i in bad_readings:
-            d.problems.append(Problem(_code_of(bad_readings[i]), bad_readings[i], meter, register, raw()))
+            d.problems.append(Problem(_code_of(bad_readings[i]), bad_readings[i], meter, register, _raw(r)))
             continue
         try:
             ts = datetime.fromisoformat(r["ts"])
         except ValueError:
-            d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} is not ISO 8601", meter, register, raw()))
+            d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} is not ISO 8601", meter, register, _raw(r)))
             continue
         if ts.tzinfo is None:
-            d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} has no offset; add Z or +03:00", meter, register, raw()))
+            d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} has no offset; add Z or +03:00", meter, register, _raw(r)))
             continue
         v = r["value"]
         value = Decimal(repr(v) if isinstance(v, float) else str(v)) * unit
@@ -424,6 +421,11 @@ def _decode_amr(topic: str, payload: bytes) -> Decoded:
                 ts_x = None
         d.forwarded.append(Rejected(x["source"], raw_x, x["reason"], x["code"], x.get("meter"), x.get("register"), ts_x))
     return d
+
+
+def _raw(r: Any) -> bytes:
+    """One refused reading's own JSON, kept as its raw bytes."""
+    return json.dumps(r, separators=(",", ":"))[:MAX_RAW_KEPT].encode()
 
 
 def _short_msg(msg: str) -> str:
