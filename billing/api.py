@@ -38,6 +38,14 @@ from collector.settings import Settings, get_settings
 
 MONTH = r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])$"
 MAX_DAYS = 366
+# a meter's energy counts for its account only on the local days it was installed there,
+# the same rule the bills follow (billing.engine), so the portal and the bill agree
+IN_SERVICE = (
+    " JOIN portal_meter pm ON pm.meter_id = u.meter_id"
+    " AND (pm.installed IS NULL OR u.day >= (pm.installed AT TIME ZONE %s)::date)"
+    " AND (pm.removed IS NULL OR u.day <= (pm.removed AT TIME ZONE %s)::date)"
+    " WHERE u.account = %s"
+)
 
 
 # --- tokens -------------------------------------------------------------------------
@@ -259,6 +267,7 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
     settings = settings or get_settings()
     store = tokens if tokens is not None else TokenStore.load(settings.api_tokens)
     tz = ZoneInfo(settings.timezone)
+    tz_name = settings.timezone
     app = FastAPI(
         title="AMR customer account API",
         version="1",
@@ -358,8 +367,8 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
             subscriber(conn, acc)
             rows = conn.execute(
                 "SELECT day, zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
-                " FROM portal_daily_usage WHERE account = %s AND day BETWEEN %s AND %s"
-                " GROUP BY 1, 2 ORDER BY 1, 2", (acc, first, last)).fetchall()
+                " FROM portal_daily_usage u" + IN_SERVICE + " AND day BETWEEN %s AND %s"
+                " GROUP BY 1, 2 ORDER BY 1, 2", (tz_name, tz_name, acc, first, last)).fetchall()
         per = _zone_energy(rows)
         return DailyConsumption(account=acc, days=[DayUsage(day=d, **z) for d, z in sorted(per.items())])
 
@@ -386,8 +395,8 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
             subscriber(conn, acc)
             rows = conn.execute(
                 "SELECT to_char(day, 'YYYY-MM'), zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
-                " FROM portal_daily_usage WHERE account = %s AND day >= %s AND day < %s"
-                " GROUP BY 1, 2 ORDER BY 1, 2", (acc, first, end)).fetchall()
+                " FROM portal_daily_usage u" + IN_SERVICE + " AND day >= %s AND day < %s"
+                " GROUP BY 1, 2 ORDER BY 1, 2", (tz_name, tz_name, acc, first, end)).fetchall()
         per = _zone_energy(rows)
         return MonthlyConsumption(account=acc, months=[MonthUsage(month=m, **z) for m, z in sorted(per.items())])
 

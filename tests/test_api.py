@@ -193,3 +193,11 @@ def test_fuzzing_the_openapi_spec_finds_no_server_error(api) -> None:
 
         run()
     assert {200, 404, 422} <= seen  # real data was reached, not only refusals
+
+
+def test_consumption_counts_a_meter_only_while_installed(api, conn) -> None:
+    """As on the bill: energy after a meter's removal is not the account's."""
+    conn.execute("UPDATE meter SET removed = '2026-10-01T12:00+03:00' WHERE id = 'm-789'")
+    conn.commit()
+    days = api.get(PATHS[1].format("789"), headers=B).json()["days"]
+    assert [(d["day"], d["total"]) for d in days] == [("2026-10-01", "15")]
