@@ -145,7 +145,7 @@ def _export_run_metrics(summary: object, settings: object) -> None:
 
 
 def cmd_bill(args: argparse.Namespace) -> int:
-    from billing.engine import bill_period, parse_period
+    from billing.engine import UnknownAccounts, bill_period, parse_period
     from collector.inventory import normalize_account
 
     try:
@@ -154,16 +154,20 @@ def cmd_bill(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     settings = get_settings()
-    with db.connect(settings.database_url) as conn:
-        if sys.stdout.isatty() and not args.json:
-            from rich.progress import Progress
+    try:
+        with db.connect(settings.database_url) as conn:
+            if sys.stdout.isatty() and not args.json:
+                from rich.progress import Progress
 
-            with Progress(transient=True) as bar:
-                task = bar.add_task(f"billing {period:%Y-%m}", total=None)
-                summary = bill_period(conn, period, accounts, tz=settings.timezone, reason=args.reason,
-                                      progress=lambda n, total: bar.update(task, completed=n, total=total))
-        else:
-            summary = bill_period(conn, period, accounts, tz=settings.timezone, reason=args.reason)
+                with Progress(transient=True) as bar:
+                    task = bar.add_task(f"billing {period:%Y-%m}", total=None)
+                    summary = bill_period(
+                        conn, period, accounts, tz=settings.timezone, reason=args.reason,
+                        progress=lambda n, total: bar.update(task, completed=n, total=total))
+            else:
+                summary = bill_period(conn, period, accounts, tz=settings.timezone, reason=args.reason)
+    except UnknownAccounts as exc:
+        raise UserError(str(exc)) from None
     _export_run_metrics(summary, settings)
     if args.json:
         for account, version, why in summary.written:

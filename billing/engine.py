@@ -88,6 +88,10 @@ class Bill:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+class UnknownAccounts(ValueError):
+    """Accounts named for a run that are not in the database (a typo bills nobody)."""
+
+
 @dataclass(frozen=True)
 class Held:
     account: str
@@ -256,6 +260,9 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         subs = conn.execute(
             "SELECT account, plan, category, area FROM subscriber WHERE true" + filt
             + " ORDER BY account", {"accounts": wanted}).fetchall()
+        if wanted is not None and len(subs) != len(wanted):
+            unknown = sorted(set(wanted) - {s[0] for s in subs})
+            raise UnknownAccounts(f"no subscriber with account {', '.join(unknown)}; nothing billed")
         rows = conn.execute(
             "SELECT m.account, width_bucket(d.day, %(bounds)s::date[]), d.zone,"
             " sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"

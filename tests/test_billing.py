@@ -299,3 +299,13 @@ def test_rebilling_unchanged_data_is_a_noop(billing_db, days, plan) -> None:
     again = bill_period(conn, OCT)
     assert (again.billed, again.new_versions, again.unchanged) == (0, 0, 1)
     assert conn.execute("SELECT count(*), sum(total) FROM bill").fetchone() == before
+
+
+def test_naming_an_unknown_account_bills_nobody(billing_db) -> None:
+    from billing.engine import UnknownAccounts
+
+    add_subscriber(billing_db, "1", "single")
+    add_usage(billing_db, "m-1", date(2026, 10, 1), night="1")
+    with pytest.raises(UnknownAccounts, match="no subscriber with account 404"):
+        bill_period(billing_db, OCT, ["1", "0404"])
+    assert billing_db.execute("SELECT count(*) FROM bill").fetchone()[0] == 0
