@@ -177,3 +177,69 @@ def test_secrets_are_not_in_the_description(tmp_path):
     assert cfg.tls and cfg.port == 8883 and cfg.username == "gw"
     assert cfg.password.get_secret_value() == "hunter2"
     assert "hunter2" not in cfg.describe() and "hunter2" not in repr(cfg)
+
+
+def _tls_broker(tmp: Path, port: int) -> tuple[subprocess.Popen, dict[str, Path]]:
+    """A Mosquitto with TLS, client certificates and a password file, made here with openssl."""
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, timeout=60)
+
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=amr-test-ca")
+    (tmp / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, ext in (("server", ["-extfile", "ext.cnf"]), ("client", [])):
+        run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext)
+    run("mosquitto_passwd", "-b", "-c", "passwd", "gw-tls", "s3cr3t-pw")
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\ncafile {tmp}/ca.pem\ncertfile {tmp}/server.pem\nkeyfile {tmp}/server.key\n"
+        f"require_certificate true\nallow_anonymous false\npassword_file {tmp}/passwd\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "TLS broker did not start"
+            time.sleep(0.05)
+    return proc, {"ca": tmp / "ca.pem", "cert": tmp / "client.pem", "key": tmp / "client.key"}
+
+
+def test_tls_with_client_certificate_and_password_never_logged(tmp_path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    certs_dir = tmp_path / "certs"
+    certs_dir.mkdir()
+    proc, certs = _tls_broker(certs_dir, port)
+    try:
+        path = tmp_path / "spool.sqlite"
+        with Spool(path, 1000) as s:
+            s.put(_readings(30))
+        env = {**os.environ, "AMR_MQTT_URL": f"mqtts://gw-tls@127.0.0.1:{port}", "AMR_MQTT_PASSWORD": "s3cr3t-pw",
+               "AMR_MQTT_CA": str(certs["ca"]), "AMR_MQTT_CERT": str(certs["cert"]),
+               "AMR_MQTT_KEY": str(certs["key"]), "AMR_METRICS_PORT": "0", "AMR_LOG_FORMAT": "text",
+               "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "collector.cli", "mqtt", "drain", "--spool", str(path), "--batch", "10"]
+        # a wrong password: nothing delivered, the spool keeps everything, the password is nowhere in the log
+        bad = subprocess.Popen(cmd, env={**env, "AMR_MQTT_PASSWORD": "wr0ng-pw"}, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        bad.send_signal(signal.SIGTERM)
+        out, err = bad.communicate(timeout=20)
+        assert bad.returncode == 1 and "30 left in the spool" in err, err
+        assert "wr0ng-pw" not in out + err and "retrying" in err
+        ok = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert "delivered 30 readings; 0 left" in ok.stderr and "s3cr3t-pw" not in ok.stdout + ok.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
