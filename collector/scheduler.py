@@ -205,7 +205,7 @@ class Scheduler:
         report = CycleReport(slot)
         t_start = time.monotonic()
         slot_end = t_start + max(0.0, (slot + interval - self.now()).total_seconds())
-        margin = min(interval.total_seconds() * 0.1, 30.0)
+        margin = min(interval.total_seconds() * 0.05, 5.0)
         retry_delay = self.retry_delay_s if self.retry_delay_s is not None else min(interval.total_seconds() / 10, 60.0)
         done: set[str] = set()
         pending: list[Reading | Rejected] = []
@@ -253,9 +253,9 @@ class Scheduler:
             await self._flush(pending)
 
         await run_pass(retry=False)
-        while True:  # retries within the interval
+        while True:  # retries within the interval, as long as a whole retry pass still fits
             left = [m for m in meters if m.id not in done and not self._backed_off(m, time.monotonic())]
-            if not left or time.monotonic() + retry_delay + margin >= slot_end:
+            if not left or time.monotonic() + retry_delay + self._pass_time(left) + margin >= slot_end:
                 break
             await asyncio.sleep(retry_delay)
             await run_pass(retry=True)
@@ -283,6 +283,19 @@ class Scheduler:
         self.reports.append(report)
         del self.reports[:-100]
         return report
+
+    def _pass_time(self, meters: Sequence[Any]) -> float:
+        """The longest a pass over these meters can take if every one of them times out:
+        network meters in parallel, meters on one serial bus one after another."""
+        per_bus: dict[str, float] = defaultdict(float)
+        longest = 0.0
+        for m in meters:
+            cost = float(m.timeout) + float(m.pause)
+            if m.adapter in SERIAL_ADAPTERS:
+                per_bus[self._bus(m)] += cost
+            else:
+                longest = max(longest, cost)
+        return max([longest, *per_bus.values()])
 
     def _update_backoff_gauge(self) -> None:
         counts: dict[str, int] = defaultdict(int)

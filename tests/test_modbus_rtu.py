@@ -25,7 +25,7 @@ FROZEN = SimClock(T0, 0.0)
 def rtu_meter(device: str, unit: int, preset: str = "eastron_sdm120", **kw) -> Meter:
     return Meter(
         id=kw.pop("id", f"r{unit}"), account="1", adapter="modbus_rtu", preset=preset, port=device,
-        unit=unit, baudrate=9600, timeout=kw.pop("timeout", 0.25), registers=kw.pop("registers", ("1.8.0", "2.8.0")),
+        unit=unit, baudrate=9600, timeout=kw.pop("timeout", 1.0), registers=kw.pop("registers", ("1.8.0", "2.8.0")),
         **kw,
     )
 
@@ -87,7 +87,7 @@ def test_each_fault_is_named_and_the_bus_recovers(
         adapter = ModbusAdapter(clock_tolerance_s=60)
         try:
             with pytest.raises(PollError) as err:
-                await adapter.read(rtu_meter(bus.device, 2, "eastron_sdm630", id="faulty"))
+                await adapter.read(rtu_meter(bus.device, 2, "eastron_sdm630", id="faulty", timeout=0.25))
             return err.value, await adapter.read(rtu_meter(bus.device, 1))
         finally:
             await adapter.close()
@@ -113,7 +113,7 @@ def test_a_dead_meter_costs_the_bus_only_its_timeout(bus: ModbusRtuBus) -> None:
     bus.meters[2].inject("no_answer")
     ms = [
         rtu_meter(bus.device, 1, interval="1s"),
-        rtu_meter(bus.device, 2, "eastron_sdm630", interval="1s", id="dead"),
+        rtu_meter(bus.device, 2, "eastron_sdm630", interval="1s", id="dead", timeout=0.25),
         rtu_meter(bus.device, 3, "generic_counter", interval="1s"),
     ]
     sink = ListSink()
