@@ -234,7 +234,15 @@ def test_api_serves_metrics(db_url, tmp_path):
     try:
         got = wait_for(metrics_port, lambda s: value(s, "amr_db_up") == 1, "the API's /metrics")
         assert value(got, "process_resident_memory_bytes") > 0 and has(got, "amr_meters_stale")
-        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/openapi.json", timeout=5) as resp:
-            assert resp.status == 200
+        deadline = time.monotonic() + 20  # the API starts listening after /metrics does
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/openapi.json", timeout=5) as resp:
+                    assert resp.status == 200
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         stop(proc)
