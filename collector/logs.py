@@ -91,8 +91,14 @@ class SecretFilter(logging.Filter):
         return True
 
 
+# fields libraries add for their own terminal output (uvicorn's ANSI-coloured copy of msg)
+_DROPPED = frozenset({"color_message"})
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+    return {
+        k: v for k, v in vars(record).items() if k not in _STANDARD and k not in _DROPPED and not k.startswith("_")
+    }
 
 
 def _jsonable(value: Any) -> Any:
