@@ -148,6 +148,11 @@ class ModbusAdapter:
             specs = (*specs, clock)
         return plan_requests(specs, min(meter.max_request, rmap.max_request), rmap.max_gap)
 
+    def forget_maps(self) -> None:
+        """Drop cached presets and request plans (after a reload: the files may have changed)."""
+        self._maps.clear()
+        self._plans.clear()
+
     # --- links -----------------------------------------------------------
 
     def _link(self, meter: Any) -> _Link:

@@ -96,35 +96,34 @@ async def tcp_bench(meters: int, per_port: int, cycles: int, concurrency: int) -
         sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0.0, tcp_concurrency=concurrency)
         rmap = load_register_map("generic_counter")
         reqs = plan_requests(rmap.select(["1.8.0", "1.8.1", "1.8.2", "clock"]), rmap.max_request, rmap.max_gap)
-        times = []
+        # the bare library: the same connections, the same request, no scheduler, no decoding
+        clients = [AsyncModbusTcpClient("127.0.0.1", port=base + p, timeout=5, retries=0, reconnect_delay=0)
+                   for p in range(ports)]
+        await asyncio.gather(*(c.connect() for c in clients))
+        req = reqs[0]
+        per_client = max(1, meters // ports)
+
+        async def hammer(c: AsyncModbusTcpClient, n: int, unit: int) -> None:
+            for _ in range(n):
+                await c.read_holding_registers(req.address, count=req.count, device_id=unit)
+
+        # cycles of the gateway and of the bare library alternate, so both see the same machine load
+        times, bare = [], []
         for c in range(cycles + 1):  # the first cycle opens the connections: not counted
             t = time.perf_counter()
             report = await sched.run_slot(ms, datetime.now(UTC), timedelta(minutes=30))
             took = time.perf_counter() - t
             if len(report.read) != meters:
                 raise RuntimeError(f"cycle {c}: read {len(report.read)} of {meters}: {report.errors[:3]}")
+            t = time.perf_counter()
+            await asyncio.gather(*(hammer(cl, per_client, 1 + (i % per_port)) for i, cl in enumerate(clients)))
+            bare_s = time.perf_counter() - t
             if c:
                 times.append(took)
+                bare.append(per_client * ports / bare_s)
         await adapter.close()
-
-        # the bare library: the same connections, the same request, no scheduler, no decoding
-        clients = [AsyncModbusTcpClient("127.0.0.1", port=base + p, timeout=5, retries=0, reconnect_delay=0)
-                   for p in range(ports)]
-        await asyncio.gather(*(c.connect() for c in clients))
-        req = reqs[0]
-
-        async def hammer(c: AsyncModbusTcpClient, n: int, unit: int) -> None:
-            for _ in range(n):
-                await c.read_holding_registers(req.address, count=req.count, device_id=unit)
-
-        per_client = max(1, meters // ports)
-        bare = []
-        for _ in range(cycles):
-            t = time.perf_counter()
-            await asyncio.gather(*(hammer(c, per_client, 1 + (i % per_port)) for i, c in enumerate(clients)))
-            bare.append(per_client * ports / (time.perf_counter() - t))
-        for c in clients:
-            c.close()
+        for cl in clients:
+            cl.close()
     finally:
         proc.terminate()
         proc.wait(10)

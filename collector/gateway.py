@@ -89,6 +89,12 @@ class Adapters:
             if isinstance(maps, dict):
                 maps.clear()
 
+    def forget_maps(self) -> None:
+        for a in self._made.values():
+            forget = getattr(a, "forget_maps", None)
+            if forget is not None:
+                forget()
+
     async def close(self) -> None:
         for a in self._made.values():
             await a.close()
@@ -191,6 +197,7 @@ async def run_gateway(
         if old is None:
             return
         adapters.forget_presets()
+        adapters.forget_maps()
         sched.replace_meters([m for m in new.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None])
         log.info("configuration reloaded: %d meters polled", len(sched.meters))
 
