@@ -123,6 +123,8 @@ class Scheduler:
         self.reports: list[CycleReport] = []
         self._sink_lock = asyncio.Lock()
         self._children: dict[tuple, Any] = {}
+        self._unsent: list[Reading | Rejected] = []
+        self.max_unsent = 1_000_000
 
     def _metric(self, metric: Any, *labels: str) -> Any:
         """A labelled child, looked up once: labels() is costly at a thousand reads a second."""
@@ -193,12 +195,23 @@ class Scheduler:
     # --- one slot ------------------------------------------------------------
 
     async def _flush(self, items: list[Reading | Rejected]) -> None:
-        if not items:
+        """Hand readings to the sink; if it fails, keep them (bounded) and offer them again next time."""
+        if not items and not self._unsent:
             return
-        batch = list(items)
-        items.clear()
         async with self._sink_lock:
-            await asyncio.to_thread(self.sink.put, batch)
+            batch = self._unsent + items
+            self._unsent = []
+            items.clear()
+            try:
+                await asyncio.to_thread(self.sink.put, batch)
+            except Exception as exc:  # the sink (database, spool) is down: polling goes on
+                self._unsent = batch[-self.max_unsent :]
+                lost = len(batch) - len(self._unsent)
+                log.error(
+                    "the sink refused %d readings (%s: %s); %d kept in memory to offer again%s",
+                    len(batch), type(exc).__name__, exc, len(self._unsent),
+                    f", {lost} oldest dropped" if lost else "",
+                )
 
     async def run_slot(self, meters: Sequence[Any], slot: datetime, interval: timedelta) -> CycleReport:
         """Read every meter of one slot, retrying failures until the slot is nearly over."""

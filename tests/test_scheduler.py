@@ -327,3 +327,33 @@ def test_an_overrun_counts_the_slots_it_swallowed() -> None:
     assert sched.state["slow"].missed == 1
     assert counter(metrics.MISSED_SLOTS, "modbus_tcp", bus) == missed_before + 1
     assert counter(metrics.CYCLE_OVERRUNS, bus) >= overruns_before + 1
+
+
+def test_a_failing_sink_does_not_stop_polling_and_loses_nothing() -> None:
+    port = free_port()
+
+    class FlakySink(ListSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def put(self, items: list[Reading | Rejected]) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError("database unreachable")
+            super().put(items)
+
+    with live_fleet([(port, 1)]):
+        ms = [tcp_meter(port, 1, id="m")]
+        sink = FlakySink()
+
+        async def go() -> None:
+            adapter = ModbusAdapter(clock_tolerance_s=10**9)
+            sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0)
+            for _ in range(2):
+                await sched.run_slot(ms, datetime.now(UTC), timedelta(seconds=1))
+            await adapter.close()
+
+        asyncio.run(go())
+    assert sink.calls == 2
+    assert len(sink.items) == 2  # the first slot's reading came with the second
