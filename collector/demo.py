@@ -39,6 +39,7 @@ from zoneinfo import ZoneInfo
 
 from adapters import quality
 from adapters.reading import Reading, Rejected
+from collector.errors import UserError
 from collector.settings import Settings, get_settings
 
 log = logging.getLogger("amr.demo")
@@ -244,7 +245,13 @@ class Demo:
 
         self.say("starting an embedded PostgreSQL (no AMR_DATABASE_URL given)")
         pgdata = self.workdir / "pgdata"
-        server = get_server(pgdata, cleanup_mode="delete")
+        try:
+            server = get_server(pgdata, cleanup_mode="delete")
+        except Exception as exc:  # initdb or pg_ctl failed: say what to do instead
+            raise UserError(
+                f"could not start an embedded PostgreSQL in {pgdata}: {exc}; set AMR_DATABASE_URL to a "
+                "PostgreSQL 15+ database instead"
+            ) from None
         self._stack.callback(server.cleanup)
         return server.get_uri("postgres"), True
 
@@ -325,6 +332,12 @@ class Demo:
         t_begin = time.monotonic()
         period = (self.opts.period or last_full_month(datetime.now(self.tz).date())).replace(day=1)
         first, last = month_bounds(period, self.tz, self.opts.days)
+        now = datetime.now(UTC)
+        if first >= now:
+            raise UserError(f"--month {period:%Y-%m} has not begun: the demo simulates time that has passed")
+        if last > now:  # the current month: up to the last slot that has passed
+            last = first + ((now - first) // SLOT) * SLOT
+            self.say(f"{period:%Y-%m} is not over: simulating up to {last.astimezone(self.tz):%Y-%m-%d %H:%M}")
         clock = StepClock(first)
 
         url, embedded = self._database()

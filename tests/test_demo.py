@@ -107,11 +107,12 @@ def test_demo_on_its_own_embedded_database_cleans_up(tmp_path):
     assert str(tmp_path) not in ps
 
 
-@pytest.mark.parametrize("bad", [["--days", "0"], ["--month", "2026-13"]])
+@pytest.mark.parametrize("bad", [["--days", "0"], ["--month", "2026-13"], ["--month", "2099-01"]])
 def test_demo_refuses_bad_arguments(bad):
     out = subprocess.run([*AMR, "demo", *bad], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "--days" in out.stderr or "month" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_demo_serve_keeps_metrics_and_api_up_until_stopped(db_url, tmp_path):
