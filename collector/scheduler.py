@@ -14,8 +14,16 @@ to `backoff_max_s`) and is probed once when its back-off ends, so a dead
 meter does not eat a bus's time every cycle and a repaired one comes back on
 its own.
 
+A first-attempt read that completes within `snap_s` of its slot is stamped
+with the slot instant, so 30-minute data lands on :00 and :30 and never
+straddles a zone border (the few seconds' energy between slot and read fall
+into the next interval; cumulative counters lose nothing). A retried read
+keeps its real time and is flagged `retried` and `late`.
+
 Readings leave through a `Sink` (the gateway spool, or the ingestion entry
-point directly): one `put` per pass, never per value.
+point directly): one `put` per pass, never per value. A sink that fails
+does not stop polling: the readings are kept in memory (bounded) and
+offered again with the next pass.
 """
 
 from __future__ import annotations

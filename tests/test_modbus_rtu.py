@@ -157,3 +157,31 @@ def test_scan_on_a_serial_bus_lists_who_answers(bus: ModbusRtuBus) -> None:
     assert [f["unit"] for f in found] == [1, 2, 3]
     assert [f["presets"][0] for f in found] == ["eastron_sdm120", "eastron_sdm630", "generic_counter"]
     assert took < 3.0  # the silent unit 4 cost one timeout, not one per probe
+
+
+def test_the_simulator_cli_serves_an_rtu_bus_that_amr_poll_reads(tmp_path, capsys) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from collector.cli import main
+
+    inv = tmp_path / "inventory.toml"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulators.modbus_sim", "--preset", "eastron_sdm630", "--inventory-out", str(inv),
+         "--registers", "1.8.0,2.8.0", "--fault", "2:exception:6", "rtu", "--units", "1,2"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert "modbus rtu bus: units [1, 2] at 9600 baud on /dev/" in line
+        assert main(["poll", "sim-rtu-1", "--inventory", str(inv), "--json", "--readings"]) == 0
+        rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert [r["register"] for r in rows] == ["1.8.0", "2.8.0"] and Decimal(rows[0]["value"]) > 0
+        assert main(["poll", "sim-rtu-2", "--inventory", str(inv)]) == 2
+        err = capsys.readouterr().err
+        assert "exception: meter sim-rtu-2 on bus /dev/" in err and "server device busy" in err
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     g.add_argument("--inventory", type=Path, help="inventory file (default: AMR_INVENTORY)")
-    g.add_argument("--sink", choices=("spool", "direct"), default="spool")
+    g.add_argument("--sink", choices=("spool", "direct"), default="spool",
+                   help="spool: store and forward through AMR_SPOOL_PATH (default); direct: to the database")
     g.add_argument("--concurrency", type=int, default=100, help="Modbus TCP reads in flight at once")
     g.add_argument("--jitter", type=float, default=2.0, help="seconds of per-meter spread after each slot start")
     g.add_argument("--cycles", type=int, help="stop after this many slots per interval (default: run on)")
