@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{s.seconds / bare:.2f}x the bare aggregate "
                       f"[billed {s.billed}, unchanged {s.unchanged}, new versions {s.new_versions}, "
                       f"held back {len(s.held_back)}]")
+                ph = s.phases
+                print(f"  phases: aggregate {ph.get('aggregate', 0):.2f} s, pricing "
+                      f"{ph.get('priced', 0) - ph.get('aggregate', 0):.2f} s, writing "
+                      f"{ph.get('written', 0) - ph.get('priced', 0):.2f} s")
             ok = first.seconds < 60 and first.seconds <= 3 * bare
             print(f"targets (< 60 s, <= 3x bare aggregate): {'met' if ok else 'NOT met'}")
     finally:
