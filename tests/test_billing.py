@@ -262,11 +262,17 @@ combos = st.sampled_from([(c, a) for c, a in (("gas_stove", "urban"), ("electric
 plans = st.sampled_from(["single", "two_zone", "three_zone"])
 
 
-@given(zones, plans)
-def test_folding_to_any_plan_keeps_the_total(usage, plan) -> None:
+@given(zones, plans, combos)
+def test_folding_to_any_plan_keeps_the_total(usage, plan, combo) -> None:
     folded = fold(usage, plan)
     assert sum(folded.values()) == sum(usage.values())
     assert fold(usage, "single")["all"] == sum(fold(usage, "three_zone").values())
+    # and on the bill: the same energy whatever the plan, estimated part included
+    pieces = [(OCT, date(2026, 10, 31))]
+    data = {(1, z): (v, v / 2) for z, v in usage.items()}
+    bills = [price("1", OCT, p, *combo, pieces, data, EXAMPLE) for p in ("single", "two_zone", "three_zone")]
+    assert {b.kwh for b in bills} == {sum(usage.values())}
+    assert {b.estimated_kwh for b in bills} == {sum(v / 2 for v in usage.values())}
 
 
 @given(st.lists(zones, min_size=2, max_size=2), plans, combos,
