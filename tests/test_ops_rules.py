@@ -167,7 +167,7 @@ def test_scrape_config_jobs_match_the_compose_services():
     assert {"timescaledb", "mosquitto", "prometheus", "grafana", "gateway", "collector", "api"} <= services
     assert compose["services"]["timescaledb"]["image"].startswith("timescale/timescaledb")
     jobs = {j["job_name"]: j for j in scrape["scrape_configs"]}
-    assert {"amr-gateway", "amr-collector", "amr-api", "amr-billing"} <= set(jobs)
+    assert {"amr-gateway", "amr-collector", "amr-api", "node"} <= set(jobs)
     for name in ("gateway", "collector", "api"):
         targets = jobs[f"amr-{name}"]["static_configs"][0]["targets"]
         assert targets == [f"{name}:9108"]
