@@ -115,15 +115,17 @@ def test_gateway_and_collector_metrics_move(db_url, conn, mqtt_broker, fleet, tm
     base = {k: v for k, v in os.environ.items() if not k.startswith("AMR_")}
     base |= {"AMR_DATABASE_URL": db_url, "AMR_INVENTORY": str(inv), "AMR_LOG_FORMAT": "json"}
     gw_port, col_port = free_port(), free_port()
-    gateway = start(
-        ["gateway", "--sink", "spool", "--jitter", "0"],
-        {**base, "AMR_METRICS_PORT": str(gw_port), "AMR_SPOOL_PATH": str(tmp_path / "spool.sqlite")},
-        tmp_path / "gateway.log",
-    )
     host, mport = mqtt_broker
     run_id = f"{os.getpid()}-{n}"
+    # the distributed deployment: the gateway spools and publishes to the broker, the collector stores
+    gateway = start(
+        ["gateway", "--sink", "spool", "--jitter", "0"],
+        {**{k: v for k, v in base.items() if k != "AMR_DATABASE_URL"}, "AMR_METRICS_PORT": str(gw_port),
+         "AMR_SPOOL_PATH": str(tmp_path / "spool.sqlite"), "AMR_MQTT_URL": f"mqtt://{host}:{mport}"},
+        tmp_path / "gateway.log",
+    )
     collector = start(
-        ["collect", "--client-id", f"scrape-{run_id}", "--formats", "tasmota,shelly"],
+        ["collect", "--client-id", f"scrape-{run_id}", "--formats", "amr,tasmota,shelly"],
         {**base, "AMR_METRICS_PORT": str(col_port), "AMR_MQTT_URL": f"mqtt://{host}:{mport}",
          "AMR_MQTT_GROUP": f"scrape-{run_id}", "AMR_METRICS_REFRESH_S": "0.5"},
         tmp_path / "collector.log",
@@ -137,13 +139,17 @@ def test_gateway_and_collector_metrics_move(db_url, conn, mqtt_broker, fleet, tm
             gw_port,
             lambda s: value(s, "amr_polls_total", outcome="ok", **labels)
             >= value(first, "amr_polls_total", outcome="ok", **labels) + 4
-            and value(s, "amr_readings_total", outcome="accepted") > value(first, "amr_readings_total", outcome="accepted"),
-            "reads and stored readings to grow",
+            and value(s, "amr_uplink_publish_seconds_count") > value(first, "amr_uplink_publish_seconds_count"),
+            "reads and published batches to grow",
         )
         assert value(later, "amr_poll_duration_seconds_count", **labels) > value(first, "amr_poll_duration_seconds_count", **labels)
         assert value(later, "amr_modbus_requests_total") > 0
-        assert value(later, "amr_db_write_seconds_count") > 0 and value(later, "amr_db_batch_size_sum") > 0
         assert has(later, "amr_spool_depth") and has(later, "amr_spool_oldest_age_seconds")
+        # the collector stores what the gateway published
+        stored = wait_for(col_port, lambda s: value(s, "amr_readings_total", outcome="accepted") >= 4
+                          and value(s, "amr_mqtt_messages_total", format="amr", outcome="ok") >= 2,
+                          "the gateway's readings stored by the collector")
+        assert value(stored, "amr_db_write_seconds_count") > 0 and value(stored, "amr_db_batch_size_sum") >= 4
         assert value(later, "amr_bus_last_success_timestamp_seconds", **labels) > time.time() - 30
         assert value(later, "process_resident_memory_bytes") > 0
         # a dead port: refused reads on its own bus, the others carry on
@@ -177,9 +183,10 @@ def test_gateway_and_collector_metrics_move(db_url, conn, mqtt_broker, fleet, tm
                 for topic, payload in messages("tasmota", range(n, n + 1), t0 + timedelta(minutes=2 * i), models):
                     pub.publish(topic, payload, qos=1).wait_for_publish(10)
                     sent += 1
+            accepted = value(scrape(col_port), "amr_readings_total", outcome="accepted")
             got = wait_for(col_port, lambda s: value(s, "amr_mqtt_messages_total", format="tasmota", outcome="ok") >= sent,
                            "tasmota messages stored")
-            assert value(got, "amr_readings_total", outcome="accepted") >= sent
+            assert value(got, "amr_readings_total", outcome="accepted") >= accepted + sent
             # --- fault: malformed messages are counted and refused, not dropped ----------------
             pub.publish(f"shellies/shellyem-{n:04d}/emeter/0/total", b"twelve", qos=1).wait_for_publish(10)
             pub.publish(f"tele/{device}/SENSOR", b"{not json", qos=1).wait_for_publish(10)
