@@ -82,13 +82,6 @@ class Adapters:
             self._made[kind] = got
         return got
 
-    def forget_presets(self) -> None:
-        """After a reload: register maps are read again from their files on next use."""
-        for a in self._made.values():
-            maps = getattr(a, "_maps", None)
-            if isinstance(maps, dict):
-                maps.clear()
-
     def forget_maps(self) -> None:
         for a in self._made.values():
             forget = getattr(a, "forget_maps", None)
@@ -196,8 +189,7 @@ async def run_gateway(
     def apply(old: Any, new: Any) -> None:
         if old is None:
             return
-        adapters.forget_presets()
-        adapters.forget_maps()
+        adapters.forget_maps()  # presets and request plans are read again from their files
         sched.replace_meters([m for m in new.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None])
         log.info("configuration reloaded: %d meters polled", len(sched.meters))
 
