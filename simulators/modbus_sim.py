@@ -97,7 +97,7 @@ class SimMeter:
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = ConsumptionModel(self.seed)
-        self._snap_t: datetime | None = None
+        self._snap_t: int | None = None
         self._snap: dict[str, Decimal] = {}
 
     def inject(self, fault: str, value: float | int | None = None) -> None:
@@ -143,11 +143,14 @@ class SimMeter:
         """Every energy register at t in one pass, equal to `model.energy_kwh(t, register)` each.
 
         A meter answers many registers from one instant; asking the model once per
-        register would walk the day's slots five times per request.
+        register would walk the day's slots five times per request. Like a real
+        meter, the registers are refreshed once a (simulated) second.
         """
-        if self._snap_t == t:
+        second = int(t.timestamp())
+        if self._snap_t == second:
             return self._snap
         model = self.model
+        t = datetime.fromtimestamp(second, UTC)
         local = t.astimezone(_MSK)
         n = (local.date() - EPOCH).days
         acc = dict(model._cumulative_before_day(n))
@@ -167,7 +170,7 @@ class SimMeter:
             base = model.start_kwh if reg == "1.8.0" else Decimal(0)
             out[reg] = (base + Decimal(repr(acc[reg]))).quantize(model.resolution, rounding=ROUND_DOWN)
         out["2.8.0"] = out["2.8.0"].quantize(model.resolution)
-        self._snap_t, self._snap = t, out
+        self._snap_t, self._snap = second, out
         return out
 
     def value(self, spec: RegisterSpec, t: datetime) -> Decimal:
@@ -286,7 +289,7 @@ class ModbusTcpFleet:
             writer.close()
             self._tasks.discard(task)  # type: ignore[arg-type]
 
-    async def _serve(self) -> None:
+    async def _serve(self, announce: str | None = None) -> None:
         self._stop = asyncio.Event()
         servers = []
         for port in self.ports:
@@ -296,6 +299,8 @@ class ModbusTcpFleet:
                 )
             )
         self._ready.set()
+        if announce:
+            print(announce, flush=True)  # only once every port listens
         await self._stop.wait()
         for s in servers:
             s.close()
@@ -323,8 +328,8 @@ class ModbusTcpFleet:
         if self._thread:
             self._thread.join(5)
 
-    def serve_forever(self) -> None:
-        asyncio.run(self._serve())
+    def serve_forever(self, announce: str | None = None) -> None:
+        asyncio.run(self._serve(announce))
 
     def __enter__(self) -> ModbusTcpFleet:
         return self.start()
@@ -505,10 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                     m.inject(kind, value)
         if args.inventory_out:
             args.inventory_out.write_text(inventory_toml(fleet.meters, args.preset, args.host, regs))
-        print(f"modbus tcp fleet: {args.meters} meters on {args.host}:{fleet.ports[0]}..{fleet.ports[-1]}",
-              flush=True)
         try:
-            fleet.serve_forever()
+            fleet.serve_forever(f"modbus tcp fleet: {args.meters} meters on {args.host}:{fleet.ports[0]}..{fleet.ports[-1]}")
         except KeyboardInterrupt:
             pass
         return 0
