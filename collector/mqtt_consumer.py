@@ -46,8 +46,10 @@ class _Msg:
     qos: int
     topic: str
     payload: bytes
-    received: datetime
     generation: int
+    family: str  # decoded already, on the network thread (see _on_message)
+    outcome: str
+    items: list[Reading | Rejected]
 
 
 def shared(group: str, topic_filter: str) -> str:
@@ -133,7 +135,19 @@ class Consumer:
             log.info("subscribed to %d topic filters in group %s", len(reason_codes), self.group)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put(_Msg(msg.mid, msg.qos, msg.topic, bytes(msg.payload), datetime.now(UTC), self._generation))
+        # Decoding here, on paho's network thread, overlaps it with the worker's database
+        # round trips; decode() never raises on bad input, and a bug must not end this thread.
+        payload = bytes(msg.payload)
+        t0 = time.perf_counter()
+        try:
+            family, outcome, items = self._decode(msg.topic, payload, datetime.now(UTC))
+        except Exception as exc:
+            log.exception("decoding a message on %s failed", msg.topic)
+            family, outcome = "unknown", "rejected"
+            items = [Rejected(f"mqtt:{msg.topic}"[:256], payload[: fmt.MAX_RAW_KEPT],
+                              f"the decoder failed on this message: {exc!r}", "decode_error")]
+        self.decode_seconds += time.perf_counter() - t0
+        self._queue.put(_Msg(msg.mid, msg.qos, msg.topic, payload, self._generation, family, outcome, items))
 
     # --- worker ---
 
@@ -179,9 +193,9 @@ class Consumer:
                 break
         return batch
 
-    def _decode(self, m: _Msg) -> tuple[str, str, list[Reading | Rejected]]:
-        d = fmt.decode(m.topic, m.payload, m.received, local_tz=self.local_tz)
-        items = fmt.to_items(d, m.payload, self.devices)
+    def _decode(self, topic: str, payload: bytes, received: datetime) -> tuple[str, str, list[Reading | Rejected]]:
+        d = fmt.decode(topic, payload, received, local_tz=self.local_tz)
+        items = fmt.to_items(d, payload, self.devices)
         if d.ignored is not None:
             outcome = "ignored"
         elif d.values and not any(isinstance(i, Rejected) for i in items):
@@ -193,10 +207,7 @@ class Consumer:
         return d.family or "unknown", outcome, items
 
     def _handle(self, batch: list[_Msg]) -> None:
-        t0 = time.perf_counter()
-        decoded = [self._decode(m) for m in batch]
-        items = [it for _, _, its in decoded for it in its]
-        self.decode_seconds += time.perf_counter() - t0
+        items = [it for m in batch for it in m.items]
         backoff = 0.5
         while True:
             try:
@@ -214,17 +225,17 @@ class Consumer:
             except Exception as exc:  # a message the store refuses must not stall the stream
                 self._drop_db()
                 log.error("batch of %d messages failed (%s); storing message by message", len(batch), exc)
-                self._one_by_one(batch, decoded)
+                self._one_by_one(batch)
                 break
-        for m, (family, outcome, _) in zip(batch, decoded, strict=True):
-            metrics.MQTT_MESSAGES.labels(family, outcome).inc()
+        for m in batch:
+            metrics.MQTT_MESSAGES.labels(m.family, m.outcome).inc()
             self._ack(m)
         self.stored_messages += len(batch)
 
-    def _one_by_one(self, batch: list[_Msg], decoded: list) -> None:
-        for m, (_family, _outcome, items) in zip(batch, decoded, strict=True):
+    def _one_by_one(self, batch: list[_Msg]) -> None:
+        for m in batch:
             try:
-                self._ingest(items)
+                self._ingest(m.items)
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except Exception as exc:

@@ -221,6 +221,13 @@ def _rejects(db_url: str) -> list[tuple]:
         return c.execute("SELECT kind, code, reason, raw, source FROM rejected_reading ORDER BY id").fetchall()
 
 
+def _forget_session(host: str, port: int, client_id: str) -> None:
+    """End a collector's persistent session, so the shared broker stops queueing for it."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.connect(host, port, clean_start=True)  # no session expiry: the session ends with this connection
+    c.disconnect()
+
+
 def test_two_collectors_share_the_load_exactly_once(db_url, tmp_path, mqtt_broker):
     host, port = mqtt_broker
     tag = uuid.uuid4().hex[:6]
@@ -237,6 +244,8 @@ def test_two_collectors_share_the_load_exactly_once(db_url, tmp_path, mqtt_broke
     rows = _wait_for(db_url, f"sh{tag}-", len(expected))
     logs = [a.stop(), b.stop()]
     pub.close()
+    for cid in (f"c-{tag}-a", f"c-{tag}-b"):
+        _forget_session(host, port, cid)
     assert len(rows) == len(expected) and set(rows) == expected, logs
     done = [a.stored(logs[0]), b.stored(logs[1])]
     assert min(done) > 0, done  # both did work
