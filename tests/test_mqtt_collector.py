@@ -370,3 +370,40 @@ def test_simulated_devices_end_to_end(db_url, tmp_path, broker, sim_format):
         assert all(abs(ts - datetime.now(UTC)) < timedelta(minutes=5) for _, ts, _ in got)
     else:
         assert got == expected
+
+
+def test_no_acknowledgement_before_the_readings_are_stored(db_url, tmp_path, broker):
+    """Database unreachable: nothing is acknowledged; the same session stores it all later."""
+    from collector.mqtt_client import parse_broker_url
+    from collector.mqtt_consumer import Consumer
+    from collector.settings import Settings
+
+    _setup_meters(db_url, tmp_path, [{"id": f"na-{i}", "adapter": "mqtt"} for i in range(2)])
+    cfg = parse_broker_url(f"mqtt://127.0.0.1:{broker.port}")
+    from prometheus_client import REGISTRY
+
+    errors_before = REGISTRY.get_sample_value("amr_db_errors_total") or 0
+    dead_db = db_url + "_gone"
+    first = Consumer(cfg, dead_db, "c-na", group="g", families=["amr"], settings=Settings(database_url=dead_db))
+    th = threading.Thread(target=first.run, daemon=True)
+    th.start()
+    msgs, expected = _amr_messages(["na-0", "na-1"], 20, 4)
+    pub = Publisher("127.0.0.1", broker.port)
+    for topic, payload in msgs:
+        pub.publish(topic, payload)
+    pub.confirm()
+    deadline = time.monotonic() + 10
+    while (REGISTRY.get_sample_value("amr_db_errors_total") or 0) < errors_before + 2:
+        assert time.monotonic() < deadline, "the consumer never tried the database"
+        time.sleep(0.05)
+    first.stop()
+    th.join(20)
+    assert first.stored_messages == 0
+    second = Consumer(cfg, db_url, "c-na", group="g", families=["amr"], settings=Settings(database_url=db_url))
+    th = threading.Thread(target=second.run, daemon=True)
+    th.start()
+    rows = _wait_for(db_url, "na-", len(expected), timeout=30)
+    second.stop()
+    th.join(20)
+    pub.close()
+    assert set(rows) == expected and len(rows) == len(expected)
