@@ -237,8 +237,11 @@ class Scheduler:
             (buses[self._bus(m)] if m.adapter in SERIAL_ADAPTERS else network).append(m)
         sem = asyncio.Semaphore(self.tcp_concurrency)
 
+        bus_done: dict[str, float] = {}
+
         async def one(m: Any, retry: bool) -> None:
             got = await self._attempt(m, slot, retry, report)
+            bus_done[self._bus(m)] = time.monotonic()
             if got is not None:
                 done.add(m.id)
                 pending.extend(got)
@@ -290,33 +293,30 @@ class Scheduler:
             if self._backed_off(m, time.monotonic()) and not any(e[0] == m.id for e in report.errors):
                 why = f"backed off for {st.backoff_s:.0f} s after: {st.last_error}"
             report.missed[m.id] = why
-            metrics.MISSED_SLOTS.labels(m.adapter, self._bus(m)).inc()
+            self._metric(metrics.MISSED_SLOTS, m.adapter, self._bus(m)).inc()
             log.warning(
                 "missed slot %s of meter %s on bus %s: %s", slot.isoformat(), m.id, self._bus(m), why,
                 extra={"meter": m.id, "bus": self._bus(m)},
             )
         self._update_backoff_gauge()
         report.seconds = time.monotonic() - t_start
-        if time.monotonic() > slot_end:
+        late = sorted(bus for bus, t in bus_done.items() if t > slot_end)
+        if late or time.monotonic() > slot_end:
             report.overrun = True
-            for bus in {self._bus(m) for m in meters}:
-                metrics.CYCLE_OVERRUNS.labels(bus).inc()
+            for bus in late:
+                self._metric(metrics.CYCLE_OVERRUNS, bus).inc()
         self.reports.append(report)
         del self.reports[:-100]
         return report
 
     def _pass_time(self, meters: Sequence[Any]) -> float:
         """The longest a pass over these meters can take if every one of them times out:
-        network meters in parallel, meters on one serial bus one after another."""
+        buses in parallel, the meters of one bus (a serial port, or one TCP endpoint's
+        connection) one after another."""
         per_bus: dict[str, float] = defaultdict(float)
-        longest = 0.0
         for m in meters:
-            cost = float(m.timeout) + float(m.pause)
-            if m.adapter in SERIAL_ADAPTERS:
-                per_bus[self._bus(m)] += cost
-            else:
-                longest = max(longest, cost)
-        return max([longest, *per_bus.values()])
+            per_bus[self._bus(m)] += float(m.timeout) + float(m.pause)
+        return max(per_bus.values(), default=0.0)
 
     def _update_backoff_gauge(self) -> None:
         counts: dict[str, int] = defaultdict(int)
