@@ -208,3 +208,14 @@ def test_example_inventory_maps_every_simulated_device():
         [(topic, payload)] = mqtt_sim.messages(fmt_name, range(1), t, models)
         items = fmt.to_items(fmt.decode(topic, payload, t), payload, devices)
         assert items and all(isinstance(i, Reading) and i.meter_id.startswith("flat-12-") for i in items), items
+
+
+def test_amr_help_lists_the_mqtt_commands():
+    from collector.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "collect" in text and "mqtt" in text
+    for argv in (["mqtt", "decode", "--help"], ["mqtt", "drain", "--help"], ["collect", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(argv)
+        assert exc.value.code == 0
