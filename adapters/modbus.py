@@ -283,7 +283,11 @@ class ModbusAdapter:
                 decoded = req.values(words)
             except DecodeError as exc:
                 bus = self._link(meter).bus
-                raise PollError("decode", f"meter {meter.id} on bus {bus} unit {meter.unit}: {exc}") from None
+                err = PollError("decode", f"meter {meter.id} on bus {bus} unit {meter.unit}: {exc}")
+                # the words as received, so the refusal can be kept with its raw bytes
+                err.raw = b"".join(w.to_bytes(2, "big") for w in words)  # type: ignore[attr-defined]
+                err.source = f"{meter.adapter}:{bus}/{meter.unit}"  # type: ignore[attr-defined]
+                raise err from None
             for spec in req.registers:
                 out.append(Value(spec.key, decoded[spec.key], spec.unit, ts, spec.obis is not None))
         return out

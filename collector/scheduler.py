@@ -132,6 +132,7 @@ class Scheduler:
         self._sink_lock = asyncio.Lock()
         self._children: dict[tuple, Any] = {}
         self._unsent: list[Reading | Rejected] = []
+        self._refused: list[Rejected] = []  # undecodable answers, for rejected_reading
         self.max_unsent = 1_000_000
 
     def _metric(self, metric: Any, *labels: str) -> Any:
@@ -163,6 +164,11 @@ class Scheduler:
             self._failed(meter, st, f"{exc.outcome}: {exc}")
             report.errors.append((meter.id, exc.outcome, str(exc)))
             log.warning("poll failed: %s", exc, extra={"meter": meter.id, "bus": bus, "outcome": exc.outcome})
+            raw = getattr(exc, "raw", None)
+            if raw is not None:  # the meter answered, with something that is not a value: keep it
+                self._refused.append(
+                    Rejected(getattr(exc, "source", bus), raw, str(exc), exc.outcome, meter.id, None, self.now())
+                )
             return None
         except Exception as exc:  # an adapter bug must not stop the daemon
             self._metric(metrics.POLLS, meter.adapter, bus, "decode").inc()
@@ -204,11 +210,11 @@ class Scheduler:
 
     async def _flush(self, items: list[Reading | Rejected]) -> None:
         """Hand readings to the sink; if it fails, keep them (bounded) and offer them again next time."""
-        if not items and not self._unsent:
+        if not items and not self._unsent and not self._refused:
             return
         async with self._sink_lock:
-            batch = self._unsent + items
-            self._unsent = []
+            batch = self._unsent + self._refused + items
+            self._unsent, self._refused = [], []
             items.clear()
             try:
                 await asyncio.to_thread(self.sink.put, batch)

@@ -357,3 +357,38 @@ def test_a_failing_sink_does_not_stop_polling_and_loses_nothing() -> None:
         asyncio.run(go())
     assert sink.calls == 2
     assert len(sink.items) == 2  # the first slot's reading came with the second
+
+
+def test_an_undecodable_answer_is_kept_as_a_rejected_input(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    clock = SimClock(datetime.now(UTC), 1.0)
+    sim = SimMeter(1, load_register_map("eastron_sdm120"), clock, seed=1)
+    sim.fixed = {"1.8.0": Decimal("NaN")}  # what a meter with a broken register sends
+    with ModbusTcpFleet({(port, 1): sim}):
+        inv_path = tmp_path / "inventory.toml"
+        inv_path.write_text(inventory_toml({(port, 1): sim}, "eastron_sdm120", registers=("1.8.0", "2.8.0")))
+        inv = load_inventory(inv_path)
+        with psycopg.connect(db_url) as conn:
+            upsert_inventory(conn, inv)
+        sink = IngestSink(db_url, Settings(database_url=db_url))
+        ms = list(inv.meters.values())
+
+        async def go() -> Scheduler:
+            adapter = ModbusAdapter(clock_tolerance_s=60)
+            sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0, backoff_after=1)
+            await sched.run_slot(ms, datetime.now(UTC), timedelta(seconds=2))
+            await adapter.close()
+            return sched
+
+        sched = asyncio.run(go())
+        sink.close()
+    assert sched.reports[0].errors[0][1] == "decode"
+    with psycopg.connect(db_url) as conn:
+        stored = conn.execute("SELECT count(*) FROM reading").fetchone()[0]
+        rows = conn.execute("SELECT meter_id, code, reason, raw FROM rejected_reading").fetchall()
+    assert stored == 0
+    assert len(rows) == 1
+    meter_id, code, reason, raw = rows[0]
+    assert meter_id == f"sim-{port}-1" and code == "decode"
+    assert "1.8.0" in reason and "nan" in reason and f"on bus 127.0.0.1:{port} unit 1" in reason
+    assert bytes(raw)[:4] == bytes.fromhex("7fc00000")  # the float32 NaN as the meter sent it
