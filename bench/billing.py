@@ -52,8 +52,12 @@ def populate(conn: psycopg.Connection, n: int, period: date) -> int:
         " (ARRAY['gas_stove','electric_stove'])[1 + (g / 3) %% 2],"
         " (ARRAY['urban','urban','rural'])[1 + (g / 7) %% 3]"
         " FROM generate_series(1, %s) g", (n,))
-    conn.execute("INSERT INTO meter (id, account, adapter) SELECT 'm-' || g, g::text, 'modbus_tcp'"
-                 " FROM generate_series(1, %s) g", (n,))
+    # every meter installed long ago; one in a hundred taken out on the 15th (its later days
+    # must not count, which exercises the day-by-day clipping)
+    conn.execute("INSERT INTO meter (id, account, adapter, installed, removed)"
+                 " SELECT 'm-' || g, g::text, 'modbus_tcp', '2025-01-01T00:00+03:00',"
+                 " CASE WHEN g %% 100 = 0 THEN %s::timestamptz END"
+                 " FROM generate_series(1, %s) g", (f"{first.replace(day=15)}T12:00+03:00", n))
     # per day: night 16 half-hours, peak 14, half-peak 18 of a household's load, kWh to 0.001
     conn.execute(
         "INSERT INTO daily_zone_usage (meter_id, day, zone, kwh, estimated_kwh)"
