@@ -179,7 +179,7 @@ class Scheduler:
             return None
         self._metric(metrics.POLL_SECONDS, meter.adapter, bus).observe(time.perf_counter() - t0)
         self._metric(metrics.POLLS, meter.adapter, bus, "ok").inc()
-        metrics.BUS_LAST_SUCCESS.labels(meter.adapter, bus).set_to_current_time()
+        self._metric(metrics.BUS_LAST_SUCCESS, meter.adapter, bus).set_to_current_time()
         if st.backoff_s:
             log.info("meter %s on bus %s answers again after back-off", meter.id, bus)
         st.failures, st.backoff_s, st.backoff_until = 0, 0.0, 0.0
