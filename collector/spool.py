@@ -32,6 +32,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+from adapters import quality
 from adapters.reading import Reading, Rejected
 from collector import metrics
 from collector.errors import UserError
@@ -61,8 +62,12 @@ class SpoolError(UserError, ValueError):
     """A spool that cannot be opened as configured (the CLI prints it without a traceback)."""
 
 
-def encode_item(item: Reading | Rejected) -> str:
-    """One item as compact JSON text: the spool's row and the uplink's wire form agree."""
+def encode_item(item: Reading | Rejected, flag: str | None = None) -> str:
+    """One item as compact JSON text: the spool's row and the uplink's wire form agree.
+
+    `flag` adds a quality flag to a reading (the spool adds `spooled`), so the
+    uplink can publish the stored text as it is.
+    """
     if isinstance(item, Reading):
         return json.dumps(
             {
@@ -70,7 +75,7 @@ def encode_item(item: Reading | Rejected) -> str:
                 "register": item.register,
                 "ts": item.ts.isoformat(),
                 "value": str(item.value),
-                "quality": sorted(item.quality),
+                "quality": sorted(item.quality | {flag} if flag else item.quality),
                 "source": item.source,
             },
             separators=(",", ":"),
@@ -148,7 +153,8 @@ class Spool:
         When the spool is full the configured policy applies; dropping is
         counted and logged, never silent.
         """
-        rows = [(time.time(), encode_item(it)) for it in items]
+        now = time.time()
+        rows = [(now, encode_item(it, quality.SPOOLED)) for it in items]
         if not rows:
             return 0
         with self._lock:
@@ -196,16 +202,25 @@ class Spool:
             cur = self._db.execute("SELECT id, item FROM spool ORDER BY id LIMIT ?", (n,))
             return [SpoolEntry(i, decode_item(text)) for i, text in cur]
 
+    def peek_encoded(self, n: int) -> list[tuple[int, str]]:
+        """Like `peek`, as the stored JSON text (what `encode_item` wrote): the uplink's fast path."""
+        with self._lock:
+            return self._db.execute("SELECT id, item FROM spool ORDER BY id LIMIT ?", (n,)).fetchall()
+
     def ack(self, ids: Iterable[int]) -> int:
         """Remove delivered entries (ids already gone are ignored); returns how many went."""
-        params = [(i,) for i in ids]
-        if not params:
+        wanted = sorted(set(ids))
+        if not wanted:
             return 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 before = self._db.total_changes
-                self._db.executemany("DELETE FROM spool WHERE id = ?", params)
+                lo, hi = wanted[0], wanted[-1]
+                if hi - lo + 1 == len(wanted):  # a run of ids, the usual case: one range delete
+                    self._db.execute("DELETE FROM spool WHERE id BETWEEN ? AND ?", (lo, hi))
+                else:
+                    self._db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in wanted])
                 removed = self._db.total_changes - before
                 self._db.execute("COMMIT")
             except BaseException:

@@ -24,7 +24,6 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from adapters import quality
 from adapters.reading import Reading, Rejected
 from collector import metrics
 from collector.mqtt_client import BrokerConfig, Connection, make_client
@@ -53,6 +52,16 @@ def amr_v1_payload(items: Sequence[Reading | Rejected], source: str) -> bytes:
     rejected: list[str] = []
     for it in items:
         (readings if isinstance(it, Reading) else rejected).append(encode_item(it))
+    body = f'{{"v":{FORMAT_VERSION},"source":{json.dumps(source)},"readings":[{",".join(readings)}]'
+    if rejected:
+        body += f',"rejected":[{",".join(rejected)}]'
+    return (body + "}").encode()
+
+
+def amr_v1_payload_encoded(texts: Sequence[str], source: str) -> bytes:
+    """`amr_v1_payload` from items already encoded by the spool (no decode and re-encode)."""
+    readings = [t for t in texts if not t.startswith('{"rejected":true')]
+    rejected = [t for t in texts if t.startswith('{"rejected":true')] if len(readings) < len(texts) else []
     body = f'{{"v":{FORMAT_VERSION},"source":{json.dumps(source)},"readings":[{",".join(readings)}]'
     if rejected:
         body += f',"rejected":[{",".join(rejected)}]'
@@ -93,9 +102,15 @@ class MqttForwarder:
         self.client.loop_start()
 
     def send(self, items: Sequence[Reading | Rejected]) -> None:
+        self._publish(amr_v1_payload(items, self.source))
+
+    def send_encoded(self, texts: Sequence[str]) -> None:
+        """The spool's stored text as it is: the fast path of `Uplink`."""
+        self._publish(amr_v1_payload_encoded(texts, self.source))
+
+    def _publish(self, payload: bytes) -> None:
         if not self.conn.up.wait(self.timeout):
             raise UplinkError(f"broker {self.broker.describe()} not connected ({self.conn.last_error or 'connecting'})")
-        payload = amr_v1_payload(items, self.source)
         t0 = time.monotonic()
         info = self.client.publish(self.topic, payload, qos=1)
         try:
@@ -171,16 +186,22 @@ class Uplink:
 
     def drain_once(self) -> int:
         """Deliver at most one batch; returns how many left the spool. Raises on failure."""
-        entries: list[SpoolEntry] = self.spool.peek(self.batch_size)
-        if not entries:
-            return 0
-        items = [
-            e.item.flagged(quality.SPOOLED) if isinstance(e.item, Reading) else e.item for e in entries
-        ]
-        self.forwarder.send(items)
-        self.spool.ack(e.id for e in entries)
-        self.delivered += len(entries)
-        return len(entries)
+        send_encoded = getattr(self.forwarder, "send_encoded", None)
+        if send_encoded is not None:  # publish the stored text as it is
+            rows = self.spool.peek_encoded(self.batch_size)
+            if not rows:
+                return 0
+            send_encoded([text for _, text in rows])
+            ids = [i for i, _ in rows]
+        else:
+            entries: list[SpoolEntry] = self.spool.peek(self.batch_size)
+            if not entries:
+                return 0
+            self.forwarder.send([e.item for e in entries])  # readings carry `spooled` from the spool
+            ids = [e.id for e in entries]
+        self.spool.ack(ids)
+        self.delivered += len(ids)
+        return len(ids)
 
     def run(self) -> None:
         backoff = 0.5

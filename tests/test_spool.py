@@ -36,7 +36,8 @@ def test_put_peek_ack_in_order_and_reopen(tmp_path):
     s.put(_readings(3, 5))
     entries = s.peek(4)
     assert [e.item.value for e in entries] == [Decimal(i) / 4 for i in range(4)]
-    assert entries[0].item == _readings(1)[0]  # every field survives, quality and source too
+    # every field survives, quality and source too, and the reading says it went through the spool
+    assert entries[0].item == _readings(1)[0].flagged("spooled")
     assert s.ack(e.id for e in entries[:2]) == 2
     assert s.ack([entries[0].id, 10_000]) == 0  # already gone / never there: ignored
     s.close()
@@ -46,6 +47,15 @@ def test_put_peek_ack_in_order_and_reopen(tmp_path):
     assert items[3] == rej
     assert [i.value for i in items if isinstance(i, Reading)] == [Decimal(i) / 4 for i in (2, 3, 4, 5, 6, 7)]
     assert REGISTRY.get_sample_value("amr_spool_depth") == 7
+
+
+def test_ack_any_ids_in_any_order(tmp_path):
+    s = Spool(tmp_path / "s.sqlite", 100)
+    s.put(_readings(6))
+    ids = [e.id for e in s.peek(6)]
+    assert s.ack([ids[4], ids[1]]) == 2  # not a run: removed one by one
+    assert s.ack(ids[:3]) == 2  # a run with a hole already acknowledged
+    assert [e.item.value * 4 for e in s.peek(10)] == [3, 5] and len(s) == 2
 
 
 def test_drop_oldest_keeps_newest_with_metric_and_log(tmp_path, caplog):
