@@ -210,6 +210,8 @@ def report_rtu(rtu: dict) -> None:
           f"{rtu['registers_per_read']} registers a read")
     print(f"    meter reads/s: {rtu['reads_per_s']:.2f}   line bound: {rtu['bound_reads_per_s']:.2f}   "
           f"fraction: {rtu['fraction']:.1%} (target >= 90%)")
+    print(f"    per read: {1000 / rtu['reads_per_s']:.2f} ms, of which the line needs "
+          f"{1000 / rtu['bound_reads_per_s']:.2f} ms (request, t3.5, answer, t3.5)")
 
 
 if __name__ == "__main__":
