@@ -345,6 +345,9 @@ class Scheduler:
             except TimeoutError:
                 pass
             meters = [m for m in self.meters if m.interval == interval]
+            if not meters:  # a reload took this interval's meters away
+                last = None
+                continue
             if last is not None and slot - last > interval:
                 self._skipped(meters, int((slot - last) / interval) - 1, last + interval)
             report = await self.run_slot(meters, slot, interval)
@@ -364,10 +367,39 @@ class Scheduler:
         )
 
     async def run(self, stop: asyncio.Event | None = None, cycles: int | None = None) -> None:
-        """Poll until stop is set (or `cycles` slots per interval group have run)."""
+        """Poll until stop is set (or `cycles` slots per interval group have run).
+
+        One loop per distinct interval; a reload that brings a new interval gets
+        its loop within a second, and a loop that died of a bug is logged and
+        started again rather than silently leaving its meters unread.
+        """
         stop = stop or asyncio.Event()
-        intervals = sorted({m.interval for m in self.meters})
-        await asyncio.gather(*(self._group_loop(iv, stop, cycles) for iv in intervals))
+        tasks: dict[timedelta, asyncio.Task] = {}
+        finished: set[timedelta] = set()
+        try:
+            while not stop.is_set():
+                for iv in sorted({m.interval for m in self.meters} - tasks.keys() - finished):
+                    tasks[iv] = asyncio.create_task(self._group_loop(iv, stop, cycles), name=f"slots {iv}")
+                for iv, task in list(tasks.items()):
+                    if not task.done():
+                        continue
+                    del tasks[iv]
+                    if task.cancelled() or task.exception() is None:
+                        finished.add(iv)  # ran its cycles
+                    else:
+                        log.error("the %s polling loop failed and restarts: %r", iv, task.exception())
+                if cycles is not None and not tasks:
+                    break
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except TimeoutError:
+                    pass
+        finally:
+            for task in tasks.values():
+                if stop.is_set():
+                    await asyncio.gather(task, return_exceptions=True)
+                else:
+                    task.cancel()
 
     def replace_meters(self, meters: Sequence[Any]) -> None:
         """Take a reloaded inventory: new meters from the next slot; state kept by id."""
