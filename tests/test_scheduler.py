@@ -392,3 +392,32 @@ def test_an_undecodable_answer_is_kept_as_a_rejected_input(db_url: str, tmp_path
     assert meter_id == f"sim-{port}-1" and code == "decode"
     assert "1.8.0" in reason and "nan" in reason and f"on bus 127.0.0.1:{port} unit 1" in reason
     assert bytes(raw)[:4] == bytes.fromhex("7fc00000")  # the float32 NaN as the meter sent it
+
+
+def test_a_reload_adds_meters_and_their_interval_without_a_restart() -> None:
+    port = free_port()
+    with live_fleet([(port, 1), (port, 2)]):
+        first = tcp_meter(port, 1, id="first", interval="1s")
+        added = tcp_meter(port, 2, id="added", interval="2s")
+        sink = ListSink()
+
+        async def go() -> Scheduler:
+            adapter = ModbusAdapter(clock_tolerance_s=10**9)
+            sched = Scheduler([first], lambda m: adapter, sink, jitter_s=0)
+            stop = asyncio.Event()
+            task = asyncio.create_task(sched.run(stop))
+            await asyncio.sleep(1.2)
+            sched.replace_meters([first, added])
+            deadline = time.monotonic() + 8
+            while not any(r.meter_id == "added" for r in sink.items) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.wait_for(task, 5)
+            await adapter.close()
+            return sched
+
+        sched = asyncio.run(go())
+    assert any(r.meter_id == "added" for r in sink.items)
+    assert sum(1 for r in sink.items if r.meter_id == "first") >= 2
+    assert all(r.ts.timestamp() % 2 == 0 for r in sink.items if r.meter_id == "added")  # on its own 2 s slots
+    assert sched.state["added"].reads >= 1
