@@ -105,3 +105,40 @@ def test_tariffs_cli_reports_every_problem(conn, cli_env, tmp_path, capsys) -> N
     listed = [json.loads(x) for x in run(["tariffs", "list", "--json", "--on", "2014-08-01"], capsys).splitlines()]
     assert [(t["plan"], t["rates"]) for t in listed] == [
         ("single", {"all": "3.53"}), ("two_zone", {"day": "3.55", "night": "2.14"})]
+
+
+def test_amr_bill_on_a_terminal_shows_progress_then_the_summary(conn, db_url) -> None:
+    """The real console command in a pseudo-terminal: a progress bar, then the summary line."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from billing.tariffs import load_catalogue_file, store_catalogue
+    from tests.test_billing import add_usage
+
+    store_catalogue(conn, load_catalogue_file(CATALOGUES / "example.toml"))
+    for n in range(1, 6):
+        add_subscriber(conn, str(n), "two_zone")
+        add_usage(conn, f"m-{n}", date(2026, 10, 2), night="2", peak="1", half_peak="1")
+    main, child = pty.openpty()
+    env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_METRICS_PORT": "0", "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "bill", "--period", "2026-10"],
+                            stdout=child, stderr=child, stdin=child, env=env, close_fds=True)
+    os.close(child)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        assert proc.wait(timeout=60) == 0, out.decode(errors="replace")
+        os.close(main)
+    text = out.decode(errors="replace")
+    assert "billing 2026-10" in text and "\x1b[" in text  # the progress bar, drawn on the terminal
+    assert "2026-10: billed 5, unchanged 0, new versions 0, held back 0" in text
