@@ -15,6 +15,7 @@ refused with the file, the meter and the reason, never half-polled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -201,8 +202,29 @@ async def run_gateway(
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
         pass
     log.info("gateway polling %d meters from %s", len(meters), inventory_path)
+    # a spooling gateway has no database to ask: it counts its own silent meters
+    # (in direct mode the /metrics refresher counts the fleet from the database)
+    stale_task = None if isinstance(sink, IngestSink) else loop.create_task(_count_stale(sched, stop))
     try:
         await sched.run(stop, cycles)
     finally:
+        if stale_task is not None:
+            stale_task.cancel()
         await adapters.close()
     return sched
+
+
+async def _count_stale(sched: Scheduler, stop: asyncio.Event, every_s: float = 5.0) -> None:
+    """amr_meters_stale for this gateway: meters not read for more than two intervals."""
+    from collector import metrics
+    from collector.commands.status import STALE_AFTER_INTERVALS
+
+    started = sched.now()
+    while not stop.is_set():
+        now = sched.now()
+        metrics.METERS_STALE.set(sum(
+            1 for m in sched.meters
+            if (sched.state[m.id].last_ok or started) < now - STALE_AFTER_INTERVALS * m.interval
+        ))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)

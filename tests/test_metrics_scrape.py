@@ -155,6 +155,9 @@ def test_gateway_and_collector_metrics_move(db_url, conn, mqtt_broker, fleet, tm
         # a dead port: refused reads on its own bus, the others carry on
         assert value(later, "amr_polls_total", outcome="refused") > 0 or value(later, "amr_polls_total", outcome="timeout") > 0
 
+        # the gateway counts its own silent meter (the dead port), without a database
+        wait_for(gw_port, lambda s: value(s, "amr_meters_stale") == 1, "the gateway's stale count", timeout=15)
+
         # --- fault: meter b stops answering -------------------------------------------------
         before = value(later, "amr_polls_total", outcome="timeout", **labels)
         sim.meters[(port, 2)].inject("no_answer")
