@@ -108,7 +108,8 @@ class _Link:
 
 
 def _serial_settings(meter: Any) -> tuple[int, str, int]:
-    return int(meter.baudrate or 9600), "N", 1
+    """Baud rate, parity and stop bits of a meter's serial line (8 data bits; 8N1 by default)."""
+    return int(meter.baudrate or 9600), getattr(meter, "parity", None) or "N", 1
 
 
 class ModbusAdapter:

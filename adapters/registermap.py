@@ -399,7 +399,7 @@ def check_modbus_meters(meters: Iterable[Any], source: str = "<inventory>", base
     problems: list[str] = []
     maps: dict[str, RegisterMap | None] = {}
     owners: dict[tuple[str, int], str] = {}
-    bauds: dict[str, tuple[int, str]] = {}
+    bauds: dict[str, tuple[str, str]] = {}
     for m in meters:
         if m.adapter not in MODBUS_ADAPTERS:
             continue
@@ -432,11 +432,11 @@ def check_modbus_meters(meters: Iterable[Any], source: str = "<inventory>", base
             if not isinstance(m.port, str) or not m.port:
                 problems.append(f"{where}: key 'port': a Modbus RTU meter needs a serial device path like /dev/ttyUSB0")
             else:
-                baud = int(m.baudrate or 9600)
-                first = bauds.setdefault(m.bus_name, (baud, m.id))
-                if first[0] != baud:
+                line = f"{int(m.baudrate or 9600)} baud {getattr(m, 'parity', None) or 'N'}"
+                first = bauds.setdefault(m.bus_name, (line, m.id))
+                if first[0] != line:
                     problems.append(
-                        f"{where}: key 'baudrate': {baud} on bus {m.bus_name}, but meter {first[1]!r} "
+                        f"{where}: key 'baudrate': {line} on bus {m.bus_name}, but meter {first[1]!r} "
                         f"on the same bus uses {first[0]}"
                     )
         if m.unit is not None:

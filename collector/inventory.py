@@ -79,6 +79,7 @@ class Meter(BaseModel):
     port: int | str | None = None
     unit: int | None = Field(default=None, ge=0, le=247)
     baudrate: int | None = Field(default=None, gt=0)
+    parity: Literal["N", "E", "O"] | None = None  # Modbus RTU line parity; default N (8N1)
     address: str | None = None  # IEC 62056-21 device address (multi-drop)
     dialect: Literal["standard", "energomera"] = "standard"  # IEC 62056-21 dialect
     password: str | None = None  # IEC 62056-21 programming-mode password (Energomera)

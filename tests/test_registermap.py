@@ -206,6 +206,15 @@ unit = 5
 registers = ["1.8.0", "1.8.1"]
 
 [[meter]]
+id = "even"
+account = "1"
+adapter = "modbus_rtu"
+preset = "eastron_sdm120"
+port = "/dev/ttyS1"
+parity = "E"
+unit = 6
+
+[[meter]]
 id = "iec-on-rtu"
 account = "1"
 adapter = "iec62056"
@@ -227,6 +236,10 @@ def test_broken_inventory_is_refused_with_file_meter_and_reason(tmp_path: Path) 
     assert "site.toml: meter 'noport': key 'port': a Modbus RTU meter needs a serial device path" in text
     assert "meter 'overlap': key 'preset'" in text and "overlap" in text and "'2.8.0' (holding 1..2)" in text
     assert "meter 'tariffs': key 'registers': preset 'eastron_sdm120' has no register '1.8.1'" in text
+    assert (
+        "meter 'even': key 'baudrate': 9600 baud E on bus /dev/ttyS1, but meter 'overlap' on the same bus "
+        "uses 9600 baud N" in text
+    )
     assert not any(p.startswith("site.toml: meter 'ok'") for p in problems)
     # and the gateway refuses to start on it
     from collector.gateway import check_inventory
