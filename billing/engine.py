@@ -309,6 +309,8 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         memo: dict = {}
         changed: list[tuple[Bill, int, Decimal]] = []
         total_subs = len(subs)
+        if progress:
+            progress(0, total_subs)
         for n, (account, plan, category, area) in enumerate(subs, start=1):
             if progress and n % 2000 == 0:
                 progress(n, total_subs)
