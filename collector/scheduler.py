@@ -175,13 +175,14 @@ class Scheduler:
             msg = f"meter {meter.id} on bus {bus}: {type(exc).__name__}: {exc}"
             self._failed(meter, st, f"decode: {msg}")
             report.errors.append((meter.id, "decode", msg))
-            log.exception("poll crashed: %s", msg)
+            log.exception("poll crashed: %s", msg, extra={"meter": meter.id, "bus": bus, "outcome": "decode"})
             return None
         self._metric(metrics.POLL_SECONDS, meter.adapter, bus).observe(time.perf_counter() - t0)
         self._metric(metrics.POLLS, meter.adapter, bus, "ok").inc()
         self._metric(metrics.BUS_LAST_SUCCESS, meter.adapter, bus).set_to_current_time()
         if st.backoff_s:
-            log.info("meter %s on bus %s answers again after back-off", meter.id, bus)
+            log.info("meter %s on bus %s answers again after back-off", meter.id, bus,
+                     extra={"meter": meter.id, "bus": bus})
         st.failures, st.backoff_s, st.backoff_until = 0, 0.0, 0.0
         st.last_ok, st.reads = self.now(), st.reads + 1
         return [self._stamp(r, slot, retry) for r in readings]
@@ -204,6 +205,7 @@ class Scheduler:
             log.warning(
                 "meter %s on bus %s backs off for %.0f s after %d failures (%s)",
                 meter.id, self._bus(meter), st.backoff_s, st.failures, reason,
+                extra={"meter": meter.id, "bus": self._bus(meter)},
             )
 
     # --- one slot ------------------------------------------------------------
@@ -237,10 +239,10 @@ class Scheduler:
         done: set[str] = set()
         pending: list[Reading | Rejected] = []
 
-        buses: dict[str, list[Any]] = defaultdict(list)
-        network: list[Any] = []
+        buses: dict[str, list[Any]] = defaultdict(list)  # serial ports
+        endpoints: dict[str, list[Any]] = defaultdict(list)  # TCP host:port
         for m in meters:
-            (buses[self._bus(m)] if m.adapter in SERIAL_ADAPTERS else network).append(m)
+            (buses if m.adapter in SERIAL_ADAPTERS else endpoints)[self._bus(m)].append(m)
         sem = asyncio.Semaphore(self.tcp_concurrency)
 
         bus_done: dict[str, float] = {}
@@ -257,13 +259,14 @@ class Scheduler:
                 if len(pending) >= 5000:
                     await self._flush(pending)
 
-        async def network_one(m: Any, retry: bool) -> None:
-            if not retry:
-                delay = jitter_of(m.id, self.jitter_s)
-                if delay:
-                    await asyncio.sleep(delay)
-            async with sem:
-                await one(m, retry)
+        async def endpoint_worker(ms: list[Any], retry: bool) -> None:
+            # one TCP connection carries one request at a time: its meters go in turn,
+            # endpoints in parallel, at most tcp_concurrency reads in flight overall
+            if not retry and self.jitter_s:
+                await asyncio.sleep(jitter_of(self._bus(ms[0]), self.jitter_s))
+            for m in ms:
+                async with sem:
+                    await one(m, retry)
 
         async def bus_worker(ms: list[Any], retry: bool) -> None:
             if not retry and self.jitter_s:
@@ -276,7 +279,7 @@ class Scheduler:
 
         async def run_pass(retry: bool) -> None:
             mono = time.monotonic()
-            tasks = [network_one(m, retry) for m in due(network, mono)]
+            tasks = [endpoint_worker(ms, retry) for ms in (due(g, mono) for g in endpoints.values()) if ms]
             tasks += [bus_worker(ms, retry) for ms in (due(g, mono) for g in buses.values()) if ms]
             if tasks:
                 await asyncio.gather(*tasks)
