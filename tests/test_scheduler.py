@@ -132,7 +132,7 @@ def test_tcp_reads_run_concurrently_up_to_the_bound() -> None:
     ports = [free_port() for _ in range(12)]
     with live_fleet([(p, 1) for p in ports]) as fleet:
         for m in fleet.meters.values():
-            m.inject("slow", 0.15)
+            m.inject("slow", 0.25)
         ms = [tcp_meter(p, 1, timeout=1.0) for p in ports]
 
         def cycle(bound: int) -> float:
@@ -150,8 +150,8 @@ def test_tcp_reads_run_concurrently_up_to_the_bound() -> None:
             return asyncio.run(go())
 
         bounded, wide = cycle(3), cycle(12)
-    assert bounded >= 4 * 0.15 * 0.95  # 12 reads, 3 at a time: at least four rounds of 150 ms
-    assert wide < bounded * 0.6
+    assert bounded >= 4 * 0.25 * 0.95  # 12 reads, 3 at a time: at least four rounds of 250 ms
+    assert wide < bounded / 2  # all twelve at once: about one round
 
 
 def test_faults_are_counted_and_named_and_only_good_readings_are_stored(db_url: str, tmp_path: Path) -> None:
