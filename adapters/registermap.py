@@ -20,7 +20,7 @@ import struct
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,10 +166,6 @@ class RegisterSpec(BaseModel):
                 n -= 1 << bits
             raw = struct.pack(">" + fmt, n)
         return self._words_of(raw)
-
-    def representable(self, value: Decimal) -> Decimal:
-        """What decode(encode(value)) gives: tests compare against this."""
-        return self.decode(self.encode(value))
 
 
 def _shortest(x: float, typ: str) -> Decimal:
@@ -374,13 +370,6 @@ def plan_requests(
         if group:
             out.append(Request(fn, start, end - start, tuple(group)))  # type: ignore[arg-type]
     return out
-
-
-def quantize_like(value: Decimal, spec: RegisterSpec) -> Decimal:
-    """Round a value to the step an integer register can hold (for comparisons)."""
-    if TYPES[spec.type][3]:
-        return value
-    return (value / spec.scale).to_integral_value(rounding=ROUND_HALF_EVEN) * spec.scale
 
 
 # --- inventory checks at start-up ----------------------------------------------
