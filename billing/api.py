@@ -472,7 +472,17 @@ def _store_readings(conn: psycopg.Connection, acc: str, readings: list[ReadingIn
     active = [m for m, (_, rem) in meters.items() if rem is None]
     now = datetime.now(UTC)
     items = []
-    for i, r in enumerate(sorted(readings, key=lambda r: r.ts)):
+    stamped = []
+    for i, r in enumerate(readings):
+        try:  # to UTC first: PostgreSQL takes offsets only up to 15:59, a client may send more
+            ts = r.ts.astimezone(UTC)
+        except (OverflowError, ValueError):
+            ts = None
+        if ts is None or ts.year < 1970:
+            raise ApiError(422, "invalid_time", f"readings[{i}]: неверная дата показания.")
+        stamped.append((ts, r))
+    stamped.sort(key=lambda p: p[0])
+    for i, (ts, r) in enumerate(stamped):
         where = f"readings[{i}]"
         meter_id = r.meter_id
         if meter_id is None:
@@ -482,24 +492,24 @@ def _store_readings(conn: psycopg.Connection, acc: str, readings: list[ReadingIn
             meter_id = active[0]
         if meter_id not in meters:
             raise ApiError(422, "unknown_meter", f"{where}: прибор учёта {meter_id!r} не относится к счёту.")
-        if r.ts > now + timedelta(seconds=settings.future_tolerance_s):
+        if ts > now + timedelta(seconds=settings.future_tolerance_s):
             raise ApiError(422, "reading_in_future", f"{where}: дата показания ещё не наступила.")
         last = conn.execute(
             "SELECT ts, value FROM reading WHERE meter_id = %s AND register = %s AND ts <= %s"
-            " ORDER BY ts DESC LIMIT 1", (meter_id, r.obis, r.ts)).fetchone()
+            " ORDER BY ts DESC LIMIT 1", (meter_id, r.obis, ts)).fetchone()
         if last is not None:
             last_ts, last_value = last
             if r.value < last_value:
                 raise ApiError(422, "reading_below_last",
                                f"{where}: показание {r.value} меньше предыдущего {last_value} "
                                f"от {last_ts.astimezone(ZoneInfo(settings.timezone)):%d.%m.%Y}.")
-            hours = Decimal(max((r.ts - last_ts).total_seconds(), 1)) / 3600
+            hours = Decimal(max((ts - last_ts).total_seconds(), 1)) / 3600
             max_kw = meters[meter_id][0]
             if (r.value - last_value) / hours > max_kw:
                 raise ApiError(422, "reading_implausible",
                                f"{where}: расход {r.value - last_value} кВт·ч за это время больше "
                                f"возможного для прибора (до {max_kw} кВт); проверьте показание.")
-        items.append(Reading(meter_id, r.obis, r.ts, r.value, frozenset({quality.MANUAL}), "portal"))
+        items.append(Reading(meter_id, r.obis, ts, r.value, frozenset({quality.MANUAL}), "portal"))
     result = Ingestor(conn, settings).ingest(items)
     if result.rejected or result.conflict:
         codes = ", ".join(sorted(result.rejects_by_code)) or "conflict"

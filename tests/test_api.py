@@ -10,7 +10,11 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from billing.api import TokenStore, create_app, hash_token
 from billing.engine import bill_period
@@ -33,6 +37,7 @@ accounts = ["789"]
 A = {"Authorization": f"Bearer {ALICE}"}
 B = {"Authorization": f"Bearer {BOB}"}
 NOW = datetime.now(UTC).replace(microsecond=0)
+CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 
 
 @pytest.fixture
@@ -183,12 +188,12 @@ def test_fuzzing_the_openapi_spec_finds_no_server_error(api) -> None:
         @settings(max_examples=25, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         def run(case) -> None:
-            case.call_and_validate(headers=A, checks=[not_a_server_error])
+            case.call_and_validate(headers=A, checks=CHECKS)
             if "account" in (case.path_parameters or {}):
                 # the same fuzzed query and body against accounts that exist and are the token's
                 for account in ("000123", "456"):
                     case.path_parameters["account"] = account
-                    r = case.call_and_validate(headers=A, checks=[not_a_server_error])
+                    r = case.call_and_validate(headers=A, checks=CHECKS)
                     seen.add(r.status_code)
 
         run()
