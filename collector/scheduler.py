@@ -356,6 +356,11 @@ class Scheduler:
             report = await self.run_slot(meters, slot, interval)
             last = slot
             ran += 1
+            log.info(
+                "slot %s: read %d of %d meters in %.2f s (%d on a retry), %d missed",
+                slot.isoformat(), len(report.read), len(meters), report.seconds, len(report.retried),
+                len(report.missed), extra={"slot": slot.isoformat(), "missed": len(report.missed)},
+            )
             if report.overrun:
                 log.warning("slot %s of the %s meters overran its interval", slot.isoformat(), interval)
 
