@@ -170,7 +170,12 @@ def bare_receive_rate(port: int, msgs: list[tuple[str, bytes]], readings: int) -
     return readings / dt
 
 
-def raw_copy_rate(url: str, rows: int, start: datetime) -> float:
+def raw_copy_rate(url: str, rows: int, start: datetime, tries: int = 3) -> float:
+    """Best of `tries`: the limit, not the noise of a machine shared with other work."""
+    return max(_raw_copy_once(url, rows, start) for _ in range(tries))
+
+
+def _raw_copy_once(url: str, rows: int, start: datetime) -> float:
     with psycopg.connect(url) as c:
         c.execute("CREATE TABLE bench_copy (LIKE reading INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
         c.execute("ALTER TABLE bench_copy ADD PRIMARY KEY (meter_id, register, ts)")
@@ -226,7 +231,9 @@ def ingest_only_rate(
     return readings / dt
 
 
-def collector_rate(port: int, url: str, msgs: list[tuple[str, bytes]], readings: int, batch: int) -> float:
+def collector_rate(
+    port: int, url: str, msgs: list[tuple[str, bytes]], readings: int, batch: int, workers: int = 1
+) -> float:
     cid = f"bench-col-{uuid.uuid4().hex[:6]}"
     group = f"bench{uuid.uuid4().hex[:6]}"
     create_session(port, cid, shared(group, AMR_SUBSCRIBE[0]))
@@ -234,7 +241,7 @@ def collector_rate(port: int, url: str, msgs: list[tuple[str, bytes]], readings:
     settings = Settings(database_url=url, metrics_port=0)
     consumer = Consumer(parse_broker_url(f"mqtt://127.0.0.1:{port}"), url, cid, group=group,
                         families=["amr"], settings=settings, batch_messages=batch, batch_wait=0.02,
-                        receive_maximum=65535)
+                        receive_maximum=65535, workers=workers)
     with psycopg.connect(url, autocommit=True) as c:
         base = c.execute("SELECT count(*) FROM reading").fetchone()[0]
         t0 = time.perf_counter()
@@ -267,9 +274,11 @@ def uplink_rates(port: int, readings: int, batch: int, start: datetime) -> tuple
                      models[n].energy_kwh(start + timedelta(minutes=30 * k)), frozenset(), "modbus")
              for k in range(readings // 100) for n in range(100)]
     payloads = [amr_v1_payload(items[i: i + batch], "bench") for i in range(0, len(items), batch)]
-    t0 = time.perf_counter()
-    publish_all(port, [("amr/v1/bench/readings", p) for p in payloads])
-    bare = len(items) / (time.perf_counter() - t0)
+    bare = 0.0
+    for _ in range(2):  # best of two: the limit
+        t0 = time.perf_counter()
+        publish_all(port, [("amr/v1/bench/readings", p) for p in payloads])
+        bare = max(bare, len(items) / (time.perf_counter() - t0))
     with tempfile.TemporaryDirectory() as d:
         spool = Spool(Path(d) / "spool.sqlite", len(items) + 1)
         for i in range(0, len(items), 1000):
@@ -324,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             results["collector, 1 reading/message"] = collector_rate(broker.port, url, single, n_single, 500)
             results[f"collector, {args.per_message} readings/message"] = collector_rate(
                 broker.port, url, batched, n_batched, 200)
+            later = messages(args.meters, batch_steps, args.per_message, start + timedelta(days=40))
+            results[f"collector, {args.per_message} readings/message, 2 workers"] = collector_rate(
+                broker.port, url, later, n_batched, 200, workers=2)
         finally:
             drop_db(args.admin_url, url)
         drained, bare_pub = uplink_rates(broker.port, n_batched, 500, start)
@@ -338,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gateway uplink, spool -> broker PUBACK, 500 readings/message: {drained:.0f} readings/s; "
           f"bare paho QoS 1 publish of the same messages: {bare_pub:.0f} readings/s; "
           f"ratio {drained / bare_pub:.2f}")
-    batched_ratio = results[f"collector, {args.per_message} readings/message"] / copy
+    batched_ratio = max(v for k, v in results.items() if k.startswith(f"collector, {args.per_message}")) / copy
+    ceiling = max(v for k, v in results.items() if k.startswith("ingestion entry point")) / copy
     print(f"target: batched collector >= 0.5 x raw COPY: {'met' if batched_ratio >= 0.5 else 'NOT met'} "
-          f"({batched_ratio:.2f})")
+          f"({batched_ratio:.2f}; the ingestion entry point alone reaches {ceiling:.2f})")
     return 0
 
 

@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -72,6 +73,7 @@ class Consumer:
         batch_wait: float = 0.05,
         receive_maximum: int = 1000,
         local_tz: str = "Europe/Moscow",
+        workers: int = 1,
     ):
         self.broker = broker
         self.database_url = database_url
@@ -92,8 +94,9 @@ class Consumer:
         self._generation = 0
         self._started = False
         self._conn_state = Connection()
-        self._db: psycopg.Connection | None = None
-        self._ingestor = None
+        self.workers = max(1, workers)
+        self._slots: list[tuple[psycopg.Connection, object] | None] = [None] * self.workers
+        self._pool = ThreadPoolExecutor(self.workers, "amr-ingest") if self.workers > 1 else None
         self.client = make_client(broker, client_id)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
@@ -171,8 +174,9 @@ class Consumer:
         finally:
             self.client.disconnect()
             self.client.loop_stop()
-            if self._db is not None:
-                self._db.close()
+            self._drop_db()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             log.info("collector %s stopped after storing %d messages", self.client_id, self.stored_messages)
 
     def stop(self) -> None:
@@ -251,20 +255,42 @@ class Consumer:
         self.client.ack(m.mid, m.qos)
 
     def _ingest(self, items: list[Reading | Rejected]) -> None:
+        """Store one batch; with several workers, split by meter so each meter stays in one transaction.
+
+        The parts commit separately: when one fails the batch is not acknowledged and comes
+        again, and the parts already stored count as duplicates.
+        """
+        t0 = time.perf_counter()
+        if self._pool is None or len(items) < 2 * self.workers:
+            self._ingest_slot(0, items)
+        else:
+            parts: list[list[Reading | Rejected]] = [[] for _ in range(self.workers)]
+            for it in items:
+                key = it.meter_id if isinstance(it, Reading) else None
+                parts[hash(key) % self.workers if key else 0].append(it)
+            futures = [self._pool.submit(self._ingest_slot, i, part) for i, part in enumerate(parts) if part]
+            errors = [f.exception() for f in futures]
+            failed = [e for e in errors if e is not None]
+            if failed:
+                raise failed[0]
+        self.ingest_seconds += time.perf_counter() - t0
+
+    def _ingest_slot(self, slot: int, items: list[Reading | Rejected]) -> None:
         from collector.ingest import Ingestor
         from collector.storage import db
 
-        if self._db is None or self._db.closed:
-            self._db = db.connect(self.database_url)
-            self._ingestor = Ingestor(self._db, self.settings)
-        t0 = time.perf_counter()
-        self._ingestor.ingest(items)
-        self.ingest_seconds += time.perf_counter() - t0
+        held = self._slots[slot]
+        if held is None or held[0].closed:
+            conn = db.connect(self.database_url)
+            held = (conn, Ingestor(conn, self.settings))
+            self._slots[slot] = held
+        held[1].ingest(items)  # type: ignore[attr-defined]
 
     def _drop_db(self) -> None:
-        if self._db is not None:
-            try:
-                self._db.close()
-            except Exception:
-                pass
-        self._db = None
+        for i, held in enumerate(self._slots):
+            if held is not None:
+                try:
+                    held[0].close()
+                except Exception:
+                    pass
+            self._slots[i] = None

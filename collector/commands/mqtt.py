@@ -87,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch", type=int, default=500, help="most messages stored in one transaction (500)")
     c.add_argument("--batch-wait", type=float, default=0.05,
                    help="seconds to wait for more messages before storing a batch (0.05)")
+    c.add_argument("--workers", type=int, default=1,
+                   help="database connections storing each batch in parallel, split by meter (1); "
+                        "2 helps when the database has cores to spare")
     c.add_argument("--inventory", type=Path, default=None, help="inventory file (default AMR_INVENTORY)")
     c.set_defaults(func=cmd_collect)
 
@@ -160,6 +163,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         broker, settings.database_url, args.client_id or f"amr-collector-{socket.gethostname()}",
         group=settings.mqtt_group, devices=fmt.DeviceMap(), families=families, settings=settings,
         batch_messages=args.batch, batch_wait=args.batch_wait, local_tz=settings.timezone,
+        workers=args.workers,
     )
     if inv_path is not None:
         # the device map comes from the inventory; SIGHUP reloads it (a bad file keeps the old map)
