@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import psycopg
@@ -151,6 +151,10 @@ def test_manual_readings_are_checked_then_stored(api, conn) -> None:
     assert rows == [(Decimal("1000.5"), ["manual"], "portal"), (Decimal("1150.25"), ["manual"], "portal")]
     r = api.post("/accounts/456/readings", headers=A, json={"readings": [{"ts": "2026-10-01T10:00", "value": "1"}]})
     assert r.status_code == 422
+    # an offset PostgreSQL would refuse (over 15:59) is taken as the instant it names
+    far_east = (t0 + timedelta(days=6)).astimezone(timezone(timedelta(hours=16)))
+    assert post(far_east, "1160").status_code == 201
+    assert conn.execute("SELECT max(ts) FROM reading WHERE meter_id = 'm-456'").fetchone()[0] == t0 + timedelta(days=6)
 
 
 def test_the_portal_role_can_only_read_views(api, conn) -> None:
