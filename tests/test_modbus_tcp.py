@@ -225,3 +225,27 @@ def test_amr_scan_finds_the_answering_units_and_guesses_their_model(capsys: pyte
     assert found[1]["preset"] == "eastron_sdm630"
     assert found[2]["preset"] == "eastron_sdm120" and "eastron_sdm630" not in found[2]["candidates"]
     assert found[5]["preset"] == "generic_counter"
+
+
+def test_amr_poll_reads_a_good_meter_of_an_inventory_with_a_bad_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from collector.cli import main
+    from simulators.modbus_sim import inventory_toml
+
+    port = free_port()
+    sims = {(port, 1): SimMeter(1, load_register_map("generic_counter"), FROZEN, seed=9)}
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(
+        inventory_toml(sims, "generic_counter")
+        + '\n[[meter]]\nid = "broken"\naccount = "900001"\nadapter = "modbus_tcp"\npreset = "nope"\n'
+        'host = "127.0.0.1"\nunit = 9\n'
+    )
+    with ModbusTcpFleet(sims):
+        assert main(["poll", f"sim-{port}-1", "--inventory", str(inv), "--json"]) == 0
+        out = capsys.readouterr()
+        assert main(["poll", "broken", "--inventory", str(inv)]) == 2
+        refused = capsys.readouterr().err
+    assert '"register": "1.8.0"' in out.out
+    assert "1 problem(s) with other meters" in out.err
+    assert "meter 'broken': key 'preset': unknown preset 'nope'" in refused

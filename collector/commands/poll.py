@@ -96,6 +96,28 @@ def _checked(path: Path) -> Any:
         raise UserError(f"{len(exc.problems)} problem(s) in the inventory:\n{exc}") from None
 
 
+def _checked_for(path: Path, meter_id: str) -> Any:
+    """The inventory, refused only for problems of this meter: on site, one bad entry
+    elsewhere must not stop an engineer reading the meter in front of them."""
+    from collector.gateway import check_inventory
+    from collector.inventory import load_inventory
+
+    try:
+        return check_inventory(path)
+    except InventoryError as exc:
+        mine = [p for p in exc.problems if f"meter {meter_id!r}" in p or f"(id {meter_id!r})" in p]
+        try:
+            inv = load_inventory(path)
+        except InventoryError:
+            mine = mine or exc.problems
+            inv = None
+        if mine or inv is None:
+            raise UserError(f"{len(mine)} problem(s) with meter {meter_id!r}:\n" + "\n".join(mine)) from None
+        print(f"warning: {len(exc.problems)} problem(s) with other meters of {path}; "
+              "`amr gateway` refuses the file until they are fixed", file=sys.stderr)
+        return inv
+
+
 def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, ensure_ascii=False), flush=True)
 
@@ -146,7 +168,7 @@ async def _poll_iec(meter: Meter) -> list[dict[str, Any]]:
 
 def cmd_poll(args: argparse.Namespace) -> int:
     path = _inventory_path(args.inventory)
-    inv = _checked(path)
+    inv = _checked_for(path, args.meter_id)
     meter = inv.meters.get(args.meter_id)
     if meter is None:
         known = ", ".join(sorted(inv.meters)[:10])
