@@ -96,7 +96,7 @@ def _setup_meters(db_url: str, tmp_path: Path, meters: list[dict]) -> Path:
 
 class Collector:
     def __init__(self, db_url: str, host: str, port: int, group: str, client_id: str, inventory: Path | None,
-                 batch: int = 200, workers: int = 1):
+                 batch: int = 200, workers: int = 1, formats: str | None = None):
         env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_MQTT_URL": f"mqtt://{host}:{port}",
                "AMR_MQTT_GROUP": group, "AMR_METRICS_PORT": "0", "AMR_LOG_FORMAT": "text",
                "PYTHONPATH": str(ROOT)}
@@ -104,7 +104,7 @@ class Collector:
             env["AMR_INVENTORY"] = str(inventory)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "collector.cli", "collect", "--client-id", client_id, "--batch", str(batch),
-             "--workers", str(workers)],
+             "--workers", str(workers), *(["--formats", formats] if formats else [])],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
         self.lines: list[str] = []
@@ -409,3 +409,23 @@ def test_no_acknowledgement_before_the_readings_are_stored(db_url, tmp_path, bro
     th.join(20)
     pub.close()
     assert set(rows) == expected and len(rows) == len(expected)
+
+
+def test_resumed_session_drops_subscriptions_no_longer_wanted(db_url, tmp_path, broker):
+    """A persistent session keeps old subscriptions (Telegraf#9703); the collector removes them."""
+    _setup_meters(db_url, tmp_path, [{"id": "sub-a", "adapter": "mqtt"}])
+    c = Collector(db_url, "127.0.0.1", broker.port, "g", "c-sub", None, formats="amr,tasmota")
+    c.stop()
+    c = Collector(db_url, "127.0.0.1", broker.port, "g", "c-sub", None, formats="amr")
+    assert any("session resumed" in line for line in c.lines)
+    pub = Publisher("127.0.0.1", broker.port)
+    pub.publish("tele/plug/SENSOR", b'{"ENERGY":{"Total":1}}')  # no longer subscribed: never delivered
+    good = {"v": 1, "readings": [{"meter": "sub-a", "register": "1.8.0", "ts": BASE.isoformat(), "value": "1"}]}
+    pub.publish("amr/v1/x/readings", json.dumps(good).encode())
+    pub.confirm()
+    rows = _wait_for(db_url, "sub-", 1, timeout=20)
+    time.sleep(0.5)
+    log = c.stop()
+    pub.close()
+    assert len(rows) == 1
+    assert _rejects(db_url) == [], log  # the Tasmota message would have been an unknown device
