@@ -448,6 +448,13 @@ def _code_of(reason: str) -> str:
     return "schema"
 
 
+def _printable(text: str | None) -> str | None:
+    """A refused field that goes into a text column: none when it holds control characters (NUL...)."""
+    if text is None or len(text) > 64 or any(ord(c) < 32 for c in text):
+        return None
+    return text
+
+
 class DeviceMap:
     """Which meter a device is, from the inventory's `adapter = "mqtt"` meters.
 
@@ -513,6 +520,7 @@ def to_items(d: Decoded, payload: bytes, devices: DeviceMap | None) -> list[Read
                 devices.meter_for(d.format, d.family, p.device) if devices is not None else None
             )
         reason = p.reason if p.device is None or d.family == "amr" else f"device {p.device!r}: {p.reason}"
-        items.append(Rejected(source, p.raw if p.raw is not None else raw_whole, reason, p.code, meter, p.register))
+        items.append(Rejected(source, p.raw if p.raw is not None else raw_whole, reason, p.code,
+                              _printable(meter), _printable(p.register)))
     items.extend(d.forwarded)
     return items

@@ -215,7 +215,7 @@ class Consumer:
         backoff = 0.5
         while True:
             try:
-                self._ingest(items)
+                self._store(batch, items)
                 break
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 metrics.DB_ERRORS.inc()
@@ -226,15 +226,21 @@ class Consumer:
                 if self._stop.wait(backoff):
                     return  # unacknowledged: the broker delivers them again
                 backoff = min(backoff * 2, 30)
-            except Exception as exc:  # a message the store refuses must not stall the stream
-                self._drop_db()
-                log.error("batch of %d messages failed (%s); storing message by message", len(batch), exc)
-                self._one_by_one(batch)
-                break
         for m in batch:
             metrics.MQTT_MESSAGES.labels(m.family, m.outcome).inc()
             self._ack(m)
         self.stored_messages += len(batch)
+
+    def _store(self, batch: list[_Msg], items: list[Reading | Rejected]) -> None:
+        """Store a batch; raises only when the database is unreachable (then nothing is acknowledged)."""
+        try:
+            self._ingest(items)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except Exception as exc:  # a message the store refuses must not stall the stream
+            self._drop_db()
+            log.error("batch of %d messages failed (%s); storing message by message", len(batch), exc)
+            self._one_by_one(batch)
 
     def _one_by_one(self, batch: list[_Msg]) -> None:
         for m in batch:

@@ -293,6 +293,8 @@ def test_malformed_messages_are_dead_lettered_and_never_stall(db_url, tmp_path, 
     bad = [*mqtt_sim.MALFORMED, mqtt_sim.huge_message(),
            ("zigbee2mqtt/unknown-plug", b'{"energy": 3.5}'),
            ("amr/v1/x/readings", json.dumps({"v": 1, "readings": [{"a": [[[[[[1]]]]]]}]}).encode()),
+           ("amr/v1/x/readings", json.dumps({"v": 1, "readings": [
+               {"meter": "mf-\u0000", "register": "1.8.0", "ts": "2026-01-01T00:00:00Z", "value": "1"}]}).encode()),
            ("amr/v1/x/readings", b'{"v":1,"readings":[{"meter":"mf-good","register":"1.8.0","ts":"2026-01-01T00:00:00Z","value":"1e5"}]}')]
     for k in range(3):  # well past any in-flight window
         for topic, payload in bad:

@@ -95,6 +95,7 @@ def test_amr_watt_hours_unit():
     ("topic", "payload", "code"),
     [
         ("amr/v1/g/readings", b"not json", "malformed"),
+        ("amr/v1/g/readings", b'{"v":1,"readings":[{"meter":"m\\u0000","register":"1.8.0","ts":"2026-01-01T00:00:00Z","value":"1"}]}', "schema"),
         ("amr/v1/g/readings", b"\xff\xfe", "malformed"),
         ("amr/v1/g/readings", b'{"v":1,"readings":"many"}', "schema"),
         ("amr/v1/g/readings", b'{"v":2,"readings":[]}', "schema"),
