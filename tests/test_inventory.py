@@ -81,3 +81,16 @@ def test_cli_load_upserts(db_url, conn, tmp_path) -> None:
     f.write_text(GOOD.replace('plan = "three_zone"', 'plan = "four_zone"'))
     res = run("inventory", "load", str(f))
     assert res.returncode == 2 and "subscriber[0] (account '000123'): key 'plan'" in res.stderr
+
+
+def test_cli_check_runs_the_adapter_checks(tmp_path) -> None:
+    f = tmp_path / "inv.toml"
+    f.write_text(GOOD.replace('preset = "eastron_sdm630"', 'preset = "no_such_meter"'))
+    res = subprocess.run([sys.executable, "-m", "collector.cli", "inventory", "check", str(f)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "m-0001" in res.stderr and "no_such_meter" in res.stderr
+    f.write_text(GOOD)
+    res = subprocess.run([sys.executable, "-m", "collector.cli", "inventory", "check", str(f)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "1 subscribers, 1 meters: OK" in res.stdout

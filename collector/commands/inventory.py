@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from collector.errors import UserError
-from collector.inventory import InventoryError, load_inventory, upsert_inventory
+from collector.inventory import InventoryError, upsert_inventory
 from collector.settings import get_settings
 from collector.storage import db
 
@@ -23,8 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(path: Path):
+    """The inventory, with every polled meter checked against its adapter and preset."""
+    from collector.gateway import check_inventory
+
     try:
-        return load_inventory(path)
+        return check_inventory(path)
     except InventoryError as exc:
         raise UserError(f"{len(exc.problems)} problem(s) in the inventory:\n{exc}") from None
 
