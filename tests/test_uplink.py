@@ -127,16 +127,16 @@ def test_broker_down_spool_grows_then_drains_in_order(tmp_path, broker):
 def test_kill_9_during_drain_loses_nothing(tmp_path, broker):
     sub = Subscriber(broker.port)
     path = tmp_path / "spool.sqlite"
-    sent = _readings(6000)
+    sent = _readings(40_000)  # long enough a drain to be caught in the middle
     with Spool(path, 100_000) as s:
-        for i in range(0, len(sent), 500):
-            s.put(sent[i: i + 500])
+        for i in range(0, len(sent), 5000):
+            s.put(sent[i: i + 5000])
     env = {**os.environ, "AMR_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}", "AMR_METRICS_PORT": "0",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "collector.cli", "mqtt", "drain", "--spool", str(path), "--batch", "100",
            "--topic", "amr/v1/gw-kill/readings"]
     gw = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _until(lambda: len(sub.values) >= 1500, 60, "the drain did not start")
+    _until(lambda: len(sub.values) >= 1000, 60, "the drain did not start")
     gw.send_signal(signal.SIGKILL)
     gw.wait(10)
     gw.stderr.close()
