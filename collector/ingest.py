@@ -375,6 +375,9 @@ class Ingestor:
                    USING unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[]) AS k(m, r, lo, hi)
                    WHERE u.meter_id = k.m AND u.register = k.r AND u.seg_start >= k.lo
                      AND u.start_ts >= k.lo AND (k.hi IS NULL OR u.start_ts < k.hi)
+                     -- an interval that starts before the span's end also ends by it, so
+                     -- this bounds the index scan without changing what is deleted
+                     AND (k.hi IS NULL OR u.seg_start < k.hi)
                    RETURNING u.meter_id, u.register, u.day, u.zone, u.kwh, u.estimated, u.status""",
                 (del_m, del_r, del_lo, del_hi),
             )
