@@ -57,8 +57,9 @@ class Line(NamedTuple):
                 "amount": str(self.amount)}
 
     def canonical(self) -> str:
-        return (f"{self.zone},{self.date_from},{self.date_to},{_num(self.kwh)},"
-                f"{_num(self.estimated_kwh)},{_num(self.rate)},{self.amount}")
+        """Quantities normalised: 1.500000 and 1.5 kWh are the same line (inline for speed)."""
+        return (f"{self.zone},{self.date_from},{self.date_to},{self.kwh.normalize():f},"
+                f"{self.estimated_kwh.normalize():f},{self.rate:f},{self.amount}")
 
 
 @dataclass(frozen=True)
@@ -272,36 +273,38 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         piece = "width_bucket(d.day, %(bounds)s::date[])" if len(pieces) > 1 else "1"
         only = (" AND d.meter_id IN (SELECT id FROM meter WHERE account = ANY(%(accounts)s))"
                 if wanted is not None else "")
-        rows = conn.execute(
-            "SELECT m.account, a.piece, a.zone, sum(a.kwh), sum(a.est), sum(a.sus) FROM ("
-            f" SELECT d.meter_id, {piece} AS piece, d.zone,"
-            "  sum(d.kwh) AS kwh, sum(d.estimated_kwh) AS est, sum(d.suspect_kwh) AS sus"
-            "  FROM daily_zone_usage d WHERE d.day BETWEEN %(first)s AND %(last)s" + only
-            + "  GROUP BY 1, 2, 3"
-            ") a JOIN meter m ON m.id = a.meter_id GROUP BY 1, 2, 3", params).fetchall()
+        account_of = dict(conn.execute("SELECT id, account FROM meter").fetchall())
+        per_meter = conn.execute(
+            f"SELECT d.meter_id, {piece}, d.zone, sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
+            " FROM daily_zone_usage d WHERE d.day BETWEEN %(first)s AND %(last)s" + only
+            + " GROUP BY 1, 2, 3", params).fetchall()
         params["partial"] = [r[0] for r in conn.execute(
             "SELECT id FROM meter WHERE (installed AT TIME ZONE %(tz)s)::date > %(first)s"
             " OR (removed AT TIME ZONE %(tz)s)::date < %(last)s", params).fetchall()]
         outside = conn.execute(
-            f"SELECT m.account, {piece}, d.zone, sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
+            f"SELECT d.meter_id, {piece}, d.zone, sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
             " FROM daily_zone_usage d JOIN meter m ON m.id = d.meter_id"
             " WHERE d.meter_id = ANY(%(partial)s::text[]) AND d.day BETWEEN %(first)s AND %(last)s"
             " AND (d.day < (m.installed AT TIME ZONE %(tz)s)::date"
             "  OR d.day > (m.removed AT TIME ZONE %(tz)s)::date)" + only
             + " GROUP BY 1, 2, 3", params).fetchall() if params["partial"] else []
-        if outside:
-            totals = {(r[0], r[1], r[2]): r for r in rows}
-            for account, p, zone, kwh, est, sus in outside:
-                _, _, _, k0, e0, s0 = totals[(account, p, zone)]
-                totals[(account, p, zone)] = (account, p, zone, k0 - kwh, e0 - est, s0 - sus)
-            rows = list(totals.values())
         summary.phases["aggregate"] = time.perf_counter() - started
+        # accounts with several meters (a replacement) add up here; subtractions come last
         usage: dict[str, dict[tuple[int, str], tuple[Decimal, Decimal]]] = {}
         suspect: dict[str, Decimal] = {}
-        for account, piece, zone, kwh, est, sus in rows:
-            usage.setdefault(account, {})[(piece, zone)] = (kwh, est)
-            if sus:
-                suspect[account] = suspect.get(account, ZERO) + sus
+        for sign, rows in ((1, per_meter), (-1, outside)):
+            for meter_id, i, zone, kwh, est, sus in rows:
+                account = account_of.get(meter_id)
+                if account is None:  # usage of a meter no longer in the inventory: nobody's bill
+                    continue
+                acc = usage.setdefault(account, {})
+                had = acc.get((i, zone))
+                if sign < 0:
+                    kwh, est, sus = -kwh, -est, -sus
+                acc[(i, zone)] = (kwh, est) if had is None else (had[0] + kwh, had[1] + est)
+                if sus:
+                    suspect[account] = suspect.get(account, ZERO) + sus
+        suspect = {a: v for a, v in suspect.items() if v}
         latest = {r[0]: r[1:] for r in conn.execute(
             "SELECT DISTINCT ON (account) account, version, fingerprint, total FROM bill"
             " WHERE period = %s ORDER BY account, version DESC", (period,)).fetchall()}
@@ -311,35 +314,44 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         total_subs = len(subs)
         if progress:
             progress(0, total_subs)
-        for n, (account, plan, category, area) in enumerate(subs, start=1):
-            if progress and n % 2000 == 0:
-                progress(n, total_subs)
-            if account in suspect:
-                summary.held_back.append(Held(account, (
-                    f"{_num(suspect[account])} kWh of suspect energy awaits a decision "
-                    f"(amr suspect list --account {account})")))
-                continue
-            if account not in usage:
-                summary.held_back.append(Held(account, "no energy data for the period"))
-                continue
-            got = price(account, period, plan, category, area, pieces, usage[account], cat, memo)
-            if isinstance(got, Held):
-                summary.held_back.append(got)
-                continue
-            prev = latest.get(account)
-            if prev is None:
-                new_bills.append((got, 1, reason or "first bill for the period", None))
-            elif prev[1] == got.fingerprint():
-                summary.unchanged += 1
-            else:
-                changed.append((got, prev[0], prev[2]))
+        # first versions go to the server while the next accounts are priced (two cores busy)
+        with conn.cursor() as cur, cur.copy(_BILL_COPY) as cp:
+            for n, (account, plan, category, area) in enumerate(subs, start=1):
+                if progress and n % 2000 == 0:
+                    progress(n, total_subs)
+                if account in suspect:
+                    summary.held_back.append(Held(account, (
+                        f"{_num(suspect[account])} kWh of suspect energy awaits a decision "
+                        f"(amr suspect list --account {account})")))
+                    continue
+                if account not in usage:
+                    summary.held_back.append(Held(account, "no energy data for the period"))
+                    continue
+                got = price(account, period, plan, category, area, pieces, usage[account], cat, memo)
+                if isinstance(got, Held):
+                    summary.held_back.append(got)
+                    continue
+                prev = latest.get(account)
+                if prev is None:
+                    new = (got, 1, reason or "first bill for the period", None)
+                    cp.write_row(_bill_row(*new))
+                    new_bills.append(new)
+                elif prev[1] == got.fingerprint():
+                    summary.unchanged += 1
+                else:
+                    changed.append((got, prev[0], prev[2]))
         if changed:
             old_lines = _lines_of(conn, period, [(b.account, v) for b, v, _ in changed])
+            versions = []
             for bill, version, old_total in changed:
                 why, diff = describe_change(old_lines.get(bill.account, []), bill, old_total)
-                new_bills.append((bill, version + 1, f"{reason}: {why}" if reason else why, diff))
+                versions.append((bill, version + 1, f"{reason}: {why}" if reason else why, diff))
+            with conn.cursor() as cur, cur.copy(_BILL_COPY) as cp:
+                for new in versions:
+                    cp.write_row(_bill_row(*new))
+            new_bills.extend(versions)
         summary.phases["priced"] = time.perf_counter() - started
-        _write(conn, new_bills)
+        _write_lines(conn, new_bills)
         summary.phases["written"] = time.perf_counter() - started
         if progress:
             progress(total_subs, total_subs)
@@ -372,22 +384,34 @@ def _lines_of(conn: Any, period: date, keys: list[tuple[str, int]]) -> dict[str,
     return out
 
 
-def _write(conn: Any, bills: list[tuple[Bill, int, str, dict | None]]) -> None:
+_BILL_COPY = ("COPY bill (account, period, version, total, kwh, estimated_kwh, plan, category,"
+              " area, reason, diff, fingerprint) FROM STDIN")
+
+
+def _bill_row(b: Bill, version: int, why: str, diff: dict | None) -> tuple:
+    return (b.account, b.period, version, b.total, b.kwh, b.estimated_kwh, b.plan, b.category,
+            b.area, why, json.dumps(diff) if diff is not None else None, b.fingerprint())
+
+
+def _write_lines(conn: Any, bills: list[tuple[Bill, int, str, dict | None]]) -> None:
+    """Lines as COPY text built here: every field is digits, dates or zone names, so nothing
+    needs escaping, and a city's 300,000 lines go out several times faster than row by row."""
     if not bills:
         return
-    with conn.cursor() as cur:
-        with cur.copy("COPY bill (account, period, version, total, kwh, estimated_kwh, plan,"
-                      " category, area, reason, diff, fingerprint) FROM STDIN") as cp:
-            for b, version, why, diff in bills:
-                cp.write_row((b.account, b.period, version, b.total, b.kwh, b.estimated_kwh,
-                              b.plan, b.category, b.area, why,
-                              json.dumps(diff) if diff is not None else None, b.fingerprint()))
-        with cur.copy("COPY bill_line (account, period, version, line_no, zone, date_from,"
-                      " date_to, kwh, estimated_kwh, rate, amount) FROM STDIN") as cp:
-            for b, version, _, _ in bills:
-                for i, ln in enumerate(b.lines, start=1):
-                    cp.write_row((b.account, b.period, version, i, ln.zone, ln.date_from,
-                                  ln.date_to, ln.kwh, ln.estimated_kwh, ln.rate, ln.amount))
+    with conn.cursor() as cur, cur.copy(
+            "COPY bill_line (account, period, version, line_no, zone, date_from, date_to, kwh,"
+            " estimated_kwh, rate, amount) FROM STDIN") as cp:
+        chunk: list[str] = []
+        for b, version, _, _ in bills:
+            head = f"{b.account}\t{b.period}\t{version}\t"
+            for i, ln in enumerate(b.lines, start=1):
+                chunk.append(f"{head}{i}\t{ln.zone}\t{ln.date_from}\t{ln.date_to}\t{ln.kwh}\t"
+                             f"{ln.estimated_kwh}\t{ln.rate}\t{ln.amount}\n")
+            if len(chunk) >= 5000:
+                cp.write("".join(chunk))
+                chunk.clear()
+        if chunk:
+            cp.write("".join(chunk))
 
 
 def bills_of(conn: Any, account: str, period: date) -> list[dict[str, Any]]:
