@@ -200,6 +200,11 @@ def test_rebilling_same_data_is_a_noop_and_changed_data_makes_a_version(billing_
         "rate_old": "4.2", "rate_new": "4.2", "amount_old": "42.00", "amount_new": "48.30"}]
     assert v2["estimated_kwh"] == D("2.5")
     assert bill_period(conn, OCT).unchanged == 1
+    # a person's reason is kept as typed, whatever characters it holds
+    add_usage(conn, "m-9", date(2026, 10, 31), night="1")
+    why = "meter\tre-read\nby C:\\field team"
+    assert bill_period(conn, OCT, reason=why).new_versions == 1
+    assert bills_of(conn, "9", OCT)[-1]["reason"].startswith(why + ": energy changed")
 
 
 def test_suspect_energy_holds_the_bill_back(billing_db) -> None:
