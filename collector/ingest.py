@@ -77,8 +77,10 @@ def _reject_row(
     kind: str, source: str, code: str, reason: str, raw: bytes | None,
     meter_id: str | None = None, register: str | None = None, ts: Any = None, value: Any = None,
 ) -> tuple:
-    if not isinstance(ts, datetime) or ts.tzinfo is None:
+    if not isinstance(ts, datetime) or ts.utcoffset() is None:
         ts = None
+    else:
+        ts = ts.astimezone(UTC)  # PostgreSQL refuses offsets beyond 15:59 that Python allows
     return (kind, source, code, meter_id, register, ts, None if value is None else str(value), reason, raw)
 
 

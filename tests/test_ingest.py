@@ -160,3 +160,17 @@ def test_daily_equals_sum_of_segments_after_edits(ing, conn) -> None:
     assert seg == day
     assert sum(k for _, _, k in day) == Decimal(118)
     assert conn.execute("SELECT sum(estimated_kwh) FROM daily_zone_usage WHERE meter_id='m1'").fetchone()[0] == 0
+
+
+def test_offsets_postgresql_cannot_store_are_converted_to_utc(ing, conn) -> None:
+    from datetime import timezone
+
+    far = timezone(timedelta(hours=16))
+    res = ing.ingest([
+        Reading("m1", "1.8.0", (T0 + H).astimezone(far), Decimal("101")),
+        Reading("m1", "1.8.0", (T0 + 2 * H).astimezone(far), Decimal("-5")),  # rejected, same offset
+        r("m1", 0, "100"),
+    ])
+    assert (res.accepted, res.rejected) == (2, 1)
+    assert conn.execute("SELECT ts FROM rejected_reading").fetchone()[0] == T0 + 2 * H
+    assert interval_total(conn, "m1") == Decimal(1)

@@ -71,3 +71,15 @@ def test_maintain_drops_partitions_past_retention_only(conn) -> None:
     dropped = migrate.maintain(conn, now=datetime(2024, 2, 15, tzinfo=UTC))
     assert "reading_p201901" in dropped and "interval_usage_p201901" in dropped
     assert names() == {"reading_p201902", "reading_p201903"}
+
+
+def test_a_lower_numbered_migration_added_later_is_applied(conn, monkeypatch) -> None:
+    shipped = migrate.available()
+    late = migrate.Migration(5, "late_branch", "CREATE TABLE late_branch (id int);")
+    newer = migrate.Migration(500, "newer", "CREATE TABLE newer_one (id int);")
+    monkeypatch.setattr(migrate, "available", lambda: [*shipped, newer])
+    assert [m.version for m in migrate.migrate(conn)] == [500]
+    # 005 arrives after 500 was applied: applied, not skipped as "older than the schema"
+    monkeypatch.setattr(migrate, "available", lambda: sorted([*shipped, late, newer]))
+    assert [m.version for m in migrate.migrate(conn)] == [5]
+    assert conn.execute("SELECT to_regclass('late_branch')").fetchone()[0] is not None

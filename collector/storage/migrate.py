@@ -43,12 +43,15 @@ def available() -> list[Migration]:
     return found
 
 
-def current_version(conn: psycopg.Connection) -> int:
+def applied_versions(conn: psycopg.Connection) -> set[int]:
     row = conn.execute("SELECT to_regclass('amr_schema_migration')").fetchone()
     if not row or row[0] is None:
-        return 0
-    row = conn.execute("SELECT coalesce(max(version), 0) FROM amr_schema_migration").fetchone()
-    return int(row[0]) if row else 0
+        return set()
+    return {r[0] for r in conn.execute("SELECT version FROM amr_schema_migration").fetchall()}
+
+
+def current_version(conn: psycopg.Connection) -> int:
+    return max(applied_versions(conn), default=0)
 
 
 def migrate(conn: psycopg.Connection, *, timescale: bool | None = None) -> list[Migration]:
@@ -67,10 +70,10 @@ def migrate(conn: psycopg.Connection, *, timescale: bool | None = None) -> list[
             " column_name text NOT NULL, chunk text NOT NULL, hypertable boolean NOT NULL,"
             " retention text)"
         )
-        have = current_version(conn)
-        if have > latest:
+        have = applied_versions(conn)
+        if max(have, default=0) > latest:
             raise SchemaTooNew(
-                f"the database schema is at version {have}, newer than this code knows "
+                f"the database schema is at version {max(have)}, newer than this code knows "
                 f"({latest}); upgrade amr before running it against this database"
             )
         if timescale is None:
@@ -78,12 +81,14 @@ def migrate(conn: psycopg.Connection, *, timescale: bool | None = None) -> list[
         if timescale:
             conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     applied = []
+    # every shipped migration not yet applied, in order: a lower number added later
+    # (a branch merged after a higher one was released) is applied too, not skipped
     for mig in migrations:
-        if mig.version <= have:
+        if mig.version in have:
             continue
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(7217001)")
-            if current_version(conn) >= mig.version:
+            if mig.version in applied_versions(conn):
                 continue
             sql, tables = timeseries.render(mig.sql, timescale)
             conn.execute(sql)  # type: ignore[arg-type]
