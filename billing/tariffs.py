@@ -16,13 +16,14 @@ tariff has more than one band instead of guessing.
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+
+from collector.tomlfile import TomlFileError, read_toml
 
 PLAN_ZONES: dict[str, tuple[str, ...]] = {
     "single": ("all",),
@@ -286,13 +287,9 @@ def load_catalogue_file(path: Path | str) -> list[Tariff]:
     """Read and validate a tariff file; raise `TariffError` naming each problem."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TariffError([f"{path}: no such file"]) from None
-    except UnicodeDecodeError as exc:
-        raise TariffError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TariffError([f"{path}: not valid TOML: {exc}"]) from None
+        data = read_toml(path)
+    except TomlFileError as exc:
+        raise TariffError([str(exc)]) from None
     return parse_catalogue(data, str(path))
 
 

@@ -7,7 +7,6 @@ reads it is an engineer with a 300-line file open on a gateway.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from collector.tomlfile import TomlFileError, read_toml
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -186,13 +187,9 @@ def load_inventory(path: Path | str) -> Inventory:
     """Read and validate an inventory file; raise `InventoryError` naming each problem."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InventoryError([f"{path}: no such file"]) from None
-    except UnicodeDecodeError as exc:
-        raise InventoryError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InventoryError([f"{path}: not valid TOML: {exc}"]) from None
+        data = read_toml(path)
+    except TomlFileError as exc:
+        raise InventoryError([str(exc)]) from None
     inv = parse_inventory(data, str(path))
     return Inventory(inv.subscribers, inv.meters, path)
 
