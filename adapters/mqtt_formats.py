@@ -32,6 +32,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from adapters import quality
+from adapters.obis import ENERGY_UNITS
 from adapters.reading import Reading, Rejected
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
@@ -43,7 +44,6 @@ AMR_SUBSCRIBE = ("amr/v1/+/readings",)
 MAX_PAYLOAD_BYTES = 1 << 20  # a 10000-reading amr/v1 batch fits; anything larger is refused
 MAX_RAW_KEPT = 64 * 1024  # raw bytes kept in rejected_reading for one refused message
 FAMILIES = ("amr", "tasmota", "shelly", "zigbee2mqtt")
-_KWH = {"kWh": Decimal(1), "Wh": Decimal("0.001")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +108,10 @@ def device_formats() -> tuple[DeviceFormat, ...]:
     out = []
     for i, f in enumerate(data["format"]):
         where = f"{DEVICES_PATH.name}: format[{i}] ({f.get('name')!r})"
-        if f["unit"] not in _KWH or f["payload"] not in ("json", "number"):
-            raise ValueError(f"{where}: unit must be Wh or kWh and payload json or number")
+        if f["unit"] not in ENERGY_UNITS or f["payload"] not in ("json", "number"):
+            raise ValueError(
+                f"{where}: unit must be one of {', '.join(ENERGY_UNITS)} and payload json or number"
+            )
         each = f.get("each")
         out.append(
             DeviceFormat(
@@ -282,7 +284,7 @@ def _decode_device(
     d = Decoded(topic, f.name, f.family)
     groups = {k: v for k, v in m.groupdict().items() if v is not None}
     source = f"mqtt:{topic}"
-    unit = _KWH[f.unit]
+    unit = ENERGY_UNITS[f.unit]
     if f.payload == "number":
         device = f.device.format(**groups)
         register = f.registers[groups["field"]]
@@ -382,7 +384,7 @@ def _decode_amr(topic: str, payload: bytes) -> Decoded:
         if whole:
             d.problems = whole
             return d
-    unit = _KWH[doc.get("unit", "kWh")]
+    unit = ENERGY_UNITS[doc.get("unit", "kWh")]
     msg_source = doc.get("source") or f"mqtt:{topic}"
     for i, r in enumerate(doc["readings"]):
         meter = r.get("meter") if isinstance(r, dict) else None
