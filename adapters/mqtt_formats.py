@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 from adapters import quality
 from adapters.obis import ENERGY_UNITS
 from adapters.reading import Reading, Rejected
+from collector.vee import check_value
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 AMR_SCHEMA_PATH = SCHEMA_DIR / "amr-v1.schema.json"
@@ -186,20 +187,14 @@ def _number(v: Any, where: str, d: Decoded, device: str, register: str) -> Decim
         d.reject("type", f"{where}: expected a number, got {type(v).__name__} {_short(v)}",
                  device=device, register=register)
         return None
-    if isinstance(v, float) and not math.isfinite(v):
-        d.reject("not_finite", f"{where}: {v} is not finite", device=device, register=register)
-        return None
     try:
         num = Decimal(repr(v) if isinstance(v, float) else str(v).strip())
     except InvalidOperation:
         d.reject("type", f"{where}: expected a number, got {_short(v)}", device=device, register=register)
         return None
-    if not num.is_finite():
-        d.reject("not_finite", f"{where}: {v} is not finite", device=device, register=register)
-        return None
-    if num < 0:
-        d.reject("negative", f"{where}: {num} is negative; an energy counter never is",
-                 device=device, register=register)
+    refusal = check_value(num, where)  # the same value rules as ingestion, reported at decode
+    if refusal is not None:
+        d.reject(refusal.code, refusal.reason, device=device, register=register)
         return None
     return num
 

@@ -51,6 +51,17 @@ class Refusal(tuple):
         return self[1]
 
 
+def check_value(value: object, who: str) -> Refusal | None:
+    """The value rules alone, for decoders that report before a meter is known."""
+    if not isinstance(value, Decimal):
+        return Refusal("not_numeric", f"{who}: value {value!r} is not a decimal number")
+    if not value.is_finite():
+        return Refusal("not_finite", f"{who}: value {value} is not a finite number")
+    if value < 0:
+        return Refusal("negative", f"{who}: value {value} is negative; registers count up from 0")
+    return None
+
+
 def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance: timedelta) -> Refusal | None:
     """Refuse a reading that must not be stored; None when it may be."""
     who = f"meter {r.meter_id!r} register {r.register!r}"
@@ -59,12 +70,9 @@ def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance:
     if not isinstance(r.register, str) or not OBIS_REGISTER.match(r.register):
         return Refusal("bad_register", f"meter {r.meter_id!r}: register {r.register!r} is not an OBIS code like 1.8.0")
     value = r.value
-    if not isinstance(value, Decimal):
-        return Refusal("not_numeric", f"{who}: value {value!r} is not a decimal number")
-    if not value.is_finite():
-        return Refusal("not_finite", f"{who}: value {value} is not a finite number")
-    if value < 0:
-        return Refusal("negative", f"{who}: value {value} is negative; registers count up from 0")
+    refusal = check_value(value, who)
+    if refusal is not None:
+        return refusal
     if value >= meter.rollover:
         return Refusal(
             "above_rollover", f"{who}: value {value} is not below the register's rollover {meter.rollover}"
