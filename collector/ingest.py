@@ -81,7 +81,16 @@ def _reject_row(
         ts = None
     else:
         ts = ts.astimezone(UTC)  # PostgreSQL refuses offsets beyond 15:59 that Python allows
-    return (kind, source, code, meter_id, register, ts, None if value is None else str(value), reason, raw)
+    return (kind, _text(source), code, _text(meter_id), _text(register), ts,
+            None if value is None else _text(str(value)), _text(reason), raw)
+
+
+def _text(value: Any) -> str | None:
+    """Text PostgreSQL can store: a NUL byte becomes a visible escape (the raw bytes keep it)."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else repr(value)
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
 def _raw_of(r: Reading) -> bytes:
@@ -124,7 +133,7 @@ class Ingestor:
         self._meters.clear()
 
     def _meter_rules(self, ids: set[str]) -> dict[str, MeterRules]:
-        missing = [i for i in ids if i not in self._meters and isinstance(i, str)]
+        missing = [i for i in ids if i not in self._meters and vee.plausible_id(i)]
         if missing:
             rows = self.conn.execute(
                 "SELECT id, multiplier, rollover, max_power_kw, interval_s, installed, removed"

@@ -62,9 +62,16 @@ def check_value(value: object, who: str) -> Refusal | None:
     return None
 
 
+def plausible_id(meter_id: object) -> bool:
+    """Text that can name a meter: printable, at most 64 characters."""
+    return isinstance(meter_id, str) and 0 < len(meter_id) <= 64 and meter_id.isprintable()
+
+
 def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance: timedelta) -> Refusal | None:
     """Refuse a reading that must not be stored; None when it may be."""
     who = f"meter {r.meter_id!r} register {r.register!r}"
+    if not plausible_id(r.meter_id):
+        return Refusal("bad_meter_id", f"meter_id {r.meter_id!r} is not printable text of 1 to 64 characters")
     if meter is None:
         return Refusal("unknown_meter", f"meter_id {r.meter_id!r}: no such meter in the inventory")
     if not isinstance(r.register, str) or not OBIS_REGISTER.match(r.register):

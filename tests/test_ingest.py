@@ -174,3 +174,19 @@ def test_offsets_postgresql_cannot_store_are_converted_to_utc(ing, conn) -> None
     assert (res.accepted, res.rejected) == (2, 1)
     assert conn.execute("SELECT ts FROM rejected_reading").fetchone()[0] == T0 + 2 * H
     assert interval_total(conn, "m1") == Decimal(1)
+
+
+def test_nul_bytes_and_odd_ids_are_rejected_not_fatal(ing, conn) -> None:
+    res = ing.ingest([
+        Reading("m\x001", "1.8.0", T0, Decimal("1")),
+        Reading("x" * 200, "1.8.0", T0, Decimal("1")),
+        Reading("m1", "1.8.0\x00", T0, Decimal("1")),
+        Rejected("gw\x00", b"\x00\x01", "line 1: not a reading\x00", code="parse_error"),
+        r("m1", 0, "100"),
+    ])
+    assert (res.accepted, res.rejected) == (1, 4)
+    rows = conn.execute("SELECT code, meter_id, source FROM rejected_reading ORDER BY id").fetchall()
+    assert [c for c, _, _ in rows] == ["bad_meter_id", "bad_meter_id", "bad_register", "parse_error"]
+    assert rows[0][1] == "m\\x001" and rows[3][2] == "gw\\x00"
+    assert bytes(conn.execute("SELECT raw FROM rejected_reading WHERE code = 'parse_error'").fetchone()[0]) \
+        == b"\x00\x01"
