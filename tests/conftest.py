@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 
@@ -111,9 +112,7 @@ def mqtt_broker() -> Iterator[tuple[str, int]]:
             return
     except OSError:
         pass
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        pytest.fail("no MQTT broker on 127.0.0.1:1883 and no mosquitto binary: run scripts/test")
+    binary = _mosquitto_binary()
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="amr-mosq-")
     conf = Path(workdir) / "mosquitto.conf"
@@ -128,3 +127,57 @@ def mqtt_broker() -> Iterator[tuple[str, int]]:
     yield "127.0.0.1", port
     proc.terminate()
     proc.wait(5)
+
+
+def _mosquitto_binary() -> str:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        pytest.fail("no mosquitto binary: run scripts/test, which installs it")
+    return binary
+
+
+class Broker:
+    """A Mosquitto of this test's own, with persistence, that can be stopped and restarted."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.dir = workdir
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence true\npersistence_location {workdir}/\n"
+            "max_queued_messages 0\nmax_inflight_messages 0\n"
+            # started as root, mosquitto switches to its own user and cannot write our temp dir
+            + ("user root\n" if os.geteuid() == 0 else "")
+        )
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([_mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            try:
+                c.connect("127.0.0.1", self.port)
+                c.disconnect()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # SIGTERM: mosquitto saves its sessions and queues
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def broker():
+    """A broker of the test's own, for tests that stop, restart or reconfigure it."""
+    with tempfile.TemporaryDirectory(prefix="amr-mosq-") as d:
+        b = Broker(Path(d))
+        yield b
+        b.stop()

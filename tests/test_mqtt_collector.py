@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -28,58 +27,9 @@ import pytest
 from collector.inventory import parse_inventory, upsert_inventory
 from simulators import mqtt_sim
 from simulators.consumption import ConsumptionModel
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
-MOSQUITTO = "/usr/sbin/mosquitto"
 BASE = (datetime.now(UTC) - timedelta(days=40)).replace(minute=0, second=0, microsecond=0)
-
-
-class Broker:
-    """A Mosquitto of this test's own, with persistence, that can be stopped and restarted."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.dir = workdir
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            f"persistence true\npersistence_location {workdir}/\n"
-            "max_queued_messages 0\nmax_inflight_messages 0\n"
-            # started as root, mosquitto switches to its own user and cannot write our temp dir
-            + ("user root\n" if os.geteuid() == 0 else "")
-        )
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-            try:
-                c.connect("127.0.0.1", self.port)
-                c.disconnect()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()  # SIGTERM: mosquitto saves its sessions and queues
-            self.proc.wait(10)
-            self.proc = None
-
-
-@pytest.fixture
-def broker():
-    if not Path(MOSQUITTO).exists():
-        pytest.fail(f"no mosquitto binary at {MOSQUITTO}")
-    with tempfile.TemporaryDirectory(prefix="amr-mosq-") as d:
-        b = Broker(Path(d))
-        yield b
-        b.stop()
 
 
 def _setup_meters(db_url: str, tmp_path: Path, meters: list[dict]) -> Path:

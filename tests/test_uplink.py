@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -24,20 +23,9 @@ from collector.mqtt_client import parse_broker_url
 from collector.settings import Settings
 from collector.spool import Spool
 from collector.uplink import IngestForwarder, MqttForwarder, Uplink
-from tests.conftest import ROOT
-from tests.test_mqtt_collector import MOSQUITTO, Broker
+from tests.conftest import ROOT, _mosquitto_binary
 
 T0 = (datetime.now(UTC) - timedelta(days=30)).replace(minute=0, second=0, microsecond=0)
-
-
-@pytest.fixture
-def broker():
-    if not Path(MOSQUITTO).exists():
-        pytest.fail(f"no mosquitto binary at {MOSQUITTO}")
-    with tempfile.TemporaryDirectory(prefix="amr-mosq-") as d:
-        b = Broker(Path(d))
-        yield b
-        b.stop()
 
 
 class Subscriber:
@@ -199,7 +187,7 @@ def _tls_broker(tmp: Path, port: int) -> tuple[subprocess.Popen, dict[str, Path]
         f"require_certificate true\nallow_anonymous false\npassword_file {tmp}/passwd\n"
         + ("user root\n" if os.geteuid() == 0 else "")
     )
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import socket
 
     deadline = time.monotonic() + 10
