@@ -24,23 +24,33 @@ import psycopg
 from adapters import quality
 from adapters.reading import Reading, Rejected
 from collector import metrics, vee
-from collector.intervals import Interval, between, glitches
+from collector.intervals import between, glitches
 from collector.settings import Settings, get_settings
+from collector.storage.db import array_literal
 from collector.storage.timeseries import Partitions
 from collector.vee import BILLED_REGISTER, MeterRules
 from collector.zones import ZoneCalendar, default_calendar
 
 # readings loaded on each side of new ones, so that every reading whose
-# classification could change is re-judged with both of its neighbours
-CONTEXT = 6
+# classification could change is re-judged with both of its neighbours; more
+# are loaded for the rare register with a run of glitches beside new readings
+CONTEXT = 3
 _COUNTED = ("ok", "accepted")
+_ZERO = Decimal(0)
 _DERIVED_FLAGS = frozenset({quality.GLITCH, quality.ROLLOVER, quality.RESET})
+_FLAGGED_KINDS = frozenset({quality.ROLLOVER, quality.RESET})  # interval kinds flagged on the reading
+_NO_FLAGS: list[str] = []
 
-_STAGE_TYPES = ["text", "text", "timestamptz", "numeric", "text[]", "text"]
-_SEGMENT_TYPES = [
-    "text", "text", "timestamptz", "timestamptz", "timestamptz", "timestamptz",
-    "date", "text", "numeric", "bool", "text", "text",
+# a reading and the interval it closes: start_ts, kwh, kind, status, estimated, day, zone
+_READING_COLUMNS = "meter_id, register, ts, value, quality, source, " \
+    "start_ts, kwh, kind, status, estimated, day, zone"
+_READING_TYPES = [
+    "text", "text", "timestamptz", "numeric", "text[]", "text",
+    "timestamptz", "numeric", "text", "text", "bool", "date", "text",
 ]
+_NO_INTERVAL = (None, None, None, None, None, None, None)
+_STORED = "ts, value, quality, start_ts, kwh, kind, status, estimated, day, zone"
+_SEGMENT_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "date", "text", "numeric"]
 
 
 @dataclass
@@ -123,8 +133,6 @@ class Ingestor:
         self.clock = clock or (lambda: datetime.now(UTC))
         self._meters: dict[str, MeterRules] = {}
         self._partitions = Partitions()
-        self._stage_ready = False
-        self._expect_duplicates = False
 
     # --- meters ---
 
@@ -223,14 +231,6 @@ class Ingestor:
 
     # --- storage ---
 
-    def _ensure_stage(self) -> None:
-        if not self._stage_ready:
-            self.conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS amr_stage (meter_id text, register text,"
-                " ts timestamptz, value numeric, quality text[], source text) ON COMMIT DELETE ROWS"
-            )
-            self._stage_ready = True
-
     def _store(
         self,
         good: dict[tuple[str, str, datetime], Reading],
@@ -238,80 +238,69 @@ class Ingestor:
         result: IngestResult,
         rejects: list[tuple],
     ) -> int:
+        """Store what is new, each reading with the interval it closes, in one COPY.
+
+        Duplicates and conflicts are told apart from the stored rows loaded for
+        derivation, under per-meter locks, so no staging round trip is needed.
+        """
         conn = self.conn
+        by_key: dict[tuple[str, str], list[tuple[datetime, Reading]]] = {}
+        for (mid, reg, ts), r in good.items():
+            got = by_key.get((mid, reg))
+            if got is None:
+                by_key[(mid, reg)] = [(ts, r)]
+            else:
+                got.append((ts, r))
+        keys = list(by_key)
+        for items in by_key.values():
+            items.sort(key=_first)
+        # the window query's cost estimate passes jit_above_cost on a large fleet, and
+        # compiling it takes longer than running it, every batch
+        conn.execute("SET LOCAL jit = off")
         # one writer per meter at a time: concurrent collectors see each other's readings
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended(m, 7217)) FROM"
             " (SELECT DISTINCT unnest(%s::text[]) AS m ORDER BY 1) x",
-            (sorted({k[0] for k in good}),),
+            (array_literal(sorted({k[0] for k in keys})),),
         )
-        spans = None
-        if not self._expect_duplicates:
-            spans = self._copy_new(good)
-        if spans is None:
-            spans = self._insert_staged(good, result, rejects)
-        inserted = sum(s[4] for s in spans)
-        # a batch with repeats (redelivery, re-import) is likely followed by more
-        self._expect_duplicates = inserted < len(good)
-        if spans:
-            self._derive(spans, meters)
-        return inserted
-
-    def _copy_new(self, good: dict[tuple[str, str, datetime], Reading]) -> list[tuple] | None:
-        """COPY straight into `reading`; None when a row was already there."""
-        try:
-            with self.conn.transaction(), self.conn.cursor() as cur, cur.copy(
-                "COPY reading (meter_id, register, ts, value, quality, source) FROM STDIN (FORMAT BINARY)"
-            ) as cp:
-                cp.set_types(_STAGE_TYPES)
-                for (mid, reg, ts), r in good.items():
-                    cp.write_row((mid, reg, ts, r.value, sorted(r.quality), r.source))
-        except psycopg.errors.UniqueViolation:
-            return None
-        ranges: dict[tuple[str, str], list] = {}
-        for mid, reg, ts in good:
-            span = ranges.get((mid, reg))
-            if span is None:
-                ranges[(mid, reg)] = [ts, ts, 1]
-            else:
-                if ts < span[0]:
-                    span[0] = ts
-                elif ts > span[1]:
-                    span[1] = ts
-                span[2] += 1
-        return [(mid, reg, lo, hi, n) for (mid, reg), (lo, hi, n) in ranges.items()]
-
-    def _insert_staged(
-        self, good: dict[tuple[str, str, datetime], Reading], result: IngestResult, rejects: list[tuple]
-    ) -> list[tuple]:
-        """Stage, insert what is new, and sort the rest into duplicates and conflicts."""
-        self._ensure_stage()
-        with self.conn.cursor() as cur:
-            with cur.copy(
-                "COPY amr_stage (meter_id, register, ts, value, quality, source) FROM STDIN (FORMAT BINARY)"
-            ) as cp:
-                cp.set_types(_STAGE_TYPES)
-                for (mid, reg, ts), r in good.items():
-                    cp.write_row((mid, reg, ts, r.value, sorted(r.quality), r.source))
-            cur.execute(
-                "WITH ins AS (INSERT INTO reading (meter_id, register, ts, value, quality, source)"
-                " SELECT meter_id, register, ts, value, quality, source FROM amr_stage"
-                " ON CONFLICT (meter_id, register, ts) DO NOTHING RETURNING meter_id, register, ts)"
-                " SELECT meter_id, register, min(ts), max(ts), count(*) FROM ins GROUP BY 1, 2"
-            )
-            spans = cur.fetchall()
-            inserted = sum(s[4] for s in spans)
-            if inserted < len(good):
-                cur.execute(
-                    "SELECT s.meter_id, s.register, s.ts, s.value, r.value FROM amr_stage s"
-                    " JOIN reading r USING (meter_id, register, ts) WHERE r.value <> s.value"
-                )
-                clashes = cur.fetchall()
-                for mid, reg, ts, _offered, stored in clashes:
-                    rejects.append(self._conflict_row(good[(mid, reg, ts)], stored))
-                result.conflict += len(clashes)
-                result.duplicate += len(good) - inserted - len(clashes)
-        return spans
+        los = [by_key[k][0][0] for k in keys]
+        counts = [len(by_key[k]) for k in keys]
+        windows = self._load_windows(keys, los, counts, CONTEXT)
+        plans: list[tuple | None] = []
+        short: list[int] = []
+        for i, key in enumerate(keys):
+            plan = self._plan(by_key[key], windows.get(i, ()), CONTEXT)
+            plans.append(plan)
+            if plan is None:
+                short.append(i)
+        context: int | None = CONTEXT
+        while short:
+            # a run of glitches next to the new readings: load more around those
+            context = context * 4 if context is not None and context < 1000 else None
+            more = self._load_windows([keys[i] for i in short], [los[i] for i in short],
+                                      [counts[i] for i in short], context)
+            still = []
+            for n, i in enumerate(short):
+                plans[i] = self._plan(by_key[keys[i]], more.get(n, ()), context)
+                if plans[i] is None:
+                    still.append(i)
+            short = still
+        decisions = self._decisions({k[0] for k in keys})
+        work = _Changes()
+        with conn.cursor() as cur:
+            with cur.copy(f"COPY reading ({_READING_COLUMNS}) FROM STDIN (FORMAT BINARY)") as cp:
+                cp.set_types(_READING_TYPES)
+                for key, plan in zip(keys, plans, strict=True):
+                    assert plan is not None
+                    pts, span, dups, clashes = plan
+                    result.duplicate += dups
+                    for r, stored in clashes:
+                        rejects.append(self._conflict_row(r, stored))
+                    result.conflict += len(clashes)
+                    if span is not None:
+                        self._emit(key, pts, span, meters[key[0]], decisions, cp, work)
+            self._apply(cur, work)
+        return work.inserted
 
     def _write_rejects(self, rows: list[tuple]) -> None:
         with self.conn.cursor() as cur, cur.copy(
@@ -321,150 +310,319 @@ class Ingestor:
             for row in rows:
                 cp.write_row(row)
 
-    # --- derivation ---
+    def _load_windows(
+        self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None
+    ) -> dict[int, list[tuple]]:
+        """Stored readings around and among each register's new ones, with what was derived.
 
-    def _derive(self, spans: Sequence[tuple], meters: dict[str, MeterRules]) -> None:
-        """Re-derive the intervals around newly stored readings of each register."""
-        conn = self.conn
-        keys = [(s[0], s[1]) for s in spans]
-        rows = conn.execute(
-            """SELECT k.i, x.ts, x.value, x.quality FROM
-                 unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])
-                   WITH ORDINALITY AS k(m, r, lo, hi, i)
+        `context` readings before lo, and from lo on as many as the batch has
+        for the register plus `context`; all of them when context is None.
+        Two index probes per register: in the common case (appends) the second
+        finds nothing.
+        """
+        rows = self.conn.execute(
+            f"""SELECT k.i, x.* FROM
+                 unnest(%s::text[], %s::text[], %s::timestamptz[], %s::int[])
+                   WITH ORDINALITY AS k(m, r, lo, n, i)
                CROSS JOIN LATERAL (
-                 (SELECT ts, value, quality FROM reading WHERE meter_id = k.m AND register = k.r
+                 (SELECT {_STORED} FROM reading WHERE meter_id = k.m AND register = k.r
                     AND ts < k.lo ORDER BY ts DESC LIMIT %s)
                  UNION ALL
-                 (SELECT ts, value, quality FROM reading WHERE meter_id = k.m AND register = k.r
-                    AND ts >= k.lo AND ts <= k.hi)
-                 UNION ALL
-                 (SELECT ts, value, quality FROM reading WHERE meter_id = k.m AND register = k.r
-                    AND ts > k.hi ORDER BY ts LIMIT %s)
+                 (SELECT {_STORED} FROM reading WHERE meter_id = k.m AND register = k.r
+                    AND ts >= k.lo ORDER BY ts LIMIT k.n + %s)
                ) x""",
-            ([s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
-             [s[3] for s in spans], CONTEXT, CONTEXT),
+            (array_literal([k[0] for k in keys]), array_literal([k[1] for k in keys]),
+             array_literal(los), array_literal(counts), context, context),
         ).fetchall()
-        windows: dict[int, list[tuple[datetime, Decimal, list[str]]]] = defaultdict(list)
-        for i, ts, value, flags in rows:
-            windows[i - 1].append((ts, value, flags))
-        decisions = self._decisions({k[0] for k in keys})
+        windows: dict[int, list[tuple]] = defaultdict(list)
+        for row in rows:
+            windows[row[0] - 1].append(row[1:])
+        return windows
 
-        del_m: list[str] = []
-        del_r: list[str] = []
-        del_lo: list[datetime] = []
-        del_hi: list[datetime | None] = []
-        new_rows: list[tuple] = []
-        flag_updates: list[tuple[str, str, datetime, list[str]]] = []
-        for i, (mid, reg, lo, hi, _n) in enumerate(spans):
-            pts = sorted(windows[i], key=lambda p: p[0])
-            meter = meters[mid]
-            start_i, end_i, intervals, bad = self._window(pts, lo, hi, meter)
-            del_m.append(mid)
-            del_r.append(reg)
-            del_lo.append(pts[start_i][0])
-            del_hi.append(None if end_i is None else pts[end_i][0])
-            for iv in intervals:
-                new_rows.extend(self._segments(mid, reg, iv, decisions))
-            # keep the derived flags on readings in step with their classification
-            last = len(pts) - 1 if end_i is None else end_i
-            kinds = {iv.end: iv.kind for iv in intervals if iv.kind in ("rollover", "reset")}
-            for j in range(start_i, last + 1):
-                ts, _v, flags = pts[j]
-                if not flags and not bad[j] and ts not in kinds:
-                    continue  # the common case: nothing to flag, nothing flagged
-                want = set(flags) - _DERIVED_FLAGS
-                if bad[j]:
-                    want.add(quality.GLITCH)
-                elif ts in kinds:
-                    want.add(kinds[ts])
-                if want != set(flags):
-                    flag_updates.append((mid, reg, ts, sorted(want)))
+    def _plan(
+        self, items: list[tuple[datetime, Reading]], stored: Sequence[tuple], context: int | None
+    ) -> tuple | None:
+        """Tell repeats from new readings and find the span to re-derive around the new ones.
 
-        with conn.cursor() as cur:
-            cur.execute(
-                """DELETE FROM interval_usage u
-                   USING unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[]) AS k(m, r, lo, hi)
-                   WHERE u.meter_id = k.m AND u.register = k.r AND u.seg_start >= k.lo
-                     AND u.start_ts >= k.lo AND (k.hi IS NULL OR u.start_ts < k.hi)
-                     -- an interval that starts before the span's end also ends by it, so
-                     -- this bounds the index scan without changing what is deleted
-                     AND (k.hi IS NULL OR u.seg_start < k.hi)
-                   RETURNING u.meter_id, u.register, u.day, u.zone, u.kwh, u.estimated, u.status""",
-                (del_m, del_r, del_lo, del_hi),
-            )
-            removed = cur.fetchall()
-            if new_rows:
-                with cur.copy(
-                    "COPY interval_usage (meter_id, register, start_ts, end_ts, seg_start, seg_end,"
-                    " day, zone, kwh, estimated, kind, status) FROM STDIN (FORMAT BINARY)"
-                ) as cp:
-                    cp.set_types(_SEGMENT_TYPES)
-                    for row in new_rows:
-                        cp.write_row(row)
-            if flag_updates:
-                cur.executemany(
-                    "UPDATE reading SET quality = %s WHERE meter_id = %s AND register = %s AND ts = %s",
-                    [(f, m, r, t) for m, r, t, f in flag_updates],
-                )
-        apply_daily_changes(
-            conn,
-            removed=[(m, d, z, k, e, s) for m, r, d, z, k, e, s in removed if r == BILLED_REGISTER],
-            added=[(r[0], r[6], r[7], r[8], r[9], r[11]) for r in new_rows if r[1] == BILLED_REGISTER],
-        )
-
-    @staticmethod
-    def _window(
-        pts: list[tuple[datetime, Decimal, list[str]]], lo: datetime, hi: datetime, meter: MeterRules
-    ) -> tuple[int, int | None, list[Interval], list[bool]]:
-        """Which part of a loaded window can be re-derived exactly, and its intervals.
-
-        A reading's class depends on its two neighbours, so only readings with
-        both neighbours loaded and at least two places from a new reading keep
-        a class that cannot have changed. The re-derived span runs from the
-        last such valid reading before the new ones to the first after them
-        (or to the true ends of the series).
+        Returns (points, span, duplicates, conflicts), span being None when
+        nothing is new; None when the loaded context is too short to decide
+        (a run of glitches beside the new readings, or more stored readings
+        among the new ones than the window held). A stored row is (ts, value,
+        quality, start_ts, kwh, kind, status, estimated, day, zone); a point is
+        (ts, value, stored row or None, reading or None).
         """
-        n = len(pts)
-        times = [p[0] for p in pts]
-        first_new = bisect.bisect_left(times, lo)
-        last_new = bisect.bisect_right(times, hi) - 1
-        true_start = first_new < CONTEXT
-        true_end = n - 1 - last_new < CONTEXT
-        bad = glitches([p[1] for p in pts])
-        before = [j for j in range(0 if true_start else 1, first_new - 1) if not bad[j]]
-        start_i = before[-1] if before else 0
-        after = [j for j in range(last_new + 2, n if true_end else n - 1) if not bad[j]]
-        end_i: int | None = after[0] if after else (None if true_end else n - 1)
-        stop = n if end_i is None else end_i + 1
-        intervals: list[Interval] = []
-        prev: tuple[datetime, Decimal] | None = None
-        for j in range(start_i, stop):
-            if bad[j]:
-                continue
-            ts, v, _ = pts[j]
-            if prev is not None:
-                intervals.append(between(prev[0], prev[1], ts, v, meter))
-            prev = (ts, v)
-        return start_i, end_i, intervals, bad
+        dups = 0
+        clashes: list[tuple[Reading, Decimal]] = []
+        lo = items[0][0]
+        if stored:
+            at = {row[0]: row for row in stored}
+            new = []
+            for ts, r in items:
+                old = at.get(ts)
+                if old is None:
+                    new.append((ts, r))
+                elif old[1] == r.value:
+                    dups += 1
+                else:
+                    clashes.append((r, old[1]))
+            before = sum(1 for row in stored if row[0] < lo)
+            # a side that returned fewer rows than asked for reaches the end of the series
+            true_start = context is None or before < context
+            true_end = context is None or len(stored) - before < len(items) + context
+            if not new:
+                if not true_end and max(at) < items[-1][0]:
+                    return None  # the window did not reach past the batch: repeats unknown
+                return None, None, dups, clashes
+            if not true_end and max(at) < items[-1][0]:
+                return None
+            pts = [(row[0], row[1], row, None) for row in stored]
+            pts += [(ts, r.value, None, r) for ts, r in new]
+            pts.sort(key=_first)
+        else:
+            new = items
+            pts = [(ts, r.value, None, r) for ts, r in items]
+            true_start = true_end = True
+        span = _span(pts, new[0][0], new[-1][0], true_start, true_end)
+        if span is None:
+            return None
+        return pts, span, dups, clashes
 
-    def _segments(
-        self, mid: str, reg: str, iv: Interval, decisions: dict[tuple, str]
-    ) -> list[tuple]:
-        segs = self.calendar.split(iv.start, iv.end, iv.kwh)
-        estimated = iv.estimated or len(segs) > 1
-        status = decisions.get((mid, reg, iv.start, iv.end)) or ("suspect" if iv.suspect else "ok")
-        return [
-            (mid, reg, iv.start, iv.end, s.start, s.end, s.day, s.zone, s.kwh, estimated, iv.kind, status)
-            for s in segs
-        ]
+    def _emit(
+        self,
+        key: tuple[str, str],
+        pts: list[tuple],
+        span: tuple[int, int, list[bool]],
+        meter: MeterRules,
+        decisions: dict[tuple, str],
+        cp: Any,
+        work: _Changes,
+    ) -> None:
+        """Derive the span's intervals; COPY new readings, queue changes to stored ones."""
+        mid, reg = key
+        start_i, stop, bad = span
+        billed = reg == BILLED_REGISTER
+        daily: dict[tuple, Decimal] = {}
+        write = cp.write_row
+        cut = self.calendar.cut
+        prev_ts: datetime | None = None
+        prev_v = _ZERO
+        for j in range(start_i, stop):
+            ts, value, old, r = pts[j]
+            segs = None
+            if bad[j]:
+                state, derived = _NO_INTERVAL, quality.GLITCH
+            elif prev_ts is None:  # the span's first reading: its own interval lies outside
+                prev_ts, prev_v = ts, value
+                if old is not None:
+                    continue
+                state, derived = _NO_INTERVAL, None  # the first reading of the series
+            else:
+                iv = between(prev_ts, prev_v, ts, value, meter)
+                prev_ts, prev_v = ts, value
+                status = decisions.get((mid, reg, iv.start, ts)) if decisions else None
+                if status is None:
+                    status = "suspect" if iv.suspect else "ok"
+                pieces = cut(iv.start, ts)
+                if len(pieces) == 1:
+                    state = (iv.start, iv.kwh, iv.kind, status, iv.estimated, pieces[0][2], pieces[0][3])
+                else:
+                    segs = self.calendar.split(iv.start, ts, iv.kwh)
+                    state = (iv.start, iv.kwh, iv.kind, status, True, None, None)
+                derived = iv.kind if iv.kind in _FLAGGED_KINDS else None
+            if r is not None:
+                flags = r.quality
+                if flags or derived:
+                    flags = set(flags) - _DERIVED_FLAGS
+                    if derived:
+                        flags.add(derived)
+                    flags = sorted(flags)
+                else:
+                    flags = _NO_FLAGS
+                write((mid, reg, ts, value, flags, r.source, *state))
+                work.inserted += 1
+            else:
+                old_flags = old[2]
+                flags = old_flags
+                if old_flags or derived:
+                    want = set(old_flags) - _DERIVED_FLAGS
+                    if derived:
+                        want.add(derived)
+                    if want != set(old_flags):
+                        flags = sorted(want)
+                if state == old[3:] and flags is old_flags:
+                    continue  # the common case for the stored readings before new ones
+                work.updates.append((mid, reg, ts, flags, *state))
+                if old[4] is not None:  # it closed an interval: take that out
+                    if old[9] is None:
+                        work.removed_split.append((mid, reg, ts, old[7], old[6]))
+                    elif billed:
+                        work.daily.count(mid, old[8], old[9], old[4], old[7], old[6], -1)
+            if state[1] is None:
+                continue
+            if segs is None:
+                if billed:
+                    dkey = (state[5], state[6], state[4], state[3])
+                    daily[dkey] = daily.get(dkey, _ZERO) + state[1]
+            else:
+                for sg in segs:
+                    work.segments.append((mid, reg, ts, sg.start, sg.end, sg.day, sg.zone, sg.kwh))
+                    if billed:
+                        dkey = (sg.day, sg.zone, True, state[3])
+                        daily[dkey] = daily.get(dkey, _ZERO) + sg.kwh
+        count = work.daily.count
+        for (day, zone, est, status), kwh in daily.items():
+            count(mid, day, zone, kwh, est, status)
+
+    def _apply(self, cur: psycopg.Cursor, work: _Changes) -> None:
+        """Re-derived stored readings, interval parts and daily totals, after the COPY."""
+        if work.updates:
+            u = work.updates
+            cur.execute(
+                """UPDATE reading r SET quality = k.q::text[], start_ts = k.s, kwh = k.kwh, kind = k.kind,
+                     status = k.st, estimated = k.est, day = k.day, zone = k.zone
+                   FROM (SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[],
+                     %s::timestamptz[], %s::numeric[], %s::text[], %s::text[], %s::bool[], %s::date[],
+                     %s::text[])) AS k(m, r, ts, q, s, kwh, kind, st, est, day, zone)
+                   WHERE r.meter_id = k.m AND r.register = k.r AND r.ts = k.ts""",
+                tuple(array_literal(col) for col in (
+                    [x[0] for x in u], [x[1] for x in u], [x[2] for x in u],
+                    [array_literal(x[3]) for x in u], [x[4] for x in u], [x[5] for x in u],
+                    [x[6] for x in u], [x[7] for x in u], [x[8] for x in u], [x[9] for x in u],
+                    [x[10] for x in u])),
+            )
+        if work.removed_split:
+            rs = work.removed_split
+            cur.execute(
+                """DELETE FROM interval_segment s
+                   USING unnest(%s::text[], %s::text[], %s::timestamptz[], %s::bool[], %s::text[])
+                     AS k(m, r, ts, est, st)
+                   WHERE s.meter_id = k.m AND s.register = k.r AND s.end_ts = k.ts
+                   RETURNING s.meter_id, s.register, s.day, s.zone, s.kwh, k.st""",
+                tuple(array_literal(col) for col in (
+                    [x[0] for x in rs], [x[1] for x in rs], [x[2] for x in rs],
+                    [x[3] for x in rs], [x[4] for x in rs])),
+            )
+            for m, r, d, z, k, st in cur.fetchall():
+                if r == BILLED_REGISTER:
+                    work.daily.count(m, d, z, k, True, st, -1)
+        if work.segments:
+            with cur.copy(
+                "COPY interval_segment (meter_id, register, end_ts, seg_start, seg_end, day, zone, kwh)"
+                " FROM STDIN (FORMAT BINARY)"
+            ) as cp:
+                cp.set_types(_SEGMENT_TYPES)
+                for row in work.segments:
+                    cp.write_row(row)
+        work.daily.write(self.conn)
 
     def _decisions(self, meter_ids: set[str]) -> dict[tuple, str]:
         rows = self.conn.execute(
             "SELECT meter_id, register, start_ts, end_ts, decision FROM interval_decision"
             " WHERE meter_id = ANY(%s)",
-            (list(meter_ids),),
+            (array_literal(meter_ids),),
         ).fetchall()
         return {(m, r, s, e): d for m, r, s, e, d in rows}
+
+
+@dataclass
+class _Changes:
+    """What one batch's derivation does besides the rows it COPYs."""
+
+    inserted: int = 0
+    # stored readings whose derived columns change: (m, r, ts, quality, *state)
+    updates: list[tuple] = field(default_factory=list)
+    daily: DailyChanges = field(default_factory=lambda: DailyChanges())
+    # stored readings whose old interval had parts: (m, r, ts, estimated, status)
+    removed_split: list[tuple] = field(default_factory=list)
+    segments: list[tuple] = field(default_factory=list)
+
+
+def _span(
+    pts: list[tuple], lo: datetime, hi: datetime, true_start: bool, true_end: bool
+) -> tuple[int, int, list[bool]] | None:
+    """Which part of a loaded window can be re-derived exactly: (start, stop, glitch flags).
+
+    A reading's class depends on its two neighbours, so only readings with
+    both neighbours loaded and at least two places from a new reading keep a
+    class that cannot have changed. The re-derived span runs from the last
+    such valid reading before the new ones to the first after them (or to the
+    true ends of the series). None when the window holds no such reading on a
+    side that is not a true end: the caller loads more. Points are (ts, value, ...).
+    """
+    n = len(pts)
+    times = [p[0] for p in pts]
+    first_new = bisect.bisect_left(times, lo)
+    last_new = bisect.bisect_right(times, hi) - 1
+    bad = glitches([p[1] for p in pts])
+    start_i = 0
+    for j in range(first_new - 2, -1 if true_start else 0, -1):
+        if not bad[j]:
+            start_i = j
+            break
+    else:
+        if not true_start:
+            return None
+    stop = n
+    for j in range(last_new + 2, n if true_end else n - 1):
+        if not bad[j]:
+            stop = j + 1
+            break
+    else:
+        if not true_end:
+            return None
+    return start_i, stop, bad
+
+
+def _first(item: tuple) -> Any:
+    return item[0]
+
+
+class DailyChanges:
+    """Net changes to daily_zone_usage from one transaction's interval changes.
+
+    The one place that decides what a daily total counts: ok and accepted
+    energy in kwh, the estimated part of it in estimated_kwh, suspect energy
+    apart in suspect_kwh; rejected energy nowhere. Only register 1.8.0 counts.
+    """
+
+    def __init__(self) -> None:
+        self._delta: dict[tuple[str, date, str], list[Decimal]] = {}
+
+    def count(self, mid: str, day: date, zone: str, kwh: Decimal, estimated: bool, status: str,
+              sign: int = 1) -> None:
+        """Count one interval part in (sign 1) or out (sign -1) of its day and zone."""
+        d = self._delta.get((mid, day, zone))
+        if d is None:
+            d = self._delta[(mid, day, zone)] = [_ZERO, _ZERO, _ZERO]
+        if sign < 0:
+            kwh = -kwh
+        if status in _COUNTED:
+            d[0] += kwh
+            if estimated:
+                d[1] += kwh
+        elif status == "suspect":
+            d[2] += kwh
+
+    def write(self, conn: psycopg.Connection) -> None:
+        # zero changes are written too: a day with no energy still has its rows
+        items = list(self._delta.items())
+        if not items:
+            return
+        conn.execute(
+            """INSERT INTO daily_zone_usage (meter_id, day, zone, kwh, estimated_kwh, suspect_kwh)
+               SELECT * FROM unnest(%s::text[], %s::date[], %s::text[], %s::numeric[], %s::numeric[],
+                                    %s::numeric[])
+               ON CONFLICT (meter_id, day, zone) DO UPDATE SET
+                 kwh = daily_zone_usage.kwh + EXCLUDED.kwh,
+                 estimated_kwh = daily_zone_usage.estimated_kwh + EXCLUDED.estimated_kwh,
+                 suspect_kwh = daily_zone_usage.suspect_kwh + EXCLUDED.suspect_kwh""",
+            (
+                array_literal([k[0] for k, _ in items]), array_literal([k[1] for k, _ in items]),
+                array_literal([k[2] for k, _ in items]), array_literal([v[0] for _, v in items]),
+                array_literal([v[1] for _, v in items]), array_literal([v[2] for _, v in items]),
+            ),
+        )
+        self._delta.clear()
 
 
 def apply_daily_changes(
@@ -472,42 +630,13 @@ def apply_daily_changes(
     removed: Iterable[tuple[str, date, str, Decimal, bool, str]],
     added: Iterable[tuple[str, date, str, Decimal, bool, str]],
 ) -> None:
-    """Keep daily_zone_usage equal to the sum of its interval segments.
-
-    Takes the segments taken out of and put into interval_usage, as
-    (meter_id, day, zone, kwh, estimated, status), and applies the net change.
-    The one place that decides what a daily total counts: ok and accepted
-    energy in kwh, the estimated part of it in estimated_kwh, suspect energy
-    apart in suspect_kwh; rejected energy nowhere.
-    """
-    delta: dict[tuple[str, date, str], list[Decimal]] = defaultdict(
-        lambda: [Decimal(0), Decimal(0), Decimal(0)]
-    )
-    for sign, rows in ((-1, removed), (1, added)):
-        for mid, day, zone, kwh, est, status in rows:
-            d = delta[(mid, day, zone)]
-            if status in _COUNTED:
-                d[0] += sign * kwh
-                if est:
-                    d[1] += sign * kwh
-            elif status == "suspect":
-                d[2] += sign * kwh
-    # zero changes are written too: a day with no energy still has its rows
-    items = list(delta.items())
-    if not items:
-        return
-    conn.execute(
-        """INSERT INTO daily_zone_usage (meter_id, day, zone, kwh, estimated_kwh, suspect_kwh)
-           SELECT * FROM unnest(%s::text[], %s::date[], %s::text[], %s::numeric[], %s::numeric[], %s::numeric[])
-           ON CONFLICT (meter_id, day, zone) DO UPDATE SET
-             kwh = daily_zone_usage.kwh + EXCLUDED.kwh,
-             estimated_kwh = daily_zone_usage.estimated_kwh + EXCLUDED.estimated_kwh,
-             suspect_kwh = daily_zone_usage.suspect_kwh + EXCLUDED.suspect_kwh""",
-        (
-            [k[0] for k, _ in items], [k[1] for k, _ in items], [k[2] for k, _ in items],
-            [v[0] for _, v in items], [v[1] for _, v in items], [v[2] for _, v in items],
-        ),
-    )
+    """Apply interval parts taken out and put in, as (meter_id, day, zone, kwh, estimated, status)."""
+    daily = DailyChanges()
+    for row in removed:
+        daily.count(*row, sign=-1)
+    for row in added:
+        daily.count(*row)
+    daily.write(conn)
 
 
 def decide_interval(
@@ -534,13 +663,14 @@ def decide_interval(
         rows = conn.execute(
             "SELECT meter_id, day, zone, kwh, estimated, status FROM interval_usage"
             " WHERE meter_id = %s AND register = %s AND start_ts = %s AND end_ts = %s"
-            " AND seg_start >= %s AND status <> %s FOR UPDATE",
-            (meter_id, register, start_ts, end_ts, start_ts, decision),
+            " AND status <> %s",
+            (meter_id, register, start_ts, end_ts, decision),
         ).fetchall()
+        # the interval's status lives in the reading that ends it
         conn.execute(
-            "UPDATE interval_usage SET status = %s WHERE meter_id = %s AND register = %s"
-            " AND start_ts = %s AND end_ts = %s AND seg_start >= %s",
-            (decision, meter_id, register, start_ts, end_ts, start_ts),
+            "UPDATE reading SET status = %s WHERE meter_id = %s AND register = %s"
+            " AND ts = %s AND start_ts = %s AND kwh IS NOT NULL",
+            (decision, meter_id, register, end_ts, start_ts),
         )
         if register == BILLED_REGISTER:
             apply_daily_changes(conn, removed=rows, added=[(*r[:5], decision) for r in rows])

@@ -15,17 +15,18 @@ re-derive a short window around it instead of the whole history.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from collector.vee import MeterRules, max_energy_kwh
 
 NEAR = Decimal("0.1")  # "near the maximum": the top and bottom tenth of the register
 
 
-@dataclass(frozen=True, slots=True)
-class Interval:
+class Interval(NamedTuple):
+    """One interval; a tuple because ingestion makes one per reading."""
+
     start: datetime
     end: datetime
     kwh: Decimal  # multiplier applied, never negative

@@ -71,3 +71,53 @@ def test_interval_energy_is_exact_in_any_arrival_order(conn, data) -> None:
         "SELECT coalesce(sum(kwh + suspect_kwh), 0) FROM daily_zone_usage WHERE meter_id = %s", (meter,)
     ).fetchone()[0]
     assert daily == expected
+
+
+noisy = st.integers(min_value=3, max_value=40).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(min_value=0, max_value=400), min_size=n, max_size=n),  # steps, 0.01 kWh
+        # 0: in line; 1: a spike; 2: a dip; 3: a counter reset before this reading
+        st.lists(st.sampled_from([0, 0, 0, 0, 1, 2, 3]), min_size=n, max_size=n),
+        st.permutations(list(range(n))),
+        st.integers(min_value=1, max_value=7),
+    )
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=noisy)
+def test_glitches_and_resets_derive_the_same_in_any_arrival_order(conn, data) -> None:
+    """Late readings re-derive only a window; with runs of spikes, dips and resets
+    beside them, the result must still equal ingesting the series in order at once."""
+    steps, faults, order, batch = data
+    base = next(_ids)
+    ref, meter = f"q{base}r", f"q{base}s"
+    add_meters(conn, ref, meter, max_power_kw=1000)
+    values, v = [], 5000
+    for step, fault in zip(steps, faults, strict=True):
+        v = step if fault == 3 else v + step
+        values.append(v + 90_000 if fault == 1 else max(v - 4_000, 0) if fault == 2 else v)
+    ts = [T0 + timedelta(minutes=30 * i) for i in range(len(values))]
+
+    def series(m: str) -> list[Reading]:
+        return [Reading(m, "1.8.0", t, Decimal(x) / 100) for t, x in zip(ts, values, strict=True)]
+
+    ing = Ingestor(conn, clock=lambda: datetime(2027, 1, 1, tzinfo=UTC))
+    ing.ingest(series(ref))
+    shuffled = [series(meter)[i] for i in order]
+    for k in range(0, len(shuffled), batch):
+        ing.ingest(shuffled[k : k + batch])
+
+    def derived(m: str) -> tuple[list, list, list]:
+        readings = conn.execute(
+            "SELECT ts, value, quality, start_ts, kwh, kind, status, estimated, day, zone"
+            " FROM reading WHERE meter_id = %s ORDER BY ts", (m,)).fetchall()
+        parts = conn.execute(
+            "SELECT start_ts, end_ts, seg_start, day, zone, kwh FROM interval_usage"
+            " WHERE meter_id = %s ORDER BY seg_start", (m,)).fetchall()
+        daily = conn.execute(
+            "SELECT day, zone, kwh, estimated_kwh, suspect_kwh FROM daily_zone_usage"
+            " WHERE meter_id = %s AND (kwh <> 0 OR suspect_kwh <> 0) ORDER BY 1, 2", (m,)).fetchall()
+        return readings, parts, daily
+
+    assert derived(meter) == derived(ref)

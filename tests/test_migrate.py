@@ -13,12 +13,17 @@ def test_rerun_is_a_noop_and_partitions_exist(conn) -> None:
     assert version == migrate.available()[-1].version
     assert migrate.migrate(conn) == []
     assert migrate.current_version(conn) == version
-    parts = conn.execute(
-        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'reading'::regclass"
-    ).fetchone()[0]
-    assert parts >= 4  # two months back, three ahead
-    kind = conn.execute("SELECT relkind FROM pg_class WHERE relname = 'reading'").fetchone()[0]
-    assert kind == "p"
+    for table in ("reading", "interval_segment"):
+        parts = conn.execute(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = %s::regclass", (table,)
+        ).fetchone()[0]
+        assert parts >= 4, table  # two months back, three ahead
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE relname = %s", (table,)).fetchone()[0]
+        assert kind == "p", table
+    # interval_usage is a view over them now: no partitions of its own
+    assert conn.execute("SELECT relkind FROM pg_class WHERE relname = 'interval_usage'").fetchone() == ("v",)
+    assert conn.execute(
+        "SELECT name FROM amr_time_table ORDER BY name").fetchall() == [("interval_segment",), ("reading",)]
 
 
 def test_refuses_a_schema_newer_than_the_code(conn) -> None:
@@ -40,20 +45,29 @@ def test_fresh_database_from_nothing(pg_admin_url) -> None:
         with psycopg.connect(psycopg.conninfo.make_conninfo(**info)) as c:
             applied = migrate.migrate(c, timescale=False)
             assert [m.version for m in applied] == [m.version for m in migrate.available()]
-            for table in ("subscriber", "meter", "reading", "interval_usage", "daily_zone_usage",
-                          "rejected_reading", "tariff", "bill", "bill_line"):
-                assert c.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None, table
+            kinds = dict(c.execute("SELECT relname::text, relkind::text FROM pg_class"
+                                   " WHERE relnamespace = 'public'::regnamespace").fetchall())
+            for table in ("subscriber", "meter", "daily_zone_usage", "rejected_reading", "tariff",
+                          "bill", "bill_line"):
+                assert kinds.get(table) == "r", table
+            for table in ("reading", "interval_segment"):  # time tables: natively partitioned
+                assert kinds.get(table) == "p", table
+            assert kinds.get("interval_usage") == "v"  # a view since 012
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def test_timescale_rendering_drops_partitioning_and_names_hypertables() -> None:
-    sql = migrate.available()[0].sql
-    plain, tables = timeseries.render(sql, timescale=False)
-    ts_sql, ts_tables = timeseries.render(sql, timescale=True)
-    assert "PARTITION BY RANGE (ts)" in plain and "PARTITION BY" not in ts_sql
-    assert [t.table for t in tables] == [t.table for t in ts_tables] == ["reading", "interval_usage"]
+    by_version = {m.version: m.sql for m in migrate.available()}
+    for version, column, names in ((1, "ts", ["reading", "interval_usage"]),
+                                   (12, "end_ts", ["interval_segment"])):
+        plain, tables = timeseries.render(by_version[version], timescale=False)
+        ts_sql, ts_tables = timeseries.render(by_version[version], timescale=True)
+        assert f"PARTITION BY RANGE ({column})" in plain and "PARTITION BY" not in ts_sql
+        assert [t.table for t in tables] == [t.table for t in ts_tables] == names
+    # 012 drops interval_usage (a view since): the time tables in the end are these two
+    assert "DROP TABLE interval_usage;" in by_version[12]
 
 
 def test_maintain_drops_partitions_past_retention_only(conn) -> None:
@@ -65,12 +79,12 @@ def test_maintain_drops_partitions_past_retention_only(conn) -> None:
         Partitions().ensure(conn, datetime(2019, 1, 5, tzinfo=UTC), datetime(2019, 3, 5, tzinfo=UTC))
     conn.commit()
     names = lambda: {r[0] for r in conn.execute(  # noqa: E731
-        "SELECT relname FROM pg_class WHERE relname LIKE 'reading_p2019%' AND relkind = 'r'").fetchall()}
-    assert names() == {"reading_p201901", "reading_p201902", "reading_p201903"}
+        "SELECT relname FROM pg_class WHERE relname ~ '_p2019\\d\\d$' AND relkind = 'r'").fetchall()}
+    assert names() == {f"{t}_p2019{m}" for t in ("reading", "interval_segment") for m in ("01", "02", "03")}
     # five years of retention counted from 2024-02-15: January 2019 goes, February stays
     dropped = migrate.maintain(conn, now=datetime(2024, 2, 15, tzinfo=UTC))
-    assert "reading_p201901" in dropped and "interval_usage_p201901" in dropped
-    assert names() == {"reading_p201902", "reading_p201903"}
+    assert sorted(dropped) == ["interval_segment_p201901", "reading_p201901"]  # no interval_usage_p*
+    assert names() == {f"{t}_p2019{m}" for t in ("reading", "interval_segment") for m in ("02", "03")}
 
 
 def test_a_lower_numbered_migration_added_later_is_applied(conn, monkeypatch) -> None:

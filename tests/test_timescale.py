@@ -22,7 +22,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple
@@ -31,9 +32,20 @@ import psycopg
 import pytest
 
 from collector.storage import migrate, timeseries
+from tests.test_migrate_012 import (
+    BEFORE,
+    INTERVAL_ROWS,
+    SEGMENTS,
+    expected_readings,
+    expected_segments,
+    migrate_upto,
+    old_day,
+    reading_state,
+    seed_before_012,
+)
 
 SERVER_DIR = Path(__file__).resolve().parent / "timescale"
-TIME_TABLES = {"reading": "ts", "interval_usage": "seg_start"}
+TIME_TABLES = {"reading": "ts", "interval_segment": "end_ts"}  # interval_usage is a view since 012
 OTHER_TABLES = {
     "subscriber", "meter", "daily_zone_usage", "interval_decision", "rejected_reading",
     "tariff", "bill", "bill_line", "suspect_audit", "amr_schema_migration", "amr_time_table",
@@ -100,6 +112,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def timescale_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One PGlite+TimescaleDB server for this module, stopped with SIGTERM at the end."""
+    with _serve(tmp_path_factory) as url:
+        yield url
+
+
+@contextmanager
+def _serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _install()
     port = _free_port()
     log = tmp_path_factory.mktemp("timescale") / "serve.log"
@@ -154,19 +172,19 @@ def test_every_migration_applies_on_timescaledb(ts: Migrated) -> None:
     assert migrate.current_version(ts.conn) == migrate.available()[-1].version
     assert _rows(ts.conn, "SELECT extname FROM pg_extension WHERE extname = 'timescaledb'")
     assert dict(_rows(ts.conn, "SELECT name, hypertable FROM amr_time_table")) == {
-        "reading": True, "interval_usage": True}
+        "reading": True, "interval_segment": True}
 
 
 def test_time_tables_are_hypertables_compressed_by_meter(ts: Migrated) -> None:
     hyper = _rows(ts.conn, "SELECT hypertable_name, compression_enabled"
                            " FROM timescaledb_information.hypertables WHERE hypertable_schema = 'public'")
-    assert dict(hyper) == {"reading": True, "interval_usage": True}
+    assert dict(hyper) == {"reading": True, "interval_segment": True}
     dims = _rows(ts.conn, "SELECT hypertable_name, column_name FROM timescaledb_information.dimensions")
     assert dict(dims) == TIME_TABLES
     segment_by = _rows(ts.conn, "SELECT hypertable_name, array_agg(attname::text ORDER BY segmentby_column_index)"
                                 " FROM timescaledb_information.compression_settings"
                                 " WHERE segmentby_column_index IS NOT NULL GROUP BY 1")
-    assert dict(segment_by) == {"reading": ["meter_id"], "interval_usage": ["meter_id"]}
+    assert dict(segment_by) == {"reading": ["meter_id"], "interval_segment": ["meter_id"]}
     # native partitioning is the other path: none of it here
     assert _rows(ts.conn, "SELECT relname FROM pg_class WHERE relkind = 'p' OR relispartition") == []
 
@@ -174,13 +192,25 @@ def test_time_tables_are_hypertables_compressed_by_meter(ts: Migrated) -> None:
 def test_compression_and_retention_policies_are_scheduled(ts: Migrated) -> None:
     jobs = _rows(ts.conn, "SELECT hypertable_name, config->>'compress_after', scheduled"
                           " FROM timescaledb_information.jobs WHERE proc_name = 'policy_compression'")
-    assert sorted(jobs) == [("interval_usage", "30 days", True), ("reading", "30 days", True)]
+    assert sorted(jobs) == [("interval_segment", "30 days", True), ("reading", "30 days", True)]
     retention = _rows(ts.conn, "SELECT j.hypertable_name, (j.config->>'drop_after')::interval"
                                " = t.retention::interval, j.scheduled"
                                " FROM timescaledb_information.jobs j"
                                " JOIN amr_time_table t ON t.name = j.hypertable_name"
                                " WHERE j.proc_name = 'policy_retention'")
-    assert sorted(retention) == [("interval_usage", True, True), ("reading", True, True)]
+    assert sorted(retention) == [("interval_segment", True, True), ("reading", True, True)]
+    # the policies of interval_usage, a hypertable until 012 dropped it, went with it
+    assert _policy_jobs(ts.conn) == sorted(
+        (t, p) for t in TIME_TABLES for p in ("policy_compression", "policy_retention"))
+
+
+def _policy_jobs(conn: psycopg.Connection) -> list[tuple]:
+    """Every compression and retention job TimescaleDB keeps, by its table ('?': a table gone)."""
+    return sorted(_rows(conn, "SELECT coalesce(h.table_name::text, '?'), j.proc_name::text"
+                              " FROM _timescaledb_config.bgw_job j"
+                              " LEFT JOIN _timescaledb_catalog.hypertable h"
+                              "   ON h.id = (j.config->>'hypertable_id')::int"
+                              " WHERE j.proc_name IN ('policy_compression', 'policy_retention')"))
 
 
 def test_the_other_tables_and_views_exist(ts: Migrated) -> None:
@@ -189,7 +219,8 @@ def test_the_other_tables_and_views_exist(ts: Migrated) -> None:
     assert tables == OTHER_TABLES | set(TIME_TABLES)
     views = {r[0] for r in _rows(ts.conn, "SELECT table_name FROM information_schema.views"
                                           " WHERE table_schema = 'public'")}
-    assert {"portal_account", "portal_latest_reading", "portal_bill"} <= views
+    assert {"portal_account", "portal_latest_reading", "portal_bill", "interval_usage"} <= views
+    assert _rows(ts.conn, "SELECT relkind FROM pg_class WHERE relname = 'interval_usage'") == [("v",)]
 
 
 def test_rerun_applies_nothing_and_keeps_the_path(ts: Migrated) -> None:
@@ -256,3 +287,88 @@ def test_same_tables_and_columns_as_plain_postgresql(ts: Migrated, conn: psycopg
     ts.conn.commit()
     assert {r[0] for r in on_timescale} >= OTHER_TABLES | set(TIME_TABLES)
     assert on_timescale == on_plain
+
+
+class Upgraded(NamedTuple):
+    conn: psycopg.Connection
+    day: date
+    rows_before: list[tuple]
+    applied: list[int]
+
+
+@pytest.fixture(scope="module")
+def upgraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upgraded]:
+    """A second server, migrated to 011 and given intervals the old way, its old chunks
+    compressed by the policy (as in production), then migrated to the end."""
+    with _serve(tmp_path_factory) as url, psycopg.connect(url, connect_timeout=10) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.commit()
+        assert migrate_upto(conn, BEFORE, timescale=True)[-1] == BEFORE
+        day = old_day()
+        seed_before_012(conn, day)
+        jobs = _rows(conn, "SELECT job_id FROM timescaledb_information.jobs"
+                           " WHERE proc_name = 'policy_compression' ORDER BY 1")
+        conn.commit()
+        conn.autocommit = True  # the policy commits per chunk
+        try:
+            for job in jobs:
+                conn.execute("CALL run_job(%s)", job)
+        finally:
+            conn.autocommit = False
+        compressed = _rows(conn, "SELECT hypertable_name, bool_and(is_compressed)"
+                                 " FROM timescaledb_information.chunks GROUP BY 1 ORDER BY 1")
+        assert compressed == [("interval_usage", True), ("reading", True)]
+        rows = _rows(conn, INTERVAL_ROWS)
+        assert len(rows) == 4
+        conn.commit()
+        applied = [m.version for m in migrate.migrate(conn, timescale=True)]
+        conn.commit()
+        yield Upgraded(conn, day, rows, applied)
+
+
+def test_012_moves_compressed_intervals_into_reading_and_interval_segment(upgraded: Upgraded) -> None:
+    conn = upgraded.conn
+    assert upgraded.applied == [m.version for m in migrate.available() if m.version > BEFORE]
+    assert _rows(conn, "SELECT relkind FROM pg_class WHERE relname = 'interval_usage'") == [("v",)]
+    assert _rows(conn, INTERVAL_ROWS) == upgraded.rows_before
+    assert reading_state(conn) == expected_readings(upgraded.day)
+    assert _rows(conn, SEGMENTS) == expected_segments(upgraded.day)
+    # the moved parts are in chunks of the new hypertable, not in its parent
+    assert _rows(conn, "SELECT count(*) FROM ONLY interval_segment") == [(0,)]
+    assert _rows(conn, "SELECT count(*) FROM show_chunks('interval_segment')") == [(1,)]
+    conn.commit()
+
+
+def test_012_leaves_the_policies_of_reading_and_interval_segment_only(upgraded: Upgraded) -> None:
+    conn = upgraded.conn
+    assert dict(_rows(conn, "SELECT name, column_name FROM amr_time_table")) == TIME_TABLES
+    dims = _rows(conn, "SELECT hypertable_name, column_name FROM timescaledb_information.dimensions")
+    assert dict(dims) == TIME_TABLES
+    assert _policy_jobs(conn) == sorted(
+        (t, p) for t in TIME_TABLES for p in ("policy_compression", "policy_retention"))
+    segment_by = _rows(conn, "SELECT hypertable_name, attname::text"
+                             " FROM timescaledb_information.compression_settings"
+                             " WHERE segmentby_column_index IS NOT NULL ORDER BY 1")
+    assert segment_by == [("interval_segment", "meter_id"), ("reading", "meter_id")]
+    conn.commit()
+
+
+@pytest.mark.parametrize("column, value", [("kwh", -1), ("kind", "weird"), ("status", "pending")])
+def test_012_checks_hold_on_compressed_and_new_chunks(upgraded: Upgraded, column: str,
+                                                      value: object) -> None:
+    conn = upgraded.conn
+    ts = datetime(upgraded.day.year, upgraded.day.month, upgraded.day.day, 4, 50, tzinfo=UTC)
+    home = _rows(conn, "SELECT c.is_compressed FROM timescaledb_information.chunks c"
+                       " WHERE c.hypertable_name = 'reading' AND %s >= c.range_start"
+                       " AND %s < c.range_end", ts, ts)
+    assert home == [(True,)]
+    conn.commit()
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"reading_{column}_check"):
+        conn.execute(f"UPDATE reading SET {column} = %s WHERE meter_id = 'm012' AND ts = %s",
+                     (value, ts))
+    conn.rollback()
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"reading_{column}_check"):
+        conn.execute(f"INSERT INTO reading (meter_id, register, ts, value, {column})"
+                     " VALUES ('m012', '1.8.0', %s, 1, %s)",
+                     (datetime.now(UTC) + timedelta(days=900), value))
+    conn.rollback()

@@ -69,7 +69,8 @@ def setup_time_table(conn: psycopg.Connection, t: TimeTable, timescale: bool) ->
     chunk = _INTERVALS[t.chunk]
     if timescale:
         conn.execute(
-            f"SELECT create_hypertable('{t.table}', by_range('{t.column}', INTERVAL '{chunk}'))"
+            f"SELECT create_hypertable('{t.table}', by_range('{t.column}', INTERVAL '{chunk}'),"
+            " migrate_data => true)"
         )
         conn.execute(
             f"ALTER TABLE {t.table} SET (timescaledb.compress, "
