@@ -164,25 +164,33 @@ class Ingestor:
         now = self.clock()
         tolerance = timedelta(seconds=self.settings.future_tolerance_s)
         rejects: list[tuple] = []
-        good: dict[tuple[str, str, datetime], Reading] = {}
+        # per register, the batch's readings by UTC instant: a repeat inside the batch
+        # is told apart here, one against the database in _store
+        good: dict[tuple[str, str], dict[datetime, Reading]] = {}
         conflicts_in_batch: list[tuple[Reading, Decimal]] = []
         meters = self._meter_rules({r.meter_id for r in items if isinstance(r, Reading)})
+        check = vee.check
 
         for item in items:
             if isinstance(item, Rejected):
                 rejects.append(_reject_row("invalid", item.source, item.code, item.reason, item.raw,
                                            item.meter_id, item.register, item.ts))
                 continue
-            refusal = vee.check(item, meters.get(item.meter_id), now, tolerance)
+            refusal = check(item, meters.get(item.meter_id), now, tolerance)
             if refusal is not None:
                 rejects.append(_reject_row("invalid", item.source, refusal.code, refusal.reason,
                                            _raw_of(item), item.meter_id, item.register, item.ts, item.value))
                 continue
-            ts = item.ts.astimezone(UTC)
-            key = (item.meter_id, item.register, ts)
-            first = good.get(key)
+            ts = item.ts
+            if ts.tzinfo is not UTC:
+                ts = ts.astimezone(UTC)
+            series = good.get((item.meter_id, item.register))
+            if series is None:
+                good[(item.meter_id, item.register)] = {ts: item}
+                continue
+            first = series.get(ts)
             if first is None:
-                good[key] = item
+                series[ts] = item
             elif first.value == item.value:
                 result.duplicate += 1
             else:
@@ -192,14 +200,21 @@ class Ingestor:
             rejects.append(self._conflict_row(item, stored))
         result.conflict += len(conflicts_in_batch)
 
+        by_key: dict[tuple[str, str], list[tuple[datetime, Reading]]] = {}
         if good:
-            lo = min(k[2] for k in good)
-            hi = max(k[2] for k in good)
+            lo = hi = None
+            for key, series in good.items():
+                ordered = sorted(series.items())  # instants are unique: no tie reaches the reading
+                by_key[key] = ordered
+                if lo is None or ordered[0][0] < lo:
+                    lo = ordered[0][0]
+                if hi is None or ordered[-1][0] > hi:
+                    hi = ordered[-1][0]
             with self.conn.transaction():
                 self._partitions.ensure(self.conn, lo, hi)
         with self.conn.transaction():
-            if good:
-                stored = self._store(good, meters, result, rejects)
+            if by_key:
+                stored = self._store(by_key, meters, result, rejects)
                 result.accepted += stored
             if rejects:
                 self._write_rejects(rejects)
@@ -233,27 +248,19 @@ class Ingestor:
 
     def _store(
         self,
-        good: dict[tuple[str, str, datetime], Reading],
+        by_key: dict[tuple[str, str], list[tuple[datetime, Reading]]],
         meters: dict[str, MeterRules],
         result: IngestResult,
         rejects: list[tuple],
     ) -> int:
         """Store what is new, each reading with the interval it closes, in one COPY.
 
-        Duplicates and conflicts are told apart from the stored rows loaded for
-        derivation, under per-meter locks, so no staging round trip is needed.
+        Takes each register's readings in time order. Duplicates and conflicts
+        are told apart from the stored rows loaded for derivation, under
+        per-meter locks, so no staging round trip is needed.
         """
         conn = self.conn
-        by_key: dict[tuple[str, str], list[tuple[datetime, Reading]]] = {}
-        for (mid, reg, ts), r in good.items():
-            got = by_key.get((mid, reg))
-            if got is None:
-                by_key[(mid, reg)] = [(ts, r)]
-            else:
-                got.append((ts, r))
         keys = list(by_key)
-        for items in by_key.values():
-            items.sort(key=_first)
         # the window query's cost estimate passes jit_above_cost on a large fleet, and
         # compiling it takes longer than running it, every batch
         conn.execute("SET LOCAL jit = off")
@@ -265,40 +272,39 @@ class Ingestor:
         )
         los = [by_key[k][0][0] for k in keys]
         counts = [len(by_key[k]) for k in keys]
-        windows = self._load_windows(keys, los, counts, CONTEXT)
-        plans: list[tuple | None] = []
-        short: list[int] = []
-        for i, key in enumerate(keys):
-            plan = self._plan(by_key[key], windows.get(i, ()), CONTEXT)
-            plans.append(plan)
-            if plan is None:
-                short.append(i)
-        context: int | None = CONTEXT
-        while short:
-            # a run of glitches next to the new readings: load more around those
-            context = context * 4 if context is not None and context < 1000 else None
-            more = self._load_windows([keys[i] for i in short], [los[i] for i in short],
-                                      [counts[i] for i in short], context)
-            still = []
-            for n, i in enumerate(short):
-                plans[i] = self._plan(by_key[keys[i]], more.get(n, ()), context)
-                if plans[i] is None:
-                    still.append(i)
-            short = still
         decisions = self._decisions({k[0] for k in keys})
+        windows = self._load_windows(keys, los, counts, CONTEXT)
         work = _Changes()
+        todo = list(range(len(keys)))
+        context: int | None = CONTEXT
         with conn.cursor() as cur:
-            with cur.copy(f"COPY reading ({_READING_COLUMNS}) FROM STDIN (FORMAT BINARY)") as cp:
-                cp.set_types(_READING_TYPES)
-                for key, plan in zip(keys, plans, strict=True):
-                    assert plan is not None
-                    pts, span, dups, clashes = plan
-                    result.duplicate += dups
-                    for r, stored in clashes:
-                        rejects.append(self._conflict_row(r, stored))
-                    result.conflict += len(clashes)
-                    if span is not None:
-                        self._emit(key, pts, span, meters[key[0]], decisions, cp, work)
+            while True:
+                short: list[int] = []
+                # planning and deriving run while the server stores the rows already sent
+                with cur.copy(f"COPY reading ({_READING_COLUMNS}) FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(_READING_TYPES)
+                    for n, i in enumerate(todo):
+                        key = keys[i]
+                        plan = self._plan(by_key[key], windows.get(n, ()), context)
+                        if plan is None:
+                            short.append(i)
+                            continue
+                        pts, span, dups, clashes = plan
+                        if dups:
+                            result.duplicate += dups
+                        for r, stored in clashes:
+                            rejects.append(self._conflict_row(r, stored))
+                        result.conflict += len(clashes)
+                        if span is not None:
+                            self._emit(key, pts, span, meters[key[0]], decisions, cp, work)
+                if not short:
+                    break
+                # a run of glitches beside the new readings, or more stored readings among
+                # them than the window held: load more around those registers
+                context = context * 4 if context is not None and context < 1000 else None
+                todo = short
+                windows = self._load_windows([keys[i] for i in todo], [los[i] for i in todo],
+                                             [counts[i] for i in todo], context)
             self._apply(cur, work)
         return work.inserted
 
@@ -354,34 +360,39 @@ class Ingestor:
         dups = 0
         clashes: list[tuple[Reading, Decimal]] = []
         lo = items[0][0]
-        if stored:
-            at = {row[0]: row for row in stored}
-            new = []
-            for ts, r in items:
-                old = at.get(ts)
-                if old is None:
-                    new.append((ts, r))
-                elif old[1] == r.value:
-                    dups += 1
-                else:
-                    clashes.append((r, old[1]))
-            before = sum(1 for row in stored if row[0] < lo)
-            # a side that returned fewer rows than asked for reaches the end of the series
-            true_start = context is None or before < context
-            true_end = context is None or len(stored) - before < len(items) + context
-            if not new:
-                if not true_end and max(at) < items[-1][0]:
-                    return None  # the window did not reach past the batch: repeats unknown
-                return None, None, dups, clashes
-            if not true_end and max(at) < items[-1][0]:
-                return None
-            pts = [(row[0], row[1], row, None) for row in stored]
-            pts += [(ts, r.value, None, r) for ts, r in new]
-            pts.sort(key=_first)
-        else:
+        if not stored:
             new = items
             pts = [(ts, r.value, None, r) for ts, r in items]
             true_start = true_end = True
+        else:
+            before = [row for row in stored if row[0] < lo]
+            # a side that returned fewer rows than asked for reaches the end of the series
+            true_start = context is None or len(before) < context
+            if len(before) == len(stored):  # appends, the common case: nothing stored from lo on
+                new = items
+                before.sort()  # stored instants are unique
+                pts = [(row[0], row[1], row, None) for row in before]
+                pts += [(ts, r.value, None, r) for ts, r in items]
+                true_end = True
+            else:
+                true_end = context is None or len(stored) - len(before) < len(items) + context
+                at = {row[0]: row for row in stored}
+                if not true_end and max(at) < items[-1][0]:
+                    return None  # the window ends inside the batch: repeats beyond it unknown
+                new = []
+                for ts, r in items:
+                    old = at.get(ts)
+                    if old is None:
+                        new.append((ts, r))
+                    elif old[1] == r.value:
+                        dups += 1
+                    else:
+                        clashes.append((r, old[1]))
+                if not new:
+                    return None, None, dups, clashes
+                pts = [(row[0], row[1], row, None) for row in stored]
+                pts += [(ts, r.value, None, r) for ts, r in new]
+                pts.sort()  # new readings exclude stored instants: no ties
         span = _span(pts, new[0][0], new[-1][0], true_start, true_end)
         if span is None:
             return None
@@ -406,6 +417,7 @@ class Ingestor:
         cut = self.calendar.cut
         prev_ts: datetime | None = None
         prev_v = _ZERO
+        inserted = 0
         for j in range(start_i, stop):
             ts, value, old, r = pts[j]
             segs = None
@@ -417,18 +429,29 @@ class Ingestor:
                     continue
                 state, derived = _NO_INTERVAL, None  # the first reading of the series
             else:
-                iv = between(prev_ts, prev_v, ts, value, meter)
+                start = prev_ts
+                _, _, kwh, kind, estimated, suspect = between(start, prev_v, ts, value, meter)
                 prev_ts, prev_v = ts, value
-                status = decisions.get((mid, reg, iv.start, ts)) if decisions else None
-                if status is None:
-                    status = "suspect" if iv.suspect else "ok"
-                pieces = cut(iv.start, ts)
+                status = "suspect" if suspect else "ok"
+                if decisions:
+                    status = decisions.get((mid, reg, start, ts), status)
+                pieces = cut(start, ts)
                 if len(pieces) == 1:
-                    state = (iv.start, iv.kwh, iv.kind, status, iv.estimated, pieces[0][2], pieces[0][3])
+                    day, zone = pieces[0][2], pieces[0][3]
+                    if r is not None and not r.quality and kind not in _FLAGGED_KINDS:
+                        # the common case: a new reading, one zone, nothing to flag
+                        write((mid, reg, ts, value, _NO_FLAGS, r.source,
+                               start, kwh, kind, status, estimated, day, zone))
+                        inserted += 1
+                        if billed:
+                            dkey = (day, zone, estimated, status)
+                            daily[dkey] = daily.get(dkey, _ZERO) + kwh
+                        continue
+                    state = (start, kwh, kind, status, estimated, day, zone)
                 else:
-                    segs = self.calendar.split(iv.start, ts, iv.kwh)
-                    state = (iv.start, iv.kwh, iv.kind, status, True, None, None)
-                derived = iv.kind if iv.kind in _FLAGGED_KINDS else None
+                    segs = self.calendar.split(start, ts, kwh)
+                    state = (start, kwh, kind, status, True, None, None)
+                derived = kind if kind in _FLAGGED_KINDS else None
             if r is not None:
                 flags = r.quality
                 if flags or derived:
@@ -439,7 +462,7 @@ class Ingestor:
                 else:
                     flags = _NO_FLAGS
                 write((mid, reg, ts, value, flags, r.source, *state))
-                work.inserted += 1
+                inserted += 1
             else:
                 old_flags = old[2]
                 flags = old_flags
@@ -469,6 +492,7 @@ class Ingestor:
                     if billed:
                         dkey = (sg.day, sg.zone, True, state[3])
                         daily[dkey] = daily.get(dkey, _ZERO) + sg.kwh
+        work.inserted += inserted
         count = work.daily.count
         for (day, zone, est, status), kwh in daily.items():
             count(mid, day, zone, kwh, est, status)
@@ -571,10 +595,6 @@ def _span(
         if not true_end:
             return None
     return start_i, stop, bad
-
-
-def _first(item: tuple) -> Any:
-    return item[0]
 
 
 class DailyChanges:
