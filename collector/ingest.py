@@ -11,12 +11,15 @@ whole or not at all, so a caller that keeps its batch until `ingest` returns
 from __future__ import annotations
 
 import bisect
+import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
+from operator import lt
 from typing import Any
 
 import psycopg
@@ -39,13 +42,13 @@ _COUNTED = ("ok", "accepted")
 _ZERO = Decimal(0)
 _DERIVED_FLAGS = frozenset({quality.GLITCH, quality.ROLLOVER, quality.RESET})
 _FLAGGED_KINDS = frozenset({quality.ROLLOVER, quality.RESET})  # interval kinds flagged on the reading
-_NO_FLAGS: list[str] = []
 
 # a reading and the interval it closes: start_ts, kwh, kind, status, estimated, day, zone
 _READING_COLUMNS = "meter_id, register, ts, value, quality, source, " \
     "start_ts, kwh, kind, status, estimated, day, zone"
+# quality goes pre-encoded (see _flags_field), hence bytea for the text[] column
 _READING_TYPES = [
-    "text", "text", "timestamptz", "numeric", "text[]", "text",
+    "text", "text", "timestamptz", "numeric", "bytea", "text",
     "timestamptz", "numeric", "text", "text", "bool", "date", "text",
 ]
 _NO_INTERVAL = (None, None, None, None, None, None, None)
@@ -204,7 +207,10 @@ class Ingestor:
         if good:
             lo = hi = None
             for key, series in good.items():
-                ordered = sorted(series.items())  # instants are unique: no tie reaches the reading
+                ordered = list(series.items())
+                instants = list(series)
+                if not all(map(lt, instants, instants[1:])):  # usually sent in order already
+                    ordered.sort()  # instants are unique: no tie reaches the reading
                 by_key[key] = ordered
                 if lo is None or ordered[0][0] < lo:
                     lo = ordered[0][0]
@@ -440,7 +446,7 @@ class Ingestor:
                     day, zone = pieces[0][2], pieces[0][3]
                     if r is not None and not r.quality and kind not in _FLAGGED_KINDS:
                         # the common case: a new reading, one zone, nothing to flag
-                        write((mid, reg, ts, value, _NO_FLAGS, r.source,
+                        write((mid, reg, ts, value, _NO_FLAGS_FIELD, r.source,
                                start, kwh, kind, status, estimated, day, zone))
                         inserted += 1
                         if billed:
@@ -458,10 +464,10 @@ class Ingestor:
                     flags = set(flags) - _DERIVED_FLAGS
                     if derived:
                         flags.add(derived)
-                    flags = sorted(flags)
+                    field = _flags_field(tuple(sorted(flags)))
                 else:
-                    flags = _NO_FLAGS
-                write((mid, reg, ts, value, flags, r.source, *state))
+                    field = _NO_FLAGS_FIELD
+                write((mid, reg, ts, value, field, r.source, *state))
                 inserted += 1
             else:
                 old_flags = old[2]
@@ -559,6 +565,27 @@ class _Changes:
     # stored readings whose old interval had parts: (m, r, ts, estimated, status)
     removed_split: list[tuple] = field(default_factory=list)
     segments: list[tuple] = field(default_factory=list)
+
+
+@lru_cache(maxsize=256)
+def _flags_field(flags: tuple[str, ...]) -> bytes:
+    """A reading's quality flags as a binary COPY field of type text[].
+
+    psycopg adapts a list through a dumper written in Python, the costliest
+    field of the row; a fleet uses a handful of flag sets, so each is encoded
+    once (ndim, has-nulls, element type text, then dimension and elements).
+    """
+    if not flags:
+        return struct.pack("!iiI", 0, 0, _TEXT_OID)
+    out = [struct.pack("!iiIii", 1, 0, _TEXT_OID, len(flags), 1)]
+    for flag in flags:
+        b = flag.encode()
+        out.append(struct.pack("!i", len(b)) + b)
+    return b"".join(out)
+
+
+_TEXT_OID = 25
+_NO_FLAGS_FIELD = _flags_field(())
 
 
 def _span(

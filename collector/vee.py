@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 
@@ -84,7 +84,7 @@ def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance:
         if len(_GOOD_REGISTERS) < 4096:
             _GOOD_REGISTERS.add(register)
     value = r.value
-    if type(value) is not Decimal or not value.is_finite() or value < 0:
+    if type(value) is not Decimal or not value.is_finite() or value < _ZERO:
         refusal = check_value(value, _who(r))
         if refusal is not None:
             return refusal
@@ -95,7 +95,8 @@ def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance:
     ts = r.ts
     if not isinstance(ts, datetime):
         return Refusal("bad_ts", f"{_who(r)}: ts {ts!r} is not a timestamp")
-    if ts.tzinfo is None or ts.utcoffset() is None:
+    tz = ts.tzinfo
+    if tz is None or (tz is not UTC and ts.utcoffset() is None):
         return Refusal("naive_ts", f"{_who(r)}: ts {ts.isoformat()} has no UTC offset")
     if ts > now + future_tolerance:
         return Refusal(
@@ -116,6 +117,7 @@ def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance:
     return None
 
 
+_ZERO = Decimal(0)
 # registers already seen to be OBIS codes: a fleet reads a handful
 _GOOD_REGISTERS: set[str] = set()
 
