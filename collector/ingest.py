@@ -23,6 +23,7 @@ from operator import lt
 from typing import Any
 
 import psycopg
+from psycopg.types.string import BytesBinaryDumper
 
 from adapters import quality
 from adapters.reading import Reading, Rejected
@@ -284,6 +285,8 @@ class Ingestor:
         todo = list(range(len(keys)))
         context: int | None = CONTEXT
         with conn.cursor() as cur:
+            # bytes by oid default to the DB-API Binary dumper, written in Python
+            cur.adapters.register_dumper(bytes, BytesBinaryDumper)
             while True:
                 short: list[int] = []
                 # planning and deriving run while the server stores the rows already sent
@@ -436,7 +439,7 @@ class Ingestor:
                 state, derived = _NO_INTERVAL, None  # the first reading of the series
             else:
                 start = prev_ts
-                _, _, kwh, kind, estimated, suspect = between(start, prev_v, ts, value, meter)
+                kwh, kind, estimated, suspect = between(start, prev_v, ts, value, meter)
                 prev_ts, prev_v = ts, value
                 status = "suspect" if suspect else "ok"
                 if decisions:

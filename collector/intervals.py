@@ -17,22 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import NamedTuple
 
 from collector.vee import MeterRules, max_energy_kwh
 
 NEAR = Decimal("0.1")  # "near the maximum": the top and bottom tenth of the register
-
-
-class Interval(NamedTuple):
-    """One interval; a tuple because ingestion makes one per reading."""
-
-    start: datetime
-    end: datetime
-    kwh: Decimal  # multiplier applied, never negative
-    kind: str  # normal | rollover | reset | gap
-    estimated: bool  # placement (or, for a reset, amount) is estimated
-    suspect: bool  # more than the meter's maximum power could pass
 
 
 def glitches(values: Sequence[Decimal]) -> list[bool]:
@@ -52,11 +40,18 @@ def glitches(values: Sequence[Decimal]) -> list[bool]:
     return out
 
 
-def between(a_ts: datetime, a: Decimal, b_ts: datetime, b: Decimal, meter: MeterRules) -> Interval:
-    """The interval from one valid reading to the next."""
+def between(
+    a_ts: datetime, a: Decimal, b_ts: datetime, b: Decimal, meter: MeterRules
+) -> tuple[Decimal, str, bool, bool]:
+    """The interval from one valid reading to the next: (kwh, kind, estimated, suspect).
+
+    kwh has the multiplier applied and is never negative; kind is normal,
+    rollover, reset or gap; estimated says its placement (or, for a reset, its
+    amount) is estimated; suspect that more passed than the meter's maximum
+    power could. A plain tuple: ingestion makes one per reading.
+    """
     seconds = (b_ts - a_ts).total_seconds()
-    limit = max_energy_kwh(meter.max_power_kw, meter.multiplier, seconds)
-    gap = seconds > meter.interval.total_seconds() * 1.5
+    gap = seconds > meter.gap_s
     if b >= a:
         raw, kind, estimated = b - a, ("gap" if gap else "normal"), gap
     elif a >= meter.rollover * (1 - NEAR) and b < meter.rollover * NEAR:
@@ -64,24 +59,8 @@ def between(a_ts: datetime, a: Decimal, b_ts: datetime, b: Decimal, meter: Meter
     else:
         # a reset to zero counts what was read since; a replaced counter that did
         # not start near zero would invent energy, so it counts nothing
+        limit = max_energy_kwh(meter.max_power_kw, meter.multiplier, seconds)
         plausible = b * meter.multiplier <= limit
         raw, kind, estimated = (b if plausible else Decimal(0)), "reset", True
     kwh = raw * meter.multiplier
-    return Interval(a_ts, b_ts, kwh, kind, estimated, kwh > limit)
-
-
-def derive(
-    points: Sequence[tuple[datetime, Decimal]], meter: MeterRules
-) -> tuple[list[Interval], list[bool]]:
-    """Intervals over a sorted window of readings, and which readings were glitches."""
-    values = [v for _, v in points]
-    bad = glitches(values)
-    out: list[Interval] = []
-    prev: tuple[datetime, Decimal] | None = None
-    for (ts, v), is_glitch in zip(points, bad, strict=True):
-        if is_glitch:
-            continue
-        if prev is not None:
-            out.append(between(prev[0], prev[1], ts, v, meter))
-        prev = (ts, v)
-    return out, bad
+    return kwh, kind, estimated, kwh > max_energy_kwh(meter.max_power_kw, meter.multiplier, seconds)

@@ -9,7 +9,7 @@ wrong, for the person reading `rejected_reading`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
@@ -32,6 +32,11 @@ class MeterRules:
     interval: timedelta = timedelta(minutes=30)
     installed: datetime | None = None
     removed: datetime | None = None
+    # readings further apart than this are a gap (1.5 intervals); kept, not recomputed
+    gap_s: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gap_s", self.interval.total_seconds() * 1.5)
 
 
 class Refusal(tuple):
