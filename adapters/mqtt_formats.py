@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from adapters import quality
@@ -47,9 +47,16 @@ MAX_RAW_KEPT = 64 * 1024  # raw bytes kept in rejected_reading for one refused m
 FAMILIES = ("amr", "tasmota", "shelly", "zigbee2mqtt")
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceValue:
-    """One register value as the device published it, converted to kWh."""
+_KWH = ENERGY_UNITS["kWh"]  # the unit of amr/v1 unless a message names another
+_NO_FLAGS: frozenset[str] = frozenset()
+
+
+class DeviceValue(NamedTuple):
+    """One register value as the device published it, converted to kWh.
+
+    A tuple rather than a frozen dataclass: a batched message makes one per
+    reading, and a tuple is built several times faster.
+    """
 
     device: str
     register: str
@@ -398,10 +405,15 @@ def _decode_amr(topic: str, payload: bytes) -> Decoded:
             d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} has no offset; add Z or +03:00", meter, register, _raw(r)))
             continue
         v = r["value"]
-        value = Decimal(repr(v) if isinstance(v, float) else str(v)) * unit
+        value = Decimal(repr(v) if isinstance(v, float) else str(v))
+        if unit is not _KWH:
+            value *= unit
+        if ts.tzinfo is not UTC:
+            ts = ts.astimezone(UTC)
+        flags = r.get("quality")
         d.values.append(
-            DeviceValue(meter, register, ts.astimezone(UTC), value,  # type: ignore[arg-type]
-                        frozenset(r.get("quality", ())), r.get("source") or msg_source)
+            DeviceValue(meter, register, ts, value,  # type: ignore[arg-type]
+                        frozenset(flags) if flags else _NO_FLAGS, r.get("source") or msg_source)
         )
     for i, x in enumerate(doc.get("rejected", ())):
         if i in bad_rejects:

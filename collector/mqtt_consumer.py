@@ -200,11 +200,12 @@ class Consumer:
     def _decode(self, topic: str, payload: bytes, received: datetime) -> tuple[str, str, list[Reading | Rejected]]:
         d = fmt.decode(topic, payload, received, local_tz=self.local_tz)
         items = fmt.to_items(d, payload, self.devices)
+        readings = sum(type(i) is Reading for i in items)
         if d.ignored is not None:
             outcome = "ignored"
-        elif d.values and not any(isinstance(i, Rejected) for i in items):
+        elif d.values and readings == len(items):
             outcome = "ok"
-        elif any(isinstance(i, Reading) for i in items):
+        elif readings:
             outcome = "partial"
         else:
             outcome = "rejected"
