@@ -2,13 +2,16 @@
 
 Simulated 30-minute data for many meters, delivered time-major (as gateways
 send it), goes through collector.ingest.Ingestor: validation, idempotent
-store, interval derivation, zone splitting and daily totals. The same rows are
+store, interval derivation, zone splitting and daily totals. Each call takes
+a day's load profile of every meter (48 readings a meter), the way a head-end
+collects half-hourly profiles once a day; `--batch` sets another size. The same rows are
 then COPYed (binary, the fastest path psycopg has) into a plain table shaped
 like `reading`, in the same database, in the same run: that is the physical
 limit the figure is compared with.
 
-    .venv/bin/python bench/ingest.py            # 2,000 meters x 31 days = 2.98 M readings
-    .venv/bin/python bench/ingest.py --quick    # 200 meters x 7 days
+    .venv/bin/python bench/ingest.py              # 2,000 meters x 31 days = 2.98 M readings
+    .venv/bin/python bench/ingest.py --quick      # 200 meters x 7 days
+    .venv/bin/python bench/ingest.py --batch 20000  # 10 readings a meter per call
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--meters", type=int, default=2000)
     ap.add_argument("--days", type=int, default=31)
-    ap.add_argument("--batch", type=int, default=20000, help="readings per ingest call")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="readings per ingest call (default: one day of every meter, meters x 48)")
     ap.add_argument("--quick", action="store_true", help="200 meters x 7 days")
     args = ap.parse_args()
     if args.quick:
         args.meters, args.days = 200, 7
+    args.batch = args.batch or args.meters * 48
 
     print(f"generating {args.meters} meters x {args.days} days of 30-minute readings ...", flush=True)
     readings = generate(args.meters, args.days)
@@ -81,7 +86,7 @@ def main() -> int:
         for i in range(0, n, args.batch):
             accepted += ing.ingest(readings[i : i + args.batch]).accepted
             done = min(i + args.batch, n)
-            if (i // args.batch) % 20 == 0:
+            if (i // args.batch) % max(1, 400_000 // args.batch) == 0:
                 print(f"  ingested {done:>9,} / {n:,}  ({done / (time.perf_counter() - t0):,.0f}/s)", flush=True)
         ingest_s = time.perf_counter() - t0
         assert accepted == n, (accepted, n)
@@ -102,6 +107,7 @@ def main() -> int:
     rate, raw = n / ingest_s, n / raw_s
     print()
     print(f"readings                    {n:>12,}   ({intervals:,} interval rows, {days:,} daily zone rows)")
+    print(f"per ingest call             {args.batch:>12,}   ({args.batch / args.meters:g} readings a meter)")
     print(f"ingestion entry point       {rate:>12,.0f} readings/s   ({ingest_s:.1f} s; validation, store, "
           "intervals, zones, daily totals)")
     print(f"raw binary COPY, same rows  {raw:>12,.0f} readings/s   ({raw_s:.1f} s; the physical limit)")

@@ -9,6 +9,8 @@
 -- border or a local midnight keeps its parts in interval_segment.
 --
 -- interval_usage stays, as a view with the same columns, for every reader.
+-- A reading's value is still never updated; its interval columns are
+-- re-derived when a late reading lands beside it.
 
 -- The CHECKs let NULL through (a reading that ends no interval); on TimescaleDB they
 -- apply to compressed chunks too (tests/test_timescale.py).
