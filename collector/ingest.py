@@ -6,6 +6,12 @@ idempotently, derives interval energy around them, splits it into zones and
 keeps daily_zone_usage current, in one transaction. A batch either lands
 whole or not at all, so a caller that keeps its batch until `ingest` returns
 (the gateway spool, the MQTT consumer) never loses or doubles a reading.
+
+Each stored reading carries the interval it closes, so the common case (a
+reading appended after the last one) is one row written. Per register, the
+stored readings just before the new ones are loaded first; repeats and
+conflicts are told from them, and only stored readings whose derivation
+changes (next to a late or out-of-order reading) are updated.
 """
 
 from __future__ import annotations
