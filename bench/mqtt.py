@@ -263,6 +263,65 @@ def collector_rate(
     return readings / dt
 
 
+def collector_processes_rate(
+    port: int, url: str, msgs: list[tuple[str, bytes]], readings: int, batch: int, processes: int
+) -> float:
+    """Collector processes on one shared subscription, as deployed to scale out.
+
+    Each process has its own persistent session in the share group; the broker
+    splits the queued messages between them. Timing starts when every process
+    has imported and is about to connect.
+    """
+    group = f"bench{uuid.uuid4().hex[:6]}"
+    cids = [f"bench-proc-{uuid.uuid4().hex[:6]}" for _ in range(processes)]
+    for cid in cids:
+        create_session(port, cid, shared(group, AMR_SUBSCRIBE[0]))
+    publish_all(port, msgs)
+    children = [subprocess.Popen([sys.executable, __file__, "--child", str(port), url, cid, group, str(batch)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for cid in cids]
+    try:
+        for ch in children:
+            if ch.stdout is None or ch.stdout.readline().strip() != "ready":
+                raise SystemExit("a collector process did not start")
+        with psycopg.connect(url, autocommit=True) as c:
+            base = c.execute("SELECT count(*) FROM reading").fetchone()[0]
+            t0 = time.perf_counter()
+            for ch in children:
+                assert ch.stdin is not None
+                ch.stdin.write("go\n")
+                ch.stdin.flush()
+            deadline = time.monotonic() + 600
+            n = 0
+            while time.monotonic() < deadline:
+                n = c.execute("SELECT count(*) FROM reading").fetchone()[0] - base
+                if n >= readings:
+                    break
+                time.sleep(0.02)
+            dt = time.perf_counter() - t0
+    finally:
+        for ch in children:
+            ch.terminate()
+            ch.wait(30)
+    if n < readings:
+        raise SystemExit(f"collector processes stored {n} of {readings} readings within the time limit")
+    return readings / dt
+
+
+def _child(port: str, url: str, cid: str, group: str, batch: str) -> int:
+    """One collector process of collector_processes_rate: waits for "go", then consumes until killed."""
+    import signal
+
+    consumer = Consumer(parse_broker_url(f"mqtt://127.0.0.1:{port}"), url, cid, group=group,
+                        families=["amr"], settings=Settings(database_url=url, metrics_port=0),
+                        batch_messages=int(batch), batch_wait=0.02, receive_maximum=65535)
+    signal.signal(signal.SIGTERM, lambda *a: consumer.stop())
+    print("ready", flush=True)
+    sys.stdin.readline()
+    consumer.run()
+    return 0
+
+
 def uplink_rates(port: int, readings: int, batch: int, start: datetime) -> tuple[float, float]:
     """Gateway side: spool -> broker (PUBACK) drain rate, and bare paho publish of the same messages."""
     from adapters.reading import Reading
@@ -296,6 +355,9 @@ def uplink_rates(port: int, readings: int, batch: int, start: datetime) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return _child(*argv[1:6])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Needs PostgreSQL (AMR_BENCH_ADMIN_URL) and /usr/sbin/mosquitto.")
@@ -307,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         help="PostgreSQL URL allowed to create a database (AMR_BENCH_ADMIN_URL)")
     args = p.parse_args(argv)
     single_steps, batch_steps = (20, 100) if args.quick else (100, 500)
-    start = (datetime.now(UTC) - timedelta(days=60)).replace(minute=0, second=0, microsecond=0)
+    start = (datetime.now(UTC) - timedelta(days=75)).replace(minute=0, second=0, microsecond=0)
     broker = Mosquitto()
     results: dict[str, float] = {}
     try:
@@ -336,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             later = messages(args.meters, batch_steps, args.per_message, start + timedelta(days=40))
             results[f"collector, {args.per_message} readings/message, 2 workers"] = collector_rate(
                 broker.port, url, later, n_batched, 200, workers=2)
+            last = messages(args.meters, batch_steps, args.per_message, start + timedelta(days=55))
+            results[f"collector, {args.per_message} readings/message, 2 processes"] = collector_processes_rate(
+                broker.port, url, last, n_batched, 200, processes=2)
         finally:
             drop_db(args.admin_url, url)
         drained, bare_pub = uplink_rates(broker.port, n_batched, 500, start)
