@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -231,6 +232,22 @@ def ingest_only_rate(
     return readings / dt
 
 
+def _drain(url: str, readings: int, start: Callable[[], None]) -> tuple[int, float]:
+    """Call start(), then wait until `readings` more rows are in `reading`: (stored, seconds)."""
+    with psycopg.connect(url, autocommit=True) as c:
+        base = c.execute("SELECT count(*) FROM reading").fetchone()[0]
+        t0 = time.perf_counter()
+        start()
+        deadline = time.monotonic() + 600
+        n = 0
+        while time.monotonic() < deadline:
+            n = c.execute("SELECT count(*) FROM reading").fetchone()[0] - base
+            if n >= readings:
+                break
+            time.sleep(0.02)
+        return n, time.perf_counter() - t0
+
+
 def collector_rate(
     port: int, url: str, msgs: list[tuple[str, bytes]], readings: int, batch: int, workers: int = 1
 ) -> float:
@@ -242,18 +259,8 @@ def collector_rate(
     consumer = Consumer(parse_broker_url(f"mqtt://127.0.0.1:{port}"), url, cid, group=group,
                         families=["amr"], settings=settings, batch_messages=batch, batch_wait=0.02,
                         receive_maximum=65535, workers=workers)
-    with psycopg.connect(url, autocommit=True) as c:
-        base = c.execute("SELECT count(*) FROM reading").fetchone()[0]
-        t0 = time.perf_counter()
-        th = threading.Thread(target=consumer.run, daemon=True)
-        th.start()
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            n = c.execute("SELECT count(*) FROM reading").fetchone()[0] - base
-            if n >= readings:
-                break
-            time.sleep(0.02)
-        dt = time.perf_counter() - t0
+    th = threading.Thread(target=consumer.run, daemon=True)
+    n, dt = _drain(url, readings, th.start)
     consumer.stop()
     th.join(30)
     print(f"  collector, {len(msgs)} messages: {dt:.2f} s, of which decode {consumer.decode_seconds:.2f} s,"
@@ -284,21 +291,13 @@ def collector_processes_rate(
         for ch in children:
             if ch.stdout is None or ch.stdout.readline().strip() != "ready":
                 raise SystemExit("a collector process did not start")
-        with psycopg.connect(url, autocommit=True) as c:
-            base = c.execute("SELECT count(*) FROM reading").fetchone()[0]
-            t0 = time.perf_counter()
+        def go() -> None:
             for ch in children:
                 assert ch.stdin is not None
                 ch.stdin.write("go\n")
                 ch.stdin.flush()
-            deadline = time.monotonic() + 600
-            n = 0
-            while time.monotonic() < deadline:
-                n = c.execute("SELECT count(*) FROM reading").fetchone()[0] - base
-                if n >= readings:
-                    break
-                time.sleep(0.02)
-            dt = time.perf_counter() - t0
+
+        n, dt = _drain(url, readings, go)
     finally:
         for ch in children:
             ch.terminate()

@@ -94,6 +94,22 @@ def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def empty_conn(pg_admin_url: str) -> Iterator[psycopg.Connection]:
+    """A connection to an empty database of this test's own, not migrated: for migration tests."""
+    name = f"amr_e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        with psycopg.connect(_with_db(pg_admin_url, name)) as c:
+            c.execute("SET TIME ZONE 'UTC'")
+            c.commit()
+            yield c
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
 def conn(db_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(db_url) as c:
         c.execute("SET TIME ZONE 'UTC'")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
 from collector.storage import migrate, timeseries
@@ -33,29 +32,18 @@ def test_refuses_a_schema_newer_than_the_code(conn) -> None:
         migrate.migrate(conn)
 
 
-def test_fresh_database_from_nothing(pg_admin_url) -> None:
-    import uuid
-
-    name = f"amr_m_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
-        info["dbname"] = name
-        with psycopg.connect(psycopg.conninfo.make_conninfo(**info)) as c:
-            applied = migrate.migrate(c, timescale=False)
-            assert [m.version for m in applied] == [m.version for m in migrate.available()]
-            kinds = dict(c.execute("SELECT relname::text, relkind::text FROM pg_class"
-                                   " WHERE relnamespace = 'public'::regnamespace").fetchall())
-            for table in ("subscriber", "meter", "daily_zone_usage", "rejected_reading", "tariff",
-                          "bill", "bill_line"):
-                assert kinds.get(table) == "r", table
-            for table in ("reading", "interval_segment"):  # time tables: natively partitioned
-                assert kinds.get(table) == "p", table
-            assert kinds.get("interval_usage") == "v"  # a view since 012
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+def test_fresh_database_from_nothing(empty_conn) -> None:
+    c = empty_conn
+    applied = migrate.migrate(c, timescale=False)
+    assert [m.version for m in applied] == [m.version for m in migrate.available()]
+    kinds = dict(c.execute("SELECT relname::text, relkind::text FROM pg_class"
+                           " WHERE relnamespace = 'public'::regnamespace").fetchall())
+    for table in ("subscriber", "meter", "daily_zone_usage", "rejected_reading", "tariff",
+                  "bill", "bill_line"):
+        assert kinds.get(table) == "r", table
+    for table in ("reading", "interval_segment"):  # time tables: natively partitioned
+        assert kinds.get(table) == "p", table
+    assert kinds.get("interval_usage") == "v"  # a view since 012
 
 
 def test_timescale_rendering_drops_partitioning_and_names_hypertables() -> None:

@@ -9,8 +9,6 @@ upgrade test in test_timescale.py.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -116,24 +114,6 @@ def reading_state(conn: psycopg.Connection) -> dict[tuple, tuple]:
     return {tuple(r[:3]): tuple(r[3:]) for r in conn.execute(NEW_READING_COLUMNS).fetchall()}
 
 
-@pytest.fixture
-def scratch(pg_admin_url: str) -> Iterator[psycopg.Connection]:
-    """An empty database of this test's own (not the migrated template)."""
-    name = f"amr_m12_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
-        info["dbname"] = name
-        with psycopg.connect(psycopg.conninfo.make_conninfo(**info)) as c:
-            c.execute("SET TIME ZONE 'UTC'")
-            c.commit()
-            yield c
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 @dataclass
 class Upgraded:
     conn: psycopg.Connection
@@ -144,8 +124,8 @@ class Upgraded:
 
 
 @pytest.fixture
-def upgraded(scratch: psycopg.Connection) -> Upgraded:
-    conn = scratch
+def upgraded(empty_conn: psycopg.Connection) -> Upgraded:
+    conn = empty_conn
     assert migrate_upto(conn, BEFORE, timescale=False)[-1] == BEFORE
     d = old_day()
     seed_before_012(conn, d)
@@ -224,8 +204,8 @@ def test_reading_refuses_bad_interval_values(upgraded: Upgraded, column: str, va
     conn.rollback()
 
 
-def test_a_database_with_no_intervals_upgrades_too(scratch: psycopg.Connection) -> None:
-    conn = scratch
+def test_a_database_with_no_intervals_upgrades_too(empty_conn: psycopg.Connection) -> None:
+    conn = empty_conn
     migrate_upto(conn, BEFORE, timescale=False)
     assert [m.version for m in migrate.migrate(conn, timescale=False)] == [
         m.version for m in migrate.available() if m.version > BEFORE]
