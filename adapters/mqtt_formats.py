@@ -55,7 +55,7 @@ class DeviceValue(NamedTuple):
     """One register value as the device published it, converted to kWh.
 
     A tuple rather than a frozen dataclass: a batched message makes one per
-    reading, and a tuple is built several times faster.
+    reading, and a tuple is built in half the time.
     """
 
     device: str

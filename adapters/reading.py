@@ -8,41 +8,36 @@ reconciled with the ones around it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from adapters import quality
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
     """One value of one register of one meter at one instant.
 
     `ts` must be timezone-aware; the collector converts it to UTC.
     `quality` holds flags from `adapters.quality`; validation adds flags and
-    never changes `value`.
+    never changes `value`. Immutable; a tuple rather than a frozen dataclass
+    because every adapter makes one per value read and a tuple is built in
+    half the time.
     """
 
     meter_id: str
     register: str
     ts: datetime
     value: Decimal
-    quality: frozenset[str] = field(default_factory=frozenset)
+    quality: frozenset[str] = frozenset()
     source: str = ""
 
     def flagged(self, *flags: str) -> Reading:
         """Return a copy with more quality flags (the raw value is untouched)."""
         for flag in flags:
             quality.check(flag)
-        return Reading(
-            self.meter_id,
-            self.register,
-            self.ts,
-            self.value,
-            self.quality | frozenset(flags),
-            self.source,
-        )
+        return self._replace(quality=self.quality | frozenset(flags))
 
 
 @dataclass(frozen=True, slots=True)
