@@ -17,6 +17,7 @@ changes (next to a late or out-of-order reading) are updated.
 from __future__ import annotations
 
 import bisect
+import re
 import struct
 import time
 from collections import defaultdict
@@ -59,7 +60,8 @@ _READING_TYPES = [
     "timestamptz", "numeric", "text", "text", "bool", "date", "text",
 ]
 _NO_INTERVAL = (None, None, None, None, None, None, None)
-_STORED = "ts, value, quality, start_ts, kwh, kind, status, estimated, day, zone"
+# quality comes back as text: psycopg parses arrays in Python, per row (see _stored_flags)
+_STORED = "ts, value, quality::text, start_ts, kwh, kind, status, estimated, day, zone"
 _SEGMENT_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "date", "text", "numeric"]
 
 
@@ -479,7 +481,7 @@ class Ingestor:
                 write((mid, reg, ts, value, field, r.source, *state))
                 inserted += 1
             else:
-                old_flags = old[2]
+                old_flags = _stored_flags(old[2])
                 flags = old_flags
                 if old_flags or derived:
                     want = set(old_flags) - _DERIVED_FLAGS
@@ -595,6 +597,24 @@ def _flags_field(flags: tuple[str, ...]) -> bytes:
 
 _TEXT_OID = 25
 _NO_FLAGS_FIELD = _flags_field(())
+
+
+@lru_cache(maxsize=256)
+def _stored_flags(text: str) -> tuple[str, ...]:
+    """A stored quality array read as text ('{}', '{late,retried}'), as a tuple of flags.
+
+    A fleet has a handful of flag sets, so each text is parsed once; quoted
+    elements (never written by this code) are read too.
+    """
+    body = text[1:-1]
+    if not body:
+        return ()
+    if '"' not in body and "\\" not in body:
+        return tuple(body.split(","))
+    return tuple(re.sub(r"\\(.)", r"\1", q) if q else b for q, b in _ARRAY_ITEM.findall(body))
+
+
+_ARRAY_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,]+)')
 
 
 def _span(
