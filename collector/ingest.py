@@ -494,7 +494,7 @@ class Ingestor:
                 work.updates.append((mid, reg, ts, flags, *state))
                 if old[4] is not None:  # it closed an interval: take that out
                     if old[9] is None:
-                        work.removed_split.append((mid, reg, ts, old[7], old[6]))
+                        work.removed_split.append((mid, reg, ts, old[6]))
                     elif billed:
                         work.daily.count(mid, old[8], old[9], old[4], old[7], old[6], -1)
             if state[1] is None:
@@ -535,16 +535,15 @@ class Ingestor:
             rs = work.removed_split
             cur.execute(
                 """DELETE FROM interval_segment s
-                   USING unnest(%s::text[], %s::text[], %s::timestamptz[], %s::bool[], %s::text[])
-                     AS k(m, r, ts, est, st)
+                   USING unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[])
+                     AS k(m, r, ts, st)
                    WHERE s.meter_id = k.m AND s.register = k.r AND s.end_ts = k.ts
                    RETURNING s.meter_id, s.register, s.day, s.zone, s.kwh, k.st""",
                 tuple(array_literal(col) for col in (
-                    [x[0] for x in rs], [x[1] for x in rs], [x[2] for x in rs],
-                    [x[3] for x in rs], [x[4] for x in rs])),
+                    [x[0] for x in rs], [x[1] for x in rs], [x[2] for x in rs], [x[3] for x in rs])),
             )
             for m, r, d, z, k, st in cur.fetchall():
-                if r == BILLED_REGISTER:
+                if r == BILLED_REGISTER:  # a part of a cut interval is estimated
                     work.daily.count(m, d, z, k, True, st, -1)
         if work.segments:
             with cur.copy(
@@ -573,7 +572,7 @@ class _Changes:
     # stored readings whose derived columns change: (m, r, ts, quality, *state)
     updates: list[tuple] = field(default_factory=list)
     daily: DailyChanges = field(default_factory=lambda: DailyChanges())
-    # stored readings whose old interval had parts: (m, r, ts, estimated, status)
+    # stored readings whose old interval had parts, to delete them: (m, r, ts, status)
     removed_split: list[tuple] = field(default_factory=list)
     segments: list[tuple] = field(default_factory=list)
 
