@@ -368,12 +368,18 @@ def main(argv: list[str] | None = None) -> int:
         help="PostgreSQL URL allowed to create a database (AMR_BENCH_ADMIN_URL)")
     args = p.parse_args(argv)
     single_steps, batch_steps = (20, 100) if args.quick else (100, 500)
-    start = (datetime.now(UTC) - timedelta(days=75)).replace(minute=0, second=0, microsecond=0)
+    # each run continues the meters' series where the one before it stopped: a steady
+    # stream, with no gap interval (cut into many zone parts) at the start of a run
+    slot = timedelta(minutes=30)
+    span = single_steps + 3 * batch_steps
+    start = (datetime.now(UTC) - span * slot - timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
+    at = [start + k * slot for k in (0, single_steps, single_steps + batch_steps,
+                                      single_steps + 2 * batch_steps)]
     broker = Mosquitto()
     results: dict[str, float] = {}
     try:
         single = messages(args.meters, single_steps, 1, start)
-        batched = messages(args.meters, batch_steps, args.per_message, start + timedelta(days=20))
+        batched = messages(args.meters, batch_steps, args.per_message, at[1])
         n_single, n_batched = len(single), args.meters * batch_steps
         url = make_db(args.admin_url)
         try:
@@ -382,22 +388,22 @@ def main(argv: list[str] | None = None) -> int:
                        "meter": [{"id": mqtt_sim.device_name("amr", n), "account": "1", "adapter": "mqtt"}
                                  for n in range(2 * args.meters)]}
                 upsert_inventory(c, parse_inventory(inv))
-            results["raw COPY"] = raw_copy_rate(url, n_batched, start + timedelta(days=60))
+            results["raw COPY"] = raw_copy_rate(url, n_batched, at[1])
             results["bare paho receive, 1 reading/message"] = bare_receive_rate(broker.port, single, n_single)
             results[f"bare paho receive, {args.per_message} readings/message"] = bare_receive_rate(
                 broker.port, batched, n_batched)
             # other meters, same shape: the collector's runs below start from the same state
             results[f"ingestion entry point alone, batches of {200 * args.per_message}"] = ingest_only_rate(
                 url, messages(args.meters, single_steps, args.per_message, start, first=args.meters),
-                messages(args.meters, batch_steps, args.per_message, start + timedelta(days=20),
-                         first=args.meters), n_batched, 200)
+                messages(args.meters, batch_steps, args.per_message, at[1], first=args.meters),
+                n_batched, 200)
             results["collector, 1 reading/message"] = collector_rate(broker.port, url, single, n_single, 500)
             results[f"collector, {args.per_message} readings/message"] = collector_rate(
                 broker.port, url, batched, n_batched, 200)
-            later = messages(args.meters, batch_steps, args.per_message, start + timedelta(days=40))
+            later = messages(args.meters, batch_steps, args.per_message, at[2])
             results[f"collector, {args.per_message} readings/message, 2 workers"] = collector_rate(
                 broker.port, url, later, n_batched, 200, workers=2)
-            last = messages(args.meters, batch_steps, args.per_message, start + timedelta(days=55))
+            last = messages(args.meters, batch_steps, args.per_message, at[3])
             results[f"collector, {args.per_message} readings/message, 2 processes"] = collector_processes_rate(
                 broker.port, url, last, n_batched, 200, processes=2)
         finally:
