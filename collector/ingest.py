@@ -120,6 +120,18 @@ def _raw_of(r: Reading) -> bytes:
     return f"{r.meter_id},{r.register},{ts},{r.value}".encode("utf-8", "backslashreplace")
 
 
+def record_metrics(result: Any, n: int, seconds: float) -> None:
+    """Count one stored batch (an IngestResult, or anything with its counts) in the metrics."""
+    metrics.READINGS.labels("accepted").inc(result.accepted)
+    metrics.READINGS.labels("duplicate").inc(result.duplicate)
+    metrics.READINGS.labels("conflict").inc(result.conflict)
+    metrics.READINGS.labels("rejected").inc(result.rejected)
+    for code, k in result.rejects_by_code.items():
+        metrics.REJECTS.labels(code).inc(k)
+    metrics.DB_BATCH_SIZE.observe(n)
+    metrics.DB_WRITE_SECONDS.observe(seconds)
+
+
 class Ingestor:
     """Validates, stores and derives; one per database connection.
 
@@ -136,6 +148,7 @@ class Ingestor:
         settings: Settings | None = None,
         calendar: ZoneCalendar | None = None,
         clock: Callable[[], datetime] | None = None,
+        record_metrics: bool = True,
     ):
         if not conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             conn.autocommit = True
@@ -145,6 +158,7 @@ class Ingestor:
         self.clock = clock or (lambda: datetime.now(UTC))
         self._meters: dict[str, MeterRules] = {}
         self._partitions = Partitions()
+        self._record = record_metrics
 
     # --- meters ---
 
@@ -237,7 +251,8 @@ class Ingestor:
         for row in rejects:
             if row[0] == "invalid":
                 result.rejects_by_code[row[2]] = result.rejects_by_code.get(row[2], 0) + 1
-        self._count(result, len(items), time.perf_counter() - started)
+        if self._record:
+            record_metrics(result, len(items), time.perf_counter() - started)
         return result
 
     def _conflict_row(self, item: Reading, stored: Decimal) -> tuple:
@@ -248,16 +263,6 @@ class Ingestor:
         )
         return _reject_row("conflict", item.source, "conflict", reason, _raw_of(item),
                            item.meter_id, item.register, item.ts, item.value)
-
-    def _count(self, result: IngestResult, n: int, seconds: float) -> None:
-        metrics.READINGS.labels("accepted").inc(result.accepted)
-        metrics.READINGS.labels("duplicate").inc(result.duplicate)
-        metrics.READINGS.labels("conflict").inc(result.conflict)
-        metrics.READINGS.labels("rejected").inc(result.rejected)
-        for code, k in result.rejects_by_code.items():
-            metrics.REJECTS.labels(code).inc(k)
-        metrics.DB_BATCH_SIZE.observe(n)
-        metrics.DB_WRITE_SECONDS.observe(seconds)
 
     # --- storage ---
 

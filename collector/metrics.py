@@ -59,6 +59,10 @@ DB_BATCH_SIZE = Histogram(
     buckets=(1, 10, 100, 500, 1000, 5000, 10000, 50000),
 )
 DB_ERRORS = Counter("amr_db_errors_total", "Failed database writes (the batch is kept and retried)")
+INGEST_WORKER_RESTARTS = Counter(
+    "amr_ingest_worker_restarts_total",
+    "Collector ingestion worker processes that died and were started again (their batches resent)",
+)
 
 # --- store-and-forward and MQTT ---
 SPOOL_DEPTH = Gauge("amr_spool_depth", "Readings waiting in the gateway spool")

@@ -25,17 +25,17 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import paho.mqtt.client as mqtt
-import psycopg
 
 from adapters import mqtt_formats as fmt
 from adapters.reading import Reading, Rejected
 from collector import metrics
+from collector.ingest_workers import IngestPool, LocalIngest, Outcome, record
 from collector.mqtt_client import BrokerConfig, Connection, connect_properties, make_client
 
 log = logging.getLogger("amr.mqtt")
@@ -95,8 +95,11 @@ class Consumer:
         self._started = False
         self._conn_state = Connection()
         self.workers = max(1, workers)
-        self._slots: list[tuple[psycopg.Connection, object] | None] = [None] * self.workers
-        self._pool = ThreadPoolExecutor(self.workers, "amr-ingest") if self.workers > 1 else None
+        self._store: LocalIngest | IngestPool = (
+            IngestPool(database_url, settings, self.workers, self._stop) if self.workers > 1
+            else LocalIngest(database_url, settings, self._stop))
+        self._max_inflight = 2
+        self._prepared = False
         self.client = make_client(broker, client_id)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
@@ -154,7 +157,14 @@ class Consumer:
 
     # --- worker ---
 
+    def prepare(self) -> None:
+        """Open the store (start the worker processes, connect to the database) before consuming."""
+        if not self._prepared:
+            self._store.start()
+            self._prepared = True
+
     def start(self) -> None:
+        self.prepare()  # workers first: messages would only wait for them
         self.client.connect_async(
             self.broker.host, self.broker.port, keepalive=30, clean_start=False,
             properties=connect_properties(persistent=True, receive_maximum=self.receive_maximum),
@@ -166,25 +176,40 @@ class Consumer:
         """Consume until `stop()`; connects first when `start()` was not called."""
         if not self._started:
             self.start()
+        # batches handed to the store and not yet acknowledged, oldest first: while the
+        # workers store one, the next is gathered and queued behind it
+        inflight: deque[tuple[int, list[_Msg]]] = deque()
+        store = self._store
         try:
             while not self._stop.is_set():
-                batch = self._gather()
+                batch = self._gather(0.01 if inflight else 0.2) if len(inflight) < self._max_inflight else []
                 if batch:
-                    self._handle(batch)
+                    inflight.append((store.submit([(i, m.items) for i, m in enumerate(batch)]), batch))
+                while inflight and store.ready(inflight[0][0]):
+                    ticket, done = inflight.popleft()
+                    self._finish(done, store.result(ticket))
+                if inflight and len(inflight) >= self._max_inflight:
+                    outcome = store.result(inflight[0][0])
+                    if outcome is not None:
+                        self._finish(inflight.popleft()[1], outcome)
         finally:
+            # a clean stop acknowledges what is stored by now; the rest the broker sends again
+            for ticket, batch in inflight:
+                outcome = store.result(ticket, timeout=5)
+                if outcome is None:
+                    break
+                self._finish(batch, outcome)
             self.client.disconnect()
             self.client.loop_stop()
-            self._drop_db()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+            store.close()
             log.info("collector %s stopped after storing %d messages", self.client_id, self.stored_messages)
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _gather(self) -> list[_Msg]:
+    def _gather(self, timeout: float) -> list[_Msg]:
         try:
-            first = self._queue.get(timeout=0.2)
+            first = self._queue.get(timeout=timeout)
         except queue.Empty:
             return []
         batch = [first]
@@ -211,48 +236,28 @@ class Consumer:
             outcome = "rejected"
         return d.family or "unknown", outcome, items
 
-    def _handle(self, batch: list[_Msg]) -> None:
-        items = [it for m in batch for it in m.items]
-        backoff = 0.5
-        while True:
-            try:
-                self._store(batch, items)
-                break
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                metrics.DB_ERRORS.inc()
-                self._drop_db()
-                log.warning("database write failed (%s); %d messages kept unacknowledged, retrying",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                            len(batch))
-                if self._stop.wait(backoff):
-                    return  # unacknowledged: the broker delivers them again
-                backoff = min(backoff * 2, 30)
+    def _finish(self, batch: list[_Msg], outcome: Outcome | None) -> None:
+        """Count a stored batch and acknowledge its messages, dead-lettering those the store refused."""
+        if outcome is None:
+            return  # stopped before it was stored: unacknowledged, the broker sends it again
+        if outcome.failed:
+            refused = [(g, [Rejected(f"mqtt:{batch[g].topic}"[:256], batch[g].payload[: fmt.MAX_RAW_KEPT],
+                                     reason, "store_error")]) for g, reason in outcome.failed.items()]
+            again = self._store.result(self._store.submit(refused))
+            if again is None:
+                return
+            if again.failed:
+                log.error("could not dead-letter %d refused messages: %s", len(again.failed),
+                          "; ".join(again.failed.values()))
+            again.failed = {}
+            outcome.failed = {}
+            outcome.add(again)
+        record(outcome)
+        self.ingest_seconds += outcome.seconds
         for m in batch:
             metrics.MQTT_MESSAGES.labels(m.family, m.outcome).inc()
             self._ack(m)
         self.stored_messages += len(batch)
-
-    def _store(self, batch: list[_Msg], items: list[Reading | Rejected]) -> None:
-        """Store a batch; raises only when the database is unreachable (then nothing is acknowledged)."""
-        try:
-            self._ingest(items)
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            raise
-        except Exception as exc:  # a message the store refuses must not stall the stream
-            self._drop_db()
-            log.error("batch of %d messages failed (%s); storing message by message", len(batch), exc)
-            self._one_by_one(batch)
-
-    def _one_by_one(self, batch: list[_Msg]) -> None:
-        for m in batch:
-            try:
-                self._ingest(m.items)
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                raise
-            except Exception as exc:
-                self._drop_db()
-                self._ingest([Rejected(f"mqtt:{m.topic}"[:256], m.payload[: fmt.MAX_RAW_KEPT],
-                                       f"the store refused this message: {exc}", "store_error")])
 
     def _ack(self, m: _Msg) -> None:
         if m.qos == 0:
@@ -260,44 +265,3 @@ class Consumer:
         if m.generation != self._generation:
             return  # received on an earlier connection: the broker redelivers it on this one
         self.client.ack(m.mid, m.qos)
-
-    def _ingest(self, items: list[Reading | Rejected]) -> None:
-        """Store one batch; with several workers, split by meter so each meter stays in one transaction.
-
-        The parts commit separately: when one fails the batch is not acknowledged and comes
-        again, and the parts already stored count as duplicates.
-        """
-        t0 = time.perf_counter()
-        if self._pool is None or len(items) < 2 * self.workers:
-            self._ingest_slot(0, items)
-        else:
-            parts: list[list[Reading | Rejected]] = [[] for _ in range(self.workers)]
-            for it in items:
-                key = it.meter_id if isinstance(it, Reading) else None
-                parts[hash(key) % self.workers if key else 0].append(it)
-            futures = [self._pool.submit(self._ingest_slot, i, part) for i, part in enumerate(parts) if part]
-            errors = [f.exception() for f in futures]
-            failed = [e for e in errors if e is not None]
-            if failed:
-                raise failed[0]
-        self.ingest_seconds += time.perf_counter() - t0
-
-    def _ingest_slot(self, slot: int, items: list[Reading | Rejected]) -> None:
-        from collector.ingest import Ingestor
-        from collector.storage import db
-
-        held = self._slots[slot]
-        if held is None or held[0].closed:
-            conn = db.connect(self.database_url)
-            held = (conn, Ingestor(conn, self.settings))
-            self._slots[slot] = held
-        held[1].ingest(items)  # type: ignore[attr-defined]
-
-    def _drop_db(self) -> None:
-        for i, held in enumerate(self._slots):
-            if held is not None:
-                try:
-                    held[0].close()
-                except Exception:
-                    pass
-            self._slots[i] = None

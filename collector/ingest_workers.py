@@ -1,0 +1,514 @@
+"""Store a collector's batches in one process or in several, each meter always in the same one.
+
+One Python process ingests about 50,000 readings/s, bound by its own
+interpreter while the database server still has CPU to spare. Readings of
+different meters never touch the same rows (the per-meter locks of
+collector.ingest guard the rest), so processes that each own a fixed share
+of the meters scale almost linearly: two on two cores stored 1.85 times as
+much as one (bench/mqtt.py). Two collectors that split the messages between
+them at random do not: every message carries the same meters, so they take
+turns on those meters' locks and re-derive each other's neighbours.
+
+`IngestPool` runs N worker processes. The parent (the MQTT consumer)
+decodes, then routes every reading by a hash of its meter id; each worker
+has its own database connection and commits its share of a batch in one
+transaction. The parent acknowledges a batch only when every worker has
+confirmed its share, so delivery stays at-least-once. A worker that dies
+is started again and sent its unconfirmed shares again; what it had already
+committed comes back as counted duplicates. `LocalIngest` is the same
+contract in the calling process, for one worker.
+
+Both store a batch as groups, one per MQTT message: when the store refuses
+a batch for anything but an unreachable database, it is stored again group
+by group, and the groups it still refuses are handed back (`Outcome.failed`)
+for the caller to dead-letter with the message's raw bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from adapters.reading import Reading, Rejected
+from collector import metrics
+
+log = logging.getLogger("amr.ingest")
+
+# the items of one message, as (group index in the batch, items)
+Group = tuple[int, list[Reading | Rejected]]
+_DEATHS_BEFORE_GIVING_UP = 3  # a share that kills its worker this often is dead-lettered
+
+
+@dataclass
+class Outcome:
+    """What storing one batch did: counts for metrics, and the groups the store refused."""
+
+    accepted: int = 0
+    duplicate: int = 0
+    conflict: int = 0
+    rejected: int = 0
+    rejects_by_code: dict[str, int] = field(default_factory=dict)
+    items: int = 0
+    seconds: float = 0.0
+    failed: dict[int, str] = field(default_factory=dict)  # group index -> why the store refused it
+
+    def add(self, other: Outcome) -> None:
+        self.accepted += other.accepted
+        self.duplicate += other.duplicate
+        self.conflict += other.conflict
+        self.rejected += other.rejected
+        for code, n in other.rejects_by_code.items():
+            self.rejects_by_code[code] = self.rejects_by_code.get(code, 0) + n
+        self.items += other.items
+        self.seconds = max(self.seconds, other.seconds)
+        self.failed.update(other.failed)
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+class _Store:
+    """One database connection and its Ingestor, opened on first use and dropped after any failure."""
+
+    def __init__(self, database_url: str, settings: Any):
+        self.database_url = database_url
+        self.settings = settings
+        self._held: tuple[psycopg.Connection, Any] | None = None
+
+    def ingest(self, items: list[Reading | Rejected]) -> Any:
+        """Store a batch; an empty one only opens the connection."""
+        from collector.ingest import Ingestor
+        from collector.storage import db
+
+        if self._held is None or self._held[0].closed:
+            conn = db.connect(self.database_url)
+            self._held = (conn, Ingestor(conn, self.settings, record_metrics=False))
+        return self._held[1].ingest(items)
+
+    def drop(self) -> None:
+        if self._held is not None:
+            try:
+                self._held[0].close()
+            except Exception:
+                pass
+        self._held = None
+
+
+def store_groups(
+    store: _Store, groups: Sequence[Group], stopped: Callable[[float], bool],
+    on_db_error: Callable[[str], None],
+) -> Outcome | None:
+    """Store a batch in one transaction, or group by group when the store refuses it.
+
+    Waits out an unreachable database with back-off (the batch is kept), and
+    returns None only when `stopped(wait)` says to give up: then nothing of
+    the batch may be acknowledged.
+    """
+    out = Outcome()
+    t0 = time.perf_counter()
+    backoff = 0.5
+    while True:
+        try:
+            _add_result(out, store.ingest([it for _, items in groups for it in items]))
+            break
+        except Exception as exc:
+            store.drop()
+            if _is_unreachable(exc):
+                on_db_error(_first_line(exc))
+                if stopped(backoff):
+                    return None
+                backoff = min(backoff * 2, 30)
+                continue
+            log.error("batch of %d messages failed (%s); storing message by message", len(groups), exc)
+            for g, items in groups:
+                while True:
+                    try:
+                        _add_result(out, store.ingest(items))
+                        break
+                    except Exception as exc_one:
+                        store.drop()
+                        if not _is_unreachable(exc_one):
+                            out.failed[g] = f"the store refused this message: {exc_one}"
+                            break
+                        on_db_error(_first_line(exc_one))
+                        if stopped(backoff):
+                            return None
+                        backoff = min(backoff * 2, 30)
+            break
+    out.items = sum(len(items) for _, items in groups)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _add_result(out: Outcome, r: Any) -> None:
+    out.accepted += r.accepted
+    out.duplicate += r.duplicate
+    out.conflict += r.conflict
+    out.rejected += r.rejected
+    for code, n in r.rejects_by_code.items():
+        out.rejects_by_code[code] = out.rejects_by_code.get(code, 0) + n
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def record(outcome: Outcome) -> None:
+    """Count a stored batch in this process's metrics (workers' own registries are not served)."""
+    from collector.ingest import record_metrics
+
+    record_metrics(outcome, outcome.items, outcome.seconds)
+
+
+class LocalIngest:
+    """Batches stored in the calling thread, one at a time."""
+
+    def __init__(self, database_url: str, settings: Any, stop: threading.Event):
+        self._store = _Store(database_url, settings)
+        self._stop = stop
+        self._done: dict[int, Outcome | None] = {}
+        self._next = 0
+
+    def start(self) -> None:
+        try:
+            self._store.ingest([])
+        except Exception:
+            self._store.drop()  # the first batch tries again, and waits out the outage
+
+    def submit(self, groups: list[Group]) -> int:
+        ticket = self._next
+        self._next += 1
+        self._done[ticket] = store_groups(self._store, groups, self._stop.wait, _count_db_error)
+        return ticket
+
+    def ready(self, ticket: int) -> bool:
+        return True
+
+    def result(self, ticket: int, timeout: float | None = None) -> Outcome | None:
+        """The outcome, or None when stopped before the batch was stored."""
+        return self._done.pop(ticket)
+
+    def close(self) -> None:
+        self._store.drop()
+
+
+def _count_db_error(reason: str) -> None:
+    metrics.DB_ERRORS.inc()
+    log.warning("database write failed (%s); the batch is kept unacknowledged, retrying", reason)
+
+
+# --- worker processes ---
+
+# A share crosses the pipe as columns: pickling a list of Reading tuples (each a
+# datetime, a Decimal, a frozenset) costs about 8 us a reading, columns about 1.
+# bounds: (group, readings end, rejects end) per group; quality: {row: flags} for the few with flags
+_Share = tuple[list[tuple[int, int, int]], list[str], list[str], list[float], list[str],
+               dict[int, tuple[str, ...]], list[str], list[Rejected]]
+
+
+def encode_share(groups: Sequence[Group]) -> _Share:
+    bounds: list[tuple[int, int, int]] = []
+    meters: list[str] = []
+    registers: list[str] = []
+    stamps: list[float] = []
+    values: list[str] = []
+    flags: dict[int, tuple[str, ...]] = {}
+    sources: list[str] = []
+    rejects: list[Rejected] = []
+    for g, items in groups:
+        for it in items:
+            if type(it) is Reading:
+                if it.quality:
+                    flags[len(meters)] = tuple(it.quality)
+                meters.append(it.meter_id)
+                registers.append(it.register)
+                stamps.append(it.ts.timestamp())
+                values.append(str(it.value))
+                sources.append(it.source)
+            else:
+                rejects.append(it)  # type: ignore[arg-type]
+        bounds.append((g, len(meters), len(rejects)))
+    return bounds, meters, registers, stamps, values, flags, sources, rejects
+
+
+_NO_FLAGS: frozenset[str] = frozenset()
+
+
+def decode_share(share: _Share) -> list[Group]:
+    """The groups of a share again; timestamps come back exact to the microsecond."""
+    bounds, meters, registers, stamps, values, flags, sources, rejects = share
+    fromts = datetime.fromtimestamp
+    rows = [Reading(m, r, fromts(t, UTC), Decimal(v), _NO_FLAGS, s)
+            for m, r, t, v, s in zip(meters, registers, stamps, values, sources, strict=True)]
+    for i, f in flags.items():
+        rows[i] = rows[i]._replace(quality=frozenset(f))
+    out: list[Group] = []
+    r0 = x0 = 0
+    for g, r1, x1 in bounds:
+        out.append((g, [*rows[r0:r1], *rejects[x0:x1]]))
+        r0, x0 = r1, x1
+    return out
+
+
+def _worker_main(index: int, parent: int) -> None:
+    """A worker process: take shares, store them, confirm each; ends with its parent.
+
+    Started by `_Worker.spawn` as `python -m collector.ingest_workers INDEX PARENT_PID`:
+    requests arrive on stdin, replies leave on stdout, the log goes to stderr.
+    """
+    import signal
+
+    from collector import logs
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    requests = Connection(os.dup(0), writable=False)
+    replies = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # a stray print must not corrupt the replies
+    logs.setup()
+    try:
+        database_url, settings = requests.recv()
+    except EOFError:
+        return
+    store = _Store(database_url, settings)
+    try:
+        store.ingest([])  # connect now, so the first batch does not wait for it
+    except Exception as exc:  # the first batch tries again, and waits out the outage
+        store.drop()
+        log.warning("ingestion worker %d: database not reachable yet (%s)", index, _first_line(exc))
+
+    def stopped(seconds: float) -> bool:
+        time.sleep(seconds)
+        return os.getppid() != parent  # the parent died: nobody would acknowledge
+
+    def db_error(reason: str) -> None:
+        log.warning("ingestion worker %d: database write failed (%s); retrying", index, reason)
+        replies.send(("db_error", reason))
+
+    try:
+        replies.send(("ready",))
+        while True:
+            try:
+                msg = requests.recv()
+            except EOFError:
+                return  # the parent is gone
+            if msg is None:
+                return
+            ticket, share = msg
+            outcome = store_groups(store, decode_share(share), stopped, db_error)
+            if outcome is None:
+                return
+            replies.send(("done", ticket, outcome))
+    except (BrokenPipeError, KeyboardInterrupt):
+        return
+    finally:
+        store.drop()
+
+
+class _Worker:
+    """The parent's handle on one worker process and the shares it has not confirmed."""
+
+    def __init__(self, index: int, database_url: str, settings: Any):
+        self.index = index
+        self.database_url = database_url
+        self.settings = settings
+        self.unconfirmed: dict[int, _Share] = {}  # ticket -> share, in submission order
+        self.deaths: dict[int, int] = {}  # ticket -> times this worker died holding it
+        self.spawn()
+
+    def spawn(self) -> None:
+        # a fresh interpreter, not a fork: the parent runs paho's network thread, and
+        # multiprocessing's spawn would import the parent's __main__ again
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "collector.ingest_workers", str(self.index), str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        requests = Connection(os.dup(self.process.stdin.fileno()), readable=False)
+        self.replies = Connection(os.dup(self.process.stdout.fileno()), writable=False)
+        self.process.stdin.close()
+        self.process.stdout.close()
+        self.ready = False
+        self.dead = False
+        self._outbox: queue.Queue[Any] = queue.Queue()
+        self._outbox.put((self.database_url, self.settings))
+        # a share of a large batch is bigger than a pipe's buffer: sending it from a thread
+        # of its own keeps the consumer free while the worker is still busy with the last one
+        self._sender = threading.Thread(target=self._send_loop, args=(requests, self._outbox),
+                                        name=f"amr-ingest-send-{self.index}", daemon=True)
+        self._sender.start()
+
+    @staticmethod
+    def _send_loop(conn: Connection, outbox: queue.Queue[Any]) -> None:
+        try:
+            while True:
+                msg = outbox.get()
+                if msg is None:
+                    return
+                conn.send(msg)
+        except (BrokenPipeError, OSError):
+            pass  # the worker died: the pool starts a new one and sends again
+        finally:
+            conn.close()
+
+    def send(self, ticket: int, share: _Share) -> None:
+        self.unconfirmed[ticket] = share
+        self._outbox.put((ticket, share))
+
+    def _end(self, timeout: float) -> None:
+        self._outbox.put(None)  # the sender closes the requests pipe: the worker sees EOF
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.replies.close()
+
+    def restart(self) -> None:
+        self._end(1)
+        self.spawn()
+        for ticket, share in self.unconfirmed.items():
+            self._outbox.put((ticket, share))
+
+    def close(self, timeout: float) -> None:
+        self._end(timeout)
+
+
+class IngestPool:
+    """Batches stored by N worker processes, each owning the meters that hash to it."""
+
+    def __init__(self, database_url: str, settings: Any, workers: int, stop: threading.Event):
+        if workers < 2:
+            raise ValueError("an IngestPool needs at least 2 workers; use LocalIngest for one")
+        self.database_url = database_url
+        self.settings = settings
+        self.size = workers
+        self._stop = stop
+        self._workers: list[_Worker] = []
+        self._next = 0
+        self._waiting: dict[int, set[int]] = {}  # ticket -> workers still to confirm it
+        self._outcomes: dict[int, Outcome] = {}
+        self.restarts = 0
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the workers and wait until each has imported and connected (or given up connecting)."""
+        self._workers = [_Worker(i, self.database_url, self.settings) for i in range(self.size)]
+        deadline = time.monotonic() + timeout
+        while any(not w.ready for w in self._workers) and time.monotonic() < deadline:
+            self._collect(0.1)
+
+    def submit(self, groups: list[Group]) -> int:
+        """Route every reading to the worker of its meter; returns a ticket for `result`."""
+        ticket = self._next
+        self._next += 1
+        n = self.size
+        parts: list[dict[int, list[Reading | Rejected]]] = [{} for _ in range(n)]
+        for g, items in groups:
+            for it in items:
+                w = hash(it.meter_id) % n if type(it) is Reading else g % n
+                part = parts[w].get(g)
+                if part is None:
+                    part = parts[w][g] = []
+                part.append(it)
+        self._outcomes[ticket] = Outcome()
+        self._waiting[ticket] = set()
+        for w, part in enumerate(parts):
+            if part:
+                self._waiting[ticket].add(w)
+                self._workers[w].send(ticket, encode_share(list(part.items())))
+        return ticket
+
+    def ready(self, ticket: int) -> bool:
+        self._collect(0)
+        return not self._waiting.get(ticket)
+
+    def result(self, ticket: int, timeout: float | None = None) -> Outcome | None:
+        """Wait until every share of the ticket is stored.
+
+        None when stopped first, or, with a timeout (for a clean stop), when
+        the time is up.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._waiting.get(ticket):
+            if (self._stop.is_set() if deadline is None else time.monotonic() > deadline):
+                return None
+            self._collect(0.2)
+        self._waiting.pop(ticket, None)
+        return self._outcomes.pop(ticket)
+
+    def _collect(self, timeout: float) -> None:
+        """Read what the workers confirmed; start again any that died (its replies pipe ends)."""
+        by_conn = {w.replies: w for w in self._workers}
+        for ready in wait(list(by_conn), timeout):
+            w = by_conn[ready]  # type: ignore[index]
+            while not w.dead and w.replies.poll():
+                self._read(w)
+            if w.dead:
+                self._restart(w)
+
+    def _read(self, w: _Worker) -> None:
+        try:
+            msg = w.replies.recv()
+        except (EOFError, OSError):
+            w.dead = True
+            return
+        if msg[0] == "ready":
+            w.ready = True
+        elif msg[0] == "db_error":
+            metrics.DB_ERRORS.inc()
+        else:
+            _, ticket, outcome = msg
+            w.unconfirmed.pop(ticket, None)
+            w.deaths.pop(ticket, None)
+            self._outcomes[ticket].add(outcome)
+            self._waiting[ticket].discard(w.index)
+
+    def _restart(self, w: _Worker) -> None:
+        self.restarts += 1
+        metrics.INGEST_WORKER_RESTARTS.inc()
+        try:
+            code = w.process.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None  # it closed its replies but lives on: restart() ends it
+        log.error("ingestion worker %d (pid %s) ended (exit code %s); starting it again and resending "
+                  "%d unconfirmed batches", w.index, w.process.pid, code, len(w.unconfirmed))
+        for ticket in list(w.unconfirmed):
+            w.deaths[ticket] = deaths = w.deaths.get(ticket, 0) + 1
+            if deaths >= _DEATHS_BEFORE_GIVING_UP:  # the share itself kills it: give its messages up
+                share = w.unconfirmed.pop(ticket)
+                del w.deaths[ticket]
+                for g, _, _ in share[0]:
+                    self._outcomes[ticket].failed[g] = (
+                        f"the ingestion worker died {_DEATHS_BEFORE_GIVING_UP} times storing this message")
+                self._waiting[ticket].discard(w.index)
+        w.restart()
+
+    def close(self, timeout: float = 10) -> None:
+        for w in self._workers:
+            w.close(timeout)
+        self._workers = []
+
+
+if __name__ == "__main__":
+    # run the imported module, not this __main__ copy: what a worker pickles must name
+    # classes the parent knows (collector.ingest_workers.Outcome, not __main__.Outcome)
+    from collector import ingest_workers
+
+    ingest_workers._worker_main(int(sys.argv[1]), int(sys.argv[2]))
