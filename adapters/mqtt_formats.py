@@ -420,9 +420,12 @@ def _decode_amr_fast(topic: str, payload: bytes) -> Decoded | None:
     unit = ENERGY_UNITS[doc.unit]
     msg_source = doc.source or f"mqtt:{topic}"
     fromiso = datetime.fromisoformat
-    out = d.values
+    append = d.values.append
+    new = tuple.__new__  # a NamedTuple's own __new__ costs half again as much
+    known = _known_ids
     for r in doc.readings:
-        if not (_valid_id(r.meter, _METER_TEXT) and _valid_id(r.register, _REGISTER_TEXT)):
+        if not (known.get(r.meter) or _valid_id(r.meter, _METER_TEXT)) or not (
+                known.get(r.register) or _valid_id(r.register, _REGISTER_TEXT)):
             return None
         try:
             ts = fromiso(r.ts)
@@ -444,8 +447,8 @@ def _decode_amr_fast(topic: str, payload: bytes) -> Decoded | None:
         flags = r.quality
         if flags and len(set(flags)) != len(flags):
             return None  # uniqueItems
-        out.append(DeviceValue(r.meter, r.register, ts, value, frozenset(flags) if flags else _NO_FLAGS,
-                               r.source or msg_source))
+        append(new(DeviceValue, (r.meter, r.register, ts, value, frozenset(flags) if flags else _NO_FLAGS,
+                                 r.source or msg_source)))
     return d
 
 
@@ -605,7 +608,8 @@ def to_items(d: Decoded, payload: bytes, devices: DeviceMap | None) -> list[Read
     raw_whole = payload[:MAX_RAW_KEPT]
     source = f"mqtt:{d.topic}"[:256]
     if d.family == "amr":  # amr/v1 readings name meters directly: a DeviceValue is a Reading's fields
-        items.extend(map(Reading._make, d.values))
+        new = tuple.__new__
+        items.extend([new(Reading, v) for v in d.values])
     for v in d.values if d.family != "amr" else ():
         meter = devices.meter_for(d.format, d.family, v.device) if devices is not None else None
         if meter is None:

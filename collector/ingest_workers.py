@@ -222,29 +222,61 @@ _Share = tuple[list[tuple[int, int, int]], list[str], list[str], list[float], li
                dict[int, tuple[str, ...]], list[str], list[Rejected]]
 
 
-def encode_share(groups: Sequence[Group]) -> _Share:
-    bounds: list[tuple[int, int, int]] = []
-    meters: list[str] = []
-    registers: list[str] = []
-    stamps: list[float] = []
-    values: list[str] = []
-    flags: dict[int, tuple[str, ...]] = {}
-    sources: list[str] = []
-    rejects: list[Rejected] = []
+class _ShareBuilder:
+    """One worker's share of a batch, built column by column as readings are routed."""
+
+    __slots__ = ("bounds", "flags", "meters", "registers", "rejects", "sources", "stamps", "values")
+
+    def __init__(self) -> None:
+        self.bounds: list[tuple[int, int, int]] = []
+        self.meters: list[str] = []
+        self.registers: list[str] = []
+        self.stamps: list[float] = []
+        self.values: list[str] = []
+        self.flags: dict[int, tuple[str, ...]] = {}
+        self.sources: list[str] = []
+        self.rejects: list[Rejected] = []
+
+    def add(self, r: Reading) -> None:
+        if r.quality:
+            self.flags[len(self.meters)] = tuple(r.quality)
+        self.meters.append(r.meter_id)
+        self.registers.append(r.register)
+        self.stamps.append(r.ts.timestamp())
+        self.values.append(str(r.value))
+        self.sources.append(r.source)
+
+    def end_group(self, g: int) -> None:
+        """Close group g (a no-op when it put nothing here)."""
+        n, x = len(self.meters), len(self.rejects)
+        last = self.bounds[-1] if self.bounds else (-1, 0, 0)
+        if (n, x) != last[1:]:
+            self.bounds.append((g, n, x))
+
+    def share(self) -> _Share:
+        return (self.bounds, self.meters, self.registers, self.stamps, self.values, self.flags,
+                self.sources, self.rejects)
+
+
+def route(groups: Sequence[Group], n: int) -> list[_Share | None]:
+    """Each worker's share of a batch: readings by a hash of their meter, rejects by their group."""
+    builders = [_ShareBuilder() for _ in range(n)]
+    adds = [b.add for b in builders]
     for g, items in groups:
         for it in items:
             if type(it) is Reading:
-                if it.quality:
-                    flags[len(meters)] = tuple(it.quality)
-                meters.append(it.meter_id)
-                registers.append(it.register)
-                stamps.append(it.ts.timestamp())
-                values.append(str(it.value))
-                sources.append(it.source)
+                adds[hash(it[0]) % n](it)
             else:
-                rejects.append(it)  # type: ignore[arg-type]
-        bounds.append((g, len(meters), len(rejects)))
-    return bounds, meters, registers, stamps, values, flags, sources, rejects
+                builders[g % n].rejects.append(it)  # type: ignore[arg-type]
+        for b in builders:
+            b.end_group(g)
+    return [b.share() if b.bounds else None for b in builders]
+
+
+def encode_share(groups: Sequence[Group]) -> _Share:
+    """All of a batch as one share (what one worker would get)."""
+    share = route(groups, 1)[0]
+    return share if share is not None else ([], [], [], [], [], {}, [], [])
 
 
 _NO_FLAGS: frozenset[str] = frozenset()
@@ -418,21 +450,12 @@ class IngestPool:
         """Route every reading to the worker of its meter; returns a ticket for `result`."""
         ticket = self._next
         self._next += 1
-        n = self.size
-        parts: list[dict[int, list[Reading | Rejected]]] = [{} for _ in range(n)]
-        for g, items in groups:
-            for it in items:
-                w = hash(it.meter_id) % n if type(it) is Reading else g % n
-                part = parts[w].get(g)
-                if part is None:
-                    part = parts[w][g] = []
-                part.append(it)
         self._outcomes[ticket] = Outcome()
         self._waiting[ticket] = set()
-        for w, part in enumerate(parts):
-            if part:
+        for w, share in enumerate(route(groups, self.size)):
+            if share is not None:
                 self._waiting[ticket].add(w)
-                self._workers[w].send(ticket, encode_share(list(part.items())))
+                self._workers[w].send(ticket, share)
         return ticket
 
     def ready(self, ticket: int) -> bool:
