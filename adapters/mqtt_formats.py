@@ -386,16 +386,24 @@ class _FastMessage(msgspec.Struct, forbid_unknown_fields=True):
 _FAST = msgspec.json.Decoder(_FastMessage)
 _METER_TEXT = re.compile("[^\x00-\x1f]+")  # the schema's patterns, anchored as JSON Schema anchors them
 _REGISTER_TEXT = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
-_known_ids: dict[str, bool] = {}  # meter ids and registers checked already: a fleet repeats them
+# meter ids and registers checked already, each against its own pattern: a fleet repeats them
+_known_meters: dict[str, bool] = {}
+_known_registers: dict[str, bool] = {}
 
 
-def _valid_id(text: str, pattern: re.Pattern[str]) -> bool:
-    ok = _known_ids.get(text)
+def _valid_id(text: str, pattern: re.Pattern[str], known: dict[str, bool]) -> bool:
+    ok = known.get(text)
     if ok is None:
-        if len(_known_ids) > 200_000:
-            _known_ids.clear()
-        ok = _known_ids[text] = pattern.fullmatch(text) is not None
+        if len(known) > 200_000:
+            known.clear()
+        ok = known[text] = pattern.fullmatch(text) is not None
     return ok
+
+
+def _forget_known_ids() -> None:
+    """Empty the caches of checked meter ids and registers (tests start from nothing)."""
+    _known_meters.clear()
+    _known_registers.clear()
 
 
 def _decimal_text(v: str) -> bool:
@@ -414,7 +422,7 @@ def _decode_amr_fast(topic: str, payload: bytes) -> Decoded | None:
     """A valid amr/v1 message decoded without the JSON Schema pass; None for any other."""
     try:
         doc = _FAST.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # bad UTF-8 inside a string raises the latter
         return None
     d = Decoded(topic, "amr", "amr")
     unit = ENERGY_UNITS[doc.unit]
@@ -422,10 +430,10 @@ def _decode_amr_fast(topic: str, payload: bytes) -> Decoded | None:
     fromiso = datetime.fromisoformat
     append = d.values.append
     new = tuple.__new__  # a NamedTuple's own __new__ costs half again as much
-    known = _known_ids
+    meters, registers = _known_meters, _known_registers
     for r in doc.readings:
-        if not (known.get(r.meter) or _valid_id(r.meter, _METER_TEXT)) or not (
-                known.get(r.register) or _valid_id(r.register, _REGISTER_TEXT)):
+        if not (meters.get(r.meter) or _valid_id(r.meter, _METER_TEXT, meters)) or not (
+                registers.get(r.register) or _valid_id(r.register, _REGISTER_TEXT, registers)):
             return None
         try:
             ts = fromiso(r.ts)
@@ -434,7 +442,10 @@ def _decode_amr_fast(topic: str, payload: bytes) -> Decoded | None:
         if ts.tzinfo is not UTC:
             if ts.tzinfo is None:
                 return None
-            ts = ts.astimezone(UTC)
+            try:
+                ts = ts.astimezone(UTC)
+            except OverflowError:
+                return None
         v = r.value
         if type(v) is str:
             if not _decimal_text(v):
@@ -465,7 +476,12 @@ def _decode_amr_checked(topic: str, payload: bytes) -> Decoded:
     validator = _amr_validator()
     bad_readings: dict[int, str] = {}
     bad_rejects: set[int] = set()
-    if not validator.is_valid(doc):
+    try:
+        valid = validator.is_valid(doc)
+    except UnicodeEncodeError as exc:  # a JSON escape of half a UTF-16 pair: no text at all
+        return d.reject("malformed", f"payload holds a string that is not text ({exc.reason}: "
+                                     f"{exc.object[exc.start:exc.end]!a})")
+    if not valid:
         whole: list[Problem] = []
         for err in validator.iter_errors(doc):
             path = list(err.instance_path)
@@ -508,7 +524,12 @@ def _decode_amr_checked(topic: str, payload: bytes) -> Decoded:
         if unit is not _KWH:
             value *= unit
         if ts.tzinfo is not UTC:
-            ts = ts.astimezone(UTC)
+            try:
+                ts = ts.astimezone(UTC)
+            except OverflowError:
+                d.problems.append(Problem("ts", f"readings/{i}/ts: {r['ts']!r} is out of range in UTC",
+                                          meter, register, _raw(r)))
+                continue
         flags = r.get("quality")
         d.values.append(
             DeviceValue(meter, register, ts, value,  # type: ignore[arg-type]
