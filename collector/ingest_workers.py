@@ -512,6 +512,12 @@ class IngestPool:
             code = None  # it closed its replies but lives on: restart() ends it
         log.error("ingestion worker %d (pid %s) ended (exit code %s); starting it again and resending "
                   "%d unconfirmed batches", w.index, w.process.pid, code, len(w.unconfirmed))
+        if not w.ready:
+            # it never started (a broken install, no memory): not the shares' fault, and
+            # nothing is gained by starting it again at once
+            time.sleep(1)
+            w.restart()
+            return
         for ticket in list(w.unconfirmed):
             w.deaths[ticket] = deaths = w.deaths.get(ticket, 0) + 1
             if deaths >= _DEATHS_BEFORE_GIVING_UP:  # the share itself kills it: give its messages up
