@@ -1,26 +1,29 @@
-"""Store a collector's batches in one process or in several, each meter always in the same one.
+"""Decode and store a collector's messages in one process or in several.
 
-One Python process ingests about 50,000 readings/s, bound by its own
-interpreter while the database server still has CPU to spare. Readings of
-different meters never touch the same rows (the per-meter locks of
-collector.ingest guard the rest), so processes that each own a fixed share
-of the meters scale almost linearly: two on two cores stored 1.85 times as
-much as one (bench/mqtt.py). Two collectors that split the messages between
-them at random do not: every message carries the same meters, so they take
-turns on those meters' locks and re-derive each other's neighbours.
+One Python process stores about 50,000 readings/s, bound by its own
+interpreter while the database server still has CPU to spare; processes
+that store disjoint meters scale almost linearly (two on two cores stored
+1.85 times as much as one). What keeps their meters disjoint is the topic: a
+gateway publishes its own meters on its own `amr/v1/<source>/readings`, a
+device on its own topic. So `IngestPool` routes whole messages by a hash of
+the topic to N worker processes, which decode them (collector.decoding) and
+store them, each over its own database connection, its share of a batch in
+one transaction. The parent only receives and routes: it never becomes the
+bottleneck, as it did when it decoded everything itself and routed readings
+by meter (measured: the parent alone took more CPU per reading than a worker).
+A meter that moves to another gateway is still safe: the per-meter locks of
+collector.ingest order the two workers.
 
-`IngestPool` runs N worker processes. The parent (the MQTT consumer)
-decodes, then routes every reading by a hash of its meter id; each worker
-has its own database connection and commits its share of a batch in one
-transaction. The parent acknowledges a batch only when every worker has
-confirmed its share, so delivery stays at-least-once. A worker that dies
-is started again and sent its unconfirmed shares again; what it had already
-committed comes back as counted duplicates. `LocalIngest` is the same
-contract in the calling process, for one worker.
+The parent acknowledges a batch only when every worker has confirmed its
+share, so delivery stays at-least-once. A worker that dies is started again
+and sent its unconfirmed shares again; what it had already committed comes
+back as counted duplicates. A share that kills its worker three times is
+handed back as failed, to be dead-lettered. `LocalIngest` is the same
+contract in the calling thread, for one worker.
 
-Both store a batch as groups, one per MQTT message: when the store refuses
-a batch for anything but an unreachable database, it is stored again group
-by group, and the groups it still refuses are handed back (`Outcome.failed`)
+A batch is stored as groups, one per MQTT message: when the store refuses a
+batch for anything but an unreachable database, it is stored again group by
+group, and the groups it still refuses are handed back (`Outcome.failed`)
 for the caller to dead-letter with the message's raw bytes.
 """
 
@@ -35,8 +38,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,13 @@ import psycopg
 
 from adapters.reading import Reading, Rejected
 from collector import metrics
+from collector.decoding import Message, MessageDecoder
 
 log = logging.getLogger("amr.ingest")
 
 # the items of one message, as (group index in the batch, items)
 Group = tuple[int, list[Reading | Rejected]]
+Batch = list[tuple[int, Message]]  # the messages of one batch, by group index
 _DEATHS_BEFORE_GIVING_UP = 3  # a share that kills its worker this often is dead-lettered
 
 
@@ -65,6 +68,8 @@ class Outcome:
     items: int = 0
     seconds: float = 0.0
     failed: dict[int, str] = field(default_factory=dict)  # group index -> why the store refused it
+    labels: dict[int, tuple[str, str]] = field(default_factory=dict)  # group index -> (family, outcome)
+    decode_seconds: float = 0.0
 
     def add(self, other: Outcome) -> None:
         self.accepted += other.accepted
@@ -76,6 +81,8 @@ class Outcome:
         self.items += other.items
         self.seconds = max(self.seconds, other.seconds)
         self.failed.update(other.failed)
+        self.labels.update(other.labels)
+        self.decode_seconds += other.decode_seconds
 
 
 def _is_unreachable(exc: BaseException) -> bool:
@@ -177,13 +184,17 @@ def record(outcome: Outcome) -> None:
 
 
 class LocalIngest:
-    """Batches stored in the calling thread, one at a time."""
+    """Batches decoded and stored in the calling thread, one at a time."""
 
-    def __init__(self, database_url: str, settings: Any, stop: threading.Event):
+    def __init__(self, database_url: str, settings: Any, stop: threading.Event, decoder: MessageDecoder):
         self._store = _Store(database_url, settings)
         self._stop = stop
+        self.decoder = decoder
         self._done: dict[int, Outcome | None] = {}
         self._next = 0
+
+    def set_decoder(self, decoder: MessageDecoder) -> None:
+        self.decoder = decoder
 
     def start(self) -> None:
         try:
@@ -191,7 +202,14 @@ class LocalIngest:
         except Exception:
             self._store.drop()  # the first batch tries again, and waits out the outage
 
-    def submit(self, groups: list[Group]) -> int:
+    def submit(self, messages: Batch) -> int:
+        ticket = self._next
+        self._next += 1
+        self._done[ticket] = store_batch(self._store, self.decoder, messages, self._stop.wait, _count_db_error)
+        return ticket
+
+    def submit_items(self, groups: list[Group]) -> int:
+        """Store items made already (the rejects the caller dead-letters)."""
         ticket = self._next
         self._next += 1
         self._done[ticket] = store_groups(self._store, groups, self._stop.wait, _count_db_error)
@@ -215,87 +233,26 @@ def _count_db_error(reason: str) -> None:
 
 # --- worker processes ---
 
-# A share crosses the pipe as columns: pickling a list of Reading tuples (each a
-# datetime, a Decimal, a frozenset) costs about 8 us a reading, columns about 1.
-# bounds: (group, readings end, rejects end) per group; quality: {row: flags} for the few with flags
-_Share = tuple[list[tuple[int, int, int]], list[str], list[str], list[float], list[str],
-               dict[int, tuple[str, ...]], list[str], list[Rejected]]
+def decode_batch(decoder: MessageDecoder, messages: Batch) -> tuple[list[Group], dict[int, tuple[str, str]], float]:
+    """Groups to store, each message's (family, outcome) for the metrics, and the seconds it took."""
+    t0 = time.perf_counter()
+    groups: list[Group] = []
+    labels: dict[int, tuple[str, str]] = {}
+    for g, m in messages:
+        d = decoder(m)
+        groups.append((g, d.items))
+        labels[g] = (d.family, d.outcome)
+    return groups, labels, time.perf_counter() - t0
 
 
-class _ShareBuilder:
-    """One worker's share of a batch, built column by column as readings are routed."""
-
-    __slots__ = ("bounds", "flags", "meters", "registers", "rejects", "sources", "stamps", "values")
-
-    def __init__(self) -> None:
-        self.bounds: list[tuple[int, int, int]] = []
-        self.meters: list[str] = []
-        self.registers: list[str] = []
-        self.stamps: list[float] = []
-        self.values: list[str] = []
-        self.flags: dict[int, tuple[str, ...]] = {}
-        self.sources: list[str] = []
-        self.rejects: list[Rejected] = []
-
-    def add(self, r: Reading) -> None:
-        if r.quality:
-            self.flags[len(self.meters)] = tuple(r.quality)
-        self.meters.append(r.meter_id)
-        self.registers.append(r.register)
-        self.stamps.append(r.ts.timestamp())
-        self.values.append(str(r.value))
-        self.sources.append(r.source)
-
-    def end_group(self, g: int) -> None:
-        """Close group g (a no-op when it put nothing here)."""
-        n, x = len(self.meters), len(self.rejects)
-        last = self.bounds[-1] if self.bounds else (-1, 0, 0)
-        if (n, x) != last[1:]:
-            self.bounds.append((g, n, x))
-
-    def share(self) -> _Share:
-        return (self.bounds, self.meters, self.registers, self.stamps, self.values, self.flags,
-                self.sources, self.rejects)
-
-
-def route(groups: Sequence[Group], n: int) -> list[_Share | None]:
-    """Each worker's share of a batch: readings by a hash of their meter, rejects by their group."""
-    builders = [_ShareBuilder() for _ in range(n)]
-    adds = [b.add for b in builders]
-    for g, items in groups:
-        for it in items:
-            if type(it) is Reading:
-                adds[hash(it[0]) % n](it)
-            else:
-                builders[g % n].rejects.append(it)  # type: ignore[arg-type]
-        for b in builders:
-            b.end_group(g)
-    return [b.share() if b.bounds else None for b in builders]
-
-
-def encode_share(groups: Sequence[Group]) -> _Share:
-    """All of a batch as one share (what one worker would get)."""
-    share = route(groups, 1)[0]
-    return share if share is not None else ([], [], [], [], [], {}, [], [])
-
-
-_NO_FLAGS: frozenset[str] = frozenset()
-
-
-def decode_share(share: _Share) -> list[Group]:
-    """The groups of a share again; timestamps come back exact to the microsecond."""
-    bounds, meters, registers, stamps, values, flags, sources, rejects = share
-    fromts = datetime.fromtimestamp
-    rows = [Reading(m, r, fromts(t, UTC), Decimal(v), _NO_FLAGS, s)
-            for m, r, t, v, s in zip(meters, registers, stamps, values, sources, strict=True)]
-    for i, f in flags.items():
-        rows[i] = rows[i]._replace(quality=frozenset(f))
-    out: list[Group] = []
-    r0 = x0 = 0
-    for g, r1, x1 in bounds:
-        out.append((g, [*rows[r0:r1], *rejects[x0:x1]]))
-        r0, x0 = r1, x1
-    return out
+def store_batch(store: _Store, decoder: MessageDecoder, messages: Batch, stopped: Callable[[float], bool],
+                on_db_error: Callable[[str], None]) -> Outcome | None:
+    groups, labels, seconds = decode_batch(decoder, messages)
+    outcome = store_groups(store, groups, stopped, on_db_error)
+    if outcome is not None:
+        outcome.labels = labels
+        outcome.decode_seconds = seconds
+    return outcome
 
 
 def _worker_main(index: int, parent: int) -> None:
@@ -314,7 +271,7 @@ def _worker_main(index: int, parent: int) -> None:
     os.dup2(2, 1)  # a stray print must not corrupt the replies
     logs.setup()
     try:
-        database_url, settings = requests.recv()
+        database_url, settings, decoder = requests.recv()
     except EOFError:
         return
     store = _Store(database_url, settings)
@@ -341,8 +298,14 @@ def _worker_main(index: int, parent: int) -> None:
                 return  # the parent is gone
             if msg is None:
                 return
-            ticket, share = msg
-            outcome = store_groups(store, decode_share(share), stopped, db_error)
+            kind, ticket, body = msg
+            if kind == "decoder":  # the inventory was reloaded
+                decoder = body
+                continue
+            if kind == "messages":
+                outcome = store_batch(store, decoder, body, stopped, db_error)
+            else:  # "items": rejects the parent dead-letters
+                outcome = store_groups(store, body, stopped, db_error)
             if outcome is None:
                 return
             replies.send(("done", ticket, outcome))
@@ -355,11 +318,12 @@ def _worker_main(index: int, parent: int) -> None:
 class _Worker:
     """The parent's handle on one worker process and the shares it has not confirmed."""
 
-    def __init__(self, index: int, database_url: str, settings: Any):
+    def __init__(self, index: int, database_url: str, settings: Any, decoder: MessageDecoder):
         self.index = index
         self.database_url = database_url
         self.settings = settings
-        self.unconfirmed: dict[int, _Share] = {}  # ticket -> share, in submission order
+        self.decoder = decoder
+        self.unconfirmed: dict[int, tuple] = {}  # ticket -> request, in submission order
         self.deaths: dict[int, int] = {}  # ticket -> times this worker died holding it
         self.spawn()
 
@@ -380,7 +344,7 @@ class _Worker:
         self.ready = False
         self.dead = False
         self._outbox: queue.Queue[Any] = queue.Queue()
-        self._outbox.put((self.database_url, self.settings))
+        self._outbox.put((self.database_url, self.settings, self.decoder))
         # a share of a large batch is bigger than a pipe's buffer: sending it from a thread
         # of its own keeps the consumer free while the worker is still busy with the last one
         self._sender = threading.Thread(target=self._send_loop, args=(requests, self._outbox),
@@ -400,9 +364,14 @@ class _Worker:
         finally:
             conn.close()
 
-    def send(self, ticket: int, share: _Share) -> None:
-        self.unconfirmed[ticket] = share
-        self._outbox.put((ticket, share))
+    def send(self, request: tuple) -> None:
+        """A ("messages" or "items", ticket, body) request, kept until the worker confirms it."""
+        self.unconfirmed[request[1]] = request
+        self._outbox.put(request)
+
+    def set_decoder(self, decoder: MessageDecoder) -> None:
+        self.decoder = decoder  # a restarted worker starts with it
+        self._outbox.put(("decoder", None, decoder))
 
     def _end(self, timeout: float) -> None:
         self._outbox.put(None)  # the sender closes the requests pipe: the worker sees EOF
@@ -416,17 +385,19 @@ class _Worker:
     def restart(self) -> None:
         self._end(1)
         self.spawn()
-        for ticket, share in self.unconfirmed.items():
-            self._outbox.put((ticket, share))
+        for request in self.unconfirmed.values():
+            self._outbox.put(request)
 
     def close(self, timeout: float) -> None:
         self._end(timeout)
 
 
 class IngestPool:
-    """Batches stored by N worker processes, each owning the meters that hash to it."""
+    """Batches decoded and stored by N worker processes, each owning the topics that hash to it."""
 
-    def __init__(self, database_url: str, settings: Any, workers: int, stop: threading.Event):
+    def __init__(self, database_url: str, settings: Any, workers: int, stop: threading.Event,
+                 decoder: MessageDecoder):
+        self.decoder = decoder
         if workers < 2:
             raise ValueError("an IngestPool needs at least 2 workers; use LocalIngest for one")
         self.database_url = database_url
@@ -441,21 +412,38 @@ class IngestPool:
 
     def start(self, timeout: float = 60) -> None:
         """Start the workers and wait until each has imported and connected (or given up connecting)."""
-        self._workers = [_Worker(i, self.database_url, self.settings) for i in range(self.size)]
+        self._workers = [_Worker(i, self.database_url, self.settings, self.decoder) for i in range(self.size)]
         deadline = time.monotonic() + timeout
         while any(not w.ready for w in self._workers) and time.monotonic() < deadline:
             self._collect(0.1)
 
-    def submit(self, groups: list[Group]) -> int:
-        """Route every reading to the worker of its meter; returns a ticket for `result`."""
+    def set_decoder(self, decoder: MessageDecoder) -> None:
+        """A new device map for every worker, taking effect from the next batch each receives."""
+        self.decoder = decoder
+        for w in self._workers:
+            w.set_decoder(decoder)
+
+    def submit(self, messages: Batch) -> int:
+        """Route every message to the worker of its topic; returns a ticket for `result`."""
+        n = self.size
+        parts: list[Batch] = [[] for _ in range(n)]
+        for g, m in messages:
+            parts[hash(m.topic) % n].append((g, m))
+        return self._send("messages", parts)
+
+    def submit_items(self, groups: list[Group]) -> int:
+        """Store items made already (the rejects the caller dead-letters), by the first worker."""
+        return self._send("items", [groups] + [[] for _ in range(self.size - 1)])
+
+    def _send(self, kind: str, parts: list[Any]) -> int:
         ticket = self._next
         self._next += 1
         self._outcomes[ticket] = Outcome()
         self._waiting[ticket] = set()
-        for w, share in enumerate(route(groups, self.size)):
-            if share is not None:
+        for w, part in enumerate(parts):
+            if part:
                 self._waiting[ticket].add(w)
-                self._workers[w].send(ticket, share)
+                self._workers[w].send((kind, ticket, part))
         return ticket
 
     def ready(self, ticket: int) -> bool:
@@ -521,9 +509,9 @@ class IngestPool:
         for ticket in list(w.unconfirmed):
             w.deaths[ticket] = deaths = w.deaths.get(ticket, 0) + 1
             if deaths >= _DEATHS_BEFORE_GIVING_UP:  # the share itself kills it: give its messages up
-                share = w.unconfirmed.pop(ticket)
+                request = w.unconfirmed.pop(ticket)
                 del w.deaths[ticket]
-                for g, _, _ in share[0]:
+                for g, _ in request[2]:
                     self._outcomes[ticket].failed[g] = (
                         f"the ingestion worker died {_DEATHS_BEFORE_GIVING_UP} times storing this message")
                 self._waiting[ticket].discard(w.index)

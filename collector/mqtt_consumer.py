@@ -33,8 +33,9 @@ from datetime import UTC, datetime
 import paho.mqtt.client as mqtt
 
 from adapters import mqtt_formats as fmt
-from adapters.reading import Reading, Rejected
+from adapters.reading import Rejected
 from collector import metrics
+from collector.decoding import Message, MessageDecoder
 from collector.ingest_workers import IngestPool, LocalIngest, Outcome, record
 from collector.mqtt_client import BrokerConfig, Connection, connect_properties, make_client
 
@@ -48,9 +49,7 @@ class _Msg:
     topic: str
     payload: bytes
     generation: int
-    family: str  # decoded already, on the network thread (see _on_message)
-    outcome: str
-    items: list[Reading | Rejected]
+    received: datetime
 
 
 def shared(group: str, topic_filter: str) -> str:
@@ -79,7 +78,7 @@ class Consumer:
         self.database_url = database_url
         self.client_id = client_id
         self.group = group
-        self.devices = devices or fmt.DeviceMap()
+        self._decoder = MessageDecoder(devices, local_tz)
         self.filters = fmt.subscriptions(families)
         self.settings = settings
         self.batch_messages = batch_messages
@@ -96,8 +95,8 @@ class Consumer:
         self._conn_state = Connection()
         self.workers = max(1, workers)
         self._store: LocalIngest | IngestPool = (
-            IngestPool(database_url, settings, self.workers, self._stop) if self.workers > 1
-            else LocalIngest(database_url, settings, self._stop))
+            IngestPool(database_url, settings, self.workers, self._stop, self._decoder) if self.workers > 1
+            else LocalIngest(database_url, settings, self._stop, self._decoder))
         self._max_inflight = 2
         self._prepared = False
         self.client = make_client(broker, client_id)
@@ -106,6 +105,16 @@ class Consumer:
         self.client.on_disconnect = self._conn_state.on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+
+    @property
+    def devices(self) -> fmt.DeviceMap:
+        return self._decoder.devices
+
+    @devices.setter
+    def devices(self, devices: fmt.DeviceMap) -> None:
+        """A new device map (SIGHUP): messages stored from now on are decoded with it."""
+        self._decoder = MessageDecoder(devices, self.local_tz)
+        self._store.set_decoder(self._decoder)
 
     # --- network thread ---
 
@@ -141,19 +150,9 @@ class Consumer:
             log.info("subscribed to %d topic filters in group %s", len(reason_codes), self.group)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        # Decoding here, on paho's network thread, overlaps it with the worker's database
-        # round trips; decode() never raises on bad input, and a bug must not end this thread.
-        payload = bytes(msg.payload)
-        t0 = time.perf_counter()
-        try:
-            family, outcome, items = self._decode(msg.topic, payload, datetime.now(UTC))
-        except Exception as exc:
-            log.exception("decoding a message on %s failed", msg.topic)
-            family, outcome = "unknown", "rejected"
-            items = [Rejected(f"mqtt:{msg.topic}"[:256], payload[: fmt.MAX_RAW_KEPT],
-                              f"the decoder failed on this message: {exc!r}", "decode_error")]
-        self.decode_seconds += time.perf_counter() - t0
-        self._queue.put(_Msg(msg.mid, msg.qos, msg.topic, payload, self._generation, family, outcome, items))
+        # only queued here: decoding happens where the message is stored, in this process's
+        # store thread or in the ingestion worker that owns its topic
+        self._queue.put(_Msg(msg.mid, msg.qos, msg.topic, bytes(msg.payload), self._generation, datetime.now(UTC)))
 
     # --- worker ---
 
@@ -184,7 +183,8 @@ class Consumer:
             while not self._stop.is_set():
                 batch = self._gather(0.01 if inflight else 0.2) if len(inflight) < self._max_inflight else []
                 if batch:
-                    inflight.append((store.submit([(i, m.items) for i, m in enumerate(batch)]), batch))
+                    messages = [(i, Message(m.topic, m.payload, m.received)) for i, m in enumerate(batch)]
+                    inflight.append((store.submit(messages), batch))
                 while inflight and store.ready(inflight[0][0]):
                     ticket, done = inflight.popleft()
                     self._finish(done, store.result(ticket))
@@ -222,28 +222,15 @@ class Consumer:
                 break
         return batch
 
-    def _decode(self, topic: str, payload: bytes, received: datetime) -> tuple[str, str, list[Reading | Rejected]]:
-        d = fmt.decode(topic, payload, received, local_tz=self.local_tz)
-        items = fmt.to_items(d, payload, self.devices)
-        readings = sum(type(i) is Reading for i in items)
-        if d.ignored is not None:
-            outcome = "ignored"
-        elif d.values and readings == len(items):
-            outcome = "ok"
-        elif readings:
-            outcome = "partial"
-        else:
-            outcome = "rejected"
-        return d.family or "unknown", outcome, items
-
     def _finish(self, batch: list[_Msg], outcome: Outcome | None) -> None:
         """Count a stored batch and acknowledge its messages, dead-lettering those the store refused."""
         if outcome is None:
             return  # stopped before it was stored: unacknowledged, the broker sends it again
+        refused_groups = set(outcome.failed)
         if outcome.failed:
             refused = [(g, [Rejected(f"mqtt:{batch[g].topic}"[:256], batch[g].payload[: fmt.MAX_RAW_KEPT],
                                      reason, "store_error")]) for g, reason in outcome.failed.items()]
-            again = self._store.result(self._store.submit(refused))
+            again = self._store.result(self._store.submit_items(refused))
             if again is None:
                 return
             if again.failed:
@@ -254,8 +241,10 @@ class Consumer:
             outcome.add(again)
         record(outcome)
         self.ingest_seconds += outcome.seconds
-        for m in batch:
-            metrics.MQTT_MESSAGES.labels(m.family, m.outcome).inc()
+        self.decode_seconds += outcome.decode_seconds
+        for g, m in enumerate(batch):
+            family, result = outcome.labels.get(g, ("unknown", "rejected"))
+            metrics.MQTT_MESSAGES.labels(family, "rejected" if g in refused_groups else result).inc()
             self._ack(m)
         self.stored_messages += len(batch)
 
