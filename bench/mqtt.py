@@ -109,13 +109,18 @@ def drop_db(admin_url: str, url: str) -> None:
         c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def messages(meters: int, steps: int, per_message: int, start: datetime, first: int = 0) -> list[tuple[str, bytes]]:
+def messages(meters: int, steps: int, per_message: int, start: datetime, first: int = 0,
+             gateways: int = 1) -> list[tuple[str, bytes]]:
+    """`steps` slots of `meters` meters behind `gateways` gateways, each on its own topic, slot by slot."""
     devices = range(first, first + meters)
     models = {n: ConsumptionModel(seed=n) for n in devices}
+    per = -(-meters // gateways)
+    fleet = [(f"gw{g}", devices[g * per:(g + 1) * per]) for g in range(gateways)]
     out: list[tuple[str, bytes]] = []
     for k in range(steps):
-        out.extend(mqtt_sim.messages("amr", devices, start + timedelta(minutes=30 * k), models,
-                                     batch=per_message))
+        for source, own in fleet:
+            out.extend(mqtt_sim.messages("amr", own, start + timedelta(minutes=30 * k), models,
+                                         batch=per_message, source=source))
     return out
 
 
@@ -375,66 +380,68 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Needs PostgreSQL (AMR_BENCH_ADMIN_URL) and /usr/sbin/mosquitto.")
     p.add_argument("--quick", action="store_true", help="small run (seconds), for a smoke check")
-    p.add_argument("--meters", type=int, default=100, help="simulated meters (100)")
+    p.add_argument("--meters", type=int, default=400, help="simulated meters (400)")
+    p.add_argument("--gateways", type=int, default=4,
+                   help="gateways the meters publish through, each on its own amr/v1 topic (4)")
     p.add_argument("--per-message", type=int, default=100, help="readings per batched message (100)")
+    p.add_argument("--workers", type=int, default=2, help="ingestion processes of the collector (2)")
     p.add_argument("--admin-url", default=os.environ.get(
         "AMR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="PostgreSQL URL allowed to create a database (AMR_BENCH_ADMIN_URL)")
     args = p.parse_args(argv)
-    single_steps, batch_steps = (20, 100) if args.quick else (100, 1500)
+    single_steps, batch_steps = (20, 50) if args.quick else (100, 400)
     # each run continues the meters' series where the one before it stopped: a steady
     # stream, with no gap interval (cut into many zone parts) at the start of a run
     slot = timedelta(minutes=30)
-    span = single_steps + 3 * batch_steps
+    span = single_steps + 4 * batch_steps
     start = (datetime.now(UTC) - span * slot - timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
-    at = [start + k * slot for k in (0, single_steps, single_steps + batch_steps,
-                                      single_steps + 2 * batch_steps)]
+    at = [start + k * slot for k in (0, *(single_steps + i * batch_steps for i in range(4)))]
     broker = Mosquitto()
     results: dict[str, float] = {}
+    m, gw, per, w = args.meters, args.gateways, args.per_message, args.workers
     try:
-        single = messages(args.meters, single_steps, 1, start)
-        batched = messages(args.meters, batch_steps, args.per_message, at[1])
-        n_single, n_batched = len(single), args.meters * batch_steps
+        single = messages(100, single_steps, 1, start)
+        batched = messages(m, batch_steps, per, at[1], gateways=gw)
+        n_single, n_batched = len(single), m * batch_steps
         url = make_db(args.admin_url)
         try:
             with psycopg.connect(url) as c:
                 inv = {"subscriber": [{"account": "1"}],
                        "meter": [{"id": mqtt_sim.device_name("amr", n), "account": "1", "adapter": "mqtt"}
-                                 for n in range(2 * args.meters)]}
+                                 for n in range(2 * m)]}
                 upsert_inventory(c, parse_inventory(inv))
             results["raw COPY"] = raw_copy_rate(url, n_batched, at[1])
             results["bare paho receive, 1 reading/message"] = bare_receive_rate(broker.port, single, n_single)
-            results[f"bare paho receive, {args.per_message} readings/message"] = bare_receive_rate(
+            results[f"bare paho receive, {per} readings/message"] = bare_receive_rate(
                 broker.port, batched, n_batched)
             # other meters, same shape: the collector's runs below start from the same state
-            results[f"ingestion entry point alone, batches of {200 * args.per_message}"] = ingest_only_rate(
-                url, messages(args.meters, single_steps, args.per_message, start, first=args.meters),
-                messages(args.meters, batch_steps, args.per_message, at[1], first=args.meters),
-                n_batched, 200)
+            results[f"ingestion entry point alone, batches of {200 * per}"] = ingest_only_rate(
+                url, messages(m, single_steps, per, start, first=m, gateways=gw),
+                messages(m, batch_steps, per, at[1], first=m, gateways=gw), n_batched, 200)
             results["collector, 1 reading/message"] = collector_rate(broker.port, url, single, n_single, 500)
-            results[f"collector, {args.per_message} readings/message"] = collector_rate(
+            results[f"collector, {per} readings/message, 1 worker"] = collector_rate(
                 broker.port, url, batched, n_batched, 200)
-            later = messages(args.meters, batch_steps, args.per_message, at[2])
-            results[f"collector, {args.per_message} readings/message, 2 workers"] = collector_rate(
-                broker.port, url, later, n_batched, 200, workers=2)
-            last = messages(args.meters, batch_steps, args.per_message, at[3])
-            results[f"collector, {args.per_message} readings/message, 2 processes"] = collector_processes_rate(
-                broker.port, url, last, n_batched, 200, processes=2)
+            results[f"collector, {per} readings/message, {w} workers"] = collector_rate(
+                broker.port, url, messages(m, batch_steps, per, at[2], gateways=gw), n_batched, 200, workers=w)
+            results[f"collector, {per} readings/message, {w} workers, one gateway"] = collector_rate(
+                broker.port, url, messages(m, batch_steps, per, at[3]), n_batched, 200, workers=w)
+            results[f"collector, {per} readings/message, 2 collectors, 1 worker each"] = collector_processes_rate(
+                broker.port, url, messages(m, batch_steps, per, at[4], gateways=gw), n_batched, 200, processes=2)
         finally:
             drop_db(args.admin_url, url)
         drained, bare_pub = uplink_rates(broker.port, n_batched, 500, start)
     finally:
         broker.close()
     copy = results["raw COPY"]
-    print(f"readings: {n_single} as single messages, {n_batched} in messages of {args.per_message}; "
-          f"{args.meters} meters; {os.cpu_count()} CPUs")
+    print(f"readings: {n_single} as single messages (100 meters), {n_batched} in messages of {per}; "
+          f"{m} meters behind {gw} gateways; {os.cpu_count()} CPUs")
     print(f"{'path':48s} {'readings/s':>12s} {'/ raw COPY':>11s}")
     for name, rate in results.items():
         print(f"{name:48s} {rate:12.0f} {rate / copy:11.2f}")
     print(f"gateway uplink, spool -> broker PUBACK, 500 readings/message: {drained:.0f} readings/s; "
           f"bare paho QoS 1 publish of the same messages: {bare_pub:.0f} readings/s; "
           f"ratio {drained / bare_pub:.2f}")
-    batched_ratio = max(v for k, v in results.items() if k.startswith(f"collector, {args.per_message}")) / copy
+    batched_ratio = results[f"collector, {per} readings/message, {w} workers"] / copy
     ceiling = max(v for k, v in results.items() if k.startswith("ingestion entry point")) / copy
     print(f"target: batched collector >= 0.5 x raw COPY: {'met' if batched_ratio >= 0.5 else 'NOT met'} "
           f"({batched_ratio:.2f}; the ingestion entry point alone reaches {ceiling:.2f})")

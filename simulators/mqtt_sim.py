@@ -37,9 +37,10 @@ def device_name(fmt: str, n: int) -> str:
 
 
 def messages(
-    fmt: str, devices: range, t: datetime, models: dict[int, ConsumptionModel], batch: int = 1
+    fmt: str, devices: range, t: datetime, models: dict[int, ConsumptionModel], batch: int = 1,
+    source: str = "sim",
 ) -> list[tuple[str, bytes]]:
-    """The messages the devices publish at instant t (aware UTC)."""
+    """The messages the devices publish at instant t (aware UTC); amr/v1 as gateway `source`."""
     out: list[tuple[str, bytes]] = []
     ts = t.astimezone(UTC)
     if fmt == "amr":
@@ -49,8 +50,8 @@ def messages(
                          "ts": ts.isoformat().replace("+00:00", "Z"),
                          "value": str(models[n].energy_kwh(ts))})
         for i in range(0, len(rows), batch):
-            body = {"v": 1, "source": "sim", "readings": rows[i: i + batch]}
-            out.append(("amr/v1/sim/readings", json.dumps(body, separators=(",", ":")).encode()))
+            body = {"v": 1, "source": source, "readings": rows[i: i + batch]}
+            out.append((f"amr/v1/{source}/readings", json.dumps(body, separators=(",", ":")).encode()))
         return out
     for n in devices:
         kwh = models[n].energy_kwh(ts)
