@@ -13,7 +13,11 @@ Measured in the same run, on the same machine, against a Mosquitto of its own:
   messages;
 - collector, one reading per message and batched messages: readings/s the
   collector (decode, validate, COPY, derive intervals and zones, commit, then
-  PUBACK) drains from the broker into the database.
+  PUBACK) drains from the broker into the database. The batched messages come
+  from 400 meters behind 4 gateways, each on its own topic, as a fleet
+  publishes; measured with one ingestion worker, with --workers, with every
+  meter behind one gateway (one topic: one worker does the work), and as two
+  collector processes of one worker each on one shared subscription.
 
 Each path drains a queue the broker already holds for a persistent session,
 so the publisher's speed does not enter the figure. Target: the batched path

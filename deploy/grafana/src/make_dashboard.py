@@ -92,7 +92,8 @@ place([
                                   (f"histogram_quantile(0.5, sum by (le) (rate(amr_db_write_seconds_bucket{{{SEL}}}[5m])))", "p50")], "s"),
     ts("Batch size (mean)", [(f"sum(rate(amr_db_batch_size_sum{{{SEL}}}[5m])) / sum(rate(amr_db_batch_size_count{{{SEL}}}[5m]))", "readings per batch")], "short"),
     ts("Database errors; reachability", [(f"sum by (instance) (increase(amr_db_errors_total{{{SEL}}}[10m]))", "errors {{instance}}"),
-                                         (f"min by (instance) (amr_db_up{{{SEL}}})", "up {{instance}}")], "short"),
+                                         (f"min by (instance) (amr_db_up{{{SEL}}})", "up {{instance}}"),
+                                         (f"sum by (instance) (increase(amr_ingest_worker_restarts_total{{{SEL}}}[10m]))", "worker restarts {{instance}}")], "short"),
 ], 8)
 
 row("Store-and-forward and MQTT")
