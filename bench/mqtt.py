@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="gateways the meters publish through, each on its own amr/v1 topic (4)")
     p.add_argument("--per-message", type=int, default=100, help="readings per batched message (100)")
     p.add_argument("--workers", type=int, default=2, help="ingestion processes of the collector (2)")
+    p.add_argument("--batch", type=int, default=500,
+                   help="messages per transaction, as amr collect --batch (500)")
     p.add_argument("--admin-url", default=os.environ.get(
         "AMR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="PostgreSQL URL allowed to create a database (AMR_BENCH_ADMIN_URL)")
@@ -402,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     at = [start + k * slot for k in (0, *(single_steps + i * batch_steps for i in range(4)))]
     broker = Mosquitto()
     results: dict[str, float] = {}
-    m, gw, per, w = args.meters, args.gateways, args.per_message, args.workers
+    m, gw, per, w, bm = args.meters, args.gateways, args.per_message, args.workers, args.batch
     try:
         single = messages(100, single_steps, 1, start)
         batched = messages(m, batch_steps, per, at[1], gateways=gw)
@@ -419,18 +421,18 @@ def main(argv: list[str] | None = None) -> int:
             results[f"bare paho receive, {per} readings/message"] = bare_receive_rate(
                 broker.port, batched, n_batched)
             # other meters, same shape: the collector's runs below start from the same state
-            results[f"ingestion entry point alone, batches of {200 * per}"] = ingest_only_rate(
+            results[f"ingestion entry point alone, batches of {bm * per}"] = ingest_only_rate(
                 url, messages(m, single_steps, per, start, first=m, gateways=gw),
-                messages(m, batch_steps, per, at[1], first=m, gateways=gw), n_batched, 200)
+                messages(m, batch_steps, per, at[1], first=m, gateways=gw), n_batched, bm)
             results["collector, 1 reading/message"] = collector_rate(broker.port, url, single, n_single, 500)
             results[f"collector, {per} readings/message, 1 worker"] = collector_rate(
-                broker.port, url, batched, n_batched, 200)
+                broker.port, url, batched, n_batched, bm)
             results[f"collector, {per} readings/message, {w} workers"] = collector_rate(
-                broker.port, url, messages(m, batch_steps, per, at[2], gateways=gw), n_batched, 200, workers=w)
+                broker.port, url, messages(m, batch_steps, per, at[2], gateways=gw), n_batched, bm, workers=w)
             results[f"collector, {per} readings/message, {w} workers, one gateway"] = collector_rate(
-                broker.port, url, messages(m, batch_steps, per, at[3]), n_batched, 200, workers=w)
+                broker.port, url, messages(m, batch_steps, per, at[3]), n_batched, bm, workers=w)
             results[f"collector, {per} readings/message, 2 collectors, 1 worker each"] = collector_processes_rate(
-                broker.port, url, messages(m, batch_steps, per, at[4], gateways=gw), n_batched, 200, processes=2)
+                broker.port, url, messages(m, batch_steps, per, at[4], gateways=gw), n_batched, bm, processes=2)
         finally:
             drop_db(args.admin_url, url)
         drained, bare_pub = uplink_rates(broker.port, n_batched, 500, start)

@@ -5,8 +5,8 @@ interpreter while the database server still has CPU to spare; processes
 that store disjoint meters scale almost linearly (two on two cores stored
 1.85 times as much as one). What keeps their meters disjoint is the topic: a
 gateway publishes its own meters on its own `amr/v1/<source>/readings`, a
-device on its own topic. So `IngestPool` routes whole messages by a hash of
-the topic to N worker processes, which decode them (collector.decoding) and
+device on its own topic. So `IngestPool` routes whole messages by topic (each new
+topic to the worker with the fewest) to N worker processes, which decode them (collector.decoding) and
 store them, each over its own database connection, its share of a batch in
 one transaction. The parent only receives and routes: it never becomes the
 bottleneck, as it did when it decoded everything itself and routed readings
@@ -53,6 +53,7 @@ log = logging.getLogger("amr.ingest")
 # the items of one message, as (group index in the batch, items)
 Group = tuple[int, list[Reading | Rejected]]
 Batch = list[tuple[int, Message]]  # the messages of one batch, by group index
+_MAX_TOPICS = 1_000_000  # topics remembered with their worker (about 100 bytes each)
 _DEATHS_BEFORE_GIVING_UP = 3  # a share that kills its worker this often is dead-lettered
 
 
@@ -408,6 +409,8 @@ class IngestPool:
         self._next = 0
         self._waiting: dict[int, set[int]] = {}  # ticket -> workers still to confirm it
         self._outcomes: dict[int, Outcome] = {}
+        self._owner: dict[str, int] = {}  # topic -> worker, for as long as this collector runs
+        self._owned = [0] * workers
         self.restarts = 0
 
     def start(self, timeout: float = 60) -> None:
@@ -425,11 +428,24 @@ class IngestPool:
 
     def submit(self, messages: Batch) -> int:
         """Route every message to the worker of its topic; returns a ticket for `result`."""
-        n = self.size
-        parts: list[Batch] = [[] for _ in range(n)]
+        parts: list[Batch] = [[] for _ in range(self.size)]
+        owner = self._owner
         for g, m in messages:
-            parts[hash(m.topic) % n].append((g, m))
+            w = owner.get(m.topic)
+            if w is None:
+                w = self._assign(m.topic)
+            parts[w].append((g, m))
         return self._send("messages", parts)
+
+    def _assign(self, topic: str) -> int:
+        """A new topic goes to the worker with the fewest: a hash would leave a small fleet lopsided
+        (four gateways on two workers all on one a time in eight). Past _MAX_TOPICS, by hash."""
+        if len(self._owner) >= _MAX_TOPICS:
+            return hash(topic) % self.size
+        w = min(range(self.size), key=self._owned.__getitem__)
+        self._owner[topic] = w
+        self._owned[w] += 1
+        return w
 
     def submit_items(self, groups: list[Group]) -> int:
         """Store items made already (the rejects the caller dead-letters), by the first worker."""
