@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from functools import cache
@@ -200,6 +201,8 @@ def values(draw) -> tuple[object, Decimal]:
     # a number literal as a gateway's own JSON encoder might write it
     text = "".join(draw(MANTISSAS)) + draw(EXPONENTS)
     if "." in text or "e" in text.lower():
+        # a literal beyond the largest float is not finite: the invalid mutations cover it
+        assume(math.isfinite(float(text)))
         return Raw(text), Decimal(repr(float(text)))
     return Raw(text), Decimal(int(text))
 
