@@ -47,6 +47,7 @@ import psycopg
 from adapters.reading import Reading, Rejected
 from collector import metrics
 from collector.decoding import Message, MessageDecoder
+from collector.ingest import IngestResult
 
 log = logging.getLogger("amr.ingest")
 
@@ -58,14 +59,9 @@ _DEATHS_BEFORE_GIVING_UP = 3  # a share that kills its worker this often is dead
 
 
 @dataclass
-class Outcome:
-    """What storing one batch did: counts for metrics, and the groups the store refused."""
+class Outcome(IngestResult):
+    """What storing one batch did: the ingestion counts, and the groups the store refused."""
 
-    accepted: int = 0
-    duplicate: int = 0
-    conflict: int = 0
-    rejected: int = 0
-    rejects_by_code: dict[str, int] = field(default_factory=dict)
     items: int = 0
     seconds: float = 0.0
     failed: dict[int, str] = field(default_factory=dict)  # group index -> why the store refused it
@@ -73,12 +69,7 @@ class Outcome:
     decode_seconds: float = 0.0
 
     def add(self, other: Outcome) -> None:
-        self.accepted += other.accepted
-        self.duplicate += other.duplicate
-        self.conflict += other.conflict
-        self.rejected += other.rejected
-        for code, n in other.rejects_by_code.items():
-            self.rejects_by_code[code] = self.rejects_by_code.get(code, 0) + n
+        self += other  # the counts, as IngestResult adds them
         self.items += other.items
         self.seconds = max(self.seconds, other.seconds)
         self.failed.update(other.failed)
@@ -132,7 +123,7 @@ def store_groups(
     backoff = 0.5
     while True:
         try:
-            _add_result(out, store.ingest([it for _, items in groups for it in items]))
+            out += store.ingest([it for _, items in groups for it in items])
             break
         except Exception as exc:
             store.drop()
@@ -146,7 +137,7 @@ def store_groups(
             for g, items in groups:
                 while True:
                     try:
-                        _add_result(out, store.ingest(items))
+                        out += store.ingest(items)
                         break
                     except Exception as exc_one:
                         store.drop()
@@ -161,15 +152,6 @@ def store_groups(
     out.items = sum(len(items) for _, items in groups)
     out.seconds = time.perf_counter() - t0
     return out
-
-
-def _add_result(out: Outcome, r: Any) -> None:
-    out.accepted += r.accepted
-    out.duplicate += r.duplicate
-    out.conflict += r.conflict
-    out.rejected += r.rejected
-    for code, n in r.rejects_by_code.items():
-        out.rejects_by_code[code] = out.rejects_by_code.get(code, 0) + n
 
 
 def _first_line(exc: BaseException) -> str:
