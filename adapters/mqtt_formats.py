@@ -360,7 +360,7 @@ def _decode_device(
     return d
 
 
-# amr/v1 as typed records, mirroring amr-v1.schema.json (tests/test_mqtt_decode.py holds the
+# amr/v1 as typed records, mirroring amr-v1.schema.json (tests/test_mqtt_fast_decode.py holds the
 # two to the same results). Only for messages that are valid throughout: a message this
 # refuses, or one with forwarded rejects, takes the schema path, which names every problem.
 class _FastReading(msgspec.Struct, forbid_unknown_fields=True):

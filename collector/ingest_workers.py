@@ -5,10 +5,10 @@ interpreter while the database server still has CPU to spare; processes
 that store disjoint meters scale almost linearly (two on two cores stored
 1.85 times as much as one). What keeps their meters disjoint is the topic: a
 gateway publishes its own meters on its own `amr/v1/<source>/readings`, a
-device on its own topic. So `IngestPool` routes whole messages by topic (each new
-topic to the worker with the fewest) to N worker processes, which decode them (collector.decoding) and
-store them, each over its own database connection, its share of a batch in
-one transaction. The parent only receives and routes: it never becomes the
+device on its own topic. So `IngestPool` routes whole messages by topic
+(each new topic to the worker with the fewest) to N worker processes, which
+decode them (collector.decoding) and store them, each over its own database
+connection, its share of a batch in one transaction. The parent only receives and routes: it never becomes the
 bottleneck, as it did when it decoded everything itself and routed readings
 by meter (measured: the parent alone took more CPU per reading than a worker).
 A meter that moves to another gateway is still safe: the per-meter locks of
@@ -47,7 +47,8 @@ import psycopg
 from adapters.reading import Reading, Rejected
 from collector import metrics
 from collector.decoding import Message, MessageDecoder
-from collector.ingest import IngestResult
+from collector.ingest import Ingestor, IngestResult, record_metrics
+from collector.storage import db
 
 log = logging.getLogger("amr.ingest")
 
@@ -87,13 +88,10 @@ class _Store:
     def __init__(self, database_url: str, settings: Any):
         self.database_url = database_url
         self.settings = settings
-        self._held: tuple[psycopg.Connection, Any] | None = None
+        self._held: tuple[psycopg.Connection, Ingestor] | None = None
 
-    def ingest(self, items: list[Reading | Rejected]) -> Any:
+    def ingest(self, items: list[Reading | Rejected]) -> IngestResult:
         """Store a batch; an empty one only opens the connection."""
-        from collector.ingest import Ingestor
-        from collector.storage import db
-
         if self._held is None or self._held[0].closed:
             conn = db.connect(self.database_url)
             self._held = (conn, Ingestor(conn, self.settings, record_metrics=False))
@@ -108,47 +106,53 @@ class _Store:
         self._held = None
 
 
+def _ingest_waiting(store: _Store, items: list[Reading | Rejected], stopped: Callable[[float], bool],
+                    on_db_error: Callable[[str], None]) -> IngestResult | None:
+    """Store items, waiting out an unreachable database with back-off; None when stopped.
+
+    Any other failure is raised: the store refuses these items.
+    """
+    backoff = 0.5
+    while True:
+        try:
+            return store.ingest(items)
+        except Exception as exc:
+            store.drop()
+            if not _is_unreachable(exc):
+                raise
+            on_db_error(_first_line(exc))
+            if stopped(backoff):
+                return None
+            backoff = min(backoff * 2, 30)
+
+
 def store_groups(
     store: _Store, groups: Sequence[Group], stopped: Callable[[float], bool],
     on_db_error: Callable[[str], None],
 ) -> Outcome | None:
     """Store a batch in one transaction, or group by group when the store refuses it.
 
-    Waits out an unreachable database with back-off (the batch is kept), and
-    returns None only when `stopped(wait)` says to give up: then nothing of
-    the batch may be acknowledged.
+    Returns None only when `stopped(wait)` says to give up while the database
+    is unreachable: then nothing of the batch may be acknowledged.
     """
     out = Outcome()
     t0 = time.perf_counter()
-    backoff = 0.5
-    while True:
-        try:
-            out += store.ingest([it for _, items in groups for it in items])
-            break
-        except Exception as exc:
-            store.drop()
-            if _is_unreachable(exc):
-                on_db_error(_first_line(exc))
-                if stopped(backoff):
-                    return None
-                backoff = min(backoff * 2, 30)
+    try:
+        result = _ingest_waiting(store, [it for _, items in groups for it in items], stopped, on_db_error)
+        if result is None:
+            return None
+        out += result
+    except Exception as exc:
+        log.error("batch of %d messages failed (%s); storing message by message", len(groups), exc)
+        for g, items in groups:
+            try:
+                result = _ingest_waiting(store, items, stopped, on_db_error)
+            except Exception as exc_one:
+                out.failed[g] = f"the store refused this message: {exc_one}"
                 continue
-            log.error("batch of %d messages failed (%s); storing message by message", len(groups), exc)
-            for g, items in groups:
-                while True:
-                    try:
-                        out += store.ingest(items)
-                        break
-                    except Exception as exc_one:
-                        store.drop()
-                        if not _is_unreachable(exc_one):
-                            out.failed[g] = f"the store refused this message: {exc_one}"
-                            break
-                        on_db_error(_first_line(exc_one))
-                        if stopped(backoff):
-                            return None
-                        backoff = min(backoff * 2, 30)
-            break
+            if result is None:
+                return None
+            out += result
     out.items = sum(len(items) for _, items in groups)
     out.seconds = time.perf_counter() - t0
     return out
@@ -161,8 +165,6 @@ def _first_line(exc: BaseException) -> str:
 
 def record(outcome: Outcome) -> None:
     """Count a stored batch in this process's metrics (workers' own registries are not served)."""
-    from collector.ingest import record_metrics
-
     record_metrics(outcome, outcome.items, outcome.seconds)
 
 
@@ -214,8 +216,6 @@ def _count_db_error(reason: str) -> None:
     log.warning("database write failed (%s); the batch is kept unacknowledged, retrying", reason)
 
 
-# --- worker processes ---
-
 def decode_batch(decoder: MessageDecoder, messages: Batch) -> tuple[list[Group], dict[int, tuple[str, str]], float]:
     """Groups to store, each message's (family, outcome) for the metrics, and the seconds it took."""
     t0 = time.perf_counter()
@@ -236,6 +236,9 @@ def store_batch(store: _Store, decoder: MessageDecoder, messages: Batch, stopped
         outcome.labels = labels
         outcome.decode_seconds = seconds
     return outcome
+
+
+# --- worker processes ---
 
 
 def _worker_main(index: int, parent: int) -> None:
@@ -376,7 +379,7 @@ class _Worker:
 
 
 class IngestPool:
-    """Batches decoded and stored by N worker processes, each owning the topics that hash to it."""
+    """Batches decoded and stored by N worker processes, each owning the topics handed to it."""
 
     def __init__(self, database_url: str, settings: Any, workers: int, stop: threading.Event,
                  decoder: MessageDecoder):

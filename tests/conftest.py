@@ -8,6 +8,7 @@ no test sees another's rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -80,6 +81,13 @@ def template_db(pg_admin_url: str) -> Iterator[str]:
 @pytest.fixture
 def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database of this test's own."""
+    with fresh_database(pg_admin_url, template_db) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_database(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A migrated database copied from the template, dropped afterwards (a test wanting two uses it twice)."""
     name = f"amr_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_admin_url, autocommit=True) as admin:
         for attempt in range(20):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from collector.ingest_workers import Batch, IngestPool, LocalIngest, Outcome
 from collector.inventory import parse_inventory, upsert_inventory
 from collector.settings import Settings
 from collector.uplink import amr_v1_payload
-from tests.conftest import _with_db
+from tests.conftest import fresh_database
 
 BASE = (datetime.now(UTC) - timedelta(days=40)).replace(minute=0, second=0, microsecond=0)
 STEP = timedelta(minutes=30)
@@ -252,17 +251,8 @@ def test_outcomes_account_for_every_item_after_a_kill(db_url: str) -> None:
 
 @pytest.fixture
 def second_db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
-    name = f"amr_t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        for attempt in range(20):
-            try:
-                admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
-                break
-            except psycopg.errors.ObjectInUse:
-                time.sleep(0.05 * (attempt + 1))
-    yield _with_db(pg_admin_url, name)
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with fresh_database(pg_admin_url, template_db) as url:
+        yield url
 
 
 def _mixed_batches(meters: list[str]) -> list[list]:

@@ -89,8 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch-wait", type=float, default=0.05,
                    help="seconds to wait for more messages before storing a batch (0.05)")
     c.add_argument("--workers", type=_workers, default=_default_workers(),
-                   help="ingestion processes, each with its own database connection; every meter is "
-                        "always stored by the same one, so they never wait for each other "
+                   help="ingestion processes, each with its own database connection; every gateway's "
+                        "or device's topic always goes to the same one, so they do not wait on each "
+                        "other's meters "
                         f"(default: the CPU count up to 4, here {_default_workers()}; 1 stores in this process)")
     c.add_argument("--inventory", type=Path, default=None, help="inventory file (default AMR_INVENTORY)")
     c.set_defaults(func=cmd_collect)
