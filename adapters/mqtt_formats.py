@@ -431,21 +431,25 @@ def _decode_amr_fast(topic: str, payload: bytes) -> Decoded | None:
     append = d.values.append
     new = tuple.__new__  # a NamedTuple's own __new__ costs half again as much
     meters, registers = _known_meters, _known_registers
+    # a gateway's message holds one poll: its readings share one or a few instants
+    ts_text, ts = None, None
     for r in doc.readings:
         if not (meters.get(r.meter) or _valid_id(r.meter, _METER_TEXT, meters)) or not (
                 registers.get(r.register) or _valid_id(r.register, _REGISTER_TEXT, registers)):
             return None
-        try:
-            ts = fromiso(r.ts)
-        except ValueError:
-            return None
-        if ts.tzinfo is not UTC:
-            if ts.tzinfo is None:
-                return None
+        if r.ts != ts_text:
             try:
-                ts = ts.astimezone(UTC)
-            except OverflowError:
+                ts = fromiso(r.ts)
+            except ValueError:
                 return None
+            if ts.tzinfo is not UTC:
+                if ts.tzinfo is None:
+                    return None
+                try:
+                    ts = ts.astimezone(UTC)
+                except OverflowError:
+                    return None
+            ts_text = r.ts
         v = r.value
         if type(v) is str:
             if not _decimal_text(v):
