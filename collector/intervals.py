@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
+from operator import le
 
-from collector.vee import MeterRules, max_energy_kwh
+from collector.vee import MeterRules
 
 NEAR = Decimal("0.1")  # "near the maximum": the top and bottom tenth of the register
 
@@ -33,6 +34,8 @@ def glitches(values: Sequence[Decimal]) -> list[bool]:
     """
     n = len(values)
     out = [False] * n
+    if all(map(le, values, values[1:])):  # counters counting up, the common case: none
+        return out
     for i in range(1, n - 1):
         prev, cur, nxt = values[i - 1], values[i], values[i + 1]
         if prev <= nxt and (cur < prev or cur > nxt):
@@ -59,8 +62,7 @@ def between(
     else:
         # a reset to zero counts what was read since; a replaced counter that did
         # not start near zero would invent energy, so it counts nothing
-        limit = max_energy_kwh(meter.max_power_kw, meter.multiplier, seconds)
-        plausible = b * meter.multiplier <= limit
+        plausible = b * meter.multiplier <= meter.max_energy_kwh(seconds)
         raw, kind, estimated = (b if plausible else Decimal(0)), "reset", True
     kwh = raw * meter.multiplier
-    return kwh, kind, estimated, kwh > max_energy_kwh(meter.max_power_kw, meter.multiplier, seconds)
+    return kwh, kind, estimated, kwh > meter.max_energy_kwh(seconds)
