@@ -34,9 +34,21 @@ class MeterRules:
     removed: datetime | None = None
     # readings further apart than this are a gap (1.5 intervals); kept, not recomputed
     gap_s: float = field(init=False, repr=False, compare=False)
+    # max_energy_kwh by interval length: a meter's intervals take a handful of lengths
+    _limits: dict[float, Decimal] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gap_s", self.interval.total_seconds() * 1.5)
+        object.__setattr__(self, "_limits", {})
+
+    def max_energy_kwh(self, seconds: float) -> Decimal:
+        """The most energy this meter can pass in `seconds` (see max_energy_kwh), per reading."""
+        limit = self._limits.get(seconds)
+        if limit is None:
+            if len(self._limits) >= 256:
+                self._limits.clear()
+            limit = self._limits[seconds] = max_energy_kwh(self.max_power_kw, self.multiplier, seconds)
+        return limit
 
 
 class Refusal(tuple):
