@@ -33,6 +33,7 @@ from _db import scratch_database
 from adapters.reading import Reading
 from collector.ingest import Ingestor
 from collector.inventory import parse_inventory, upsert_inventory
+from collector.runtime import tune_gc
 from simulators.consumption import ConsumptionModel
 
 START = datetime(2026, 10, 1, tzinfo=UTC) - timedelta(hours=3)  # local midnight, 1 October
@@ -66,6 +67,7 @@ def main() -> int:
                     help="readings per ingest call (default: one day of every meter, meters x 48)")
     ap.add_argument("--quick", action="store_true", help="200 meters x 7 days")
     args = ap.parse_args()
+    tune_gc()  # as `amr` does in every command
     if args.quick:
         args.meters, args.days = 200, 7
     args.batch = args.batch or args.meters * 48

@@ -51,6 +51,7 @@ from adapters.mqtt_formats import AMR_SUBSCRIBE  # noqa: E402
 from collector.inventory import parse_inventory, upsert_inventory  # noqa: E402
 from collector.mqtt_client import connect_properties, parse_broker_url  # noqa: E402
 from collector.mqtt_consumer import Consumer, shared  # noqa: E402
+from collector.runtime import tune_gc  # noqa: E402
 from collector.settings import Settings  # noqa: E402
 from collector.storage import migrate  # noqa: E402
 from simulators import mqtt_sim  # noqa: E402
@@ -379,6 +380,7 @@ def uplink_rates(port: int, readings: int, batch: int, start: datetime) -> tuple
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
+        tune_gc()
         return _child(*argv[1:6])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -395,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "AMR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="PostgreSQL URL allowed to create a database (AMR_BENCH_ADMIN_URL)")
     args = p.parse_args(argv)
+    tune_gc()  # as `amr` does in every command: the collector measured is the one deployed
     single_steps, batch_steps = (20, 50) if args.quick else (100, 400)
     # each run continues the meters' series where the one before it stopped: a steady
     # stream, with no gap interval (cut into many zone parts) at the start of a run

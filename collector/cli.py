@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from collector.runtime import tune_gc
+
 COMMAND_MODULES = [
     "collector.commands.db",
     "collector.commands.inventory",
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tune_gc()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

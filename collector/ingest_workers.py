@@ -48,6 +48,7 @@ from adapters.reading import Reading, Rejected
 from collector import metrics
 from collector.decoding import Message, MessageDecoder
 from collector.ingest import Ingestor, IngestResult, record_metrics
+from collector.runtime import tune_gc
 from collector.storage import db
 
 log = logging.getLogger("amr.ingest")
@@ -256,6 +257,7 @@ def _worker_main(index: int, parent: int) -> None:
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # a stray print must not corrupt the replies
     logs.setup()
+    tune_gc()
     try:
         database_url, settings, decoder = requests.recv()
     except EOFError:
