@@ -29,6 +29,7 @@ at 0.5 or more of the raw COPY rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -206,37 +207,57 @@ def _raw_copy_once(url: str, rows: int, start: datetime) -> float:
     return rows / dt
 
 
-def ingest_only_rate(
-    url: str, history: list[tuple[str, bytes]], msgs: list[tuple[str, bytes]], readings: int, batch: int
-) -> float:
-    """The ingestion entry point alone on readings of the same shape: the collector's ceiling.
-
-    `history` is stored first, untimed, so that both paths find the same
-    earlier readings to derive intervals from.
-    """
+def _items(msgs: list[tuple[str, bytes]], batch: int) -> list[list]:
+    """The readings of `msgs`, decoded as the collector decodes them, `batch` messages a list."""
     from adapters import mqtt_formats as fmt
-    from collector.ingest import Ingestor
 
-    batches = []
-    for i in range(0, len(history), batch):
-        items = []
-        for t, p in history[i: i + batch]:
-            items.extend(fmt.to_items(fmt.decode(t, p), p, None))
-        batches.append(items)
-    untimed = len(batches)
+    out = []
     for i in range(0, len(msgs), batch):
         items = []
         for t, p in msgs[i: i + batch]:
             items.extend(fmt.to_items(fmt.decode(t, p), p, None))
-        batches.append(items)
+        out.append(items)
+    return out
+
+
+@contextlib.contextmanager
+def prepared_db(admin_url: str, meters: int, history: list[tuple[str, bytes]], batch: int) -> Iterator[str]:
+    """A database of its own for one path: the inventory, and `history` stored untimed.
+
+    Every collector path starts from this same state (the same earlier readings
+    to derive intervals from, the same table sizes), so the order in which the
+    paths run does not enter their figures.
+    """
+    from collector.ingest import Ingestor
+
+    url = make_db(admin_url)
+    try:
+        with psycopg.connect(url) as c:
+            inv = {"subscriber": [{"account": "1"}],
+                   "meter": [{"id": mqtt_sim.device_name("amr", n), "account": "1", "adapter": "mqtt"}
+                             for n in range(meters)]}
+            upsert_inventory(c, parse_inventory(inv))
+            c.execute("SET TIME ZONE 'UTC'")
+            c.commit()
+            ing = Ingestor(c, Settings(database_url=url, metrics_port=0))
+            for items in _items(history, batch):
+                ing.ingest(items)
+        yield url
+    finally:
+        drop_db(admin_url, url)
+
+
+def ingest_only_rate(url: str, msgs: list[tuple[str, bytes]], readings: int, batch: int) -> float:
+    """The ingestion entry point alone on the same readings, decoded beforehand: the collector's ceiling."""
+    from collector.ingest import Ingestor
+
+    batches = _items(msgs, batch)
     with psycopg.connect(url) as c:
         c.execute("SET TIME ZONE 'UTC'")
         c.commit()
         ing = Ingestor(c, Settings(database_url=url, metrics_port=0))
-        for items in batches[:untimed]:
-            ing.ingest(items)
         t0 = time.perf_counter()
-        for items in batches[untimed:]:
+        for items in batches:
             ing.ingest(items)
         dt = time.perf_counter() - t0
     return readings / dt
@@ -398,46 +419,46 @@ def main(argv: list[str] | None = None) -> int:
         help="PostgreSQL URL allowed to create a database (AMR_BENCH_ADMIN_URL)")
     args = p.parse_args(argv)
     tune_gc()  # as `amr` does in every command: the collector measured is the one deployed
-    single_steps, batch_steps = (20, 50) if args.quick else (100, 400)
-    # each run continues the meters' series where the one before it stopped: a steady
-    # stream, with no gap interval (cut into many zone parts) at the start of a run
+    single_steps, batch_steps = (20, 50) if args.quick else (100, 800)
+    # every path stores the same slots after the same stored history (a steady stream,
+    # with no gap interval cut into many zone parts at its start), each in a database of its own
     slot = timedelta(minutes=30)
-    span = single_steps + 4 * batch_steps
-    start = (datetime.now(UTC) - span * slot - timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
-    at = [start + k * slot for k in (0, *(single_steps + i * batch_steps for i in range(4)))]
+    start = (datetime.now(UTC) - (single_steps + batch_steps) * slot - timedelta(days=1)).replace(
+        minute=0, second=0, microsecond=0)
+    run_at = start + single_steps * slot
     broker = Mosquitto()
     results: dict[str, float] = {}
     m, gw, per, w, bm = args.meters, args.gateways, args.per_message, args.workers, args.batch
+    admin = args.admin_url
     try:
-        single = messages(100, single_steps, 1, start)
-        batched = messages(m, batch_steps, per, at[1], gateways=gw)
+        single = messages(100, single_steps, 1, run_at)
+        single_history = messages(100, single_steps, per, start)
+        batched = messages(m, batch_steps, per, run_at, gateways=gw)
+        one_gateway = messages(m, batch_steps, per, run_at)
+        history = messages(m, single_steps, per, start, gateways=gw)
         n_single, n_batched = len(single), m * batch_steps
-        url = make_db(args.admin_url)
-        try:
-            with psycopg.connect(url) as c:
-                inv = {"subscriber": [{"account": "1"}],
-                       "meter": [{"id": mqtt_sim.device_name("amr", n), "account": "1", "adapter": "mqtt"}
-                                 for n in range(2 * m)]}
-                upsert_inventory(c, parse_inventory(inv))
-            results["raw COPY"] = raw_copy_rate(url, n_batched, at[1])
-            results["bare paho receive, 1 reading/message"] = bare_receive_rate(broker.port, single, n_single)
-            results[f"bare paho receive, {per} readings/message"] = bare_receive_rate(
-                broker.port, batched, n_batched)
-            # other meters, same shape: the collector's runs below start from the same state
+        with prepared_db(admin, m, [], bm) as url:
+            results["raw COPY"] = raw_copy_rate(url, n_batched, run_at)
+        results["bare paho receive, 1 reading/message"] = bare_receive_rate(broker.port, single, n_single)
+        results[f"bare paho receive, {per} readings/message"] = bare_receive_rate(
+            broker.port, batched, n_batched)
+        with prepared_db(admin, m, history, bm) as url:
             results[f"ingestion entry point alone, batches of {bm * per}"] = ingest_only_rate(
-                url, messages(m, single_steps, per, start, first=m, gateways=gw),
-                messages(m, batch_steps, per, at[1], first=m, gateways=gw), n_batched, bm)
+                url, batched, n_batched, bm)
+        with prepared_db(admin, 100, single_history, bm) as url:
             results["collector, 1 reading/message"] = collector_rate(broker.port, url, single, n_single, 500)
+        with prepared_db(admin, m, history, bm) as url:
             results[f"collector, {per} readings/message, 1 worker"] = collector_rate(
                 broker.port, url, batched, n_batched, bm)
+        with prepared_db(admin, m, history, bm) as url:
             results[f"collector, {per} readings/message, {w} workers"] = collector_rate(
-                broker.port, url, messages(m, batch_steps, per, at[2], gateways=gw), n_batched, bm, workers=w)
+                broker.port, url, batched, n_batched, bm, workers=w)
+        with prepared_db(admin, m, history, bm) as url:
             results[f"collector, {per} readings/message, {w} workers, one gateway"] = collector_rate(
-                broker.port, url, messages(m, batch_steps, per, at[3]), n_batched, bm, workers=w)
+                broker.port, url, one_gateway, n_batched, bm, workers=w)
+        with prepared_db(admin, m, history, bm) as url:
             results[f"collector, {per} readings/message, 2 collectors, 1 worker each"] = collector_processes_rate(
-                broker.port, url, messages(m, batch_steps, per, at[4], gateways=gw), n_batched, bm, processes=2)
-        finally:
-            drop_db(args.admin_url, url)
+                broker.port, url, batched, n_batched, bm, processes=2)
         drained, bare_pub = uplink_rates(broker.port, n_batched, 500, start)
     finally:
         broker.close()
