@@ -492,7 +492,10 @@ def _decode_amr_checked(topic: str, payload: bytes) -> Decoded:
             where = "/".join(str(p) for p in path) or "(message)"
             if len(path) >= 2 and path[0] == "readings" and isinstance(path[1], int):
                 if path[2:] == ["value"]:
-                    bad_readings.setdefault(path[1], f"{where}: {_explain_value(err.instance)}")
+                    # the validator shows a number beyond the largest float as null: explain the parsed value
+                    value = doc["readings"][path[1]].get("value") if isinstance(
+                        doc["readings"][path[1]], dict) else err.instance
+                    bad_readings.setdefault(path[1], f"{where}: {_explain_value(value)}")
                 else:
                     bad_readings.setdefault(path[1], f"{where}: {_short_msg(err.message)}")
             elif len(path) >= 2 and path[0] == "rejected" and isinstance(path[1], int):
@@ -566,6 +569,8 @@ def _short_msg(msg: str) -> str:
 
 
 def _explain_value(v: Any) -> str:
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"{v} is not a finite number (a literal beyond the largest number JSON readers hold)"
     if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
         return f"{v} is negative; an energy counter never is"
     if isinstance(v, str):
@@ -576,6 +581,8 @@ def _explain_value(v: Any) -> str:
 def _code_of(reason: str) -> str:
     if "is negative" in reason:
         return "negative"
+    if "is not a finite number" in reason:
+        return "not_finite"
     if "/value" in reason:
         return "type"
     return "schema"

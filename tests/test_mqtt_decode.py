@@ -123,6 +123,16 @@ def test_malformed_messages_give_a_reason_never_an_exception(topic, payload, cod
     assert d.problems[0].reason
 
 
+def test_a_value_beyond_the_largest_float_is_refused_alone_and_named_not_finite():
+    d = fmt.decode("amr/v1/g/readings", b'{"v":1,"readings":['
+                   b'{"meter":"m","register":"1.8.0","ts":"2026-01-01T00:00:00Z","value":1e400},'
+                   b'{"meter":"m","register":"1.8.0","ts":"2026-01-01T00:30:00Z","value":5}]}', RECEIVED)
+    assert [v.value for v in d.values] == [Decimal(5)]
+    assert [p.code for p in d.problems] == ["not_finite"]
+    assert "readings/0/value" in d.problems[0].reason and "inf" in d.problems[0].reason
+    assert "NoneType" not in d.problems[0].reason
+
+
 def test_schema_quality_flags_match_the_source_flags():
     schema = json.loads(fmt.AMR_SCHEMA_PATH.read_text())
     assert set(schema["$defs"]["reading"]["properties"]["quality"]["items"]["enum"]) == quality.SOURCE_FLAGS
