@@ -199,6 +199,14 @@ def test_cli_decode_json_lines(capsys):
     datetime.fromisoformat(lines[0]["ts"])
 
 
+def test_cli_decode_says_where_each_time_came_from(capsys):
+    amr = '{"v":1,"readings":[{"meter":"m","register":"1.8.0","ts":"2026-01-01T00:00:00Z","value":"1"}]}'
+    assert _cli(["mqtt", "decode", "amr/v1/g/readings", amr]) == 0
+    assert "(time in the message)" in capsys.readouterr().out
+    assert _cli(["mqtt", "decode", "shellies/s/emeter/0/total", "1500"]) == 0
+    assert "(time of receipt)" in capsys.readouterr().out
+
+
 def test_cli_decode_says_why_nothing(capsys):
     rc = _cli(["mqtt", "decode", "tele/p/SENSOR", '{"ENERGY":{"Total":"12 kWh"}}'])
     out = capsys.readouterr().out

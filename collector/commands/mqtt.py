@@ -144,7 +144,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
         if d.format:
             print(f"format {d.format} ({d.family})")
         for v in d.values:
-            clock = "device clock" if "meter_clock" in v.quality else "time of receipt"
+            if "meter_clock" in v.quality:
+                clock = "device clock"
+            elif d.family == "amr":  # the gateway's poll time, sent in the message
+                clock = "time in the message"
+            else:
+                clock = "time of receipt"
             print(f"  {v.device}  {v.register}  {v.ts.isoformat()}  {v.value} kWh  ({clock})")
         for p in d.problems:
             where = f"device {p.device!r}: " if p.device and p.device not in p.reason else ""
