@@ -66,8 +66,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=0,
                     help="readings per ingest call (default: one day of every meter, meters x 48)")
     ap.add_argument("--quick", action="store_true", help="200 meters x 7 days")
+    ap.add_argument("--gc-defaults", action="store_true",
+                    help="keep CPython's default cycle collector thresholds (what collector.runtime.tune_gc gains)")
     args = ap.parse_args()
-    tune_gc()  # as `amr` does in every command
+    if not args.gc_defaults:
+        tune_gc()  # as `amr` does in every command
     if args.quick:
         args.meters, args.days = 200, 7
     args.batch = args.batch or args.meters * 48
