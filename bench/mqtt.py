@@ -20,7 +20,9 @@ Measured in the same run, on the same machine, against a Mosquitto of its own:
   collector processes of one worker each on one shared subscription.
 
 Each path drains a queue the broker already holds for a persistent session,
-so the publisher's speed does not enter the figure. Target: the batched path
+so the publisher's speed does not enter the figure, into a database of its
+own that holds the same stored history, so the order of the paths does not
+enter it either. Target: the batched path
 at 0.5 or more of the raw COPY rate.
 
     .venv/bin/python bench/mqtt.py --quick
