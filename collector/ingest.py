@@ -345,9 +345,33 @@ class Ingestor:
 
         `context` readings before lo, and from lo on as many as the batch has
         for the register plus `context`; all of them when context is None.
-        Two index probes per register: in the common case (appends) the second
-        finds nothing.
+        Appends, the common case, take one index probe: the register's last
+        `context` readings, all before lo, are the window. Only a register
+        with a stored reading from lo on takes the two-sided probe.
         """
+        if context is None:
+            return self._around(keys, los, counts, None)
+        rows = self.conn.execute(
+            f"""SELECT k.i, x.* FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS k(m, r, i)
+               CROSS JOIN LATERAL (SELECT {_STORED} FROM reading WHERE meter_id = k.m AND register = k.r
+                 ORDER BY ts DESC LIMIT %s) x""",
+            (array_literal([k[0] for k in keys]), array_literal([k[1] for k in keys]), context),
+        ).fetchall()
+        windows: dict[int, list[tuple]] = defaultdict(list)
+        for row in rows:
+            windows[row[0] - 1].append(row[1:])
+        late = [i for i, w in windows.items() if w[0][0] >= los[i]]  # newest first
+        if late:
+            around = self._around([keys[i] for i in late], [los[i] for i in late], [counts[i] for i in late],
+                                  context)
+            for j, i in enumerate(late):
+                windows[i] = around.get(j, [])
+        return windows
+
+    def _around(
+        self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None
+    ) -> dict[int, list[tuple]]:
+        """The two-sided window of _load_windows: two index probes per register."""
         rows = self.conn.execute(
             f"""SELECT k.i, x.* FROM
                  unnest(%s::text[], %s::text[], %s::timestamptz[], %s::int[])
