@@ -357,9 +357,7 @@ class Ingestor:
                  ORDER BY ts DESC LIMIT %s) x""",
             (array_literal([k[0] for k in keys]), array_literal([k[1] for k in keys]), context),
         ).fetchall()
-        windows: dict[int, list[tuple]] = defaultdict(list)
-        for row in rows:
-            windows[row[0] - 1].append(row[1:])
+        windows = _by_register(rows)
         late = [i for i, w in windows.items() if w[0][0] >= los[i]]  # newest first
         if late:
             around = self._around([keys[i] for i in late], [los[i] for i in late], [counts[i] for i in late],
@@ -386,10 +384,7 @@ class Ingestor:
             (array_literal([k[0] for k in keys]), array_literal([k[1] for k in keys]),
              array_literal(los), array_literal(counts), context, context),
         ).fetchall()
-        windows: dict[int, list[tuple]] = defaultdict(list)
-        for row in rows:
-            windows[row[0] - 1].append(row[1:])
-        return windows
+        return _by_register(rows)
 
     def _plan(
         self, items: list[tuple[datetime, Reading]], stored: Sequence[tuple], context: int | None
@@ -592,6 +587,14 @@ class Ingestor:
             (array_literal(meter_ids),),
         ).fetchall()
         return {(m, r, s, e): d for m, r, s, e, d in rows}
+
+
+def _by_register(rows: list[tuple]) -> dict[int, list[tuple]]:
+    """Window rows (ordinality first) by the 0-based index of their register in the query."""
+    windows: dict[int, list[tuple]] = defaultdict(list)
+    for row in rows:
+        windows[row[0] - 1].append(row[1:])
+    return windows
 
 
 @dataclass

@@ -189,16 +189,16 @@ class LocalIngest:
             self._store.drop()  # the first batch tries again, and waits out the outage
 
     def submit(self, messages: Batch) -> int:
-        ticket = self._next
-        self._next += 1
-        self._done[ticket] = store_batch(self._store, self.decoder, messages, self._stop.wait, _count_db_error)
-        return ticket
+        return self._keep(store_batch(self._store, self.decoder, messages, self._stop.wait, _count_db_error))
 
     def submit_items(self, groups: list[Group]) -> int:
         """Store items made already (the rejects the caller dead-letters)."""
+        return self._keep(store_groups(self._store, groups, self._stop.wait, _count_db_error))
+
+    def _keep(self, outcome: Outcome | None) -> int:
         ticket = self._next
         self._next += 1
-        self._done[ticket] = store_groups(self._store, groups, self._stop.wait, _count_db_error)
+        self._done[ticket] = outcome
         return ticket
 
     def ready(self, ticket: int) -> bool:

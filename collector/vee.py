@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from functools import lru_cache
 
 from adapters.reading import Reading
 
@@ -143,11 +142,10 @@ def _who(r: Reading) -> str:
     return f"meter {r.meter_id!r} register {r.register!r}"
 
 
-@lru_cache(maxsize=4096)
 def max_energy_kwh(max_power_kw: Decimal, multiplier: Decimal, seconds: float) -> Decimal:
     """The most energy a meter can pass in that time, with slack for register resolution.
 
-    Cached: a fleet has a handful of (power, multiplier, interval) combinations.
+    Asked per reading through MeterRules.max_energy_kwh, which keeps the answers.
     """
     limit = max_power_kw * Decimal(repr(seconds)) / Decimal(3600)
     return limit * Decimal("1.05") + Decimal("0.01") * multiplier
