@@ -9,6 +9,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import ROOT
 from tests.helpers import T0, add_meters
 
 
@@ -104,3 +107,98 @@ def test_jsonl_and_clear_errors(db_url, conn, tmp_path) -> None:
                           env={k: v for k, v in os.environ.items() if k != "AMR_DATABASE_URL"},
                           capture_output=True, text=True, timeout=60)
     assert nodb.returncode != 0 and "AMR_DATABASE_URL" in nodb.stderr
+
+
+def _line(ts: str, value: str) -> str:
+    return f'{{"meter_id": "f1", "register": "1.8.0", "ts": "{ts}", "value": {value}}}'
+
+
+def test_hostile_lines_are_refused_one_by_one_without_a_traceback(db_url, conn, tmp_path) -> None:
+    """Depth, exponent and date-range attacks each cost their own line, never the batch."""
+    add_meters(conn, "f1")
+    good = [_line((T0 + timedelta(minutes=30 * k)).isoformat(), f'"{100 + k}"') for k in range(4)]
+    hostile = {
+        # line number in the file -> (line, what the refusal must say)
+        2: ('{"meter_id": "f1", "value": ' + "[" * 1000 + "]" * 1000 + "}", "nested deeper than 32"),
+        3: (_line("2026-10-01T02:00:00+00:00", "1E-99999"), "exponent"),
+        4: (_line("2026-10-01T02:00:00+00:00", '"1E-99999"'), "exponent"),
+        5: (_line("2026-10-01T02:00:00+00:00", "1E+99999"), "exponent"),
+        6: (_line("2026-10-01T02:00:00+00:00", "9" * 5000), "digits"),
+        7: (_line("0001-01-01T00:00:00+03:00", '"5"'), "out of range"),
+        8: (_line("9999-12-31T23:59:59-05:00", '"5"'), "out of range"),
+        9: (_line("2026-10-01T02:00:00+00:00", "1" + "0" * 40), "exponent"),
+        10: (_line("9999-12-31T23:59:59+00:00", '"5"'), "in the future"),  # refused by validation
+    }
+    lines = [good[0]] + [hostile[n][0] for n in range(2, 11)]
+    # an offset Python accepts and PostgreSQL would not (beyond 15:59): the same instant in UTC
+    lines += [*good[1:], _line("2026-10-02T01:59:00+23:59", '"104"')]
+    f = tmp_path / "hostile.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    res = amr(db_url, "ingest", str(f), "--json")
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert (out["accepted"], out["rejected"]) == (5, 9), out
+    conn.rollback()
+    stored = conn.execute("SELECT ts, value FROM reading WHERE meter_id = 'f1' ORDER BY ts").fetchall()
+    assert [v for _, v in stored] == [100, 101, 102, 103, 104]
+    assert [t for t, _ in stored] == [T0 + timedelta(minutes=30 * k) for k in range(5)]
+    rows = conn.execute("SELECT source, reason FROM rejected_reading ORDER BY id").fetchall()
+    assert len(rows) == 9
+    for n, (_, why) in hostile.items():
+        # the importer's refusals say the line; validation's carry it in the source
+        mine = [r for s, r in rows if r.startswith(f"line {n}:") or s == f"import:{f.name}#L{n}"]
+        assert len(mine) == 1 and why in mine[0], (n, why, rows)
+
+
+# The window is collector.vee's (another part of issue 12). Without it a year-1 reading makes
+# ingestion create a partition per month since year 1 in the shared server: do not run it then.
+_WINDOW = "implausible_ts" in (ROOT / "collector" / "vee.py").read_text()
+
+
+@pytest.mark.xfail(not _WINDOW, run=False, reason="collector.vee has no plausibility window yet")
+def test_old_dates_are_refused_one_by_one(db_url, conn, tmp_path) -> None:
+    """Dates that have a UTC instant but no place in metering (1969, 1970, year 1).
+
+    The importer parses them; validation's plausibility window refuses them
+    (code implausible_ts), before any partition is made: a year-1 reading
+    must not make ingestion create a partition per month since year 1.
+    """
+    add_meters(conn, "f1")
+    good = [_line((T0 + timedelta(minutes=30 * k)).isoformat(), f'"{100 + k}"') for k in range(3)]
+    old = ["1970-01-01T00:00:00+00:00", "1969-12-31T23:59:59+00:00", "0001-01-01T00:00:00+00:00",
+           "1970-01-01T03:00:00+03:00"]
+    f = tmp_path / "old.jsonl"
+    f.write_text("\n".join([good[0], *(_line(ts, '"5"') for ts in old), *good[1:]]) + "\n")
+    res = amr(db_url, "ingest", str(f), "--json")
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert (out["accepted"], out["rejected"]) == (3, 4), out
+    conn.rollback()
+    assert [v for (v,) in conn.execute("SELECT value FROM reading ORDER BY ts").fetchall()] == [100, 101, 102]
+    rows = conn.execute("SELECT source, ts, reason FROM rejected_reading ORDER BY id").fetchall()
+    assert sorted(s for s, _, _ in rows) == [f"import:{f.name}#L{n}" for n in (2, 3, 4, 5)], rows
+    assert sorted(ts.year for _, ts, _ in rows) == [1, 1969, 1970, 1970], rows
+
+
+def test_hostile_csv_lines_are_refused_one_by_one(db_url, conn, tmp_path) -> None:
+    add_meters(conn, "f1")
+    good = [f"f1,1.8.0,{(T0 + timedelta(minutes=30 * k)).isoformat()},{100 + k}" for k in range(3)]
+    f = tmp_path / "hostile.csv"
+    f.write_text("\n".join([
+        "meter_id,register,ts,value", good[0],
+        "f1,1.8.0,2026-10-01T02:00:00+00:00,1E-99999",
+        "f1,1.8.0,0001-01-01T00:00:00+03:00,5",
+        "f1,1.8.0,9999-12-31T23:59:59-05:00,5",
+        "f1,1.8.0,2026-10-01T02:00:00+00:00," + "0." + "0" * 50 + "1",
+        *good[1:],
+    ]) + "\n")
+    res = amr(db_url, "ingest", str(f), "--json")
+    assert "Traceback" not in res.stderr, res.stderr
+    out = json.loads(res.stdout)
+    assert (out["accepted"], out["rejected"]) == (3, 4), out
+    conn.rollback()
+    rows = conn.execute("SELECT code, reason FROM rejected_reading ORDER BY id").fetchall()
+    assert [r.split(":")[0] for _, r in rows] == ["line 3", "line 4", "line 5", "line 6"]
+    assert [c for c, _ in rows] == ["implausible_value", "bad_ts", "bad_ts", "implausible_value"]
