@@ -70,6 +70,22 @@ SPOOL_OLDEST_AGE = Gauge("amr_spool_oldest_age_seconds", "Age of the oldest read
 SPOOL_DROPPED = Counter(
     "amr_spool_dropped_total", "Readings the full spool refused or dropped, by policy", ["policy"],
 )
+SPOOL_DAMAGED = Counter(
+    "amr_spool_damaged_total",
+    "Damaged spool files found at start: moved aside, their readable rows salvaged into a fresh spool",
+)
+SPOOL_SALVAGED = Counter(
+    "amr_spool_salvaged_total",
+    "Spool rows after damage, by outcome: salvaged (copied out of a damaged file), lost (unreadable "
+    "there), undecodable (read back but not decodable: forwarded alone as a reject with its raw bytes)",
+    ["outcome"],
+)
+UPLINK_REFUSED = Counter(
+    "amr_uplink_refused_total",
+    "Uplink batches the destination did not take (kept at the head of the spool and retried), by reason: "
+    "no_subscribers (PUBACK 16), error (another PUBACK code), timeout, not_connected, db_unavailable",
+    ["reason"],
+)
 UPLINK_PUBLISH_SECONDS = Histogram(
     "amr_uplink_publish_seconds", "Publish to broker acknowledgement, per batch", buckets=_LATENCY,
 )
