@@ -100,10 +100,13 @@ row("Store-and-forward and MQTT")
 place([
     ts("Spool depth", [(f"sum by (instance) (amr_spool_depth{{{SEL}}})", "{{instance}}")], "short"),
     ts("Oldest spooled reading", [(f"max by (instance) (amr_spool_oldest_age_seconds{{{SEL}}})", "{{instance}}")], "s"),
-    ts("Spool drops", [(f"sum by (instance, policy) (increase(amr_spool_dropped_total{{{SEL}}}[15m]))", "{{instance}} {{policy}}")], "short"),
+    ts("Spool drops and damage", [(f"sum by (instance, policy) (increase(amr_spool_dropped_total{{{SEL}}}[15m]))", "{{instance}} {{policy}}"),
+                                  (f"sum by (instance) (increase(amr_spool_damaged_total{{{SEL}}}[1h]))", "damaged spool {{instance}}"),
+                                  (f"sum by (instance, outcome) (increase(amr_spool_salvaged_total{{{SEL}}}[1h]))", "rows {{outcome}} {{instance}}")], "short"),
 ], 8)
 place([
     ts("Uplink publish latency", [(f"histogram_quantile(0.95, sum by (le, instance) (rate(amr_uplink_publish_seconds_bucket{{{SEL}}}[5m])))", "p95 {{instance}}")], "s"),
+    ts("Uplink batches refused", [(f"sum by (instance, reason) (increase(amr_uplink_refused_total{{{SEL}}}[15m]))", "{{instance}} {{reason}}")], "short"),
     ts("MQTT messages by format and outcome", [(f"sum by (format, outcome) (rate(amr_mqtt_messages_total{{{SEL}}}[5m]))", "{{format}} {{outcome}}")], "reqps", stack=True),
 ], 8)
 
