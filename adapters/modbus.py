@@ -249,8 +249,19 @@ class ModbusAdapter:
             name = EXCEPTION_NAMES.get(code, "unknown exception")
             raise PollError("exception", f"{where}: Modbus exception {code} ({name})")
         regs = list(resp.registers)
-        if len(regs) < count:
-            raise PollError("decode", f"{where}: asked {count} registers, got {len(regs)}")
+        if len(regs) != count:
+            # A longer block is not "the registers and some more": the meter (or a gateway
+            # in between) answered another request, or its firmware lays the map out
+            # differently, and which words hold our values is a guess. Refused like any
+            # undecodable answer, with the words as they came.
+            err = PollError(
+                "decode",
+                f"meter {meter.id} on bus {link.bus} unit {unit}: asked {function} "
+                f"{address}..{address + count - 1} ({count} registers), got {len(regs)}",
+            )
+            err.raw = b"".join((w & 0xFFFF).to_bytes(2, "big") for w in regs)  # type: ignore[attr-defined]
+            err.source = f"{meter.adapter}:{link.bus}/{unit}"  # type: ignore[attr-defined]
+            raise err
         return regs
 
     def _classify(self, link: _Link, exc: BaseException, unit: int, fn: int) -> tuple[str, str]:

@@ -337,8 +337,16 @@ class Request:
     registers: tuple[RegisterSpec, ...]
 
     def values(self, words: Sequence[int]) -> dict[str, Decimal]:
-        if len(words) < self.count:
-            raise DecodeError(f"asked {self.count} registers at {self.address}, got {len(words)}")
+        """The values in the words answering this request; exactly `count` words, no more.
+
+        A longer answer is refused, not cut: it answers some other request, and
+        the offsets of our values in it are not known.
+        """
+        if len(words) != self.count:
+            raise DecodeError(
+                f"asked {self.count} registers at {self.address}..{self.address + self.count - 1}, "
+                f"got {len(words)}"
+            )
         return {r.key: r.decode(words[r.address - self.address : r.end - self.address]) for r in self.registers}
 
 

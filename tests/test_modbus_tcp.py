@@ -249,3 +249,62 @@ def test_amr_poll_reads_a_good_meter_of_an_inventory_with_a_bad_entry(
     assert '"register": "1.8.0"' in out.out
     assert "1 problem(s) with other meters" in out.err
     assert "meter 'broken': key 'preset': unknown preset 'nope'" in refused
+
+
+async def _padding_server(port: int, sim: SimMeter, pad_units: set[int], registers: int = 125):
+    """A Modbus TCP server of the test's own that answers units in pad_units with a longer block.
+
+    The answer starts with the requested registers as the simulated meter holds
+    them and goes on to `registers` words: a well-formed frame (MBAP length and
+    byte count agree), only not the size asked for. Other units get honest answers.
+    """
+    import struct
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                tid, _pid, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                pdu = await reader.readexactly(length - 1)
+                address, count = struct.unpack(">HH", pdu[1:5])
+                words = sim.read("holding" if pdu[0] == 3 else "input", address, count)
+                assert isinstance(words, list)
+                if unit in pad_units:
+                    words = words + [0x4141] * (registers - count)
+                body = bytes([pdu[0], 2 * len(words)]) + struct.pack(f">{len(words)}H", *words)
+                writer.write(struct.pack(">HHHB", tid, 0, len(body) + 1, unit) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+def test_a_response_longer_than_the_request_is_a_decode_error() -> None:
+    port = free_port()
+    sim = SimMeter(1, load_register_map("generic_counter"), FROZEN, seed=3)
+    regs = ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0")
+
+    async def go() -> tuple[PollError, list, int]:
+        server = await _padding_server(port, sim, pad_units={2})
+        adapter = ModbusAdapter(clock_tolerance_s=60)
+        try:
+            (req,) = adapter.plan(meter(port, 2), regs)
+            with pytest.raises(PollError) as err:
+                await adapter.read(meter(port, 2, id="long", registers=regs))
+            good = await adapter.read(meter(port, 1, id="honest", registers=regs))  # same connection
+            return err.value, good, req.count
+        finally:
+            await adapter.close()
+            server.close()
+            await server.wait_closed()
+
+    err, good, count = asyncio.run(go())
+    assert count < 125
+    assert err.outcome == "decode"
+    text = str(err)
+    assert f"meter long on bus 127.0.0.1:{port} unit 2" in text
+    assert f"holding {0}..{count - 1} ({count} registers)" in text and "got 125" in text
+    assert len(err.raw) == 250 and err.source == f"modbus_tcp:127.0.0.1:{port}/2"  # kept as refused
+    assert {r.register: r.value for r in good} == {r: sim.model.energy_kwh(T0, r) for r in regs}

@@ -114,6 +114,11 @@ def test_batched_request_decodes_each_register_from_its_offset() -> None:
     (req,) = plan_requests([a, b], max_gap=10)
     words = [7, 0, 0, 0, 0, *b.encode(Decimal(-70000))]
     assert req.values(words) == {"a": Decimal(7), "b": Decimal(-70000)}
+    # an answer of another size is refused, longer as well as shorter: the offsets are not ours
+    with pytest.raises(DecodeError, match=r"asked 7 registers at 0\.\.6, got 125"):
+        req.values(words + [0] * 118)
+    with pytest.raises(DecodeError, match="got 6"):
+        req.values(words[:6])
 
 
 def _doc(registers: list[dict]) -> dict:
