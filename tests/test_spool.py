@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -87,8 +89,9 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
     with pytest.raises(SpoolError, match="policy 'drop_newest' unknown"):
         Spool(tmp_path / "s.sqlite", 10, "drop_newest")
     (tmp_path / "junk.sqlite").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(SpoolError, match="cannot open"):
-        Spool(tmp_path / "junk.sqlite", 10)
+    s = Spool(tmp_path / "junk.sqlite", 10)  # damaged, not a configuration error: moved aside, and a fresh spool
+    assert s.salvage is not None and s.salvage.salvaged == 0 and len(s) == 0
+    assert s.salvage.moved_to.read_bytes() == b"this is not a database" * 100
 
 
 def test_kill_9_loses_nothing_that_put_returned(tmp_path):
@@ -125,3 +128,159 @@ def test_kill_9_loses_nothing_that_put_returned(tmp_path):
     assert len(values) >= confirmed
     assert values == list(range(len(values)))  # in order, no gaps, no torn batch
     assert len(values) % 50 == 0
+
+
+# --- damage: the spool survives it, salvages what is readable and says what it lost ---
+
+
+def _filled(path, n: int = 20_000, batch: int = 500) -> list[Reading]:
+    """A spool as a gateway leaves it: n readings put in batches, closed (checkpointed into the file)."""
+    sent = _readings(n)
+    with Spool(path, 1_000_000) as s:
+        for i in range(0, n, batch):
+            s.put(sent[i:i + batch])
+    return sent
+
+
+def _drain(s: Spool) -> list:
+    items = []
+    while entries := s.peek(500):
+        items += [e.item for e in entries]
+        s.ack(e.id for e in entries)
+    return items
+
+
+def _truncate(path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _garbage_in_the_middle(path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(int(path.stat().st_size * 0.4))
+        f.write(random.Random(7).randbytes(64 * 1024))
+
+
+def _garbage_header(path) -> None:
+    with open(path, "r+b") as f:
+        f.write(random.Random(8).randbytes(4096))  # the header and the whole first page (the schema)
+
+
+def _zero_length(path) -> None:
+    os.truncate(path, 0)
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels or None) or 0
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage_in_the_middle, _garbage_header, _zero_length],
+                         ids=["truncated", "garbage_in_the_middle", "garbage_header", "zero_length"])
+def test_a_damaged_spool_is_salvaged_moved_aside_and_said(tmp_path, caplog, damage):
+    path = tmp_path / "spool.sqlite"
+    sent = _filled(path)
+    damage(path)
+    damaged_bytes = path.read_bytes()
+    before = {k: _sample("amr_spool_salvaged_total", outcome=k) for k in ("salvaged", "lost")}
+    damaged_before = _sample("amr_spool_damaged_total")
+    with caplog.at_level(logging.WARNING, logger="collector.spool"):
+        s = Spool(path, 1_000_000)  # as the gateway opens it: no exception, a usable spool
+    sv = s.salvage
+    assert sv is not None and sv.moved_to is not None
+    assert sv.moved_to.name.startswith("spool.sqlite.corrupt-") and sv.moved_to.read_bytes() == damaged_bytes
+    got = _drain(s)
+    readings = [r for r in got if isinstance(r, Reading)]
+    # nothing invented, nothing reordered, nothing twice: every salvaged reading is one that was put
+    index = {r.ts: k for k, r in enumerate(sent)}
+    assert all(r == sent[index[r.ts]].flagged("spooled") for r in readings)
+    assert [index[r.ts] for r in readings] == sorted({index[r.ts] for r in readings})
+    assert len(got) == sv.salvaged
+    if damage is _zero_length:
+        assert sv.salvaged == 0
+    else:
+        assert sv.salvaged > 0 and sv.salvaged + sv.lost == len(sent)
+    if damage is _garbage_header:
+        assert sv.salvaged == len(sent)  # every page of rows is intact: none is lost
+    if damage is _truncate:
+        assert 0.4 * len(sent) < sv.salvaged < 0.6 * len(sent)
+    assert _sample("amr_spool_damaged_total") == damaged_before + 1
+    assert _sample("amr_spool_salvaged_total", outcome="salvaged") - before["salvaged"] == sv.salvaged
+    assert _sample("amr_spool_salvaged_total", outcome="lost") - before["lost"] == sv.lost
+    line = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(line) == 1 and f"salvaged {sv.salvaged} readings" in line[0] and f"lost {sv.lost}" in line[0]
+    assert str(sv.moved_to) in line[0]
+    # and it is a spool again: new readings go in and come out after the salvaged ones
+    s.put(_readings(3, 50_000))
+    assert [e.item.value for e in s.peek(10)] == [r.value for r in _readings(3, 50_000)]
+    s.close()
+    assert Spool(path, 100).salvage is None  # sound now
+
+
+def test_damage_with_the_write_ahead_log_still_beside_it(tmp_path):
+    """A power cut leaves the newest rows in spool.sqlite-wal: the salvage reads them there too."""
+    import shutil
+
+    src, path = tmp_path / "live.sqlite", tmp_path / "spool.sqlite"
+    sent = _filled(src, 10_000)
+    live = Spool(src, 1_000_000)
+    live.ack(e.id for e in live.peek(2_000))  # delivered before the cut: must not come back
+    more = _readings(3_000, 10_000)
+    for i in range(0, len(more), 500):
+        live.put(more[i:i + 500])
+    for suffix in ("", "-wal"):  # the files as the cut left them, the connection still open
+        shutil.copy(f"{src}{suffix}", f"{path}{suffix}")
+    live.close()
+    assert os.path.getsize(f"{path}-wal") > 0
+    _truncate(path)
+    s = Spool(path, 1_000_000)
+    assert s.salvage is not None and Path(f"{s.salvage.moved_to}-wal").exists()
+    got = [r.value for r in _drain(s) if isinstance(r, Reading)]
+    expected = [r.value for r in sent[2_000:] + more]
+    assert set(got) <= set(expected) and len(got) == len(set(got)) == s.salvage.salvaged
+    assert set(r.value for r in more) <= set(got)  # the newest rows, in the log, all salvaged
+    assert s.salvage.salvaged + s.salvage.lost == len(expected)
+
+
+def test_one_bad_row_costs_that_row_not_its_batch(tmp_path, caplog):
+    path = tmp_path / "spool.sqlite"
+    sent = _filled(path, 2_000)
+    data = bytearray(path.read_bytes())
+    victim = sent[777]
+    at = data.index(f'"value":"{victim.value}"'.encode())
+    data[at + 9:at + 12] = b"\xff#!"  # bytes changed on disk inside one row: not even UTF-8 now
+    path.write_bytes(bytes(data))
+    undecodable = _sample("amr_spool_salvaged_total", outcome="undecodable")
+    s = Spool(path, 1_000_000)
+    assert s.salvage is None  # the file is sound; the row is not
+    with caplog.at_level(logging.WARNING, logger="collector.spool"):
+        texts = s.peek_encoded(1000)  # the uplink's fast path: the batch that holds the row
+    assert len(texts) == 1000 and any("could not be read back" in r.getMessage() for r in caplog.records)
+    items = [e.item for e in s.peek(1000)]
+    rejected = [(k, it) for k, it in enumerate(items) if isinstance(it, Rejected)]
+    assert [k for k, _ in rejected] == [777]  # in its place, alone
+    rej = rejected[0][1]
+    assert rej.code == "malformed" and "CRC" in rej.reason and b"\xff#!" in rej.raw
+    assert [it for it in items if isinstance(it, Reading)] == [r.flagged("spooled") for r in sent[:1000] if r != victim]
+    assert _sample("amr_spool_salvaged_total", outcome="undecodable") == undecodable + 1
+    assert len(_drain(s)) == 2_000  # every other row goes on as it was
+
+
+def test_a_row_without_crc_that_does_not_decode_becomes_a_reject(tmp_path):
+    """A spool of an earlier version has rows without a CRC: the decode is their check."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, enqueued_at REAL NOT NULL, item TEXT NOT NULL)")
+    from collector.spool import encode_item
+
+    rows = [encode_item(r, "spooled") for r in _readings(3)]
+    rows[1] = rows[1][:-5]  # cut short
+    db.executemany("INSERT INTO spool (enqueued_at, item) VALUES (1, ?)", [(t,) for t in rows])
+    db.commit()
+    db.close()
+    s = Spool(path, 100)
+    items = [e.item for e in s.peek(10)]
+    assert [type(i).__name__ for i in items] == ["Reading", "Rejected", "Reading"]
+    assert items[1].raw == rows[1].encode() and "does not decode" in items[1].reason
+    s.put(_readings(1, 5))  # the upgraded table takes rows with a CRC
+    assert len(s.peek_encoded(10)) == 4
