@@ -12,7 +12,7 @@ from typing import Protocol
 from adapters.reading import Reading
 
 # outcome words used as metric labels; keep the set small and fixed
-OUTCOMES = ("ok", "timeout", "crc", "exception", "decode", "refused", "garbage", "clock")
+OUTCOMES = ("ok", "timeout", "deadline", "crc", "exception", "decode", "refused", "garbage", "clock")
 
 
 class PollError(Exception):

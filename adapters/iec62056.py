@@ -22,6 +22,36 @@ The framing below is shared with the simulator (`simulators.iec62056_sim`),
 so both ends speak from one definition. pyserial is blocking; `read` runs
 the exchange in a worker thread so the asyncio scheduler keeps running, and
 one lock per port keeps two exchanges off one line.
+
+Two clocks bound every message we receive (the identification, the data
+message, each programming-mode answer):
+
+- the idle timeout (the meter's `timeout`, inter-byte): how long the line may
+  stay silent, which also bounds the wait for the first byte (the meter's
+  reaction time, at most 1.5 s in the standard);
+- an overall deadline (`message_deadline`): the idle timeout, plus twice the
+  time the largest plausible message of its kind needs on the wire at the
+  current rate, plus a quarter second for scheduling; never more than the
+  ceiling `AMR_IEC_MESSAGE_DEADLINE_S` (120 s by default).
+
+The idle timeout alone lets a device that drips a byte just faster than it
+hold a poll, and the whole line with it, for as long as it drips (a byte every
+0.8 s held one for 71 s). The deadline ends that: a message that has not
+completed when it expires is a `PollError` with outcome "deadline", naming the
+meter, the bus and what was being received.
+
+The largest plausible messages: an identification is at most 25 bytes by the
+standard (`/`, three letters of manufacturer, the rate character, an optional
+`\\W` pair, up to 16 characters of identification, CR LF); a data readout of a
+household or commercial meter lists 20-100 data lines of 15-40 characters,
+a few hundred bytes to 3 KB, so 4 KB (`READOUT_MAX`) leaves room for the long
+ones; a programming-mode answer is one command's values (`ET0PE` gives six, 80
+bytes), 512 bytes (`REPLY_MAX`). Twice the line time absorbs USB adapters that
+deliver in bursts and UARTs that pause between characters, and still cuts a
+drip early: at 9600 baud a 4 KB readout needs 4.3 s on the wire and gets
+about 9.8 s with a 1 s idle timeout. At 300 baud the same readout would need
+137 s, past the ceiling: a meter that proposes no faster rate and sends more
+than about 1.7 KB needs a higher ceiling.
 """
 
 from __future__ import annotations
@@ -29,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -61,6 +92,23 @@ _WITH_PARITY = bytes(
 _STRIP = bytes(b & 0x7F for b in range(256))
 DEFAULT_INITIAL_BAUD = 300
 MAX_MESSAGE = 16384  # bytes: a stream longer than this is not a readout
+
+# the largest plausible message of each kind, in bytes (see the module docstring)
+IDENT_MAX = 1 + 3 + 1 + 2 + 16 + 2  # / XXX Z \W ident CR LF
+READOUT_MAX = 4096
+REPLY_MAX = 512
+DEFAULT_MESSAGE_DEADLINE_S = 120.0  # the ceiling, unless AMR_IEC_MESSAGE_DEADLINE_S says otherwise
+_BITS_PER_CHAR = 1 + BYTESIZE + 1 + STOPBITS  # start, 7 data, parity, stop
+
+
+def message_deadline(idle_s: float, baudrate: int, most_bytes: int, ceiling_s: float) -> float:
+    """Seconds a message of at most most_bytes may take from our request to its last byte.
+
+    The idle timeout (the wait for the first byte), plus twice the line time of
+    most_bytes at baudrate, plus 0.25 s for scheduling; at most ceiling_s.
+    """
+    line = most_bytes * _BITS_PER_CHAR / baudrate
+    return min(ceiling_s, idle_s + 2 * line + 0.25)
 
 _IDENT = re.compile(rb"^/([A-Za-z]{3})([0-9A-Z])(\\[0-9])?([\x20-\x7e]{1,16})\r\n$")
 _ADDRESS = re.compile(r"^[0-9A-Za-z ]{0,32}$")
@@ -299,14 +347,22 @@ class _NoAnswer(Exception):
         self.got = got
 
 
+class _Overdue(_NoAnswer):
+    """The message was still arriving when its deadline expired."""
+
+
 class Iec62056Adapter:
     """Reads IEC 62056-21 meters; one open port and one lock per serial device."""
 
     def __init__(
         self, settings: Any = None, clock_tolerance_s: float | None = None,
-        now: Callable[[], datetime] | None = None,
+        now: Callable[[], datetime] | None = None, message_deadline_s: float | None = None,
     ) -> None:
-        """now is our reference clock (UTC); a simulation passes its own simulated clock."""
+        """now is our reference clock (UTC); a simulation passes its own simulated clock.
+
+        message_deadline_s is the ceiling of every message's deadline (default:
+        the settings' iec_message_deadline_s).
+        """
         if settings is None:
             from collector.settings import get_settings
 
@@ -315,6 +371,11 @@ class Iec62056Adapter:
         self._tolerance = timedelta(
             seconds=settings.clock_skew_tolerance_s if clock_tolerance_s is None else clock_tolerance_s
         )
+        if message_deadline_s is None:
+            message_deadline_s = getattr(settings, "iec_message_deadline_s", DEFAULT_MESSAGE_DEADLINE_S)
+        if not message_deadline_s > 0:
+            raise ValueError(f"the IEC message deadline must be positive, not {message_deadline_s!r}")
+        self._ceiling = float(message_deadline_s)
         self._now = now or (lambda: datetime.now(UTC))
         self._ports: dict[str, serial.Serial] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -400,7 +461,9 @@ class Iec62056Adapter:
             ser.baudrate = initial
         ser.reset_input_buffer()
         self._send(ser, sign_on(meter.address or ""), wire)
-        line = self._receive(ser, lambda b: b.endswith(CRLF), timeout, "identification", where, wire)
+        line = self._receive(
+            ser, lambda b: b.endswith(CRLF), timeout, "identification", where, wire, IDENT_MAX
+        )
         try:
             ident = parse_identification(line)
         except ValueError as exc:
@@ -415,7 +478,7 @@ class Iec62056Adapter:
         if rate != initial:
             ser.baudrate = rate
         if dialect.mode == "0":
-            msg = self._receive(ser, _message_complete, timeout, "data message", where, wire)
+            msg = self._receive(ser, _message_complete, timeout, "data message", where, wire, READOUT_MAX)
             try:
                 sets = parse_data_block(parse_data_message(msg, dialect.bcc))
             except FrameError as exc:
@@ -446,7 +509,7 @@ class Iec62056Adapter:
         self._send(ser, command_message("P1", f"({password})", dialect.bcc), wire)
         answer = self._receive(
             ser, lambda b: b[:1] in (ACK, NAK) or _frame_complete(b), timeout,
-            "password answer", where, wire,
+            "password answer", where, wire, REPLY_MAX,
         )
         if answer[:1] == NAK:
             raise PollError("refused", f"{where}: the meter refused the password (key 'password')")
@@ -491,7 +554,7 @@ class Iec62056Adapter:
         self, ser: serial.Serial, dialect: Dialect, timeout: float, what: str, where: str,
         wire: list[tuple[int, int]], expect: str,
     ) -> str:
-        msg = self._receive(ser, _frame_complete, timeout, what, where, wire)
+        msg = self._receive(ser, _frame_complete, timeout, what, where, wire, REPLY_MAX)
         try:
             command, data = parse_frame(msg, dialect.bcc)
         except FrameError as exc:
@@ -507,11 +570,19 @@ class Iec62056Adapter:
 
     def _receive(
         self, ser: serial.Serial, done: Any, timeout: float, what: str, where: str,
-        wire: list[tuple[int, int]],
+        wire: list[tuple[int, int]], most: int,
     ) -> bytes:
-        """One message as 7-bit characters; PollError for silence, garbage or parity errors."""
+        """One message as 7-bit characters; PollError for silence, garbage, parity errors or
+        a message still arriving at its deadline (most is its largest plausible size in bytes)."""
+        limit = message_deadline(timeout, ser.baudrate, most, self._ceiling)
         try:
-            raw = self._read_until(ser, done, timeout)
+            raw = self._read_until(ser, done, timeout, limit)
+        except _Overdue as od:
+            raise PollError(
+                "deadline",
+                f"{where}: {what} not complete within its deadline of {limit:.2f} s "
+                f"(up to {most} bytes at {ser.baudrate} baud); {len(od.got)} bytes came: {od.got[:32]!r}",
+            ) from None
         except _NoAnswer as na:
             if na.got:
                 raise PollError(
@@ -526,14 +597,27 @@ class Iec62056Adapter:
         return msg
 
     @staticmethod
-    def _read_until(ser: serial.Serial, done: Any, idle: float) -> bytes:
-        """Raw bytes until done(7-bit characters); gives up after `idle` s without a byte."""
+    def _read_until(ser: serial.Serial, done: Any, idle: float, limit: float) -> bytes:
+        """Raw bytes until done(7-bit characters).
+
+        Gives up after `idle` s without a byte (_NoAnswer), or when `limit` s have
+        passed since the call however the bytes trickle in (_Overdue). The port's
+        timeout changes only for the last wait before the deadline: setting it
+        reconfigures the port (tcsetattr), which is not done once a byte.
+        """
         buf = bytearray()
-        if ser.timeout != idle:
-            ser.timeout = idle
+        end = time.monotonic() + limit
         while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise _Overdue(bytes(buf).translate(_STRIP))
+            wait = idle if left >= idle else left
+            if ser.timeout != wait:
+                ser.timeout = wait
             chunk = ser.read(max(1, min(ser.in_waiting, MAX_MESSAGE)))
             if not chunk:
+                if wait < idle:
+                    raise _Overdue(bytes(buf).translate(_STRIP))
                 raise _NoAnswer(bytes(buf).translate(_STRIP))
             buf += chunk
             if done(bytearray(buf.translate(_STRIP))):

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     timezone: str = Field(default="Europe/Moscow", description="local time of zones and bills")
     future_tolerance_s: int = Field(default=300, description="how far ahead of now a reading may be")
     clock_skew_tolerance_s: int = Field(default=60, description="meter clock difference flagged")
+    iec_message_deadline_s: float = Field(
+        default=120.0, gt=0,
+        description="ceiling of the overall deadline of one IEC 62056-21 message (adapters/iec62056.py)",
+    )
     spool_path: Path = Field(default=Path("var/spool.sqlite"), description="gateway spool file")
     spool_max_readings: int = Field(default=5_000_000, description="spool bound")
     spool_full_policy: str = Field(default="drop_oldest", description="drop_oldest | refuse_new")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -17,7 +20,10 @@ from hypothesis import strategies as st
 from adapters import quality
 from adapters.base import PollError
 from adapters.iec62056 import (
+    ACK,
     ETX,
+    IDENT_MAX,
+    READOUT_MAX,
     STX,
     FrameError,
     Iec62056Adapter,
@@ -27,6 +33,8 @@ from adapters.iec62056 import (
     command_message,
     data_message,
     from_line,
+    identification,
+    message_deadline,
     parse_data_message,
     parse_frame,
     to_line,
@@ -472,3 +480,161 @@ def test_simulator_command_prints_an_inventory_that_reads(adapter: Iec62056Adapt
         proc.terminate()
         assert proc.wait(timeout=10) == 0
     assert not (tmp_path / "line").exists()  # the link is removed on exit
+
+
+# --- a device that drips: the overall deadline per message ----------------------------------
+
+
+@dataclass
+class _DrippingLine(IecLineSim):
+    """The simulated line with a hostile device of this test's own at `drip_address`.
+
+    It answers its sign-on (stage "identification") or, after a proper
+    identification and option select, its readout (stage "data") with bytes
+    that keep coming one every `drip_s` seconds, faster than any idle timeout
+    notices and without end, until the poller speaks on the line again (as a
+    meter that restarts on a new sign-on). The healthy meters are the simulator's.
+    """
+
+    drip_address: str = "00000009"
+    drip_s: float = 0.5
+    stage: str = "identification"
+    dripped: int = 0
+
+    def _answer(self, address: str) -> None:
+        if address != self.drip_address:
+            super()._answer(address)
+            return
+        if self.stage == "identification":
+            self._drip(b"/AMR5", b"X")  # an identification that never reaches its CR LF
+            return
+        self.line.write(to_line(identification("AMR", "5", "DRIP")))
+        ack = self._read_line(2.0)
+        if ack is None or ACK not in ack:
+            return
+        self._drip(STX + b"1.8.0(", b"0")  # a data block that never reaches its ETX
+
+    def _drip(self, head: bytes, filler: bytes) -> None:
+        for b in itertools.chain(head, itertools.repeat(filler[0])):
+            if self._stop.is_set():
+                return
+            self.line.write(to_line(bytes((b,))))
+            self.dripped += 1
+            heard = self.line.read(1, self.drip_s)  # the pause between drips; anything heard ends it
+            if heard:
+                self._pending = from_line(heard)[0]
+                return
+
+
+def _poll_within(adapter: Iec62056Adapter, m: Meter, sim: IecLineSim, bound: float) -> tuple[object, float]:
+    """adapter.read_blocking(m) in a thread: (its result or exception, seconds), failing past bound.
+
+    Without a deadline the poll would never return: the line is closed then,
+    which ends it, and the test fails.
+    """
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = adapter.read_blocking(m)
+        except Exception as exc:
+            out["result"] = exc
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(bound)
+    elapsed = time.monotonic() - t0
+    if worker.is_alive():
+        sim.stop()
+        worker.join(10)
+        pytest.fail(f"the poll of {m.id} still ran after {elapsed:.1f} s (bound {bound:.1f} s)")
+    return out["result"], elapsed
+
+
+def test_message_deadline_is_the_idle_timeout_plus_twice_the_line_time_capped() -> None:
+    # 25 bytes at 9600 baud, 10 bits each: 26 ms on the wire
+    assert message_deadline(1.0, 9600, IDENT_MAX, 120) == pytest.approx(1.0 + 2 * 0.026042 + 0.25, abs=1e-4)
+    assert message_deadline(1.0, 9600, READOUT_MAX, 120) == pytest.approx(9.78, abs=0.01)
+    assert message_deadline(1.0, 300, READOUT_MAX, 120) == 120  # 137 s on the wire: the ceiling
+    assert message_deadline(1.0, 300, READOUT_MAX, 5) == 5
+
+
+@pytest.mark.parametrize("stage,ceiling", [("identification", None), ("data", 2.0)])
+def test_a_dripping_device_fails_at_its_deadline_and_its_neighbour_reads(stage: str, ceiling: float | None) -> None:
+    """A byte every 0.5 s never lets a 1.5 s idle timeout fire; the deadline ends the poll.
+
+    The identification's deadline is derived (25 bytes at 9600 baud: 1.8 s with
+    a 1.5 s idle timeout); the data message's would be 10.3 s, here capped by
+    AMR_IEC_MESSAGE_DEADLINE_S=2.
+    """
+    settings_ = Settings(iec_message_deadline_s=ceiling) if ceiling else Settings()
+    adapter = Iec62056Adapter(settings_)
+    good = SimMeter(address="00000001", seed=41)
+    try:
+        with _DrippingLine([good], baudrate=9600, stage=stage) as sim:
+            hostile = _meter(sim, "drip", sim.drip_address, timeout=1.5)
+            # worked out here, not asked of the code under test: 1.5 + 2 * 25 * 10 / 9600 + 0.25
+            limit = 1.802 if stage == "identification" else 2.0
+            result, elapsed = _poll_within(adapter, hostile, sim, limit + 2.0)
+            assert isinstance(result, PollError), result
+            assert result.outcome == "deadline"
+            text = str(result)
+            assert "meter drip" in text and sim.device in text and "deadline" in text
+            assert stage in text or "data message" in text
+            assert limit * 0.95 <= elapsed <= limit + 2.0
+            assert sim.dripped >= 3  # it was dripping, not silent
+            # the healthy meter on the same line is read as soon as the poll gave up
+            readings, _ = _poll_within(adapter, _meter(sim, "ok", "00000001"), sim, 5.0)
+            assert not isinstance(readings, Exception), readings
+            assert _values(readings) == good.last.values
+    finally:
+        adapter.close_blocking()
+
+
+def test_scheduler_reads_the_healthy_meter_every_slot_beside_a_dripping_one() -> None:
+    """The field case: a dripping meter held its bus for 71 s; its neighbour missed five slots."""
+    from collector import metrics
+    from collector.scheduler import Scheduler
+
+    class ListSink:
+        def __init__(self) -> None:
+            self.items: list = []
+
+        def put(self, items: list) -> None:
+            self.items.extend(items)
+
+    good = SimMeter(address="00000001", seed=42)
+    adapter = Iec62056Adapter(Settings())
+    sink = ListSink()
+    with _DrippingLine([good], baudrate=9600) as sim:
+        meters = [_meter(sim, "drip", sim.drip_address, timeout=1.5, interval="60s"),
+                  _meter(sim, "ok", "00000001", timeout=1.5, interval="60s")]
+        sched = Scheduler(meters, lambda m: adapter, sink, jitter_s=0, retry_delay_s=0.2, backoff_after=100)
+        deadlines = metrics.POLLS.labels("iec62056", meters[0].bus_name, "deadline")
+        before = deadlines._value.get()
+        limit = 1.802  # the identification's deadline: 1.5 + 2 * 25 * 10 / 9600 + 0.25
+
+        async def slots(n: int) -> list:
+            reports = []
+            try:
+                for k in range(n):  # past slots: one pass each, no retries
+                    slot = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1, minutes=k)
+                    reports.append(await asyncio.wait_for(
+                        sched.run_slot(meters, slot, timedelta(seconds=60)), timeout=limit + 5.0
+                    ))
+            except TimeoutError:
+                sim.stop()  # unblocks the poll in its thread, so the loop can close
+                pytest.fail(f"slot {len(reports)} did not finish within {limit + 5.0:.1f} s")
+            finally:
+                await adapter.close()
+            return reports
+
+        t0 = time.monotonic()
+        reports = asyncio.run(slots(3))
+        elapsed = time.monotonic() - t0
+    assert [r.read for r in reports] == [["ok"]] * 3
+    assert all("deadline" in r.missed["drip"] and sim.device in r.missed["drip"] for r in reports)
+    assert deadlines._value.get() - before == 3
+    assert elapsed <= 3 * (limit + 2.0)
+    assert sorted({r.meter_id for r in sink.items if hasattr(r, "register")}) == ["ok"]
