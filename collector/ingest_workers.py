@@ -79,8 +79,82 @@ class Outcome(IngestResult):
         self.decode_seconds += other.decode_seconds
 
 
-def _is_unreachable(exc: BaseException) -> bool:
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+def is_outage(exc: BaseException) -> bool:
+    """True when a failed write says the database cannot take writes now; False when it refuses the data.
+
+    This decides between waiting and dead-lettering, so it errs towards waiting.
+    An outage is waited out with the messages unacknowledged: the readings are
+    stored once the database takes writes again. A refusal of the data is
+    isolated message by message and the refused messages are dead-lettered,
+    because waiting would not change the answer. Only what the data itself
+    causes is a refusal: PostgreSQL's data exceptions (SQLSTATE class 22, like a
+    value out of range or a NUL byte in text), integrity violations (class 23),
+    program limits a statement hits (class 54, like an index row too large), and
+    a Python exception raised while decoding or validating the items.
+    Everything else is the state of the database or of our configuration, which
+    a failover or a person fixes, and the readings must still be there then:
+    unreachable (OperationalError, InterfaceError), a standby after failover
+    (read-only transaction, class 25), a missing privilege or table (class 42),
+    a malformed AMR_DATABASE_URL (ProgrammingError from libpq's conninfo
+    parser), a full disk, no database configured. Taking one of those for a
+    refusal would dead-letter or acknowledge good readings; taking a refusal
+    for an outage only stalls, visibly (amr_db_up, amr_db_errors_total, the log).
+    """
+    if isinstance(exc, psycopg.errors.DataError | psycopg.errors.IntegrityError | psycopg.errors.ProgramLimitExceeded):
+        return False
+    return isinstance(exc, psycopg.Error | OSError | db.DatabaseNotConfigured)
+
+
+def describe_database(url: str) -> str:
+    """`host:port/dbname` of a libpq URL or conninfo string, for logs: never the password or other options.
+
+    A URL that does not parse is named as such, without echoing it (the text
+    around a parse error may be the password).
+    """
+    if not url:
+        return "(AMR_DATABASE_URL not set)"
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except Exception:
+        info = None
+    host = str((info or {}).get("host") or (info or {}).get("hostaddr") or "localhost")
+    if info is None or "@" in host or "=" in host:  # a password with an unquoted @ spills into the host
+        from urllib.parse import urlsplit
+
+        try:  # libpq refuses it: name what a URL reader sees, and say it is malformed
+            parts = urlsplit(url)
+            if parts.scheme in ("postgres", "postgresql") and parts.hostname:
+                return f"{parts.hostname}:{parts.port or 5432}/{parts.path.lstrip('/') or '?'} (a malformed URL)"
+        except ValueError:
+            pass
+        return "(AMR_DATABASE_URL that does not parse)"
+    port = info.get("port") or "5432"
+    user = info.get("user")
+    return f"{user + '@' if user else ''}{host}:{port}/{info.get('dbname') or user or '?'}"
+
+
+def safe_reason(exc: BaseException, url: str = "") -> str:
+    """The first line of a database error, with nothing of the URL's secrets in it.
+
+    libpq's conninfo errors quote the text they could not parse, which may be
+    the password: quoted text goes, as does anything logs.redact recognises
+    and the URL's password wherever it appears.
+    """
+    import re
+
+    from collector.logs import redact
+
+    text = _first_line(exc)
+    if isinstance(exc, psycopg.ProgrammingError) and getattr(exc, "sqlstate", None) is None:
+        text = re.sub(r'"[^"]*"', '"..."', text)  # conninfo parse errors quote the unparsed text
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url) if url else {}
+    except Exception:
+        info = {}
+    for secret in (info.get("password"), info.get("host") if "@" in str(info.get("host")) else None):
+        if secret:  # (a host with an @ is the tail of a password that held one)
+            text = text.replace(str(secret), "***")
+    return redact(text)
 
 
 class _Store:
@@ -98,6 +172,9 @@ class _Store:
             self._held = (conn, Ingestor(conn, self.settings, record_metrics=False))
         return self._held[1].ingest(items)
 
+    def describe(self) -> str:
+        return describe_database(self.database_url)
+
     def drop(self) -> None:
         if self._held is not None:
             try:
@@ -109,22 +186,37 @@ class _Store:
 
 def _ingest_waiting(store: _Store, items: list[Reading | Rejected], stopped: Callable[[float], bool],
                     on_db_error: Callable[[str], None]) -> IngestResult | None:
-    """Store items, waiting out an unreachable database with back-off; None when stopped.
+    """Store items, waiting out a database outage (`is_outage`) with back-off; None when stopped.
 
-    Any other failure is raised: the store refuses these items.
+    A refusal of the data is raised: the caller isolates and dead-letters it.
+    The outage is logged once, when it starts, and once more when the
+    database takes writes again; every failed attempt is counted.
     """
     backoff = 0.5
+    failing = False
     while True:
         try:
-            return store.ingest(items)
+            result = store.ingest(items)
         except Exception as exc:
             store.drop()
-            if not _is_unreachable(exc):
+            if not is_outage(exc):
+                metrics.DB_UP.set(1)  # it answered: with a refusal of these items
                 raise
-            on_db_error(_first_line(exc))
+            metrics.DB_UP.set(0)
+            reason = safe_reason(exc, store.database_url)
+            if not failing:
+                log.warning("database %s cannot take writes (%s): the messages stay unacknowledged, "
+                            "retrying with back-off", store.describe(), reason)
+                failing = True
+            on_db_error(reason)
             if stopped(backoff):
                 return None
             backoff = min(backoff * 2, 30)
+            continue
+        metrics.DB_UP.set(1)
+        if failing:
+            log.info("database %s takes writes again", store.describe())
+        return result
 
 
 def store_groups(
@@ -157,6 +249,24 @@ def store_groups(
     out.items = sum(len(items) for _, items in groups)
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def check_database(url: str, timeout: int = 5) -> str | None:
+    """None when the database at `url` would take the collector's writes; else why not, safe to log.
+
+    For the line a daemon writes at start: reachable is not enough, since a
+    standby after failover answers but refuses writes, and a role without
+    INSERT on `reading` (or a database never migrated) refuses every batch.
+    """
+    try:
+        with psycopg.connect(url, connect_timeout=timeout, autocommit=True) as conn:
+            if conn.execute("SHOW transaction_read_only").fetchone()[0] == "on":  # type: ignore[index]
+                return "it is read-only: a standby, or default_transaction_read_only is on"
+            if not conn.execute("SELECT has_table_privilege('reading', 'INSERT')").fetchone()[0]:  # type: ignore[index]
+                return "this role may not INSERT into table reading"
+    except Exception as exc:
+        return safe_reason(exc, url)
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -213,8 +323,7 @@ class LocalIngest:
 
 
 def _count_db_error(reason: str) -> None:
-    metrics.DB_ERRORS.inc()
-    log.warning("database write failed (%s); the batch is kept unacknowledged, retrying", reason)
+    metrics.DB_ERRORS.inc()  # _ingest_waiting logged the outage when it began
 
 
 def decode_batch(decoder: MessageDecoder, messages: Batch) -> tuple[list[Group], dict[int, tuple[str, str]], float]:
@@ -266,16 +375,16 @@ def _worker_main(index: int, parent: int) -> None:
     try:
         store.ingest([])  # connect now, so the first batch does not wait for it
     except Exception as exc:  # the first batch tries again, and waits out the outage
-        store.drop()
-        log.warning("ingestion worker %d: database not reachable yet (%s)", index, _first_line(exc))
+        store.drop()  # the collector said so at start (check_database)
+        log.debug("ingestion worker %d: database %s not usable yet (%s)", index, store.describe(),
+                  safe_reason(exc, database_url))
 
     def stopped(seconds: float) -> bool:
         time.sleep(seconds)
         return os.getppid() != parent  # the parent died: nobody would acknowledge
 
     def db_error(reason: str) -> None:
-        log.warning("ingestion worker %d: database write failed (%s); retrying", index, reason)
-        replies.send(("db_error", reason))
+        replies.send(("db_error", reason))  # _ingest_waiting logged the outage when it began
 
     try:
         replies.send(("ready",))
@@ -487,8 +596,10 @@ class IngestPool:
             w.ready = True
         elif msg[0] == "db_error":
             metrics.DB_ERRORS.inc()
+            metrics.DB_UP.set(0)
         else:
             _, ticket, outcome = msg
+            metrics.DB_UP.set(1)
             w.unconfirmed.pop(ticket, None)
             w.deaths.pop(ticket, None)
             self._outcomes[ticket].add(outcome)

@@ -36,7 +36,14 @@ from adapters import mqtt_formats as fmt
 from adapters.reading import Rejected
 from collector import metrics
 from collector.decoding import Message, MessageDecoder
-from collector.ingest_workers import IngestPool, LocalIngest, Outcome, record
+from collector.ingest_workers import (
+    IngestPool,
+    LocalIngest,
+    Outcome,
+    check_database,
+    describe_database,
+    record,
+)
 from collector.mqtt_client import BrokerConfig, Connection, connect_properties, make_client
 
 log = logging.getLogger("amr.mqtt")
@@ -157,8 +164,18 @@ class Consumer:
     # --- worker ---
 
     def prepare(self) -> None:
-        """Open the store (start the worker processes, connect to the database) before consuming."""
+        """Open the store (start the worker processes, connect to the database) before consuming.
+
+        A database that cannot take writes does not stop the collector: it
+        says so in one line, shows amr_db_up 0 and joins the broker anyway;
+        the messages wait unacknowledged until the database takes them.
+        """
         if not self._prepared:
+            problem = check_database(self.database_url)
+            metrics.DB_UP.set(0 if problem else 1)
+            if problem:
+                log.warning("database %s cannot take writes (%s): joining the broker anyway; messages stay "
+                            "unacknowledged until it can", describe_database(self.database_url), problem)
             self._store.start()
             self._prepared = True
 
@@ -223,19 +240,21 @@ class Consumer:
         return batch
 
     def _finish(self, batch: list[_Msg], outcome: Outcome | None) -> None:
-        """Count a stored batch and acknowledge its messages, dead-lettering those the store refused."""
+        """Count a stored batch and acknowledge its messages, dead-lettering those the store refused.
+
+        A message is acknowledged only once its readings or its dead-letter row
+        are committed. One whose dead-letter row cannot be written either stays
+        unacknowledged: the broker delivers it again on the next connection.
+        """
         if outcome is None:
             return  # stopped before it was stored: unacknowledged, the broker sends it again
         refused_groups = set(outcome.failed)
+        unsaved: dict[int, str] = {}
         if outcome.failed:
-            refused = [(g, [Rejected(f"mqtt:{batch[g].topic}"[:256], batch[g].payload[: fmt.MAX_RAW_KEPT],
-                                     reason, "store_error")]) for g, reason in outcome.failed.items()]
-            again = self._store.result(self._store.submit_items(refused))
+            again = self._dead_letter(batch, outcome.failed)
             if again is None:
-                return
-            if again.failed:
-                log.error("could not dead-letter %d refused messages: %s", len(again.failed),
-                          "; ".join(again.failed.values()))
+                return  # stopped while the database was down: nothing of the batch is acknowledged
+            unsaved = again.failed
             again.failed = {}
             outcome.failed = {}
             outcome.add(again)
@@ -243,10 +262,39 @@ class Consumer:
         self.ingest_seconds += outcome.seconds
         self.decode_seconds += outcome.decode_seconds
         for g, m in enumerate(batch):
+            if g in unsaved:
+                continue
             family, result = outcome.labels.get(g, ("unknown", "rejected"))
             metrics.MQTT_MESSAGES.labels(family, "rejected" if g in refused_groups else result).inc()
             self._ack(m)
-        self.stored_messages += len(batch)
+        self.stored_messages += len(batch) - len(unsaved)
+
+    def _dead_letter(self, batch: list[_Msg], failed: dict[int, str]) -> Outcome | None:
+        """Store each refused message as a reject with its raw bytes; what still fails is in `.failed`.
+
+        A reason the store refuses (a NUL byte quoted from the data, say) gets
+        a second try with a fixed reason, so only a database refusing even that
+        keeps a message back. None when stopped during an outage.
+        """
+        def rejects(reasons: dict[int, str]) -> list:
+            return [(g, [Rejected(f"mqtt:{batch[g].topic}"[:256], batch[g].payload[: fmt.MAX_RAW_KEPT],
+                                  reason.replace("\x00", "\\0")[:2000], "store_error")])
+                    for g, reason in reasons.items()]
+
+        out = self._store.result(self._store.submit_items(rejects(failed)))
+        if out is None or not out.failed:
+            return out
+        fixed = {g: "the store refused this message, and the reason it gave could not be stored either"
+                 for g in out.failed}
+        second = self._store.result(self._store.submit_items(rejects(fixed)))
+        if second is None:
+            return None
+        if second.failed:
+            log.error("could not dead-letter %d refused messages (%s); they stay unacknowledged and come "
+                      "again on the next connection", len(second.failed), "; ".join(second.failed.values())[:500])
+        out.failed = {}
+        out.add(second)
+        return out
 
     def _ack(self, m: _Msg) -> None:
         if m.qos == 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -340,3 +341,107 @@ def test_local_and_pool_store_the_same_rows(db_url: str, second_db_url: str) -> 
     assert [row[:4] for row in pool_rows["reading"]] == expected
     assert sum(1 for row in pool_rows["rejected_reading"] if row[0] == "conflict") == 2
     assert pool_rows["interval_usage"], "nothing derived"
+
+
+# --- 5. what is an outage and what is a refusal of the data: real errors from a real server ---
+
+
+def _error(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as exc:  # the error is what the test looks at
+        return exc
+    raise AssertionError("expected an error")
+
+
+def test_is_outage_tells_the_database_state_from_the_data(db_url: str, pg_admin_url: str) -> None:
+    from collector.ingest_workers import is_outage
+    from collector.storage import db
+    from tests.conftest import free_port
+
+    def write(url: str, sql: str, *, setup: str | None = None) -> None:
+        with psycopg.connect(url) as c:
+            if setup:
+                c.execute(setup)
+            c.execute(sql)
+
+    insert = "INSERT INTO meter (id, account) VALUES ('x', 'x')"
+    role = f"amr_ro_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        role_url = psycopg.conninfo.make_conninfo(db_url, user=role)
+        outages = {
+            "unreachable": _error(lambda: psycopg.connect(f"postgresql://u:pw@127.0.0.1:{free_port()}/amr")),
+            "malformed URL": _error(lambda: psycopg.connect("postgresql://u:pw@127.0.0.1:5432/amr?foo=bar")),
+            "unparseable conninfo": _error(lambda: psycopg.connect("host=h password=pw dbname")),
+            "read-only (a standby)": _error(lambda: write(db_url, insert, setup="SET TRANSACTION READ ONLY")),
+            "no privilege": _error(lambda: write(role_url, "INSERT INTO reading (meter_id) VALUES ('x')")),
+            "not migrated": _error(lambda: write(db_url, "SELECT * FROM no_such_table")),
+            "no database configured": _error(lambda: db.connect("")),
+        }
+        refusals = {
+            "bad text for a number": _error(lambda: write(db_url, "SELECT 'x'::int")),
+            "a NUL byte in text": _error(lambda: psycopg.connect(db_url).execute("SELECT %s::text", ("a\x00b",))),
+            "out of range": _error(lambda: write(db_url, "SELECT 1e400::float8")),
+            "a duplicate key": _error(lambda: write(db_url, "INSERT INTO t VALUES (1), (1)",
+                                                    setup="CREATE TEMP TABLE t (k int PRIMARY KEY)")),
+            "decoding": _error(lambda: Decimal("1,5")),
+            "validating": ValueError("year 1 is before the zone calendar"),
+        }
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE {role}")
+    assert isinstance(outages["read-only (a standby)"], psycopg.errors.ReadOnlySqlTransaction)
+    assert isinstance(outages["no privilege"], psycopg.errors.InsufficientPrivilege)
+    assert isinstance(outages["malformed URL"], psycopg.ProgrammingError)
+    assert {k: is_outage(e) for k, e in outages.items()} == dict.fromkeys(outages, True)
+    assert {k: is_outage(e) for k, e in refusals.items()} == dict.fromkeys(refusals, False)
+
+
+def test_database_descriptions_never_carry_the_password() -> None:
+    from collector.ingest_workers import describe_database, safe_reason
+
+    urls = {
+        "postgresql://amr:hunter2@db1:5433/amr": "amr@db1:5433/amr",
+        "host=db1 port=5433 dbname=amr user=col password=hunter2": "col@db1:5433/amr",
+        "postgresql://amr:hunter2@127.0.0.1:5432/amr?foo=bar": "127.0.0.1:5432/amr (a malformed URL)",
+        "postgresql://amr:hun@ter2@127.0.0.1:5432/amr": "127.0.0.1:5432/amr (a malformed URL)",
+        "postgres//amr:hunter2@db1/amr": "(AMR_DATABASE_URL that does not parse)",
+    }
+    for url, described in urls.items():
+        assert describe_database(url) == described
+        exc = _error(lambda url=url: psycopg.connect(url, connect_timeout=2))
+        assert "hunter2" not in safe_reason(exc, url) and "ter2" not in safe_reason(exc, url), safe_reason(exc, url)
+
+
+def test_pool_waits_out_a_read_only_database_and_then_stores_everything(db_url: str, pg_admin_url: str) -> None:
+    """A standby after failover: nothing refused, nothing dead-lettered; stored once it takes writes."""
+    from prometheus_client import REGISTRY
+
+    meters = _meters(uuid.uuid4().hex[:6], per_worker=2)
+    _add_meters(db_url, meters)
+    name = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    batches = _batches(meters, 20, 10)
+    errors = REGISTRY.get_sample_value("amr_db_errors_total") or 0
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+    stop = threading.Event()
+    pool = _pool(db_url, stop)
+    try:
+        tickets = [pool.submit(_msgs(b)) for b in batches]
+        deadline = time.monotonic() + 20
+        while (REGISTRY.get_sample_value("amr_db_errors_total") or 0) < errors + 2:
+            assert time.monotonic() < deadline, "the workers never tried the database"
+            assert not any(pool.ready(t) for t in tickets), "a batch was finished with the database read-only"
+        assert REGISTRY.get_sample_value("amr_db_up") == 0
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = off")
+        outcomes = [pool.result(t, timeout=60) for t in tickets]
+    finally:
+        pool.close()
+    assert all(o is not None and not o.failed for o in outcomes)
+    assert _stored(db_url) == _expected(batches)
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT count(*) FROM rejected_reading").fetchone()[0] == 0
+    assert REGISTRY.get_sample_value("amr_db_up") == 1

@@ -8,6 +8,7 @@ reading stored exactly once, nothing lost, nothing stalls.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -381,3 +382,159 @@ def test_resumed_session_drops_subscriptions_no_longer_wanted(db_url, tmp_path, 
     pub.close()
     assert len(rows) == 1
     assert _rejects(db_url) == [], log  # the Tasmota message would have been an unknown device
+
+
+# --- nothing acknowledged that is not committed: the database's state is an outage, not a reject ---
+
+
+def _count(db_url: str, sql: str) -> int:
+    with psycopg.connect(db_url) as c:
+        return c.execute(sql).fetchone()[0]
+
+
+def _set_read_only(pg_admin_url: str, db_url: str, on: bool) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = {'on' if on else 'off'}")
+
+
+def test_read_only_database_nothing_acknowledged_is_lost(db_url, pg_admin_url, tmp_path, broker):
+    """A standby after failover: the collector says so, keeps every message, stores them all later."""
+    _setup_meters(db_url, tmp_path, [{"id": f"ro-{i}", "adapter": "mqtt"} for i in range(2)])
+    _set_read_only(pg_admin_url, db_url, True)
+    c = Collector(db_url, "127.0.0.1", broker.port, "g", "c-ro", None, batch=5, workers=2)
+    c.wait_log("is read-only")  # said at start, before or while joining the broker
+    msgs, expected = _amr_messages(["ro-0", "ro-1"], 5, 1)  # 10 readings, a message each
+    pub = Publisher("127.0.0.1", broker.port)
+    for topic, payload in msgs:
+        pub.publish(topic, payload)
+    pub.confirm()
+    c.wait_log("cannot take writes (cannot execute", timeout=30)  # a worker tried, and waits
+    time.sleep(1)
+    assert _count(db_url, "SELECT count(*) FROM reading") == 0
+    assert _count(db_url, "SELECT count(*) FROM rejected_reading") == 0  # not dead-lettered either
+    _set_read_only(pg_admin_url, db_url, False)  # the database takes writes again
+    rows = _wait_for(db_url, "ro-", len(expected), timeout=60)
+    log = c.stop()
+    pub.close()
+    assert set(rows) == expected and len(rows) == len(expected), log
+    assert _rejects(db_url) == []
+    assert "takes writes again" in log
+
+
+def test_malformed_database_url_nothing_acknowledged_nothing_lost(db_url, tmp_path, broker):
+    _setup_meters(db_url, tmp_path, [{"id": f"mu-{i}", "adapter": "mqtt"} for i in range(2)])
+    info = psycopg.conninfo.conninfo_to_dict(db_url)
+    bad_url = f"postgresql://{info.get('user') or 'postgres'}:hunter2@127.0.0.1:5432/{info['dbname']}?foo=bar"
+    c = Collector(bad_url, "127.0.0.1", broker.port, "g", "c-mu", None, batch=5)
+    c.wait_log(f"database 127.0.0.1:5432/{info['dbname']} (a malformed URL) cannot take writes")
+    msgs, expected = _amr_messages(["mu-0", "mu-1"], 3, 1)
+    pub = Publisher("127.0.0.1", broker.port)
+    for topic, payload in msgs:
+        pub.publish(topic, payload)
+    pub.confirm()
+    time.sleep(2)
+    first_log = c.stop()
+    assert c.stored(first_log) == 0
+    assert _count(db_url, "SELECT count(*) FROM reading") == 0
+    assert _count(db_url, "SELECT count(*) FROM rejected_reading") == 0
+    assert "hunter2" not in first_log
+    c = Collector(db_url, "127.0.0.1", broker.port, "g", "c-mu", None, batch=5)  # fixed: the same session
+    rows = _wait_for(db_url, "mu-", len(expected), timeout=30)
+    c.stop()
+    pub.close()
+    assert set(rows) == expected and len(rows) == len(expected)
+    assert _rejects(db_url) == []
+
+
+def test_collect_says_the_database_is_unreachable_and_shows_db_up_0(db_url, tmp_path, broker):
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    dead, metrics_port = free_port(), free_port()
+    url = f"postgresql://amr:hunter2@127.0.0.1:{dead}/amr_prod"
+    env = {**os.environ, "AMR_DATABASE_URL": url, "AMR_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
+           "AMR_MQTT_GROUP": "g", "AMR_METRICS_PORT": str(metrics_port), "AMR_METRICS_REFRESH_S": "3600",
+           "AMR_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "collect", "--client-id", "c-dead", "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        for line in proc.stderr:
+            lines.append(line)
+            if "subscribed to" in line or time.monotonic() > deadline:
+                break
+        said = [line for line in lines if "cannot take writes" in line]
+        assert len(said) == 1, "".join(lines)
+        assert f"amr@127.0.0.1:{dead}/amr_prod" in said[0] and "joining the broker anyway" in said[0]
+        assert lines.index(said[0]) < next(i for i, line in enumerate(lines) if "subscribed to" in line)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert re.search(r"^amr_db_up 0\.0$", body, re.M), body
+        assert "hunter2" not in "".join(lines)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=20)[1]
+    assert proc.returncode == 0 and "hunter2" not in out
+
+
+def test_a_message_that_cannot_be_dead_lettered_is_not_acknowledged(db_url, tmp_path, broker, caplog):
+    """The store refuses a message (its data), and refuses its dead-letter row too: it stays
+    unacknowledged, and the next connection gets it again; the good messages beside it are stored once."""
+    from collector.mqtt_client import parse_broker_url
+    from collector.mqtt_consumer import Consumer
+    from collector.settings import Settings
+
+    _setup_meters(db_url, tmp_path, [{"id": m, "adapter": "mqtt"} for m in ("dl-a", "dl-x")])
+    with psycopg.connect(db_url) as c:
+        c.execute("""CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN IF TG_TABLE_NAME = 'rejected_reading' OR NEW.meter_id = 'dl-x' THEN
+                       RAISE EXCEPTION 'refused by a test trigger' USING ERRCODE = '22023'; END IF;
+                     RETURN NEW; END $$""")
+        c.execute("CREATE TRIGGER refuse BEFORE INSERT ON reading FOR EACH ROW EXECUTE FUNCTION refuse()")
+        c.execute("CREATE TRIGGER refuse_dead BEFORE INSERT ON rejected_reading FOR EACH ROW "
+                  "WHEN (NEW.code = 'store_error') EXECUTE FUNCTION refuse()")
+    cfg = parse_broker_url(f"mqtt://127.0.0.1:{broker.port}")
+
+    def consumer() -> tuple[Consumer, threading.Thread]:
+        con = Consumer(cfg, db_url, "c-dl", group="g", families=["amr"], settings=Settings(database_url=db_url),
+                       batch_wait=0.5)
+        th = threading.Thread(target=con.run, daemon=True)
+        th.start()
+        return con, th
+
+    def message(meter: str, k: int) -> bytes:
+        t = BASE + timedelta(minutes=30 * k)
+        return json.dumps({"v": 1, "readings": [{"meter": meter, "register": "1.8.0", "ts": t.isoformat(),
+                                                 "value": f"{100 + k}"}]}).encode()
+
+    first, th = consumer()
+    time.sleep(1.5)
+    pub = Publisher("127.0.0.1", broker.port)
+    for meter, k in (("dl-a", 0), ("dl-x", 0), ("dl-a", 1)):
+        pub.publish(f"amr/v1/{meter}/readings", message(meter, k))
+    pub.confirm()
+    with caplog.at_level(logging.ERROR, logger="amr.mqtt"):
+        deadline = time.monotonic() + 30
+        while not any("could not dead-letter" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the dead-letter write was never refused"
+            time.sleep(0.1)
+    first.stop()
+    th.join(20)
+    assert first.stored_messages == 2  # the good two; the third is not acknowledged
+    assert len(_stored(db_url, "dl-")) == 2 and _rejects(db_url) == []
+    with psycopg.connect(db_url) as c:
+        c.execute("DROP TRIGGER refuse_dead ON rejected_reading")
+    second, th = consumer()  # the same session: the broker delivers the unacknowledged message again
+    deadline = time.monotonic() + 30
+    while not _rejects(db_url):
+        assert time.monotonic() < deadline, "the unacknowledged message never came again"
+        time.sleep(0.1)
+    second.stop()
+    th.join(20)
+    pub.close()
+    rejects = _rejects(db_url)
+    assert [(r[1], r[4]) for r in rejects] == [("store_error", "mqtt:amr/v1/dl-x/readings")]
+    assert b'"dl-x"' in bytes(rejects[0][3]) and "refused by a test trigger" in rejects[0][2]
+    assert sorted(r[0] for r in _stored(db_url, "dl-")) == ["dl-a", "dl-a"]
