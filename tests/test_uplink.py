@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from collector.inventory import parse_inventory, upsert_inventory
 from collector.mqtt_client import parse_broker_url
 from collector.settings import Settings
 from collector.spool import Spool
-from collector.uplink import IngestForwarder, MqttForwarder, Uplink
+from collector.uplink import IngestForwarder, MqttForwarder, Uplink, UplinkError
 from tests.conftest import ROOT, _mosquitto_binary
 
 T0 = (datetime.now(UTC) - timedelta(days=30)).replace(minute=0, second=0, microsecond=0)
@@ -146,8 +147,9 @@ def test_drain_to_the_database_after_commit_only(tmp_path, db_url):
     sent = _readings(120)
     spool.put(sent)
     bad = Uplink(spool, IngestForwarder(db_url + "_no_such_db", Settings()), batch_size=50)
-    with pytest.raises(Exception, match="database write failed"):
+    with pytest.raises(UplinkError, match="cannot take writes") as err:
         bad.drain_once()
+    assert err.value.reason == "db_unavailable"
     assert len(spool) == 120  # nothing left the spool without a commit
     good = Uplink(spool, IngestForwarder(db_url, Settings()), batch_size=50)
     while good.drain_once():
@@ -231,3 +233,173 @@ def test_tls_with_client_certificate_and_password_never_logged(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --- delivery means delivery: only a PUBACK with reason code 0 takes a batch out of the spool ---
+
+
+def _refused(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("amr_uplink_refused_total", {"reason": reason}) or 0
+
+
+def test_puback_no_matching_subscribers_keeps_the_batch(tmp_path, broker):
+    """Reason 16 is an answer, not a delivery: the broker dropped the message."""
+    spool = Spool(tmp_path / "spool.sqlite", 10_000)
+    sent = _readings(120)
+    spool.put(sent)
+    fwd = MqttForwarder(parse_broker_url(f"mqtt://127.0.0.1:{broker.port}"), "amr/v1/gw-nosub/readings", timeout=5)
+    uplink = Uplink(spool, fwd, batch_size=50)
+    before = _refused("no_subscribers")
+    for _ in range(3):  # nobody subscribed: every try is refused, nothing leaves the spool
+        with pytest.raises(UplinkError, match="PUBACK 16") as err:
+            uplink.drain_once()
+        assert err.value.reason == "no_subscribers"
+    assert len(spool) == 120 and uplink.delivered == 0
+    assert [e.item for e in spool.peek(1)] == [sent[0].flagged("spooled")]  # still at the head
+    assert _refused("no_subscribers") == before + 3
+    sub = Subscriber(broker.port)  # a subscriber: now the same batches are delivered, in order
+    while uplink.drain_once():
+        pass
+    _until(lambda: len(sub.first_seen()) == len(sent), 20, "subscriber did not see everything")
+    fwd.close()
+    sub.close()
+    assert len(spool) == 0 and sub.first_seen() == [_key(r) for r in sent]
+
+
+def test_broker_restart_while_draining_with_collectors_down_stores_every_reading_once(db_url, tmp_path, broker, caplog):
+    """The gateway polls and drains; the collectors are down; the broker restarts (and forgets their
+    shared subscriptions until they come back). Every polled reading is stored exactly once."""
+    from tests.test_mqtt_collector import Collector, _setup_meters
+
+    meters = [f"rs-{i}" for i in range(4)]
+    _setup_meters(db_url, tmp_path, [{"id": m, "adapter": "mqtt"} for m in meters])
+    Collector(db_url, "127.0.0.1", broker.port, "g", "c-rs", None).stop()  # subscribed once: a persistent session
+    spool = Spool(tmp_path / "spool.sqlite", 1_000_000)
+    fwd = MqttForwarder(parse_broker_url(f"mqtt://127.0.0.1:{broker.port}"), "amr/v1/gw-rs/readings", timeout=3)
+    fwd.client.reconnect_delay_set(0.1, 0.5)
+    uplink = Uplink(spool, fwd, batch_size=100, max_backoff=0.5)
+    sent: list[Reading] = []
+
+    def poll(rounds: int) -> None:  # the gateway keeps polling: 4 meters, a reading each per round
+        for _ in range(rounds):
+            k = len(sent) // len(meters)
+            batch = [Reading(m, "1.8.0", T0 + timedelta(minutes=30 * k), Decimal(1000 + k), frozenset(), "modbus")
+                     for m in meters]
+            spool.put(batch)
+            sent.extend(batch)
+            uplink.notify()
+            time.sleep(0.005)
+
+    refused_before = _refused("no_subscribers")
+    with caplog.at_level(logging.INFO, logger="collector.uplink"):
+        uplink.start()
+        poll(400)  # delivered into the offline session's queue at the broker
+        broker.stop()
+        broker.start()
+        poll(600)  # the broker answers 16 until a collector subscribes again
+        _until(lambda: _refused("no_subscribers") > refused_before, 30, "no PUBACK 16 after the restart")
+        poll(200)
+        assert len(spool) > 0  # what the broker could not deliver is still here
+        collector = Collector(db_url, "127.0.0.1", broker.port, "g", "c-rs", None)
+        poll(200)
+        _until(lambda: len(spool) == 0, 60, f"the spool did not drain: {len(spool)} left")
+    expected = {(r.meter_id, r.ts, r.value) for r in sent}
+    deadline = time.monotonic() + 60
+    while True:
+        with psycopg.connect(db_url) as c:
+            rows = c.execute("SELECT meter_id, ts, value FROM reading WHERE meter_id LIKE 'rs-%'").fetchall()
+        if len(rows) >= len(expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    uplink.stop()
+    log = collector.stop()
+    assert len(sent) == 5600
+    assert len(rows) == len(expected) and set(rows) == expected, (len(rows), len(expected), log[-2000:])
+    warned = [r.getMessage() for r in caplog.records if "No matching subscribers" in r.getMessage()]
+    assert len(warned) == 1  # said once for the outage, not once per retry
+    assert any("delivering again" in r.getMessage() for r in caplog.records)
+
+
+def test_database_down_keeps_the_spool_and_says_where_without_the_password(tmp_path, db_url, caplog):
+    from prometheus_client import REGISTRY
+
+    from tests.conftest import free_port
+
+    with psycopg.connect(db_url) as c:
+        upsert_inventory(c, parse_inventory({"subscriber": [{"account": "1"}],
+                                             "meter": [{"id": "gw-m", "account": "1"}]}))
+    spool = Spool(tmp_path / "spool.sqlite", 10_000)
+    spool.put(_readings(60))
+    port = free_port()  # nobody listens
+    down = IngestForwarder(f"postgresql://amr:hunter2@127.0.0.1:{port}/amr_prod", Settings())
+    uplink = Uplink(spool, down, batch_size=50, max_backoff=0.2)
+    refused = _refused("db_unavailable")
+    with caplog.at_level(logging.INFO, logger="collector.uplink"):
+        uplink.start()
+        _until(lambda: _refused("db_unavailable") >= refused + 3, 20, "the uplink did not retry")
+        uplink.stop()
+    assert len(spool) == 60 and REGISTRY.get_sample_value("amr_db_up") == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "collector.uplink"]
+    assert len(lines) == 1, lines  # one line for the outage, however many retries
+    assert f"amr@127.0.0.1:{port}/amr_prod" in lines[0] and "hunter2" not in lines[0]
+    good = Uplink(spool, IngestForwarder(db_url, Settings()), batch_size=50)
+    while good.drain_once():
+        pass
+    good.forwarder.close()
+    assert len(spool) == 0 and REGISTRY.get_sample_value("amr_db_up") == 1
+
+
+def test_read_only_database_keeps_the_spool_until_it_takes_writes(tmp_path, db_url, pg_admin_url):
+    """A standby after failover answers, but refuses writes: an outage, not a refusal of the data."""
+    with psycopg.connect(db_url) as c:
+        upsert_inventory(c, parse_inventory({"subscriber": [{"account": "1"}],
+                                             "meter": [{"id": "gw-m", "account": "1"}]}))
+    name = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+    spool = Spool(tmp_path / "spool.sqlite", 10_000)
+    sent = _readings(80)
+    spool.put(sent)
+    uplink = Uplink(spool, IngestForwarder(db_url, Settings()), batch_size=50)
+    with pytest.raises(UplinkError, match="read-only") as err:
+        uplink.drain_once()
+    assert err.value.reason == "db_unavailable" and len(spool) == 80
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT count(*) FROM rejected_reading").fetchone()[0] == 0  # not dead-lettered either
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = off")
+    while uplink.drain_once():
+        pass
+    uplink.forwarder.close()
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT count(*) FROM reading WHERE meter_id = 'gw-m'").fetchone()[0] == len(sent)
+
+
+def test_one_item_the_database_refuses_does_not_hold_the_spool(tmp_path, db_url):
+    """A refusal of the data (a trigger raising a data exception for one meter stands in for any) is
+    isolated: that reading becomes a reject with its own text, the rest of its batch is stored."""
+    with psycopg.connect(db_url) as c:
+        upsert_inventory(c, parse_inventory({"subscriber": [{"account": "1"}],
+                                             "meter": [{"id": "gw-m", "account": "1"}, {"id": "gw-x", "account": "1"}]}))
+        c.execute("""CREATE FUNCTION refuse_gw_x() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN IF NEW.meter_id = 'gw-x' THEN
+                       RAISE EXCEPTION 'value refused for %', NEW.meter_id USING ERRCODE = '22023'; END IF;
+                     RETURN NEW; END $$""")
+        c.execute("CREATE TRIGGER refuse_gw_x BEFORE INSERT ON reading FOR EACH ROW EXECUTE FUNCTION refuse_gw_x()")
+    spool = Spool(tmp_path / "spool.sqlite", 10_000)
+    good = _readings(60)
+    poison = _readings(1, 1000, meter="gw-x")[0]
+    spool.put([*good[:30], poison, *good[30:]])
+    uplink = Uplink(spool, IngestForwarder(db_url, Settings()), batch_size=50)
+    while uplink.drain_once():
+        pass
+    uplink.forwarder.close()
+    assert len(spool) == 0
+    with psycopg.connect(db_url) as c:
+        stored = c.execute("SELECT count(*) FROM reading WHERE meter_id = 'gw-m'").fetchone()[0]
+        rejects = c.execute("SELECT code, reason, raw, meter_id FROM rejected_reading").fetchall()
+    assert stored == len(good)
+    assert [(r[0], r[3]) for r in rejects] == [("store_error", "gw-x")]
+    assert "value refused for gw-x" in rejects[0][1] and b'"meter":"gw-x"' in bytes(rejects[0][2])
