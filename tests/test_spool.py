@@ -284,3 +284,51 @@ def test_a_row_without_crc_that_does_not_decode_becomes_a_reject(tmp_path):
     assert items[1].raw == rows[1].encode() and "does not decode" in items[1].reason
     s.put(_readings(1, 5))  # the upgraded table takes rows with a CRC
     assert len(s.peek_encoded(10)) == 4
+
+
+def test_amr_gateway_starts_on_a_truncated_spool_salvages_and_polls(db_url, tmp_path):
+    """The daemon as an operator starts it, on a spool a power cut truncated: it says what it
+    salvaged and lost, delivers the salvaged readings and polls on (it used to exit 2 and poll nothing)."""
+    import psycopg
+
+    from collector.inventory import load_inventory, parse_inventory, upsert_inventory
+    from simulators.modbus_sim import inventory_toml
+    from tests.conftest import ROOT, free_port
+    from tests.test_scheduler import live_fleet
+
+    spool = tmp_path / "spool.sqlite"
+    old = [Reading("hist-1", "1.8.0", datetime.now(UTC).replace(microsecond=0) - timedelta(days=100) + timedelta(minutes=30 * i),
+                   Decimal(i) / 4, frozenset(), "modbus") for i in range(4_000)]
+    with Spool(spool, 1_000_000) as s:
+        for i in range(0, len(old), 500):
+            s.put(old[i:i + 500])
+    _truncate(spool)
+    port = free_port()
+    with live_fleet([(port, 1)]) as fleet:
+        inv = tmp_path / "inventory.toml"
+        inv.write_text(inventory_toml(fleet.meters, "generic_counter", interval="1s", timeout=0.5))
+        with psycopg.connect(db_url) as conn:
+            upsert_inventory(conn, load_inventory(inv))
+            upsert_inventory(conn, parse_inventory({"subscriber": [{"account": "7"}],
+                                                    "meter": [{"id": "hist-1", "account": "7"}]}))
+        env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_SPOOL_PATH": str(spool), "AMR_METRICS_PORT": "0",
+               "AMR_MQTT_URL": "", "AMR_LOG_FORMAT": "text"}
+        done = subprocess.run([sys.executable, "-m", "collector.cli", "gateway", "--inventory", str(inv),
+                               "--cycles", "2", "--jitter", "0"],
+                              env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "is damaged" in line]
+    assert len(said) == 1, done.stderr
+    import re
+
+    m = re.search(r"salvaged (\d+) readings into a fresh spool, lost (\d+)", said[0])
+    assert m, said[0]
+    salvaged, lost = int(m.group(1)), int(m.group(2))
+    assert salvaged > 1000 and salvaged + lost == len(old)
+    assert list(tmp_path.glob("spool.sqlite.corrupt-*"))
+    with psycopg.connect(db_url) as conn:
+        hist = conn.execute("SELECT count(*) FROM reading WHERE meter_id = 'hist-1'").fetchone()[0]
+        polled = conn.execute("SELECT count(*) FROM reading WHERE meter_id = %s", (f"sim-{port}-1",)).fetchone()[0]
+        rejects = conn.execute("SELECT count(*) FROM rejected_reading").fetchone()[0]
+    assert hist == salvaged and rejects == 0, done.stderr[-3000:]  # every salvaged reading delivered
+    assert polled == 2  # and it polled: two slots
