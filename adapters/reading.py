@@ -40,6 +40,26 @@ class Reading(NamedTuple):
         return self._replace(quality=self.quality | frozenset(flags))
 
 
+# Every reason code a refusal may carry, for the amr_rejects_total{code} label. A code
+# not in this set (a forwarded reject from another version, a typo) is still stored with
+# its own text in rejected_reading, but is counted under "other": labels come from this
+# fixed set only, so no input can create metric series.
+REJECT_CODES = frozenset({
+    # validation (collector.vee) and the store
+    "bad_meter_id", "unknown_meter", "bad_register", "not_numeric", "not_finite", "negative",
+    "above_rollover", "bad_ts", "naive_ts", "future_ts", "before_installation", "after_removal",
+    "implausible_ts", "beyond_retention", "conflict", "store_error", "invalid",
+    # payload decoders (adapters.mqtt_formats, collector.decoding)
+    "malformed", "too_deep", "too_large", "type", "ts", "schema", "no_energy", "unknown_topic",
+    "unknown_device", "decode_error", "spool_damaged", "unit",
+    # file imports (collector.importfile)
+    "parse_error", "encoding", "too_long", "truncated", "implausible_value",
+    # polls (adapters.base.OUTCOMES)
+    "timeout", "deadline", "crc", "exception", "decode", "refused", "garbage", "clock",
+    "other",
+})
+
+
 @dataclass(frozen=True, slots=True)
 class Rejected:
     """An input that could not become a `Reading`, kept with its raw bytes.

@@ -17,6 +17,7 @@ changes (next to a late or out-of-order reading) are updated.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
 import struct
 import time
@@ -33,10 +34,11 @@ import psycopg
 from psycopg.types.string import BytesBinaryDumper
 
 from adapters import quality
-from adapters.reading import Reading, Rejected
+from adapters.reading import REJECT_CODES, Reading, Rejected
 from collector import metrics, vee
 from collector.intervals import between, glitches
 from collector.settings import Settings, get_settings
+from collector.storage import retention
 from collector.storage.db import array_literal
 from collector.storage.timeseries import Partitions
 from collector.vee import BILLED_REGISTER, MeterRules
@@ -50,6 +52,18 @@ _COUNTED = ("ok", "accepted")
 _ZERO = Decimal(0)
 _DERIVED_FLAGS = frozenset({quality.GLITCH, quality.ROLLOVER, quality.RESET})
 _FLAGGED_KINDS = frozenset({quality.ROLLOVER, quality.RESET})  # interval kinds flagged on the reading
+
+# the retention watermark (collector.storage.retention) is re-read this often for validation
+_WATERMARK_TTL = timedelta(seconds=60)
+# partitions made in one transaction at most (each takes locks until commit)
+_PARTITIONS_PER_TRANSACTION = 24
+# the advisory lock `amr db maintain` holds while it drops; ingestion shares it
+_RETENTION_LOCK = 7217002
+
+
+class _WatermarkMoved(Exception):
+    """The retention watermark moved after the batch was validated: validate it again."""
+
 
 # a reading and the interval it closes: start_ts, kwh, kind, status, estimated, day, zone
 _READING_COLUMNS = "meter_id, register, ts, value, quality, source, " \
@@ -102,7 +116,10 @@ def _reject_row(
     if not isinstance(ts, datetime) or ts.utcoffset() is None:
         ts = None
     else:
-        ts = ts.astimezone(UTC)  # PostgreSQL refuses offsets beyond 15:59 that Python allows
+        try:
+            ts = ts.astimezone(UTC)  # PostgreSQL refuses offsets beyond 15:59 that Python allows
+        except OverflowError:  # year 1 east of UTC, year 9999 west of it: the raw bytes keep it
+            ts = None
     return (kind, _text(source), code, _text(meter_id), _text(register), ts,
             None if value is None else _text(str(value)), _text(reason), raw)
 
@@ -113,6 +130,16 @@ def _text(value: Any) -> str | None:
         return None
     text = value if isinstance(value, str) else repr(value)
     return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+def _fingerprint(row: tuple) -> bytes:
+    """The identity of a refused input: every field of its row but the reason (see _write_rejects)."""
+    kind, source, code, meter_id, register, ts, value, _reason, raw = row
+    h = hashlib.sha256()
+    for part in (kind, source, code, meter_id, register, ts.isoformat() if ts is not None else None, value):
+        h.update(b"\x00" if part is None else b"\x01" + part.encode("utf-8", "surrogatepass") + b"\x00")
+    h.update(raw or b"")
+    return h.digest()
 
 
 def _raw_of(r: Reading) -> bytes:
@@ -127,7 +154,8 @@ def record_metrics(result: Any, n: int, seconds: float) -> None:
     metrics.READINGS.labels("conflict").inc(result.conflict)
     metrics.READINGS.labels("rejected").inc(result.rejected)
     for code, k in result.rejects_by_code.items():
-        metrics.REJECTS.labels(code).inc(k)
+        # labels only from the fixed set: a forwarded or unknown code cannot make new series
+        metrics.REJECTS.labels(code if code in REJECT_CODES else "other").inc(k)
     metrics.DB_BATCH_SIZE.observe(n)
     metrics.DB_WRITE_SECONDS.observe(seconds)
 
@@ -159,6 +187,7 @@ class Ingestor:
         self._meters: dict[str, MeterRules] = {}
         self._partitions = Partitions()
         self._record = record_metrics
+        self._watermark_read: tuple[datetime, datetime | None] | None = None
 
     # --- meters ---
 
@@ -184,11 +213,33 @@ class Ingestor:
         """Validate and store a batch; returns what happened to each input."""
         started = time.perf_counter()
         items = list(items)
-        result = IngestResult()
         if not items:
-            return result
+            return IngestResult()
+        for _ in range(3):
+            try:
+                result = self._ingest(items)
+                break
+            except _WatermarkMoved:  # `amr db maintain` pruned meanwhile: judge the batch again
+                continue
+        else:
+            raise RuntimeError("the retention watermark kept moving while this batch was stored")
+        if self._record:
+            record_metrics(result, len(items), time.perf_counter() - started)
+        return result
+
+    def _time_window(self, now: datetime) -> vee.TimeWindow:
+        """The plausibility window of this batch; the watermark is read at most once a minute
+        here, and checked again under the retention lock inside each store transaction."""
+        if self._watermark_read is None or now - self._watermark_read[0] > _WATERMARK_TTL:
+            self._watermark_read = (now, retention.watermark(self.conn))
+        return vee.TimeWindow.build(self.calendar.starts_at, now, self.settings.max_reading_age_years,
+                                    self._watermark_read[1])
+
+    def _ingest(self, items: list[Reading | Rejected]) -> IngestResult:
+        result = IngestResult()
         now = self.clock()
         tolerance = timedelta(seconds=self.settings.future_tolerance_s)
+        window = self._time_window(now)
         rejects: list[tuple] = []
         # per register, the batch's readings by UTC instant: a repeat inside the batch
         # is told apart here, one against the database in _store
@@ -202,7 +253,7 @@ class Ingestor:
                 rejects.append(_reject_row("invalid", item.source, item.code, item.reason, item.raw,
                                            item.meter_id, item.register, item.ts))
                 continue
-            refusal = check(item, meters.get(item.meter_id), now, tolerance)
+            refusal = check(item, meters.get(item.meter_id), now, tolerance, window)
             if refusal is not None:
                 rejects.append(_reject_row("invalid", item.source, refusal.code, refusal.reason,
                                            _raw_of(item), item.meter_id, item.register, item.ts, item.value))
@@ -228,22 +279,22 @@ class Ingestor:
 
         by_key: dict[tuple[str, str], list[tuple[datetime, Reading]]] = {}
         if good:
-            lo = hi = None
+            months: set[date] = set()
             for key, series in good.items():
                 ordered = list(series.items())
                 instants = list(series)
                 if not all(map(lt, instants, instants[1:])):  # usually sent in order already
                     ordered.sort()  # instants are unique: no tie reaches the reading
                 by_key[key] = ordered
-                if lo is None or ordered[0][0] < lo:
-                    lo = ordered[0][0]
-                if hi is None or ordered[-1][0] > hi:
-                    hi = ordered[-1][0]
-            with self.conn.transaction():
-                self._partitions.ensure(self.conn, lo, hi)
+                first, last = ordered[0][0], ordered[-1][0]
+                if (first.year, first.month) == (last.year, last.month):  # the common case
+                    months.add(date(first.year, first.month, 1))
+                else:
+                    months.update(date(t.year, t.month, 1) for t in instants)
+            self._ensure_partitions(months)
         with self.conn.transaction():
             if by_key:
-                stored = self._store(by_key, meters, result, rejects)
+                stored = self._store(by_key, meters, result, rejects, window)
                 result.accepted += stored
             if rejects:
                 self._write_rejects(rejects)
@@ -251,9 +302,20 @@ class Ingestor:
         for row in rejects:
             if row[0] == "invalid":
                 result.rejects_by_code[row[2]] = result.rejects_by_code.get(row[2], 0) + 1
-        if self._record:
-            record_metrics(result, len(items), time.perf_counter() - started)
         return result
+
+    def _ensure_partitions(self, months: set[date]) -> None:
+        """Partitions for the months that hold accepted readings, a bounded number per transaction.
+
+        Only those months: a batch with readings years apart makes two months'
+        partitions, not every month between. At most _PARTITIONS_PER_TRANSACTION
+        are made in one transaction, so a batch spanning the whole plausible
+        window never runs the server out of lock slots.
+        """
+        missing = self._partitions.missing(self.conn, months)
+        for i in range(0, len(missing), _PARTITIONS_PER_TRANSACTION):
+            with self.conn.transaction():
+                self._partitions.ensure_months(self.conn, missing[i:i + _PARTITIONS_PER_TRANSACTION])
 
     def _conflict_row(self, item: Reading, stored: Decimal) -> tuple:
         reason = (
@@ -272,6 +334,7 @@ class Ingestor:
         meters: dict[str, MeterRules],
         result: IngestResult,
         rejects: list[tuple],
+        window: vee.TimeWindow,
     ) -> int:
         """Store what is new, each reading with the interval it closes, in one COPY.
 
@@ -284,15 +347,21 @@ class Ingestor:
         # the window query's cost estimate passes jit_above_cost on a large fleet, and
         # compiling it takes longer than running it, every batch
         conn.execute("SET LOCAL jit = off")
-        # one writer per meter at a time: concurrent collectors see each other's readings
+        # one writer per meter at a time: concurrent collectors see each other's readings;
+        # and no retention run drops partitions while this batch is stored (it takes the
+        # retention lock exclusively; this shares it, so writers never wait for each other)
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended(m, 7217)) FROM"
+            " (SELECT pg_advisory_xact_lock_shared(%s)) r,"
             " (SELECT DISTINCT unnest(%s::text[]) AS m ORDER BY 1) x",
-            (array_literal(sorted({k[0] for k in keys})),),
+            (_RETENTION_LOCK, array_literal(sorted({k[0] for k in keys})),),
         )
         los = [by_key[k][0][0] for k in keys]
         counts = [len(by_key[k]) for k in keys]
-        decisions = self._decisions({k[0] for k in keys})
+        decisions, mark = self._context({k[0] for k in keys})
+        if mark != window.watermark:
+            self._watermark_read = (self.clock(), mark)
+            raise _WatermarkMoved
         windows = self._load_windows(keys, los, counts, CONTEXT)
         work = _Changes()
         todo = list(range(len(keys)))
@@ -331,12 +400,29 @@ class Ingestor:
         return work.inserted
 
     def _write_rejects(self, rows: list[tuple]) -> None:
-        with self.conn.cursor() as cur, cur.copy(
-            "COPY rejected_reading (kind, source, code, meter_id, register, ts, value, reason, raw)"
-            " FROM STDIN"
-        ) as cp:
-            for row in rows:
-                cp.write_row(row)
+        """Record refused inputs, each distinct one once: a repeat adds to its count.
+
+        The same refused input from the same source (a file ingested again, a
+        device repeating a bad message) is one row with `times` counting how
+        often it came and `last_received_at` when it came last. The reason is
+        left out of the identity, since it may name the time of the check.
+        """
+        merged: dict[bytes, list[Any]] = {}
+        for row in rows:
+            fp = _fingerprint(row)
+            seen = merged.get(fp)
+            if seen is None:
+                merged[fp] = [*row, fp, 1]
+            else:
+                seen[-1] += 1
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO rejected_reading (kind, source, code, meter_id, register, ts, value, reason,"
+                " raw, fingerprint, times) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (fingerprint) DO UPDATE SET times = rejected_reading.times + EXCLUDED.times,"
+                " last_received_at = now()",
+                list(merged.values()),
+            )
 
     def _load_windows(
         self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None
@@ -401,6 +487,12 @@ class Ingestor:
         dups = 0
         clashes: list[tuple[Reading, Decimal]] = []
         lo = items[0][0]
+        dropped_old = False
+        if stored and min(row[0] for row in stored) < self.calendar.starts_at:
+            # a reading stored before the calendar's start (by a version without the
+            # plausibility window) is no neighbour: an interval from it has no zones
+            stored = [row for row in stored if row[0] >= self.calendar.starts_at]
+            dropped_old = True
         if not stored:
             new = items
             pts = [(ts, r.value, None, r) for ts, r in items]
@@ -408,7 +500,7 @@ class Ingestor:
         else:
             before = [row for row in stored if row[0] < lo]
             # a side that returned fewer rows than asked for reaches the end of the series
-            true_start = context is None or len(before) < context
+            true_start = context is None or len(before) < context or dropped_old
             if len(before) == len(stored):  # appends, the common case: nothing stored from lo on
                 new = items
                 before.sort()  # stored instants are unique
@@ -580,13 +672,27 @@ class Ingestor:
                     cp.write_row(row)
         work.daily.write(self.conn)
 
-    def _decisions(self, meter_ids: set[str]) -> dict[tuple, str]:
+    def _context(self, meter_ids: set[str]) -> tuple[dict[tuple, str], datetime | None]:
+        """What a batch's derivation needs besides the readings, in one round trip, under the locks.
+
+        The people's decisions on the meters' intervals, and the retention
+        watermark as it is now (validation used a copy up to a minute old).
+        """
         rows = self.conn.execute(
             "SELECT meter_id, register, start_ts, end_ts, decision FROM interval_decision"
-            " WHERE meter_id = ANY(%s)",
+            " WHERE meter_id = ANY(%s)"
+            " UNION ALL SELECT NULL, NULL, watermark, NULL, 'watermark' FROM retention_watermark"
+            " WHERE name = 'readings'",
             (array_literal(meter_ids),),
         ).fetchall()
-        return {(m, r, s, e): d for m, r, s, e, d in rows}
+        mark = None
+        decisions = {}
+        for m, r, s, e, d in rows:
+            if m is None:
+                mark = s
+            else:
+                decisions[(m, r, s, e)] = d
+        return decisions, mark
 
 
 def _by_register(rows: list[tuple]) -> dict[int, list[tuple]]:

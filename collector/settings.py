@@ -9,8 +9,15 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from collector.errors import UserError
+
+# Metering data is billing evidence: a customer may dispute a bill for three years
+# (the general limitation period, Civil Code of the Russian Federation art. 196), so
+# retention is never configured shorter than that; a supplier's own rules may ask more.
+DISPUTE_HORIZON_MONTHS = 36
 
 
 class Settings(BaseSettings):
@@ -25,6 +32,16 @@ class Settings(BaseSettings):
     timezone: str = Field(default="Europe/Moscow", description="local time of zones and bills")
     future_tolerance_s: int = Field(default=300, description="how far ahead of now a reading may be")
     clock_skew_tolerance_s: int = Field(default=60, description="meter clock difference flagged")
+    max_reading_age_years: int = Field(
+        default=15, ge=1,
+        description="a reading older than this many years is refused as implausible (implausible_ts); "
+        "readings before the zone calendar's first date are refused whatever this says",
+    )
+    retention: int | None = Field(
+        default=None,
+        description="months of readings to keep; unset (the default) keeps everything. Applied only "
+        f"by `amr db maintain`; never below the dispute horizon of {DISPUTE_HORIZON_MONTHS} months",
+    )
     iec_message_deadline_s: float = Field(
         default=120.0, gt=0,
         description="ceiling of the overall deadline of one IEC 62056-21 message (adapters/iec62056.py)",
@@ -46,10 +63,46 @@ class Settings(BaseSettings):
         default=None, description="a one-shot command (amr bill) writes its amr_ metrics here, for node_exporter"
     )
     api_tokens: Path | None = Field(default=None, description="TOML of bearer tokens and accounts")
+    api_max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024,
+        description="largest request body `amr api` reads (bytes); a larger one is refused with 413 "
+        "before it is read, and any body needs a known bearer token first (else 401)",
+    )
+    api_db_wait_s: float = Field(
+        default=0.8, gt=0, le=30,
+        description="how long an API request waits for a database connection before answering "
+        "503 database_unavailable",
+    )
     log_format: str = Field(default="auto", description="auto | json | text")
+
+    @field_validator("retention")
+    @classmethod
+    def _retention_covers_disputes(cls, months: int | None) -> int | None:
+        if months is not None and months < DISPUTE_HORIZON_MONTHS:
+            raise ValueError(
+                f"AMR_RETENTION={months} months is shorter than the dispute horizon of "
+                f"{DISPUTE_HORIZON_MONTHS} months: readings a customer may still dispute would be "
+                "deleted; unset it to keep everything, or give at least that many months")
+        return months
+
+
+class SettingsError(UserError):
+    """An AMR_ variable with a value that cannot be used: named, with what is allowed."""
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Settings read once per process; tests build `Settings(...)` directly."""
-    return Settings()
+    """Settings read once per process; tests build `Settings(...)` directly.
+
+    A bad value is a `SettingsError` naming each variable, so a command says
+    which one to fix instead of printing pydantic's traceback.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "AMR_" + "_".join(str(p) for p in err["loc"]).upper()
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(msg if msg.startswith(name) else f"{name}: {msg}")
+        raise SettingsError("; ".join(problems)) from None

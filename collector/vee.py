@@ -83,7 +83,62 @@ def plausible_id(meter_id: object) -> bool:
     return isinstance(meter_id, str) and 0 < len(meter_id) <= 64 and meter_id.isprintable()
 
 
-def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance: timedelta) -> Refusal | None:
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """The instants a reading may carry, besides its meter's own dates.
+
+    `earliest` is the later of the zone calendar's first instant (energy before
+    it has no zones) and now minus AMR_MAX_READING_AGE_YEARS (a 1970 or year-0001
+    date is a device without a clock, not a back-fill); `watermark` the
+    retention watermark, below which readings were deleted and are refused so
+    that their energy is never counted twice. A reading outside is refused
+    alone, before any partition is made or any calendar consulted.
+    """
+
+    earliest: datetime
+    watermark: datetime | None = None
+    # the later of the two, compared once per reading
+    lowest: datetime = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lowest = self.earliest if self.watermark is None else max(self.earliest, self.watermark)
+        object.__setattr__(self, "lowest", lowest)
+
+    @classmethod
+    def build(cls, calendar_start: datetime, now: datetime, max_age_years: int,
+              watermark: datetime | None = None) -> TimeWindow:
+        try:
+            by_age = now.replace(year=now.year - max_age_years)
+        except ValueError:  # 29 February
+            by_age = now.replace(year=now.year - max_age_years, day=28)
+        return cls(max(calendar_start, by_age), watermark)
+
+    def refusal(self, r: Reading, ts: datetime) -> Refusal:
+        """Why a reading before `lowest` is refused (called only for those)."""
+        if self.watermark is not None and ts < self.watermark:
+            return Refusal(
+                "beyond_retention",
+                f"{_who(r)}: ts {_iso(ts)} is before the retention watermark "
+                f"{self.watermark.isoformat()}: readings of that period were deleted by the retention "
+                "policy (amr db maintain) and are not accepted again, so their energy is not counted twice",
+            )
+        return Refusal(
+            "implausible_ts",
+            f"{_who(r)}: ts {_iso(ts)} is before {self.earliest.isoformat()}, the earliest plausible "
+            "instant (the zone calendar's start, or AMR_MAX_READING_AGE_YEARS ago); a date like this "
+            "usually comes from a device whose clock was never set",
+        )
+
+
+def _iso(ts: datetime) -> str:
+    try:
+        return ts.isoformat()
+    except (OverflowError, ValueError):
+        return repr(ts)
+
+
+def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance: timedelta,
+          window: TimeWindow | None = None) -> Refusal | None:
     """Refuse a reading that must not be stored; None when it may be.
 
     Runs once per reading on the ingestion path, so the passing case is a few
@@ -120,6 +175,8 @@ def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance:
             f"{_who(r)}: ts {ts.isoformat()} is in the future (now {now.isoformat(timespec='seconds')}, "
             f"tolerance {int(future_tolerance.total_seconds())} s)",
         )
+    if window is not None and ts < window.lowest:
+        return window.refusal(r, ts)
     if meter.installed is not None and ts < meter.installed:
         return Refusal(
             "before_installation",

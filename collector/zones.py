@@ -85,6 +85,11 @@ class ZoneCalendar:
             return cls.from_toml(text, "spb.toml")
         return cls.from_toml(Path(path).read_text("utf-8"), str(path))
 
+    @property
+    def starts_at(self) -> datetime:
+        """The first instant (UTC) the calendar has zones for: energy before it cannot be split."""
+        return datetime.combine(self.versions[0].valid_from, time(0), self.tz).astimezone(UTC)
+
     def version_for(self, day: date) -> CalendarVersion:
         i = bisect.bisect_right(self._from, day) - 1
         if i < 0:

@@ -68,9 +68,14 @@ def test_maintain_drops_partitions_past_retention_only(conn) -> None:
     conn.commit()
     names = lambda: {r[0] for r in conn.execute(  # noqa: E731
         "SELECT relname FROM pg_class WHERE relname ~ '_p2019\\d\\d$' AND relkind = 'r'").fetchall()}
-    assert names() == {f"{t}_p2019{m}" for t in ("reading", "interval_segment") for m in ("01", "02", "03")}
+    everything = {f"{t}_p2019{m}" for t in ("reading", "interval_segment") for m in ("01", "02", "03")}
+    assert names() == everything
+    # no retention configured (the default): nothing goes, however old
+    assert migrate.maintain(conn, now=datetime(2024, 2, 15, tzinfo=UTC)).dropped == []
+    assert names() == everything
     # five years of retention counted from 2024-02-15: January 2019 goes, February stays
-    dropped = migrate.maintain(conn, now=datetime(2024, 2, 15, tzinfo=UTC))
+    report = migrate.maintain(conn, now=datetime(2024, 2, 15, tzinfo=UTC), retention_months=60)
+    dropped = [d.part for d in report.dropped]
     assert sorted(dropped) == ["interval_segment_p201901", "reading_p201901"]  # no interval_usage_p*
     assert names() == {f"{t}_p2019{m}" for t in ("reading", "interval_segment") for m in ("02", "03")}
 

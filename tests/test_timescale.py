@@ -49,6 +49,7 @@ TIME_TABLES = {"reading": "ts", "interval_segment": "end_ts"}  # interval_usage 
 OTHER_TABLES = {
     "subscriber", "meter", "daily_zone_usage", "interval_decision", "rejected_reading",
     "tariff", "bill", "bill_line", "suspect_audit", "amr_schema_migration", "amr_time_table",
+    "retention_watermark", "retention_log",
 }
 START_TIMEOUT_S = 90
 
@@ -189,19 +190,15 @@ def test_time_tables_are_hypertables_compressed_by_meter(ts: Migrated) -> None:
     assert _rows(ts.conn, "SELECT relname FROM pg_class WHERE relkind = 'p' OR relispartition") == []
 
 
-def test_compression_and_retention_policies_are_scheduled(ts: Migrated) -> None:
+def test_compression_is_scheduled_and_no_retention_policy_deletes_anything(ts: Migrated) -> None:
     jobs = _rows(ts.conn, "SELECT hypertable_name, config->>'compress_after', scheduled"
                           " FROM timescaledb_information.jobs WHERE proc_name = 'policy_compression'")
     assert sorted(jobs) == [("interval_segment", "30 days", True), ("reading", "30 days", True)]
-    retention = _rows(ts.conn, "SELECT j.hypertable_name, (j.config->>'drop_after')::interval"
-                               " = t.retention::interval, j.scheduled"
-                               " FROM timescaledb_information.jobs j"
-                               " JOIN amr_time_table t ON t.name = j.hypertable_name"
-                               " WHERE j.proc_name = 'policy_retention'")
-    assert sorted(retention) == [("interval_segment", True, True), ("reading", True, True)]
+    # retention is the operator's explicit policy, applied by `amr db maintain` only (013)
+    assert _rows(ts.conn, "SELECT count(*) FROM timescaledb_information.jobs"
+                          " WHERE proc_name = 'policy_retention'") == [(0,)]
     # the policies of interval_usage, a hypertable until 012 dropped it, went with it
-    assert _policy_jobs(ts.conn) == sorted(
-        (t, p) for t in TIME_TABLES for p in ("policy_compression", "policy_retention"))
+    assert _policy_jobs(ts.conn) == sorted((t, "policy_compression") for t in TIME_TABLES)
 
 
 def _policy_jobs(conn: psycopg.Connection) -> list[tuple]:
@@ -344,8 +341,7 @@ def test_012_leaves_the_policies_of_reading_and_interval_segment_only(upgraded: 
     assert dict(_rows(conn, "SELECT name, column_name FROM amr_time_table")) == TIME_TABLES
     dims = _rows(conn, "SELECT hypertable_name, column_name FROM timescaledb_information.dimensions")
     assert dict(dims) == TIME_TABLES
-    assert _policy_jobs(conn) == sorted(
-        (t, p) for t in TIME_TABLES for p in ("policy_compression", "policy_retention"))
+    assert _policy_jobs(conn) == sorted((t, "policy_compression") for t in TIME_TABLES)
     segment_by = _rows(conn, "SELECT hypertable_name, attname::text"
                              " FROM timescaledb_information.compression_settings"
                              " WHERE segmentby_column_index IS NOT NULL ORDER BY 1")
@@ -372,3 +368,40 @@ def test_012_checks_hold_on_compressed_and_new_chunks(upgraded: Upgraded, column
                      " VALUES ('m012', '1.8.0', %s, 1, %s)",
                      (datetime.now(UTC) + timedelta(days=900), value))
     conn.rollback()
+
+
+def test_013_removes_the_retention_policies_older_versions_scheduled(ts: Migrated) -> None:
+    conn = ts.conn
+    for table in TIME_TABLES:  # what 001 and 012 did before 013
+        conn.execute(f"SELECT add_retention_policy('{table}', INTERVAL '5 years')")
+    assert len(_rows(conn, "SELECT 1 FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'")) == 2
+    sql = next(m.sql for m in migrate.available() if m.version == 13)
+    block = sql[sql.index("DO $$"):sql.index("$$;", sql.index("DO $$")) + 3]
+    conn.execute(block)
+    assert _rows(conn, "SELECT count(*) FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'"
+                 ) == [(0,)]
+    conn.commit()
+
+
+def test_maintain_applies_retention_on_timescaledb_by_whole_chunks_and_a_watermark(ts: Migrated) -> None:
+    from collector.storage import retention
+
+    conn = ts.conn
+    old, kept = datetime(2017, 3, 5, tzinfo=UTC), datetime(2025, 3, 5, tzinfo=UTC)
+    for at in (old, kept):
+        conn.execute("INSERT INTO reading (meter_id, register, ts, value) VALUES ('tsr', '1.8.0', %s, 1)", (at,))
+    conn.commit()
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    # without a policy nothing goes
+    assert migrate.maintain(conn, now=now).dropped == []
+    dry = migrate.maintain(conn, now=now, retention_months=60, dry_run=True)
+    assert [d.table for d in dry.dropped] == ["reading"] and dry.dropped[0].rows == 1
+    assert _rows(conn, "SELECT count(*) FROM reading WHERE meter_id = 'tsr'") == [(2,)]
+    report = migrate.maintain(conn, now=now, retention_months=60)
+    conn.commit()
+    assert [(d.table, d.rows) for d in report.dropped] == [("reading", 1)]
+    assert _rows(conn, "SELECT ts FROM reading WHERE meter_id = 'tsr'") == [(kept,)]
+    mark = retention.watermark(conn)
+    assert mark is not None and old < mark <= datetime(2021, 12, 1, tzinfo=UTC)
+    assert _rows(conn, "SELECT table_name, rows, policy_months FROM retention_log") == [("reading", 1, 60)]
+    conn.commit()

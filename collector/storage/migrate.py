@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import psycopg
 
-from collector.storage import timeseries
+from collector.storage import retention, timeseries
 
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
@@ -99,18 +99,29 @@ def migrate(conn: psycopg.Connection, *, timescale: bool | None = None) -> list[
                 (mig.version, mig.name),
             )
         applied.append(mig)
-    maintain(conn)
+    prepare_partitions(conn)  # never retention: migrating deletes nothing
     return applied
 
 
-def maintain(conn: psycopg.Connection, now: datetime | None = None) -> list[str]:
-    """Create partitions ahead and drop expired ones (plain PostgreSQL; TimescaleDB has policies).
+def prepare_partitions(conn: psycopg.Connection, now: datetime | None = None) -> None:
+    """Create the monthly partitions around now (plain PostgreSQL; TimescaleDB makes chunks itself).
 
     Run by `amr db migrate` and `amr db maintain` (daily, from a timer); ingestion
     also creates the partitions a batch needs, so a missed run loses nothing.
+    Deletes nothing: retention is `maintain`'s, and only when configured.
     """
     now = now or datetime.now(UTC)
-    parts = timeseries.Partitions()
     with conn.transaction():
-        parts.ensure(conn, now - timedelta(days=62), now + timedelta(days=92))
-        return parts.drop_expired(conn, now)
+        timeseries.Partitions().ensure(conn, now - timedelta(days=62), now + timedelta(days=92))
+
+
+def maintain(conn: psycopg.Connection, now: datetime | None = None, *, retention_months: int | None = None,
+             dry_run: bool = False) -> retention.RetentionReport:
+    """The daily upkeep: partitions ahead, and the retention policy when one is configured.
+
+    `retention_months` None (AMR_RETENTION unset, the default) drops nothing.
+    """
+    now = now or datetime.now(UTC)
+    if not dry_run:
+        prepare_partitions(conn, now)
+    return retention.apply(conn, retention_months, now, dry_run=dry_run)

@@ -8,6 +8,7 @@ above storage sees the same tables either way.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -30,7 +31,7 @@ class TimeTable:
     chunk: str
     compress_after: str
     segment_by: str
-    retention: str  # older data is dropped: the billing dispute horizon, not a cache size
+    retention: str  # in old migrations' directives; ignored: retention is AMR_RETENTION (retention.py)
 
 
 def timescale_available(conn: psycopg.Connection) -> bool:
@@ -79,19 +80,19 @@ def setup_time_table(conn: psycopg.Connection, t: TimeTable, timescale: bool) ->
         conn.execute(
             f"SELECT add_compression_policy('{t.table}', INTERVAL '{_INTERVALS[t.compress_after]}')"
         )
-        conn.execute(f"SELECT add_retention_policy('{t.table}', INTERVAL '{_INTERVALS[t.retention]}')")
+        # no retention policy: nothing is deleted in the background (collector/storage/retention.py)
     conn.execute(
         "INSERT INTO amr_time_table (name, column_name, chunk, hypertable, retention)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
-        (t.table, t.column, chunk, timescale, _INTERVALS[t.retention]),
+        " VALUES (%s, %s, %s, %s, NULL) ON CONFLICT (name) DO NOTHING",
+        (t.table, t.column, chunk, timescale),
     )
 
 
-def _month_start(d: date) -> date:
+def month_start(d: date) -> date:
     return date(d.year, d.month, 1)
 
 
-def _next_month(d: date) -> date:
+def next_month(d: date) -> date:
     return date(d.year + (d.month == 12), d.month % 12 + 1, 1)
 
 
@@ -123,34 +124,43 @@ class Partitions:
 
     def ensure(self, conn: psycopg.Connection, lo: datetime, hi: datetime) -> None:
         """Make sure every time table has a partition for each month in [lo, hi]."""
-        tables = self._load(conn)
-        if not tables:
-            return
-        month = _month_start(lo.astimezone(UTC).date())
-        last = _month_start(hi.astimezone(UTC).date())
+        month = month_start(lo.astimezone(UTC).date())
+        last = month_start(hi.astimezone(UTC).date())
+        months = []
         while month <= last:
+            months.append(month)
+            month = next_month(month)
+        self.ensure_months(conn, months)
+
+    def ensure_months(self, conn: psycopg.Connection, months: Iterable[date]) -> int:
+        """Make sure every time table has a partition for each of these months (first days, UTC).
+
+        Ingestion passes the months that hold accepted readings, so a batch spanning
+        years makes partitions only where its rows go. Returns how many were made.
+        """
+        tables = self._load(conn)
+        made = 0
+        for month in sorted(set(months)):
             for table in tables:
                 if (table, month) not in self._known:
                     name = f"{table}_p{month:%Y%m}"
                     conn.execute(
                         f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES "
-                        f"FROM ('{month.isoformat()} 00:00+00') TO ('{_next_month(month).isoformat()} 00:00+00')"
+                        f"FROM ('{month.isoformat()} 00:00+00') TO ('{next_month(month).isoformat()} 00:00+00')"
                     )
                     self._known.add((table, month))
-            month = _next_month(month)
+                    made += 1
+        return made
 
-    def drop_expired(self, conn: psycopg.Connection, now: datetime) -> list[str]:
-        """Drop monthly partitions wholly older than their table's retention (plain PostgreSQL)."""
-        dropped = []
-        rows = conn.execute(
-            "SELECT name, (%s::timestamptz - retention::interval) FROM amr_time_table"
-            " WHERE NOT hypertable AND retention IS NOT NULL",
-            (now,),
-        ).fetchall()
-        for table, cutoff in rows:
-            for (name, month) in sorted(self._known):
-                if name == table and _next_month(month) <= cutoff.astimezone(UTC).date():
-                    conn.execute(f"DROP TABLE IF EXISTS {table}_p{month:%Y%m}")
-                    self._known.discard((name, month))
-                    dropped.append(f"{table}_p{month:%Y%m}")
-        return dropped
+    def missing(self, conn: psycopg.Connection, months: Iterable[date]) -> list[date]:
+        """Of these months, those some time table has no partition for yet."""
+        tables = self._load(conn)
+        return sorted({m for m in months for t in tables if (t, m) not in self._known})
+
+    def existing(self, conn: psycopg.Connection) -> list[tuple[str, date]]:
+        """Every monthly partition known, as (table, first day of its month)."""
+        self._load(conn)
+        return sorted(self._known)
+
+    def forget(self, table: str, month: date) -> None:
+        self._known.discard((table, month))
