@@ -55,9 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Drain a gateway spool file (default AMR_SPOOL_PATH) the way a running gateway's "
             "uplink does: in order, in bounded batches, each removed only after the broker "
-            "acknowledged it (QoS 1) or, with --to database, after it was committed. Use it to "
-            "empty the spool of a gateway that is out of service (stop the gateway first: one "
-            "process owns a spool). Interrupted, it loses nothing: run it again."
+            "acknowledged it with success (QoS 1, PUBACK reason code 0: a broker with no subscriber "
+            "for the topic answers 16 and the batch stays) or, with --to database, after it was "
+            "committed. Use it to empty the spool of a gateway that is out of service (stop the "
+            "gateway first: one process owns a spool). Interrupted, it loses nothing: run it again. "
+            "A damaged spool file is salvaged first, as the gateway does."
         ),
     )
     dr.add_argument("--spool", type=Path, default=None, help="spool file (default AMR_SPOOL_PATH)")
@@ -78,7 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "with distinct --client-id values; each keeps a persistent session under its id, so "
             "restart a collector with the same id to get back what the broker kept for it. "
             "Devices are mapped to meters by the inventory (AMR_INVENTORY, meters with "
-            "adapter = \"mqtt\" and a device). Stops cleanly on SIGTERM or Ctrl-C."
+            "adapter = \"mqtt\" and a device). A database that cannot take writes (down, a "
+            "read-only standby, no INSERT privilege, a malformed AMR_DATABASE_URL) is said at start "
+            "in one line and shown as amr_db_up 0; the messages wait unacknowledged until it can. "
+            "Stops cleanly on SIGTERM or Ctrl-C."
         ),
     )
     c.add_argument("--client-id", default=None,
