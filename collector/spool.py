@@ -454,8 +454,11 @@ def salvage_spool(path: Path, damage: str) -> Salvage:
         fresh.execute("BEGIN IMMEDIATE")
         insert = "INSERT OR IGNORE INTO spool (id, enqueued_at, item, crc) VALUES (?, ?, ?, ?)"
         chunk: list[tuple] = []
-        for row in found.rows:
-            chunk.append(row)
+        for rowid, at, item, crc in found.rows:
+            try:  # text as put() stores it; bytes that are not UTF-8 stay bytes (and become a reject when read)
+                chunk.append((rowid, at, item.decode(), crc))
+            except UnicodeDecodeError:
+                chunk.append((rowid, at, item, crc))
             if len(chunk) >= 10_000:
                 fresh.executemany(insert, chunk)
                 chunk.clear()
