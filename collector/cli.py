@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from collector.runtime import tune_gc
@@ -51,11 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a clear message, not a traceback, for known errors
         from collector.errors import UserError
+        from collector.logs import redact
 
         if isinstance(exc, UserError):
-            print(f"amr {args.command}: {exc}", file=sys.stderr)
+            print(f"amr {args.command}: {redact(str(exc))}", file=sys.stderr)
             return 2
-        raise
+        # a bug or an error nobody foresaw: the traceback helps, but it goes through the
+        # same scrubbing as the logs, since exception messages quote URLs and their passwords
+        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+        print(f"amr {args.command}: unexpected {type(exc).__name__} (traceback above)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

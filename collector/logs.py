@@ -18,8 +18,9 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, TextIO
 
 # fields a record may carry about the device or the run; printed when present
@@ -50,11 +51,49 @@ _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 _SECRET_KEYS = re.compile(r"(?i)(password|passwd|secret|token|api_key|apikey|authorization|credential)")
 
 
-def redact(text: str) -> str:
-    """Replace every secret this module recognises in `text` with ***."""
+# environment variables whose values (or the password inside them) are this process's secrets
+_SECRET_ENV = ("AMR_DATABASE_URL", "AMR_MQTT_URL", "AMR_MQTT_PASSWORD", "PGPASSWORD", "DATABASE_URL")
+# shorter ones would mask ordinary words in every line; they are no protection anyway.
+# Secrets given for one message (the URL it is about) may be a little shorter.
+_MIN_SECRET_LEN, _MIN_GIVEN_LEN = 4, 3
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace every secret this module recognises in `text` with ***.
+
+    Patterns catch the shapes secrets come in (user:pw@ in a URL,
+    password=..., Bearer ...); on top of that every literal secret in
+    `secrets` and every one this process is configured with (the password of
+    AMR_DATABASE_URL and AMR_MQTT_URL, AMR_MQTT_PASSWORD, PGPASSWORD) is
+    masked wherever it appears, because libpq's messages quote a malformed
+    URL in shapes no pattern foresees.
+    """
+    for secret in secrets:
+        if len(secret) >= _MIN_GIVEN_LEN and secret in text:
+            text = text.replace(secret, _REDACTED)
+    for secret in _configured_secrets():
+        if len(secret) >= _MIN_SECRET_LEN and secret in text:
+            text = text.replace(secret, _REDACTED)
     for pattern, repl in _SECRET_PATTERNS:
         text = pattern.sub(repl, text)
     return text
+
+
+def _configured_secrets() -> tuple[str, ...]:
+    return _secrets_of(tuple(os.environ.get(name, "") for name in _SECRET_ENV))
+
+
+@lru_cache(maxsize=8)
+def _secrets_of(values: tuple[str, ...]) -> tuple[str, ...]:
+    """The literal secrets in the values of _SECRET_ENV (cached: the environment rarely changes)."""
+    from collector.storage.db import url_secrets
+
+    out: list[str] = []
+    for name, value in zip(_SECRET_ENV, values, strict=True):
+        if not value:
+            continue
+        out += url_secrets(value) if name.endswith("URL") else [value]
+    return tuple(sorted(set(out), key=len, reverse=True))
 
 
 def _redact_value(key: str, value: Any) -> Any:

@@ -67,6 +67,28 @@ def test_no_secret_in_messages_or_arguments(capture, message, secret):
     assert "via argument" in text and "failed" in text
 
 
+def test_the_configured_passwords_are_masked_wherever_they_appear(capture, monkeypatch):
+    """libpq quotes a malformed URL in shapes no pattern foresees: the process's own secrets go anyway."""
+    monkeypatch.setenv("AMR_DATABASE_URL", "postgresql://amr:p@ss/w0rd-77@db/amr")  # unencoded @ and /
+    monkeypatch.setenv("AMR_MQTT_PASSWORD", "mqtt-Secret-9")
+    log = logging.getLogger("amr.test")
+    log.warning("failed to resolve host 'ss/w0rd-77@db': unknown")  # the tail libpq took for a host
+    log.warning("broker said no to mqtt-Secret-9")
+    log.warning('invalid URI: "postgresql://amr:p@ss/w0rd-77@db/amr"')
+    text = capture.getvalue()
+    assert "w0rd-77" not in text and "mqtt-Secret-9" not in text and "p@ss" not in text
+    assert "failed to resolve host" in text and "broker said no to ***" in text
+    # short words are never taken for a secret: they would mask ordinary text everywhere
+    monkeypatch.setenv("AMR_MQTT_PASSWORD", "db")
+    log.warning("db is fine")
+    assert lines(capture)[-1]["msg"] == "db is fine"
+
+
+def test_redact_masks_the_secrets_it_is_given():
+    assert logs.redact("host 'xyz-secret@h' unknown", ["xyz-secret@"]) == "host '***h' unknown"
+    assert logs.redact("nothing here", ["absent-secret"]) == "nothing here"
+
+
 def test_secretstr_field_is_redacted(capture):
     from pydantic import SecretStr
 
