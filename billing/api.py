@@ -8,15 +8,28 @@ through the portal views (migration 011), the same ones the read-only
 database role sees. The only write is `POST /accounts/{n}/readings`, for
 manual-metering subscribers; it goes through the one ingestion path
 (`collector.ingest.Ingestor`) with the quality flag `manual`.
+
+The edges are bounded, because the API faces the internet: a request body
+is read only after its bearer token is known and only up to
+AMR_API_MAX_BODY_BYTES (a larger one is refused with 413 before it is read,
+by its Content-Length or by counting a chunked one), and with the database
+down a request waits at most AMR_API_DB_WAIT_S for a connection and answers
+503 `database_unavailable` as JSON, like every other error here. The pool
+checks each connection before handing it out, so a database restart costs
+no request. SIGHUP reloads the tokens file; a broken one keeps the old
+tokens (`install_token_reload`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import signal
+import threading
 import tomllib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -30,11 +43,16 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from collector.inventory import normalize_account
+from collector.metrics_http import DB_STATE
 from collector.settings import Settings, get_settings
+
+log = logging.getLogger("amr.api")
 
 MONTH = r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])$"
 MAX_DAYS = 366
@@ -96,12 +114,50 @@ class TokenStore:
             return cls({})
         return cls.from_toml(Path(path).read_text(encoding="utf-8"), str(path))
 
+    def __len__(self) -> int:
+        return len(self.accounts_by_hash)
+
     def accounts(self, token: str) -> frozenset[str] | None:
         digest = hash_token(token)
         for known, accounts in self.accounts_by_hash.items():
             if hmac.compare_digest(known, digest):
                 return accounts
         return None
+
+
+def install_token_reload(app: FastAPI, path: Path) -> Any:
+    """SIGHUP reloads the tokens file into the running API, whole or not at all.
+
+    The new file is read and checked completely in a thread of its own (not
+    in the signal handler), then swapped in with one assignment that every
+    request reads once; a file that does not parse, or names no token at
+    all (a half-written file, most likely: it would lock every customer out),
+    keeps the tokens in use and logs why (`amr_config_reloads_total`
+    counts both outcomes). Returns the `collector.reload.Reloader`.
+    """
+    from collector.reload import Reloader
+
+    def load() -> TokenStore:
+        try:
+            store = TokenStore.load(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenFileError(f"{path}: cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        if not len(store):
+            raise TokenFileError(f"{path}: names no token; refusing to lock every customer out "
+                                 "(to revoke every token, stop the API)")
+        return store
+
+    def apply(old: TokenStore | None, new: TokenStore) -> None:
+        app.state.tokens = new
+        if old is not None:
+            log.info("tokens reloaded from %s: %d token(s), %d before", path, len(new), len(old))
+
+    reloader: Reloader[TokenStore] = Reloader(load, apply, name="API tokens", initial=app.state.tokens)
+    signal.signal(
+        signal.SIGHUP,
+        lambda signum, frame: threading.Thread(target=reloader.reload, name="amr-reload", daemon=True).start(),
+    )
+    return reloader
 
 
 # --- response models ----------------------------------------------------------------
@@ -235,9 +291,213 @@ class ApiError(Exception):
 
 
 NOT_FOUND = ApiError(404, "not_found", "Лицевой счёт не найден.")
+NO_TOKEN = "Нужен токен доступа (Authorization: Bearer ...)."
+BAD_TOKEN = "Токен доступа не принят."
+DB_UNAVAILABLE = "База данных временно недоступна, повторите запрос позже."
 ERRORS = {401: {"model": Problem, "description": "no or unknown bearer token"},
           404: {"model": Problem, "description": "no such account among the token's accounts"},
-          422: {"model": Problem, "description": "invalid parameters"}}
+          422: {"model": Problem, "description": "invalid parameters"},
+          503: {"model": Problem, "description": "database_unavailable: try again later"}}
+RETRY_AFTER_S = 5
+
+
+def problem(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the API's one shape, {"code", "message"}; 401 says which scheme it wants."""
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
+    elif status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
+    return JSONResponse({"code": code, "message": message}, status, headers=headers)
+
+
+def bearer_problem(authorization: str | None, tokens: TokenStore) -> tuple[str, frozenset[str] | None]:
+    """(message, accounts): accounts of the Authorization header's token, or the reason it has none."""
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return NO_TOKEN, None
+    accounts = tokens.accounts(credentials.strip())
+    return (BAD_TOKEN, None) if accounts is None else ("", accounts)
+
+
+# --- the edge: no body read without a token, none beyond the bound ------------------
+
+class _BodyTooLarge(Exception):
+    """Raised into the app by the guarded `receive` once a body passes the bound."""
+
+
+class RequestGuard:
+    """Refuses a request body before reading it: without a known bearer token (401), or too large (413).
+
+    FastAPI reads a body before it resolves dependencies, so the token
+    dependency alone would let anyone make the process read (and hold) any
+    amount of data; this middleware runs first. A Content-Length above the
+    bound is refused at once; a body without one (chunked) is counted as it
+    streams and refused the moment it passes the bound, so at most the bound
+    plus one chunk is ever held. Early refusals close the connection: the
+    server then does not read on to the end of a body nobody wants.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = int(declared) if declared and declared.isdigit() else None
+        if chunked or (length or 0) > 0:
+            why, accounts = bearer_problem(headers.get("authorization"), scope["app"].state.tokens)
+            if accounts is None:
+                await self._refuse(scope, receive, send, 401, "unauthorized", why)
+                return
+        if length is not None and length > self.max_body:
+            await self._refuse(scope, receive, send, 413, "body_too_large", self._too_large())
+            return
+        received = 0
+        cut = False
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received, cut
+            if cut:
+                raise _BodyTooLarge
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    cut = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if cut and not started:
+                return  # the app's answer to a body it never got whole (a 400): ours replaces it
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if cut and not started:
+            await self._refuse(scope, receive, send, 413, "body_too_large", self._too_large())
+
+    def _too_large(self) -> str:
+        return f"Тело запроса больше {self.max_body} байт."
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str,
+                      message: str) -> None:
+        await problem(status, code, message, {"Connection": "close"})(scope, receive, send)
+
+
+# --- the database: a short wait, a check before use, one line when it goes -----------
+
+class DatabaseUnavailable(ApiError):
+    def __init__(self) -> None:
+        super().__init__(503, "database_unavailable", DB_UNAVAILABLE)
+
+
+class DatabaseGate:
+    """The API's pool, with what it knows of the database's state.
+
+    Requests wait `wait_s` for a connection (AMR_API_DB_WAIT_S); while the
+    database is known to be down, a fraction of that (DOWN_WAIT_S), so an
+    outage answers 503 quickly instead of stacking requests up. Connection attempts (the
+    pool's, in its own threads) report to the process's amr_db_up and log
+    "database unreachable" once. The pool checks every connection before
+    handing it out; when one is stale, the server went away and came back
+    (or not), and every idle connection is as old, so all of them are
+    checked at once: without that, each request after a restart would meet
+    a stale connection of its own and the pool's retry back-off would time
+    it out.
+    """
+
+    DOWN_WAIT_S = 0.2
+    RECONNECT_TIMEOUT_S = 5.0  # give up a retry sequence this soon: the next request starts a fresh one
+
+    def __init__(self, url: str, wait_s: float, *, max_size: int = 8):
+        self.url = url
+        self.wait_s = wait_s
+        self.up = True
+        gate = self
+
+        class WatchedConnection(psycopg.Connection):  # type: ignore[type-arg]
+            @classmethod
+            def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:  # type: ignore[override]
+                try:
+                    conn = super().connect(conninfo, **kwargs)
+                except Exception as exc:
+                    gate.up = False
+                    DB_STATE.failed(url, exc)
+                    raise
+                gate.up = True
+                DB_STATE.report(url, True)
+                return conn
+
+        self.pool: ConnectionPool = ConnectionPool(
+            url, connection_class=WatchedConnection, min_size=1, max_size=max_size, open=False,
+            timeout=wait_s, check=self._check, reconnect_timeout=self.RECONNECT_TIMEOUT_S,
+            kwargs={"connect_timeout": 2, "options": "-c TimeZone=UTC"}, name="amr-api")
+
+    def _check(self, conn: psycopg.Connection) -> None:
+        try:
+            ConnectionPool.check_connection(conn)
+        except Exception:
+            self.pool.check()  # the others are as old as this one: sort them out now
+            raise
+
+    def open(self) -> None:
+        """Start connecting in the background: a database that is down does not stop the API starting."""
+        if self.pool.closed:
+            self.pool.open(wait=False)
+
+    def close(self) -> None:
+        self.pool.close(timeout=2)
+
+    def _get(self) -> psycopg.Connection | None:
+        """A connection within the wait, or None; sooner when a connection attempt has just failed.
+
+        The first slice of the wait is short: if by then the pool's attempt
+        to connect has failed (the server refused, or was down before), the
+        answer is 503 at once; otherwise (a busy pool, a slow network) the
+        rest of the wait is given. PoolTimeout alone is not taken for an
+        outage in amr_db_up: the connection attempts say that.
+        """
+        first = min(self.wait_s, self.DOWN_WAIT_S)
+        try:
+            return self.pool.getconn(timeout=first)
+        except PoolTimeout:
+            if not self.up or self.wait_s <= first:
+                return None
+        try:
+            return self.pool.getconn(timeout=self.wait_s - first)
+        except PoolTimeout:
+            return None
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A checked connection in a transaction, or DatabaseUnavailable (503) within the wait."""
+        self.open()
+        conn = self._get()
+        if conn is None:
+            raise DatabaseUnavailable
+        try:
+            with conn:  # commit, or roll back on an error; the pool keeps it open
+                yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction) as exc:
+            # (a read-only standby refusing the readings entry is unavailable too, not a bug: 503)
+            if conn.broken or conn.closed:  # lost on the way, not a query the server refused
+                self.up = False
+                DB_STATE.failed(self.url, exc)
+            raise DatabaseUnavailable from None
+        finally:
+            self.pool.putconn(conn)
 
 
 # --- the app ------------------------------------------------------------------------
@@ -250,10 +510,10 @@ def token_accounts(
 ) -> frozenset[str]:
     """The accounts the presented token may see; 401 without a known token."""
     if cred is None or cred.scheme.lower() != "bearer":
-        raise ApiError(401, "unauthorized", "Нужен токен доступа (Authorization: Bearer ...).")
+        raise ApiError(401, "unauthorized", NO_TOKEN)
     accounts = request.app.state.tokens.accounts(cred.credentials)
     if accounts is None:
-        raise ApiError(401, "unauthorized", "Токен доступа не принят.")
+        raise ApiError(401, "unauthorized", BAD_TOKEN)
     return accounts
 
 
@@ -268,19 +528,33 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
     store = tokens if tokens is not None else TokenStore.load(settings.api_tokens)
     tz = ZoneInfo(settings.timezone)
     tz_name = settings.timezone
+    gate = DatabaseGate(settings.database_url, settings.api_db_wait_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        gate.open()
+        try:
+            yield
+        finally:
+            gate.close()
+
     app = FastAPI(
         title="AMR customer account API",
         version="1",
         description="Read-only consumption by tariff zone and bills of the accounts a bearer "
         "token names; readings entry for manual-metering accounts. Amounts are RUB with VAT, "
-        "energy kWh, both as decimal strings.",
+        "energy kWh, both as decimal strings. Request bodies are limited to "
+        f"{settings.api_max_body_bytes} bytes (413 body_too_large) and read only with a known "
+        "token; with the database down every data endpoint answers 503 database_unavailable.",
+        lifespan=lifespan,
     )
     app.state.tokens = store
+    app.state.database = gate
+    app.add_middleware(RequestGuard, max_body=settings.api_max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"code": exc.code, "message": exc.message}, exc.status, headers=headers)
+        return problem(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -290,16 +564,7 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         return JSONResponse({"code": "invalid_request", "message": "; ".join(parts)}, 422)
 
-    pool = ConnectionPool(settings.database_url, min_size=1, max_size=8, open=False,
-                          kwargs={"connect_timeout": 5, "options": "-c TimeZone=UTC"})
-    app.router.add_event_handler("shutdown", pool.close)
-
-    @contextmanager
-    def connection() -> Iterator[psycopg.Connection]:
-        if pool.closed:
-            pool.open(wait=True, timeout=10)
-        with pool.connection(timeout=10) as conn:
-            yield conn
+    connection = gate.connection
 
     def own(account: str, allowed: frozenset[str]) -> str:
         try:

@@ -50,32 +50,96 @@ class MetricsEndpoint:
             self._refresher.join(timeout=5)
 
 
-def refresh_fleet_gauges(db_url: str) -> int | None:
-    """One refresh of amr_db_up and amr_meters_stale; returns the stale count or None."""
+class DatabaseState:
+    """amr_db_up and the log line that goes with it, for every part of a process that talks to the database.
+
+    The gauge follows every report; the log says "database unreachable"
+    once, when the state changes (not once a probe or a request, which would
+    bury the line that matters), naming the database as host:port/dbname
+    and libpq's reason with the URL's secrets masked, and says so again
+    when the database is back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._up: dict[str, bool] = {}
+
+    def report(self, db_url: str, up: bool, reason: str | None = None) -> bool:
+        """Record one outcome; True when it changed the state (and was logged)."""
+        from collector.storage.db import describe_database
+
+        metrics.DB_UP.set(1 if up else 0)
+        target = describe_database(db_url)
+        with self._lock:
+            before = self._up.get(target)
+            self._up[target] = up
+        if before is up:
+            return False
+        if up:
+            log.info("database %s %s", target, "reachable" if before is None else "reachable again",
+                     extra={"database": target})
+        else:
+            log.warning("database unreachable: %s: %s", target, reason or "no reason given",
+                        extra={"database": target})
+        return True
+
+    def failed(self, db_url: str, exc: BaseException) -> bool:
+        """`report(down)` with the reason taken from the exception, secrets masked."""
+        from collector.storage.db import safe_reason
+
+        return self.report(db_url, False, safe_reason(exc, db_url))
+
+
+DB_STATE = DatabaseState()
+
+
+def refresh_fleet_gauges(db_url: str, *, connect_timeout: int = 5, count_stale: bool = True) -> int | None:
+    """One refresh of amr_db_up (and amr_meters_stale); returns the stale count or None.
+
+    The database is up when a connection opens and answers; a query refused
+    after that (a read-only role that may not read `meter`) is no outage.
+    """
+    import psycopg
+
     from collector.commands.status import stale_meters
     from collector.storage import db
 
     try:
-        with db.connect(db_url) as conn:
-            stale = stale_meters(conn)
+        conn = db.connect(db_url, connect_timeout=connect_timeout, autocommit=True)
     except Exception as exc:  # the database being down is exactly what this reports
-        metrics.DB_UP.set(0)
-        log.warning("database unreachable: %s", exc)
+        DB_STATE.failed(db_url, exc)
         return None
-    metrics.DB_UP.set(1)
+    with conn:
+        try:
+            if not count_stale:
+                conn.execute("SELECT 1")
+                DB_STATE.report(db_url, True)
+                return None
+            stale = stale_meters(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:  # lost on the way
+            DB_STATE.failed(db_url, exc)
+            return None
+        except psycopg.Error as exc:
+            DB_STATE.report(db_url, True)
+            log.warning("cannot count stale meters: %s", db.safe_reason(exc, db_url))
+            return None
+    DB_STATE.report(db_url, True)
     metrics.METERS_STALE.set(len(stale))
     return len(stale)
 
 
 def serve_metrics(
     settings: Settings | None = None, *, port: int | None = None, addr: str = "0.0.0.0",
-    db_url: str | None = None, refresh_every: float | None = None,
+    db_url: str | None = None, refresh_every: float | None = None, count_stale: bool = True,
 ) -> MetricsEndpoint | None:
     """Start the /metrics endpoint; None when AMR_METRICS_PORT is 0 (disabled).
 
     `db_url`: refresh amr_db_up and amr_meters_stale from this database every
     `refresh_every` seconds (default AMR_METRICS_REFRESH_S; a gateway without
-    a database passes nothing).
+    a database passes nothing); `count_stale=False` only checks that the
+    database answers (the API: its read-only role sees views, not meters).
+    The first check runs at once, so a daemon says at start whether its
+    database is there.
     A port already taken is a configuration error and says which variable
     to change.
     """
@@ -98,7 +162,7 @@ def serve_metrics(
 
         def loop() -> None:
             while not endpoint._stop.is_set():
-                refresh_fleet_gauges(db_url)
+                refresh_fleet_gauges(db_url, count_stale=count_stale)
                 endpoint._stop.wait(every)
 
         endpoint._refresher = threading.Thread(target=loop, name="amr-fleet-gauges", daemon=True)
