@@ -227,9 +227,28 @@ def test_tls_with_client_certificate_and_password_never_logged(tmp_path):
         out, err = bad.communicate(timeout=20)
         assert bad.returncode == 1 and "30 left in the spool" in err, err
         assert "wr0ng-pw" not in out + err and "retrying" in err
+        # delivery needs a subscriber (a broker with none answers PUBACK 16 and the batch stays)
+        from pydantic import SecretStr
+
+        from collector.mqtt_client import make_client
+
+        cfg = parse_broker_url(f"mqtts://gw-tls@127.0.0.1:{port}", SecretStr("s3cr3t-pw"), certs["ca"],
+                               certs["cert"], certs["key"])
+        got: list[str] = []
+        subscribed = threading.Event()
+        sub = make_client(cfg, "uplink-tls-sub")
+        sub.on_connect = lambda c, *a: c.subscribe("amr/v1/+/readings", 1)
+        sub.on_subscribe = lambda *a: subscribed.set()
+        sub.on_message = lambda c, u, msg: got.extend(r["value"] for r in json.loads(msg.payload)["readings"])
+        sub.connect("127.0.0.1", port)
+        sub.loop_start()
+        assert subscribed.wait(10)
         ok = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert ok.returncode == 0, ok.stderr
         assert "delivered 30 readings; 0 left" in ok.stderr and "s3cr3t-pw" not in ok.stdout + ok.stderr
+        _until(lambda: len(got) >= 30, 10, "the subscriber did not get the readings")
+        sub.disconnect()
+        sub.loop_stop()
     finally:
         proc.terminate()
         proc.wait(10)
