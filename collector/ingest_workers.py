@@ -105,56 +105,10 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.Error | OSError | db.DatabaseNotConfigured)
 
 
-def describe_database(url: str) -> str:
-    """`host:port/dbname` of a libpq URL or conninfo string, for logs: never the password or other options.
-
-    A URL that does not parse is named as such, without echoing it (the text
-    around a parse error may be the password).
-    """
-    if not url:
-        return "(AMR_DATABASE_URL not set)"
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except Exception:
-        info = None
-    host = str((info or {}).get("host") or (info or {}).get("hostaddr") or "localhost")
-    if info is None or "@" in host or "=" in host:  # a password with an unquoted @ spills into the host
-        from urllib.parse import urlsplit
-
-        try:  # libpq refuses it: name what a URL reader sees, and say it is malformed
-            parts = urlsplit(url)
-            if parts.scheme in ("postgres", "postgresql") and parts.hostname:
-                return f"{parts.hostname}:{parts.port or 5432}/{parts.path.lstrip('/') or '?'} (a malformed URL)"
-        except ValueError:
-            pass
-        return "(AMR_DATABASE_URL that does not parse)"
-    port = info.get("port") or "5432"
-    user = info.get("user")
-    return f"{user + '@' if user else ''}{host}:{port}/{info.get('dbname') or user or '?'}"
-
-
-def safe_reason(exc: BaseException, url: str = "") -> str:
-    """The first line of a database error, with nothing of the URL's secrets in it.
-
-    libpq's conninfo errors quote the text they could not parse, which may be
-    the password: quoted text goes, as does anything logs.redact recognises
-    and the URL's password wherever it appears.
-    """
-    import re
-
-    from collector.logs import redact
-
-    text = _first_line(exc)
-    if isinstance(exc, psycopg.ProgrammingError) and getattr(exc, "sqlstate", None) is None:
-        text = re.sub(r'"[^"]*"', '"..."', text)  # conninfo parse errors quote the unparsed text
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url) if url else {}
-    except Exception:
-        info = {}
-    for secret in (info.get("password"), info.get("host") if "@" in str(info.get("host")) else None):
-        if secret:  # (a host with an @ is the tail of a password that held one)
-            text = text.replace(str(secret), "***")
-    return redact(text)
+# how a database is named in log lines (host:port/dbname, never a secret) and libpq's reason with the
+# URL's secrets masked: the one definition every daemon uses, re-exported for the collector's callers
+describe_database = db.describe_database
+safe_reason = db.safe_reason
 
 
 class _Store:

@@ -405,9 +405,9 @@ def test_database_descriptions_never_carry_the_password() -> None:
     urls = {
         "postgresql://amr:hunter2@db1:5433/amr": "amr@db1:5433/amr",
         "host=db1 port=5433 dbname=amr user=col password=hunter2": "col@db1:5433/amr",
-        "postgresql://amr:hunter2@127.0.0.1:5432/amr?foo=bar": "127.0.0.1:5432/amr (a malformed URL)",
-        "postgresql://amr:hun@ter2@127.0.0.1:5432/amr": "127.0.0.1:5432/amr (a malformed URL)",
-        "postgres//amr:hunter2@db1/amr": "(AMR_DATABASE_URL that does not parse)",
+        "postgresql://amr:hunter2@127.0.0.1:5432/amr?foo=bar": "amr@127.0.0.1:5432/amr (a malformed URL)",
+        "postgresql://amr:hun@ter2@127.0.0.1:5432/amr": "amr@127.0.0.1:5432/amr (a malformed URL: encode @ in the password as %40)",
+        "postgres//amr:hunter2@db1/amr": "(an AMR_DATABASE_URL that does not parse)",
     }
     for url, described in urls.items():
         assert describe_database(url) == described

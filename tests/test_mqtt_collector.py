@@ -432,7 +432,8 @@ def test_malformed_database_url_nothing_acknowledged_nothing_lost(db_url, tmp_pa
     info = psycopg.conninfo.conninfo_to_dict(db_url)
     bad_url = f"postgresql://{info.get('user') or 'postgres'}:hunter2@127.0.0.1:5432/{info['dbname']}?foo=bar"
     c = Collector(bad_url, "127.0.0.1", broker.port, "g", "c-mu", None, batch=5)
-    c.wait_log(f"database 127.0.0.1:5432/{info['dbname']} (a malformed URL) cannot take writes")
+    c.wait_log(f"database {info.get('user') or 'postgres'}@127.0.0.1:5432/{info['dbname']} (a malformed URL) "
+               "cannot take writes")
     msgs, expected = _amr_messages(["mu-0", "mu-1"], 3, 1)
     pub = Publisher("127.0.0.1", broker.port)
     for topic, payload in msgs:
