@@ -9,9 +9,6 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ROOT
 from tests.helpers import T0, add_meters
 
 
@@ -151,12 +148,6 @@ def test_hostile_lines_are_refused_one_by_one_without_a_traceback(db_url, conn, 
         assert len(mine) == 1 and why in mine[0], (n, why, rows)
 
 
-# The window is collector.vee's (another part of issue 12). Without it a year-1 reading makes
-# ingestion create a partition per month since year 1 in the shared server: do not run it then.
-_WINDOW = "implausible_ts" in (ROOT / "collector" / "vee.py").read_text()
-
-
-@pytest.mark.xfail(not _WINDOW, run=False, reason="collector.vee has no plausibility window yet")
 def test_old_dates_are_refused_one_by_one(db_url, conn, tmp_path) -> None:
     """Dates that have a UTC instant but no place in metering (1969, 1970, year 1).
 
