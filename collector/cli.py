@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -41,7 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# daemons whose SIGHUP means "reload" (their systemd units send it on `systemctl reload`)
+DAEMONS = frozenset({"api", "gateway", "collect"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in DAEMONS and hasattr(signal, "SIGHUP"):
+        # until the daemon installs its reload handler (after its imports and checks), a
+        # reload request is ignored rather than fatal: SIGHUP's default action ends the
+        # process, and systemd takes that for a clean exit and does not restart it
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     tune_gc()
     parser = build_parser()
     args = parser.parse_args(argv)
