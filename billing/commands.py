@@ -45,19 +45,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_bill)
 
     s = sub.add_parser("suspect", help="energy held out of bills: list, accept or reject it",
-                       description="Intervals implying more than a meter's maximum power are "
-                       "suspect and hold the account's bill back. A person decides; the decision "
-                       "is applied to the daily totals and kept in an audit record.")
+                       description="Two things wait for a person here. Intervals implying more than "
+                       "a meter's maximum power are suspect and hold the account's bill back; the "
+                       "decision is applied to the daily totals and kept in an audit record. And a "
+                       "billed month is closed: data arriving later that would change it is stored, "
+                       "and the month's bill is held at its version until the change is accepted "
+                       "(a new version, with the reason and the difference) or rejected (the bill "
+                       "stays): `accept|reject --account N --period YYYY-MM`.")
     ssub = s.add_subparsers(dest="suspect_command", metavar="ACTION", required=True)
-    sl = ssub.add_parser("list", help="suspect intervals waiting for a decision")
+    sl = ssub.add_parser("list", help="suspect intervals and changes to billed months waiting for a decision")
     sl.add_argument("--account", help="only this account's meters")
     sl.add_argument("--meter", help="only this meter")
     sl.add_argument("--json", action="store_true", help="one JSON object per line")
     sl.set_defaults(func=cmd_suspect_list)
     for name, verb in (("accept", "count it in bills"), ("reject", "leave it out of bills")):
-        a = ssub.add_parser(name, help=f"{name} a suspect interval: {verb}")
-        a.add_argument("meter", help="meter id")
-        a.add_argument("start", type=_aware, help="interval start, ISO 8601 with offset (from `list`)")
+        a = ssub.add_parser(name, help=f"{name} a suspect interval ({verb}), or the changes to a billed month")
+        a.add_argument("meter", nargs="?", help="meter id of a suspect interval")
+        a.add_argument("start", nargs="?", type=_aware,
+                       help="interval start, ISO 8601 with offset (from `list`)")
+        a.add_argument("--account", help="with --period: the account whose billed month changed")
+        a.add_argument("--period", help="with --account: the billed month, like 2026-10")
         a.add_argument("--end", type=_aware, help="interval end (default: the suspect interval at START)")
         a.add_argument("--register", default="1.8.0", help="register (default 1.8.0)")
         a.add_argument("--by", default=None, help="who decides (default: the login name)")
@@ -204,19 +211,34 @@ def suspect_intervals(conn: Any, account: str | None = None, meter: str | None =
 
 
 def cmd_suspect_list(args: argparse.Namespace) -> int:
+    from billing.closure import open_changes
     from collector.inventory import normalize_account
 
     account = normalize_account(args.account) if args.account else None
-    with db.connect(get_settings().database_url) as conn:
+    settings = get_settings()
+    with db.connect(settings.database_url) as conn:
         rows = suspect_intervals(conn, account, args.meter)
+        changes = [] if args.meter else open_changes(conn, account, settings.timezone)
     for r in rows:
         if args.json:
-            _print_json(r)
+            _print_json({"kind": "suspect", **r})
         else:
             print(f"account {r['account']}  meter {r['meter_id']}  {r['register']}  "
                   f"{r['start'].isoformat()} .. {r['end'].isoformat()}  {r['kwh']} kWh")
-    if not rows and not args.json:
-        print("no suspect energy waiting for a decision")
+    for c in changes:
+        if args.json:
+            print(json.dumps(c.as_dict(), ensure_ascii=False))
+            continue
+        now = (f"would be {c.new_total} ({'+' if c.delta >= 0 else ''}{c.delta})" if c.delta is not None
+               else f"cannot be priced: {c.held}")
+        print(f"account {c.account}  changes billed period {c.period:%Y-%m}: bill version {c.version} "
+              f"total {c.billed_total}, {now}")
+        for i in c.intervals:
+            what = "taken away" if i["kwh"] is None else f"{i['kwh']} kWh"
+            print(f"    meter {i['meter_id']}  {i['start'].isoformat()} .. {i['end'].isoformat()}  {what}")
+        print(f"    accept: amr suspect accept --account {c.account} --period {c.period:%Y-%m}")
+    if not rows and not changes and not args.json:
+        print("no suspect energy and no change to a billed month waiting for a decision")
     return 0
 
 
@@ -247,10 +269,47 @@ def decide(conn: Any, meter: str, register: str, start: datetime, end: datetime 
 
 def cmd_suspect_decide(args: argparse.Namespace) -> int:
     by = args.by or getpass.getuser()
-    with db.connect(get_settings().database_url) as conn:
+    verb = "accept" if args.decision == "accepted" else "reject"
+    settings = get_settings()
+    if args.account or args.period:
+        if not (args.account and args.period) or args.meter:
+            raise UserError(f"give --account N and --period YYYY-MM together (the changes to a billed "
+                            f"month), or METER START (a suspect interval): see `amr suspect {verb} --help`")
+        return _decide_period(args, by, settings)
+    if not (args.meter and args.start):
+        raise UserError(f"name what to {verb}: METER START (a suspect interval, from `amr suspect list`) "
+                        "or --account N --period YYYY-MM (the changes to a billed month)")
+    with db.connect(settings.database_url) as conn:
         r = decide(conn, args.meter, args.register, args.start, args.end, args.decision, by, args.note)
     print(f"meter {r['meter_id']} {r['register']} {r['start'].isoformat()} .. {r['end'].isoformat()}: "
           f"{r['kwh']} kWh {r['decision']} by {by}; bill the period again to apply it")
+    return 0
+
+
+def _decide_period(args: argparse.Namespace, by: str, settings: Any) -> int:
+    from billing.closure import decide_period
+    from billing.engine import parse_period
+    from collector.inventory import normalize_account
+
+    try:
+        period = parse_period(args.period)
+        account = normalize_account(args.account)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with db.connect(settings.database_url) as conn:
+        n, run = decide_period(conn, account, period, args.decision, by, args.note, tz=settings.timezone)
+    if not n:
+        raise UserError(f"account {account}: no change to billed period {period:%Y-%m} waits for a decision "
+                        "(see `amr suspect list`)")
+    if run is None:
+        print(f"account {account} {period:%Y-%m}: {n} change(s) rejected by {by}; the bill stays as billed")
+        return 0
+    for acc, version, why in run.written:
+        print(f"account {acc} {period:%Y-%m}: {n} change(s) accepted by {by}; new version {version}: {why}")
+    for h in run.held_back:
+        print(f"account {h.account} {period:%Y-%m}: {n} change(s) accepted by {by}; still held back: {h.reason}")
+    if not run.written and not run.held_back:
+        print(f"account {account} {period:%Y-%m}: {n} change(s) accepted by {by}; the bill is unchanged")
     return 0
 
 

@@ -246,6 +246,53 @@ def describe_change(old_lines: list[Line], new: Bill, old_total: Decimal) -> tup
                     "total_delta": str(delta), "lines": diff_lines}
 
 
+def _usage(conn: Any, pieces: Sequence[tuple[date, date]], first: date, last: date, tz: str,
+           wanted: list[str] | None) -> tuple[dict[str, dict[tuple[int, str], tuple[Decimal, Decimal]]],
+                                              dict[str, Decimal]]:
+    """Each account's energy per (piece of the month, stored zone), and its suspect energy.
+
+    Energy of every meter in the month by one plain aggregate (the fast path for a whole
+    city); then, for the few meters in service only part of the month, the energy of
+    the days outside their service is taken off again, exactly, in Decimal.
+    """
+    params = {"bounds": [p[0] for p in pieces], "first": first, "last": last, "tz": tz,
+              "accounts": wanted}
+    piece = "width_bucket(d.day, %(bounds)s::date[])" if len(pieces) > 1 else "1"
+    only = (" AND d.meter_id IN (SELECT id FROM meter WHERE account = ANY(%(accounts)s))"
+            if wanted is not None else "")
+    account_of = dict(conn.execute("SELECT id, account FROM meter").fetchall())
+    per_meter = conn.execute(
+        f"SELECT d.meter_id, {piece}, d.zone, sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
+        " FROM daily_zone_usage d WHERE d.day BETWEEN %(first)s AND %(last)s" + only
+        + " GROUP BY 1, 2, 3", params).fetchall()
+    params["partial"] = [r[0] for r in conn.execute(
+        "SELECT id FROM meter WHERE (installed AT TIME ZONE %(tz)s)::date > %(first)s"
+        " OR (removed AT TIME ZONE %(tz)s)::date < %(last)s", params).fetchall()]
+    outside = conn.execute(
+        f"SELECT d.meter_id, {piece}, d.zone, sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
+        " FROM daily_zone_usage d JOIN meter m ON m.id = d.meter_id"
+        " WHERE d.meter_id = ANY(%(partial)s::text[]) AND d.day BETWEEN %(first)s AND %(last)s"
+        " AND (d.day < (m.installed AT TIME ZONE %(tz)s)::date"
+        "  OR d.day > (m.removed AT TIME ZONE %(tz)s)::date)" + only
+        + " GROUP BY 1, 2, 3", params).fetchall() if params["partial"] else []
+    # accounts with several meters (a replacement) add up here; subtractions come last
+    usage: dict[str, dict[tuple[int, str], tuple[Decimal, Decimal]]] = {}
+    suspect: dict[str, Decimal] = {}
+    for sign, rows in ((1, per_meter), (-1, outside)):
+        for meter_id, i, zone, kwh, est, sus in rows:
+            account = account_of.get(meter_id)
+            if account is None:  # usage of a meter no longer in the inventory: nobody's bill
+                continue
+            acc = usage.setdefault(account, {})
+            had = acc.get((i, zone))
+            if sign < 0:
+                kwh, est, sus = -kwh, -est, -sus
+            acc[(i, zone)] = (kwh, est) if had is None else (had[0] + kwh, had[1] + est)
+            if sus:
+                suspect[account] = suspect.get(account, ZERO) + sus
+    return usage, {a: v for a, v in suspect.items() if v}
+
+
 def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, *,
                 catalogue: Catalogue | None = None, tz: str = "Europe/Moscow",
                 reason: str | None = None, progress: Progress | None = None) -> RunSummary:
@@ -269,49 +316,13 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         if wanted is not None and len(subs) != len(wanted):
             unknown = sorted(set(wanted) - {s[0] for s in subs})
             raise UnknownAccounts(f"no subscriber with account {', '.join(unknown)}; nothing billed")
-        params = {"bounds": [p[0] for p in pieces], "first": first, "last": last, "tz": tz,
-                  "accounts": wanted}
-        # Energy of every meter in the month by one plain aggregate (the fast path for a whole
-        # city); then, for the few meters in service only part of the month, the energy of
-        # the days outside their service is taken off again, exactly, in Decimal.
-        piece = "width_bucket(d.day, %(bounds)s::date[])" if len(pieces) > 1 else "1"
-        only = (" AND d.meter_id IN (SELECT id FROM meter WHERE account = ANY(%(accounts)s))"
-                if wanted is not None else "")
-        account_of = dict(conn.execute("SELECT id, account FROM meter").fetchall())
-        per_meter = conn.execute(
-            f"SELECT d.meter_id, {piece}, d.zone, sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
-            " FROM daily_zone_usage d WHERE d.day BETWEEN %(first)s AND %(last)s" + only
-            + " GROUP BY 1, 2, 3", params).fetchall()
-        params["partial"] = [r[0] for r in conn.execute(
-            "SELECT id FROM meter WHERE (installed AT TIME ZONE %(tz)s)::date > %(first)s"
-            " OR (removed AT TIME ZONE %(tz)s)::date < %(last)s", params).fetchall()]
-        outside = conn.execute(
-            f"SELECT d.meter_id, {piece}, d.zone, sum(d.kwh), sum(d.estimated_kwh), sum(d.suspect_kwh)"
-            " FROM daily_zone_usage d JOIN meter m ON m.id = d.meter_id"
-            " WHERE d.meter_id = ANY(%(partial)s::text[]) AND d.day BETWEEN %(first)s AND %(last)s"
-            " AND (d.day < (m.installed AT TIME ZONE %(tz)s)::date"
-            "  OR d.day > (m.removed AT TIME ZONE %(tz)s)::date)" + only
-            + " GROUP BY 1, 2, 3", params).fetchall() if params["partial"] else []
+        usage, suspect = _usage(conn, pieces, first, last, tz, wanted)
         summary.phases["aggregate"] = time.perf_counter() - started
-        # accounts with several meters (a replacement) add up here; subtractions come last
-        usage: dict[str, dict[tuple[int, str], tuple[Decimal, Decimal]]] = {}
-        suspect: dict[str, Decimal] = {}
-        for sign, rows in ((1, per_meter), (-1, outside)):
-            for meter_id, i, zone, kwh, est, sus in rows:
-                account = account_of.get(meter_id)
-                if account is None:  # usage of a meter no longer in the inventory: nobody's bill
-                    continue
-                acc = usage.setdefault(account, {})
-                had = acc.get((i, zone))
-                if sign < 0:
-                    kwh, est, sus = -kwh, -est, -sus
-                acc[(i, zone)] = (kwh, est) if had is None else (had[0] + kwh, had[1] + est)
-                if sus:
-                    suspect[account] = suspect.get(account, ZERO) + sus
-        suspect = {a: v for a, v in suspect.items() if v}
         latest = {r[0]: r[1:] for r in conn.execute(
             "SELECT DISTINCT ON (account) account, version, fingerprint, total FROM bill"
             " WHERE period = %s ORDER BY account, version DESC", (period,)).fetchall()}
+        closure = _closure(conn, period, wanted) if latest else {}
+        settled: list[str] = []  # accounts whose open changes left the bill as it was
         new_bills: list[tuple[Bill, int, str, dict | None]] = []
         memo: dict = {}
         changed: list[tuple[Bill, int, Decimal]] = []
@@ -346,6 +357,10 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
                     new_bills.append(new)
                 elif prev[1] == got.fingerprint():
                     summary.unchanged += 1
+                    if closure.get(account, _OPEN_NONE)[0]:
+                        settled.append(account)
+                elif (held := _closed_hold(account, period, prev, got, closure)) is not None:
+                    summary.held_back.append(held)
                 else:
                     changed.append((got, prev[0], prev[2]))
             if pending:
@@ -359,6 +374,11 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
             with conn.cursor() as cur, cur.copy(_BILL_COPY) as cp:
                 cp.write("".join(_bill_row(*new) for new in versions))
             new_bills.extend(versions)
+        if settled:
+            conn.execute(
+                "UPDATE billed_change SET decision = 'no_change', decided_by = 'amr bill', decided_at = now()"
+                " WHERE decision IS NULL AND period = %s"
+                " AND meter_id IN (SELECT id FROM meter WHERE account = ANY(%s))", (period, settled))
         summary.phases["priced"] = time.perf_counter() - started
         _write_lines(conn, new_bills)
         summary.phases["written"] = time.perf_counter() - started
@@ -378,6 +398,61 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         if count:
             metrics.BILLS.labels(outcome).inc(count)
     return summary
+
+
+_OPEN_NONE = (False, False)
+
+
+def _closure(conn: Any, period: date, wanted: list[str] | None) -> dict[str, tuple[bool, bool]]:
+    """Per account, of the changes recorded to this billed month since its latest bill version:
+    (any still awaiting a decision, any rejected). See migration 014 and `_closed_hold`."""
+    rows = conn.execute(
+        "SELECT m.account, bool_or(c.decision IS NULL), bool_or(c.decision = 'rejected')"
+        " FROM billed_change c JOIN meter m ON m.id = c.meter_id"
+        " WHERE c.period = %(p)s AND (%(a)s::text[] IS NULL OR m.account = ANY(%(a)s))"
+        " AND (c.decision IS NULL OR (c.decision = 'rejected' AND c.decided_at >"
+        "   (SELECT max(b.created_at) FROM bill b WHERE b.account = m.account AND b.period = c.period)))"
+        " GROUP BY 1", {"p": period, "a": wanted}).fetchall()
+    return {a: (bool(o), bool(r)) for a, o, r in rows}
+
+
+def _closed_hold(account: str, period: date, prev: tuple, new: Bill,
+                 closure: Mapping[str, tuple[bool, bool]]) -> Held | None:
+    """A billed month is closed: data that changed it since waits for a person.
+
+    Held while any recorded change to the month awaits a decision; kept as
+    billed when the changes were rejected. Other changes (a corrected tariff,
+    changes accepted) make a new version, as always.
+    """
+    waiting, rejected = closure.get(account, _OPEN_NONE)
+    version, _, total = prev
+    delta = new.total - total
+    change = f"total {total} -> {new.total} ({'+' if delta >= 0 else ''}{delta})"
+    if waiting:
+        return Held(account, (
+            f"changes billed period {period:%Y-%m}: data arrived after version {version} that would "
+            f"change it ({change}); see `amr suspect list --account {account}`, then "
+            f"`amr suspect accept --account {account} --period {period:%Y-%m}` to issue the new version"))
+    if rejected:
+        return Held(account, (
+            f"billed period {period:%Y-%m} stays at version {version}: the changes since ({change}) "
+            "were rejected"))
+    return None
+
+
+def preview(conn: Any, account: str, period: date, *, catalogue: Catalogue | None = None,
+            tz: str = "Europe/Moscow") -> Bill | Held:
+    """What one account's bill for the month would be on the stored data now; writes nothing."""
+    period = period.replace(day=1)
+    first, last = month_days(period)
+    account = normalize_account(account)
+    cat = catalogue if catalogue is not None else load_db_catalogue(conn)
+    pieces = _pieces(cat, first, last)
+    sub = conn.execute("SELECT plan, category, area FROM subscriber WHERE account = %s", (account,)).fetchone()
+    if sub is None:
+        raise UnknownAccounts(f"no subscriber with account {account}")
+    usage = _usage(conn, pieces, first, last, tz, [account])[0].get(account, {})
+    return price(account, period, *sub, pieces, usage, cat)
 
 
 def _lines_of(conn: Any, period: date, keys: list[tuple[str, int]]) -> dict[str, list[Line]]:

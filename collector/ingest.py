@@ -40,14 +40,15 @@ from collector.intervals import between, glitches
 from collector.settings import Settings, get_settings
 from collector.storage import retention
 from collector.storage.db import array_literal
-from collector.storage.timeseries import Partitions
+from collector.storage.timeseries import Partitions, next_month
 from collector.vee import BILLED_REGISTER, MeterRules
 from collector.zones import ZoneCalendar, default_calendar
 
 # readings loaded on each side of new ones, so that every reading whose
-# classification could change is re-judged with both of its neighbours; more
-# are loaded for the rare register with a run of glitches beside new readings
-CONTEXT = 3
+# classification could change (collector.intervals.glitches: from one before it to
+# two after it) is re-judged with all it depends on; more are loaded for the rare
+# register with a run of glitches beside new readings
+CONTEXT = 4
 _COUNTED = ("ok", "accepted")
 _ZERO = Decimal(0)
 _DERIVED_FLAGS = frozenset({quality.GLITCH, quality.ROLLOVER, quality.RESET})
@@ -358,11 +359,12 @@ class Ingestor:
         )
         los = [by_key[k][0][0] for k in keys]
         counts = [len(by_key[k]) for k in keys]
-        decisions, mark = self._context({k[0] for k in keys})
+        windows = self._load_windows(keys, los, counts, CONTEXT)
+        since = self._earliest_month(windows, los)
+        decisions, mark, closed = self._context({k[0] for k in keys}, since)
         if mark != window.watermark:
             self._watermark_read = (self.clock(), mark)
             raise _WatermarkMoved
-        windows = self._load_windows(keys, los, counts, CONTEXT)
         work = _Changes()
         todo = list(range(len(keys)))
         context: int | None = CONTEXT
@@ -387,7 +389,8 @@ class Ingestor:
                             rejects.append(self._conflict_row(r, stored))
                         result.conflict += len(clashes)
                         if span is not None:
-                            self._emit(key, pts, span, meters[key[0]], decisions, cp, work)
+                            self._emit(key, pts, span, meters[key[0]], decisions,
+                                       closed.get(key[0]) if key[1] == BILLED_REGISTER else None, cp, work)
                 if not short:
                     break
                 # a run of glitches beside the new readings, or more stored readings among
@@ -396,6 +399,11 @@ class Ingestor:
                 todo = short
                 windows = self._load_windows([keys[i] for i in todo], [los[i] for i in todo],
                                              [counts[i] for i in todo], context)
+                wider = self._earliest_month(windows, [los[i] for i in todo])
+                if wider < since:  # the wider window reaches months not asked about yet
+                    for mid, periods in self._context({keys[i][0] for i in todo}, wider)[2].items():
+                        closed.setdefault(mid, set()).update(periods)
+                    since = wider
             self._apply(cur, work)
         return work.inserted
 
@@ -538,10 +546,17 @@ class Ingestor:
         span: tuple[int, int, list[bool]],
         meter: MeterRules,
         decisions: dict[tuple, str],
+        closed: set[date] | None,
         cp: Any,
         work: _Changes,
     ) -> None:
-        """Derive the span's intervals; COPY new readings, queue changes to stored ones."""
+        """Derive the span's intervals; COPY new readings, queue changes to stored ones.
+
+        `closed`: the billed months of the meter's account (register 1.8.0 only);
+        an interval added, changed or taken away in one of them is recorded in
+        work.held, for billing to hold that month's bill until a person decides.
+        Suspect energy is not: it already waits for its own decision (amr suspect).
+        """
         mid, reg = key
         start_i, stop, bad = span
         billed = reg == BILLED_REGISTER
@@ -579,6 +594,8 @@ class Ingestor:
                         if billed:
                             dkey = (day, zone, estimated, status)
                             daily[dkey] = daily.get(dkey, _ZERO) + kwh
+                        if closed and status != "suspect" and (month := day.replace(day=1)) in closed:
+                            work.held[(mid, reg, start, ts, month)] = kwh
                         continue
                     state = (start, kwh, kind, status, estimated, day, zone)
                 else:
@@ -614,8 +631,16 @@ class Ingestor:
                         work.removed_split.append((mid, reg, ts, old[6]))
                     elif billed:
                         work.daily.count(mid, old[8], old[9], old[4], old[7], old[6], -1)
+                    if closed and old[3] != state[0]:  # that interval is gone from a closed month
+                        months = {old[8].replace(day=1)} if old[9] is not None else self._months(old[3], ts)
+                        for month in months & closed:
+                            work.held.setdefault((mid, reg, old[3], ts, month), None)
             if state[1] is None:
                 continue
+            if closed and state[3] != "suspect":  # suspect energy waits for its own decision
+                months = {state[5].replace(day=1)} if segs is None else {sg.day.replace(day=1) for sg in segs}
+                for month in months & closed:
+                    work.held[(mid, reg, state[0], ts, month)] = state[1]
             if segs is None:
                 if billed:
                     dkey = (state[5], state[6], state[4], state[3])
@@ -671,28 +696,70 @@ class Ingestor:
                 for row in work.segments:
                     cp.write_row(row)
         work.daily.write(self.conn)
+        if work.held:
+            h = list(work.held.items())
+            cur.execute(
+                """INSERT INTO billed_change (meter_id, register, start_ts, end_ts, period, kwh)
+                   SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],
+                                        %s::date[], %s::numeric[])
+                   ON CONFLICT (meter_id, register, start_ts, end_ts, period) WHERE decision IS NULL
+                   DO UPDATE SET kwh = EXCLUDED.kwh, noticed_at = now()""",
+                tuple(array_literal(col) for col in (
+                    [k[0] for k, _ in h], [k[1] for k, _ in h], [k[2] for k, _ in h], [k[3] for k, _ in h],
+                    [k[4] for k, _ in h], [v for _, v in h])),
+            )
 
-    def _context(self, meter_ids: set[str]) -> tuple[dict[tuple, str], datetime | None]:
+    def _earliest_month(self, windows: dict[int, list[tuple]], los: list[datetime]) -> date:
+        """The first local month any interval derived from these windows can touch."""
+        first = min(los)
+        for rows in windows.values():
+            for row in rows:
+                if row[0] < first:
+                    first = row[0]
+        return first.astimezone(self.calendar.tz).date().replace(day=1)
+
+    def _context(self, meter_ids: set[str], since: date
+                 ) -> tuple[dict[tuple, str], datetime | None, dict[str, set[date]]]:
         """What a batch's derivation needs besides the readings, in one round trip, under the locks.
 
-        The people's decisions on the meters' intervals, and the retention
-        watermark as it is now (validation used a copy up to a minute old).
+        The people's decisions on the meters' intervals; the retention watermark
+        as it is now (validation used a copy up to a minute old); and the months
+        from `since` on that are billed for each meter's account, which are closed
+        (a change to them is recorded in billed_change for a person to decide).
         """
         rows = self.conn.execute(
             "SELECT meter_id, register, start_ts, end_ts, decision FROM interval_decision"
-            " WHERE meter_id = ANY(%s)"
+            " WHERE meter_id = ANY(%(m)s)"
             " UNION ALL SELECT NULL, NULL, watermark, NULL, 'watermark' FROM retention_watermark"
-            " WHERE name = 'readings'",
-            (array_literal(meter_ids),),
+            " WHERE name = 'readings'"
+            " UNION ALL SELECT DISTINCT m.id, NULL::text, b.period::timestamp AT TIME ZONE 'UTC',"
+            " NULL::timestamptz, 'closed'"
+            " FROM meter m JOIN bill b ON b.account = m.account"
+            " WHERE m.id = ANY(%(m)s) AND b.period >= %(since)s",
+            {"m": array_literal(meter_ids), "since": since},
         ).fetchall()
         mark = None
         decisions = {}
+        closed: dict[str, set[date]] = {}
         for m, r, s, e, d in rows:
-            if m is None:
+            if d == "closed":
+                closed.setdefault(m, set()).add(s.astimezone(UTC).date())
+            elif m is None:
                 mark = s
             else:
                 decisions[(m, r, s, e)] = d
-        return decisions, mark
+        return decisions, mark, closed
+
+    def _months(self, start: datetime, end: datetime) -> set[date]:
+        """The local months [start, end) touches (first days)."""
+        tz = self.calendar.tz
+        month = start.astimezone(tz).date().replace(day=1)
+        last = (end - timedelta(microseconds=1)).astimezone(tz).date().replace(day=1)
+        out = {month}
+        while month < last:
+            month = next_month(month)
+            out.add(month)
+        return out
 
 
 def _by_register(rows: list[tuple]) -> dict[int, list[tuple]]:
@@ -714,6 +781,8 @@ class _Changes:
     # stored readings whose old interval had parts, to delete them: (m, r, ts, status)
     removed_split: list[tuple] = field(default_factory=list)
     segments: list[tuple] = field(default_factory=list)
+    # intervals added, changed or taken away in billed months: (m, r, start, end, month) -> kWh or None
+    held: dict[tuple, Decimal | None] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=256)
@@ -775,9 +844,10 @@ def _span(
 ) -> tuple[int, int, list[bool]] | None:
     """Which part of a loaded window can be re-derived exactly: (start, stop, glitch flags).
 
-    A reading's class depends on its two neighbours, so only readings with
-    both neighbours loaded and at least two places from a new reading keep a
-    class that cannot have changed. The re-derived span runs from the last
+    A reading's class depends on the readings from one before it to two after
+    it (see collector.intervals.glitches), so only readings with those loaded,
+    at least three places before or two after a new reading, keep a class that
+    cannot have changed. The re-derived span runs from the last
     such valid reading before the new ones to the first after them (or to the
     true ends of the series). None when the window holds no such reading on a
     side that is not a true end: the caller loads more. Points are (ts, value, ...).
@@ -788,7 +858,7 @@ def _span(
     last_new = bisect.bisect_right(times, hi) - 1
     bad = glitches([p[1] for p in pts])
     start_i = 0
-    for j in range(first_new - 2, -1 if true_start else 0, -1):
+    for j in range(first_new - 3, -1 if true_start else 0, -1):
         if not bad[j]:
             start_i = j
             break
@@ -796,7 +866,7 @@ def _span(
         if not true_start:
             return None
     stop = n
-    for j in range(last_new + 2, n if true_end else n - 1):
+    for j in range(last_new + 2, n if true_end else n - 2):
         if not bad[j]:
             stop = j + 1
             break

@@ -25,21 +25,51 @@ NEAR = Decimal("0.1")  # "near the maximum": the top and bottom tenth of the reg
 
 
 def glitches(values: Sequence[Decimal]) -> list[bool]:
-    """Which readings are glitches, by their raw neighbours.
+    """Which readings are glitches: single readings out of line with their neighbours.
 
-    A reading is a glitch when dropping it makes its neighbours consistent
-    (previous <= next) and it lies outside [previous, next]. The first and
-    last readings have only one neighbour and are never judged glitches; the
-    caller re-derives them once their other neighbour arrives.
+    A backward step between two readings means one of them is wrong. Which one:
+    - a **dip**: a reading below its predecessor, when its successor is not
+      below that predecessor (prev <= next). It is the one out of line, and its
+      predecessor, which agreed with the readings before it, stays. Worked case
+      (the one that moved a billed month): 100 (1 Oct), 200 (1 Nov), 195 (15 Nov),
+      300 (1 Dec): 195 is the dip; 200 stays, so October keeps its 100 kWh and
+      November gets 100;
+    - a **spike**: a reading above its successor, when its predecessor is not
+      above that successor (prev <= next), unless the successor is itself a dip
+      (then the successor is the one out of line, as above). 100, 500, 200, 300:
+      500 is the spike, since 200 is no dip (300 < 500);
+    - the **last** reading, when it is below its predecessor and not below the
+      one before that: a dip pending its successor (100, 200, 195 -> 195). Without
+      this, 200 would be judged a spike until 195's successor arrived, and the
+      interval it closes (in a month perhaps billed) would move for nothing.
+    The first reading is never judged. A step back that no single reading explains
+    (a rollover, a reset, a replaced meter) is no glitch: `between` classifies it.
+
+    A reading's class depends on the values from one before it to two after it
+    (two before, for the last), so ingestion re-derives a window of that reach.
     """
     n = len(values)
     out = [False] * n
     if all(map(le, values, values[1:])):  # counters counting up, the common case: none
         return out
+
+    def dip(i: int) -> bool:
+        """Reading i (interior) is below its predecessor, which its successor is not."""
+        return values[i] < values[i - 1] <= values[i + 1]
+
+    def pending_dip(i: int) -> bool:
+        """Reading i (the last) is below its predecessor and not below the one before."""
+        return i >= 2 and values[i - 2] <= values[i] < values[i - 1]
+
     for i in range(1, n - 1):
         prev, cur, nxt = values[i - 1], values[i], values[i + 1]
-        if prev <= nxt and (cur < prev or cur > nxt):
-            out[i] = True
+        if cur < prev:
+            out[i] = prev <= nxt
+        elif cur > nxt and prev <= nxt:
+            successor_is_dip = dip(i + 1) if i + 2 < n else pending_dip(i + 1)
+            out[i] = not successor_is_dip
+    if n >= 3 and pending_dip(n - 1):
+        out[n - 1] = True
     return out
 
 

@@ -81,7 +81,8 @@ def test_readings_to_bill_then_suspect_accepted(conn, db_url, cli_env, capsys) -
     assert "50" in out and "accepted by inspector" in out
     audit = conn.execute("SELECT meter_id, kwh, decision, decided_by, note FROM suspect_audit").fetchall()
     assert audit == [("m-900", Decimal(50), "accepted", "inspector", "kettle test")]
-    assert run(["suspect", "list"], capsys).strip() == "no suspect energy waiting for a decision"
+    assert run(["suspect", "list"], capsys).strip() == (
+        "no suspect energy and no change to a billed month waiting for a decision")
     s = bill_period(conn, OCT)
     assert s.new_versions == 1
     v1, v2 = bills_of(conn, "900", OCT)
