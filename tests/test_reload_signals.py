@@ -93,9 +93,10 @@ def command(service: dict[str, list[str]]) -> list[str]:
 
 
 def test_every_unit_reloads_only_a_daemon_that_handles_it() -> None:
-    """A oneshot has no ExecReload; every long-running daemon has one that sends a signal it handles."""
+    """A oneshot has no ExecReload; every long-running daemon has one that sends a signal it handles
+    (the example units under deploy/examples too)."""
     seen = set()
-    for path in sorted(SYSTEMD.glob("*.service")):
+    for path in sorted(SYSTEMD.glob("*.service")) + sorted((ROOT / "deploy" / "examples").rglob("*.service")):
         service = parse_unit(path)["Service"]
         sig = reload_signal(service)
         if service.get("Type", ["simple"])[0] == "oneshot":
@@ -104,7 +105,7 @@ def test_every_unit_reloads_only_a_daemon_that_handles_it() -> None:
         assert sig is signal.SIGHUP, f"{path.name}: the daemons reload on SIGHUP, the unit sends {sig}"
         assert command(service)[3] in ("gateway", "collect", "api"), path.name
         seen.add(path.name)
-    assert seen == set(DAEMON_UNITS)
+    assert seen == {*DAEMON_UNITS, "amr-collector@.service"}
 
 
 # --- the daemons ---------------------------------------------------------------------------
