@@ -364,7 +364,7 @@ class Iec62056Adapter:
         the settings' iec_message_deadline_s).
         """
         if settings is None:
-            from collector.settings import get_settings
+            from amr.settings import get_settings
 
             settings = get_settings()
         self._tz = ZoneInfo(settings.timezone)

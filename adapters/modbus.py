@@ -36,7 +36,7 @@ from adapters.registermap import (
     load_register_map,
     plan_requests,
 )
-from collector import metrics
+from amr import metrics
 
 log = logging.getLogger(__name__)
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we report every failure ourselves
@@ -127,7 +127,7 @@ class ModbusAdapter:
     ):
         if clock_tolerance_s is None:
             if settings is None:
-                from collector.settings import get_settings
+                from amr.settings import get_settings
 
                 settings = get_settings()
             clock_tolerance_s = float(settings.clock_skew_tolerance_s)

@@ -13,7 +13,7 @@ import psycopg
 @contextmanager
 def scratch_database(prefix: str = "amr_bench") -> Iterator[str]:
     """Create a migrated database, yield its URL, drop it afterwards."""
-    from collector.storage import migrate
+    from amr.storage import migrate
 
     admin_url = os.environ.get("AMR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     try:

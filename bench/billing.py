@@ -32,9 +32,9 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from amr.storage import migrate  # noqa: E402
 from billing.engine import bill_period, month_days  # noqa: E402
 from billing.tariffs import load_catalogue_file, store_catalogue  # noqa: E402
-from collector.storage import migrate  # noqa: E402
 
 
 def _with_db(url: str, name: str) -> str:

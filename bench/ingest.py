@@ -31,9 +31,9 @@ import psycopg
 from _db import scratch_database
 
 from adapters.reading import Reading
+from amr.runtime import tune_gc
 from collector.ingest import Ingestor
 from collector.inventory import parse_inventory, upsert_inventory
-from collector.runtime import tune_gc
 from simulators.consumption import ConsumptionModel
 
 START = datetime(2026, 10, 1, tzinfo=UTC) - timedelta(hours=3)  # local midnight, 1 October
@@ -67,7 +67,7 @@ def main() -> int:
                     help="readings per ingest call (default: one day of every meter, meters x 48)")
     ap.add_argument("--quick", action="store_true", help="200 meters x 7 days")
     ap.add_argument("--gc-defaults", action="store_true",
-                    help="keep CPython's default cycle collector thresholds (what collector.runtime.tune_gc gains)")
+                    help="keep CPython's default cycle collector thresholds (what amr.runtime.tune_gc gains)")
     args = ap.parse_args()
     if not args.gc_defaults:
         tune_gc()  # as `amr` does in every command

@@ -51,12 +51,12 @@ import paho.mqtt.client as mqtt  # noqa: E402
 import psycopg  # noqa: E402
 
 from adapters.mqtt_formats import AMR_SUBSCRIBE  # noqa: E402
+from amr.runtime import tune_gc  # noqa: E402
+from amr.settings import Settings  # noqa: E402
+from amr.storage import migrate  # noqa: E402
 from collector.inventory import parse_inventory, upsert_inventory  # noqa: E402
 from collector.mqtt_client import connect_properties, parse_broker_url  # noqa: E402
 from collector.mqtt_consumer import Consumer, shared  # noqa: E402
-from collector.runtime import tune_gc  # noqa: E402
-from collector.settings import Settings  # noqa: E402
-from collector.storage import migrate  # noqa: E402
 from simulators import mqtt_sim  # noqa: E402
 from simulators.consumption import ConsumptionModel  # noqa: E402
 

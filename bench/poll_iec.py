@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapters.iec62056 import Iec62056Adapter
+from amr.settings import Settings
 from collector.inventory import Meter
-from collector.settings import Settings
 from simulators.iec62056_sim import REGISTERS, IecLineSim, SimMeter
 
 

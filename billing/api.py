@@ -48,9 +48,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from amr.metrics_http import DB_STATE
+from amr.settings import Settings, get_settings
 from collector.inventory import normalize_account
-from collector.metrics_http import DB_STATE
-from collector.settings import Settings, get_settings
 
 log = logging.getLogger("amr.api")
 
@@ -135,7 +135,7 @@ def install_token_reload(app: FastAPI, path: Path) -> Any:
     keeps the tokens in use and logs why (`amr_config_reloads_total`
     counts both outcomes). Returns the `collector.reload.Reloader`.
     """
-    from collector.reload import Reloader
+    from amr.reload import Reloader
 
     def load() -> TokenStore:
         try:

@@ -11,9 +11,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from collector.errors import UserError
-from collector.settings import get_settings
-from collector.storage import db
+from amr.errors import UserError
+from amr.settings import get_settings
+from amr.storage import db
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -143,8 +143,8 @@ def _export_run_metrics(summary: object, settings: object) -> None:
     """Held-back count and run time for Prometheus, via AMR_METRICS_TEXTFILE (this process is short-lived)."""
     import time
 
-    from collector import metrics
-    from collector.metrics_http import write_textfile
+    from amr import metrics
+    from amr.metrics_http import write_textfile
 
     metrics.BILLING_HELD_BACK.set(len(summary.held_back))  # type: ignore[attr-defined]
     metrics.BILLING_LAST_RUN.set(time.time())
@@ -342,15 +342,15 @@ def cmd_api(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     import uvicorn
 
-    from collector import logs
-    from collector.metrics_http import serve_metrics
+    from amr import logs
+    from amr.metrics_http import serve_metrics
 
     logs.setup("INFO", settings.log_format)
     # the pool's own warnings repeat libpq's message on every retry; DB_STATE says it once
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     app = create_app(settings, tokens)
     install_token_reload(app, settings.api_tokens)  # before serving: a SIGHUP never meets the default action
-    endpoint = serve_metrics(settings, db_url=settings.database_url, count_stale=False)  # /metrics beside the API
+    endpoint = serve_metrics(settings, db_url=settings.database_url)  # /metrics beside the API
     logging.getLogger("amr.api").info(
         "serving the customer account API on %s:%d (%d token(s), database %s)", args.host, args.port,
         len(tokens), db.describe_database(settings.database_url))

@@ -30,9 +30,9 @@ from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+from amr import metrics
 from billing import money
 from billing.tariffs import FOLD, PLAN_ZONES, Catalogue, load_db_catalogue
-from collector import metrics
 from collector.inventory import normalize_account
 
 ZERO = Decimal(0)

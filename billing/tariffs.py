@@ -23,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from collector.tomlfile import TomlFileError, read_toml
+from amr.tomlfile import TomlFileError, read_toml
 
 PLAN_ZONES: dict[str, tuple[str, ...]] = {
     "single": ("all",),

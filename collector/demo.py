@@ -39,8 +39,8 @@ from zoneinfo import ZoneInfo
 
 from adapters import quality
 from adapters.reading import Reading, Rejected
-from collector.errors import UserError
-from collector.settings import Settings, get_settings
+from amr.errors import UserError
+from amr.settings import Settings, get_settings
 
 log = logging.getLogger("amr.demo")
 
@@ -208,7 +208,7 @@ class _IecAtSimulatedTime:
 
 
 def redact_url(url: str) -> str:
-    from collector.logs import redact
+    from amr.logs import redact
 
     return redact(url)
 
@@ -319,13 +319,13 @@ class Demo:
     def _run(self) -> DemoResult:
         from adapters.modbus import ModbusAdapter
         from adapters.registermap import load_register_map
+        from amr.metrics_http import serve_metrics
+        from amr.storage import db, migrate
         from billing.engine import bill_period
         from billing.tariffs import load_catalogue_file, store_catalogue
         from collector.ingest import Ingestor, IngestResult
         from collector.inventory import load_inventory, upsert_inventory
-        from collector.metrics_http import serve_metrics
         from collector.scheduler import Scheduler
-        from collector.storage import db, migrate
         from simulators import iec62056_sim, modbus_sim
         from simulators.consumption import ConsumptionModel
 

@@ -25,9 +25,9 @@ from typing import Any
 from adapters.base import PollingAdapter
 from adapters.reading import Reading, Rejected
 from adapters.registermap import check_modbus_meters
+from amr.settings import Settings, get_settings
 from collector.inventory import Inventory, InventoryError, load_inventory
 from collector.scheduler import Scheduler, Sink
-from collector.settings import Settings, get_settings
 
 log = logging.getLogger("amr.gateway")
 
@@ -99,8 +99,8 @@ class IngestSink:
     """Straight into the ingestion entry point (one transaction per batch)."""
 
     def __init__(self, database_url: str, settings: Settings | None = None, batch: int = 5000):
+        from amr.storage import db
         from collector.ingest import Ingestor
-        from collector.storage import db
 
         self.conn = db.connect(database_url)
         self.ingestor = Ingestor(self.conn, settings)
@@ -216,8 +216,8 @@ async def run_gateway(
 
 async def _count_stale(sched: Scheduler, stop: asyncio.Event, every_s: float = 5.0) -> None:
     """amr_meters_stale for this gateway: meters not read for more than two intervals."""
-    from collector import metrics
-    from collector.commands.status import STALE_AFTER_INTERVALS
+    from amr import metrics
+    from collector.fleet import STALE_AFTER_INTERVALS
 
     started = sched.now()
     while not stop.is_set():

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 
 from adapters import quality
 from adapters.reading import Reading, Rejected
-from collector.errors import UserError
+from amr.errors import UserError
 
 COLUMNS = ("meter_id", "register", "ts", "value")
 MAX_LINE = 64 * 1024  # a reading is a few dozen bytes; anything this long is not one

@@ -35,12 +35,13 @@ from psycopg.types.string import BytesBinaryDumper
 
 from adapters import quality
 from adapters.reading import REJECT_CODES, Reading, Rejected
-from collector import metrics, vee
+from amr import metrics
+from amr.settings import Settings, get_settings
+from amr.storage import retention
+from amr.storage.db import array_literal
+from amr.storage.timeseries import Partitions, next_month
+from collector import vee
 from collector.intervals import between, glitches
-from collector.settings import Settings, get_settings
-from collector.storage import retention
-from collector.storage.db import array_literal
-from collector.storage.timeseries import Partitions, next_month
 from collector.vee import BILLED_REGISTER, MeterRules
 from collector.zones import ZoneCalendar, default_calendar
 
@@ -54,7 +55,7 @@ _ZERO = Decimal(0)
 _DERIVED_FLAGS = frozenset({quality.GLITCH, quality.ROLLOVER, quality.RESET})
 _FLAGGED_KINDS = frozenset({quality.ROLLOVER, quality.RESET})  # interval kinds flagged on the reading
 
-# the retention watermark (collector.storage.retention) is re-read this often for validation
+# the retention watermark (amr.storage.retention) is re-read this often for validation
 _WATERMARK_TTL = timedelta(seconds=60)
 # partitions made in one transaction at most (each takes locks until commit)
 _PARTITIONS_PER_TRANSACTION = 24

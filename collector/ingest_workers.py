@@ -45,11 +45,11 @@ from typing import Any
 import psycopg
 
 from adapters.reading import Reading, Rejected
-from collector import metrics
+from amr import metrics
+from amr.runtime import tune_gc
+from amr.storage import db
 from collector.decoding import Message, MessageDecoder
 from collector.ingest import Ingestor, IngestResult, record_metrics
-from collector.runtime import tune_gc
-from collector.storage import db
 
 log = logging.getLogger("amr.ingest")
 
@@ -313,7 +313,7 @@ def _worker_main(index: int, parent: int) -> None:
     """
     import signal
 
-    from collector import logs
+    from amr import logs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     requests = Connection(os.dup(0), writable=False)

@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import SecretStr
 
-from collector.errors import UserError
+from amr.errors import UserError
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps a collector's queue a week
 

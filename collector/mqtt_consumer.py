@@ -34,7 +34,7 @@ import paho.mqtt.client as mqtt
 
 from adapters import mqtt_formats as fmt
 from adapters.reading import Rejected
-from collector import metrics
+from amr import metrics
 from collector.decoding import Message, MessageDecoder
 from collector.ingest_workers import (
     IngestPool,

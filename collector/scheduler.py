@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from adapters import quality
 from adapters.base import PollError, PollingAdapter
 from adapters.reading import Reading, Rejected
-from collector import metrics
+from amr import metrics
 
 log = logging.getLogger("amr.scheduler")
 

@@ -54,8 +54,8 @@ from pathlib import Path
 
 from adapters import quality
 from adapters.reading import Reading, Rejected
-from collector import metrics
-from collector.errors import UserError
+from amr import metrics
+from amr.errors import UserError
 
 log = logging.getLogger(__name__)
 

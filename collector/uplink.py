@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from adapters.reading import Reading, Rejected
-from collector import metrics
+from amr import metrics
 from collector.mqtt_client import BrokerConfig, Connection, make_client
 from collector.spool import Spool, SpoolEntry, encode_item
 
@@ -203,8 +203,8 @@ class IngestForwarder:
         metrics.DB_UP.set(1)
 
     def _ingest(self, items: Sequence[Reading | Rejected]) -> None:
+        from amr.storage import db
         from collector.ingest import Ingestor
-        from collector.storage import db
 
         if self._conn is None or self._conn.closed:
             self._conn = db.connect(self.database_url)

@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 
-from collector.storage import migrate
+from amr.storage import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 

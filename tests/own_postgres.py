@@ -63,7 +63,7 @@ class OwnPostgres:
 
     def create_database(self, name: str) -> str:
         """A migrated database `name`; returns its URL."""
-        from collector.storage import migrate
+        from amr.storage import migrate
 
         with psycopg.connect(self.url(), autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')

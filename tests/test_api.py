@@ -16,10 +16,10 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from amr.settings import Settings
 from billing.api import TokenStore, create_app, hash_token
 from billing.engine import bill_period
 from billing.tariffs import load_catalogue_file, store_catalogue
-from collector.settings import Settings
 from tests.test_billing import CATALOGUES, add_subscriber, add_usage
 
 ALICE, BOB = "alice-token-1", "bob-token-2"

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 import uvicorn
 
+from amr.settings import Settings
 from billing.api import TokenStore, create_app, hash_token
-from collector.settings import Settings
 from tests.conftest import free_port
 from tests.test_billing import add_subscriber
 

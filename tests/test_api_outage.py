@@ -44,7 +44,7 @@ class Api:
         env |= {"AMR_DATABASE_URL": db_url, "AMR_API_TOKENS": str(tokens), "AMR_METRICS_PORT": str(metrics_port),
                 "AMR_METRICS_REFRESH_S": "0.5", "AMR_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", "api", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "amr.cli", "api", "--host", "127.0.0.1", "--port", str(self.port)],
             env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30,
                                    headers={"Authorization": f"Bearer {TOKEN}"})

@@ -12,10 +12,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from adapters.reading import Reading
+from amr.settings import Settings, get_settings
 from billing import commands, money
 from billing.engine import bill_period, bills_of
 from collector.ingest import Ingestor
-from collector.settings import Settings, get_settings
 from simulators.consumption import ConsumptionModel
 from tests.test_billing import CATALOGUES, add_subscriber
 
@@ -91,7 +91,7 @@ def test_readings_to_bill_then_suspect_accepted(conn, db_url, cli_env, capsys) -
 
 
 def test_tariffs_cli_reports_every_problem(conn, cli_env, tmp_path, capsys) -> None:
-    from collector.errors import UserError
+    from amr.errors import UserError
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[[tariff]]\nfrom = "2026-01-01"\nto = "2026-06-30"\ncategory = "gas_stove"\n'
@@ -124,7 +124,7 @@ def test_amr_bill_on_a_terminal_shows_progress_then_the_summary(conn, db_url) ->
         add_usage(conn, f"m-{n}", date(2026, 10, 2), night="2", peak="1", half_peak="1")
     main, child = pty.openpty()
     env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_METRICS_PORT": "0", "TERM": "xterm"}
-    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "bill", "--period", "2026-10"],
+    proc = subprocess.Popen([sys.executable, "-m", "amr.cli", "bill", "--period", "2026-10"],
                             stdout=child, stderr=child, stdin=child, env=env, close_fds=True)
     os.close(child)
     out = b""

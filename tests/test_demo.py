@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-AMR = [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())"]
+AMR = [sys.executable, "-c", "from amr.cli import main; raise SystemExit(main())"]
 
 
 def run_demo(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -40,8 +40,8 @@ from adapters.iec62056 import (
     to_line,
 )
 from adapters.obis import ObisError, normalise, parse_data_block
+from amr.settings import Settings
 from collector.inventory import Meter, parse_inventory, upsert_inventory
-from collector.settings import Settings
 from simulators.consumption import SimClock
 from simulators.iec62056_sim import REGISTERS, IecLineSim, SimMeter
 from tests.conftest import ROOT
@@ -391,7 +391,7 @@ def test_energomera_bcc_rule_differs_from_the_standard(adapter: Iec62056Adapter)
 
 
 def test_gateway_reads_a_line_with_a_dead_meter_into_the_database(db_url: str, conn) -> None:
-    from collector import metrics
+    from amr import metrics
     from collector.gateway import Adapters, IngestSink
     from collector.scheduler import Scheduler, slot_start
 
@@ -594,7 +594,7 @@ def test_a_dripping_device_fails_at_its_deadline_and_its_neighbour_reads(stage: 
 
 def test_scheduler_reads_the_healthy_meter_every_slot_beside_a_dripping_one() -> None:
     """The field case: a dripping meter held its bus for 71 s; its neighbour missed five slots."""
-    from collector import metrics
+    from amr import metrics
     from collector.scheduler import Scheduler
 
     class ListSink:

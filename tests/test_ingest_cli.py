@@ -14,7 +14,7 @@ from tests.helpers import T0, add_meters
 
 def amr(db_url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "AMR_DATABASE_URL": db_url}
-    return subprocess.run([sys.executable, "-m", "collector.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "amr.cli", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -100,7 +100,7 @@ def test_jsonl_and_clear_errors(db_url, conn, tmp_path) -> None:
     bad_header.write_text("meter,reg,time,val\n")
     res = amr(db_url, "ingest", str(bad_header))
     assert res.returncode == 2 and "header must name the columns meter_id,register,ts,value" in res.stderr
-    nodb = subprocess.run([sys.executable, "-m", "collector.cli", "ingest", str(f)],
+    nodb = subprocess.run([sys.executable, "-m", "amr.cli", "ingest", str(f)],
                           env={k: v for k, v in os.environ.items() if k != "AMR_DATABASE_URL"},
                           capture_output=True, text=True, timeout=60)
     assert nodb.returncode != 0 and "AMR_DATABASE_URL" in nodb.stderr

@@ -19,10 +19,10 @@ import pytest
 
 from adapters import quality
 from adapters.reading import Reading, Rejected
+from amr.settings import Settings
 from collector.decoding import Message, MessageDecoder
 from collector.ingest_workers import Batch, IngestPool, LocalIngest, Outcome
 from collector.inventory import parse_inventory, upsert_inventory
-from collector.settings import Settings
 from collector.uplink import amr_v1_payload
 from tests.conftest import fresh_database
 
@@ -355,8 +355,8 @@ def _error(fn) -> BaseException:
 
 
 def test_is_outage_tells_the_database_state_from_the_data(db_url: str, pg_admin_url: str) -> None:
+    from amr.storage import db
     from collector.ingest_workers import is_outage
-    from collector.storage import db
     from tests.conftest import free_port
 
     def write(url: str, sql: str, *, setup: str | None = None) -> None:

@@ -70,7 +70,7 @@ def test_cli_load_upserts(db_url, conn, tmp_path) -> None:
     f = tmp_path / "inv.toml"
     f.write_text(GOOD)
     env = {**os.environ, "AMR_DATABASE_URL": db_url}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "collector.cli", *a], env=env,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "amr.cli", *a], env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=60)
     res = run("inventory", "load", str(f))
     assert res.returncode == 0, res.stderr
@@ -86,11 +86,11 @@ def test_cli_load_upserts(db_url, conn, tmp_path) -> None:
 def test_cli_check_runs_the_adapter_checks(tmp_path) -> None:
     f = tmp_path / "inv.toml"
     f.write_text(GOOD.replace('preset = "eastron_sdm630"', 'preset = "no_such_meter"'))
-    res = subprocess.run([sys.executable, "-m", "collector.cli", "inventory", "check", str(f)],
+    res = subprocess.run([sys.executable, "-m", "amr.cli", "inventory", "check", str(f)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "m-0001" in res.stderr and "no_such_meter" in res.stderr
     f.write_text(GOOD)
-    res = subprocess.run([sys.executable, "-m", "collector.cli", "inventory", "check", str(f)],
+    res = subprocess.run([sys.executable, "-m", "amr.cli", "inventory", "check", str(f)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "1 subscribers, 1 meters: OK" in res.stdout

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from collector import logs
+from amr import logs
 from collector.inventory import Meter
 
 SECRETS = [
@@ -98,7 +98,7 @@ def test_secretstr_field_is_redacted(capture):
 
 def test_text_format_on_a_terminal_and_override():
     code = (
-        "import logging; from collector import logs; logs.setup();"
+        "import logging; from amr import logs; logs.setup();"
         "logging.getLogger('amr').warning('hello', extra={'meter': 'm-1', 'bus': 'b1'})"
     )
     env = {k: v for k, v in os.environ.items() if k != "AMR_LOG_FORMAT"}

@@ -27,7 +27,7 @@ from simulators.modbus_sim import ModbusTcpFleet, SimMeter
 from simulators.mqtt_sim import messages
 from tests.conftest import free_port
 
-AMR = [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())"]
+AMR = [sys.executable, "-c", "from amr.cli import main; raise SystemExit(main())"]
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:

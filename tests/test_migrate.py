@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from collector.storage import migrate, timeseries
+from amr.storage import migrate, timeseries
 
 
 def test_rerun_is_a_noop_and_partitions_exist(conn) -> None:
@@ -61,7 +61,7 @@ def test_timescale_rendering_drops_partitioning_and_names_hypertables() -> None:
 def test_maintain_drops_partitions_past_retention_only(conn) -> None:
     from datetime import UTC, datetime
 
-    from collector.storage.timeseries import Partitions
+    from amr.storage.timeseries import Partitions
 
     with conn.transaction():
         Partitions().ensure(conn, datetime(2019, 1, 5, tzinfo=UTC), datetime(2019, 3, 5, tzinfo=UTC))

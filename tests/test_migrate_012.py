@@ -16,7 +16,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from collector.storage import migrate, timeseries
+from amr.storage import migrate, timeseries
 
 BEFORE = 11  # the last migration with interval_usage as a table
 REG = "1.8.0"

@@ -165,7 +165,7 @@ def test_the_simulator_cli_serves_an_rtu_bus_that_amr_poll_reads(tmp_path, capsy
     import sys
     from pathlib import Path
 
-    from collector.cli import main
+    from amr.cli import main
 
     inv = tmp_path / "inventory.toml"
     proc = subprocess.Popen(

@@ -184,7 +184,7 @@ def test_nobody_listening_is_refused() -> None:
 def test_amr_poll_prints_one_json_object_per_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from collector.cli import main
+    from amr.cli import main
     from simulators.modbus_sim import inventory_toml
 
     port = free_port()
@@ -210,7 +210,7 @@ def test_amr_poll_prints_one_json_object_per_value(tmp_path: Path, capsys: pytes
 def test_amr_scan_finds_the_answering_units_and_guesses_their_model(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from collector.cli import main
+    from amr.cli import main
 
     port = free_port()
     sims = {
@@ -230,7 +230,7 @@ def test_amr_scan_finds_the_answering_units_and_guesses_their_model(capsys: pyte
 def test_amr_poll_reads_a_good_meter_of_an_inventory_with_a_bad_entry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from collector.cli import main
+    from amr.cli import main
     from simulators.modbus_sim import inventory_toml
 
     port = free_port()

@@ -54,7 +54,7 @@ class Collector:
         if inventory is not None:
             env["AMR_INVENTORY"] = str(inventory)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", "collect", "--client-id", client_id, "--batch", str(batch),
+            [sys.executable, "-m", "amr.cli", "collect", "--client-id", client_id, "--batch", str(batch),
              "--workers", str(workers), *(["--formats", formats] if formats else [])],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
@@ -334,9 +334,9 @@ def test_simulated_devices_end_to_end(db_url, tmp_path, broker, sim_format):
 
 def test_no_acknowledgement_before_the_readings_are_stored(db_url, tmp_path, broker):
     """Database unreachable: nothing is acknowledged; the same session stores it all later."""
+    from amr.settings import Settings
     from collector.mqtt_client import parse_broker_url
     from collector.mqtt_consumer import Consumer
-    from collector.settings import Settings
 
     _setup_meters(db_url, tmp_path, [{"id": f"na-{i}", "adapter": "mqtt"} for i in range(2)])
     cfg = parse_broker_url(f"mqtt://127.0.0.1:{broker.port}")
@@ -463,7 +463,7 @@ def test_collect_says_the_database_is_unreachable_and_shows_db_up_0(db_url, tmp_
     env = {**os.environ, "AMR_DATABASE_URL": url, "AMR_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
            "AMR_MQTT_GROUP": "g", "AMR_METRICS_PORT": str(metrics_port), "AMR_METRICS_REFRESH_S": "3600",
            "AMR_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "collect", "--client-id", "c-dead", "--workers", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "amr.cli", "collect", "--client-id", "c-dead", "--workers", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         lines: list[str] = []
@@ -488,9 +488,9 @@ def test_collect_says_the_database_is_unreachable_and_shows_db_up_0(db_url, tmp_
 def test_a_message_that_cannot_be_dead_lettered_is_not_acknowledged(db_url, tmp_path, broker, caplog):
     """The store refuses a message (its data), and refuses its dead-letter row too: it stays
     unacknowledged, and the next connection gets it again; the good messages beside it are stored once."""
+    from amr.settings import Settings
     from collector.mqtt_client import parse_broker_url
     from collector.mqtt_consumer import Consumer
-    from collector.settings import Settings
 
     _setup_meters(db_url, tmp_path, [{"id": m, "adapter": "mqtt"} for m in ("dl-a", "dl-x")])
     with psycopg.connect(db_url) as c:

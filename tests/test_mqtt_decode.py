@@ -230,7 +230,7 @@ def test_example_inventory_maps_every_simulated_device():
 
 
 def test_amr_help_lists_the_mqtt_commands():
-    from collector.cli import build_parser
+    from amr.cli import build_parser
 
     text = build_parser().format_help()
     assert "collect" in text and "mqtt" in text

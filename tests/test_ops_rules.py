@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collector import metrics
+from amr import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -220,7 +220,7 @@ def test_example_configs_are_valid():
     for inv in ("inventory.toml", "compose-inventory.toml"):
         load_inventory(DEPLOY / "examples" / inv)
     TokenStore.from_toml((DEPLOY / "examples" / "api-tokens.toml").read_text())
-    from collector.settings import Settings
+    from amr.settings import Settings
 
     known = {f"AMR_{name.upper()}" for name in Settings.model_fields}
     known |= {"AMR_LOG_LEVEL"}
@@ -236,7 +236,7 @@ def test_readme_metrics_table_is_the_one_the_code_makes():
     text = (ROOT / "README.md").read_text()
     start, end = text.index("<!-- metrics:start -->"), text.index("<!-- metrics:end -->")
     table = text[start + len("<!-- metrics:start -->"):end].strip()
-    assert table == metrics.markdown_table(), "README metrics table is stale: paste `python -m collector.metrics`"
+    assert table == metrics.markdown_table(), "README metrics table is stale: paste `python -m amr.metrics`"
     # and the table names every amr_ metric, with its labels
     for name, _kind, labels, _doc in metrics.documented_rows():
         assert f"| `{name}` |" in table and (labels or "-") in table
@@ -252,7 +252,7 @@ def test_one_shot_billing_writes_its_metrics_for_node_exporter(db_url, tmp_path)
 
     prom = tmp_path / "amr-bill.prom"
     env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_METRICS_TEXTFILE": str(prom)}
-    amr = [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())"]
+    amr = [sys.executable, "-c", "from amr.cli import main; raise SystemExit(main())"]
     ok = subprocess.run([*amr, "inventory", "load", str(DEPLOY / "examples" / "inventory.toml")],
                         env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr

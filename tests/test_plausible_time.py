@@ -18,9 +18,9 @@ import psycopg
 from prometheus_client import REGISTRY
 
 from adapters.reading import REJECT_CODES, Reading, Rejected
+from amr.settings import Settings
+from amr.storage.timeseries import Partitions
 from collector.ingest import Ingestor
-from collector.settings import Settings
-from collector.storage.timeseries import Partitions
 from tests.conftest import ROOT
 from tests.helpers import add_meters
 from tests.test_mqtt_collector import Collector, Publisher, _setup_meters

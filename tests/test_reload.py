@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from collector.reload import ConfigError, Reloader, diff, load_runtime_config
+from amr.reload import ConfigError, Reloader
+from collector.reload import diff, load_runtime_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TARIFFS = ROOT / "billing" / "catalogues" / "example.toml"
@@ -233,7 +234,7 @@ def test_gateway_reload_keeps_every_buffered_reading(db_url, conn, tmp_path):
             "AMR_METRICS_PORT": str(metrics_port), "AMR_LOG_FORMAT": "json"}
     log_path = tmp_path / "gateway.log"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())",
+        [sys.executable, "-c", "from amr.cli import main; raise SystemExit(main())",
          "gateway", "--sink", "spool", "--jitter", "0"],
         env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
     )

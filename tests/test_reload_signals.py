@@ -89,7 +89,7 @@ def command(service: dict[str, list[str]]) -> list[str]:
     (line,) = service["ExecStart"]
     argv = shlex.split(line)
     assert Path(argv[0]).name == "amr", line
-    return [sys.executable, "-m", "collector.cli", *argv[1:]]
+    return [sys.executable, "-m", "amr.cli", *argv[1:]]
 
 
 def test_every_unit_reloads_only_a_daemon_that_handles_it() -> None:

@@ -29,7 +29,7 @@ TARIFF_2017 = Catalogue(parse_catalogue({"tariff": [
 def amr(db_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "AMR_RETENTION"}
     full.update(AMR_DATABASE_URL=db_url, **env)
-    out = subprocess.run([sys.executable, "-m", "collector.cli", *args], env=full,
+    out = subprocess.run([sys.executable, "-m", "amr.cli", *args], env=full,
                          capture_output=True, text=True, timeout=120)
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     return out

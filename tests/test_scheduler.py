@@ -15,11 +15,11 @@ from adapters import quality
 from adapters.modbus import ModbusAdapter
 from adapters.reading import Reading, Rejected
 from adapters.registermap import load_register_map
-from collector import metrics
+from amr import metrics
+from amr.settings import Settings
 from collector.gateway import IngestSink, run_gateway
 from collector.inventory import Meter, load_inventory, upsert_inventory
 from collector.scheduler import Scheduler, jitter_of, slot_start
-from collector.settings import Settings
 from simulators.consumption import SimClock
 from simulators.modbus_sim import ModbusTcpFleet, SimMeter, inventory_toml
 from tests.conftest import free_port
@@ -229,7 +229,7 @@ def test_amr_gateway_polls_into_the_spool_and_the_uplink_delivers(db_url: str, t
             "AMR_METRICS_PORT": "0", "AMR_MQTT_URL": "", "AMR_LOG_FORMAT": "text",
         }
         done = subprocess.run(
-            [sys.executable, "-m", "collector.cli", "gateway", "--inventory", str(inv_path), "--cycles", "2",
+            [sys.executable, "-m", "amr.cli", "gateway", "--inventory", str(inv_path), "--cycles", "2",
              "--jitter", "0"],
             env=env, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
         )
@@ -255,7 +255,7 @@ def test_amr_gateway_refuses_a_broken_inventory(tmp_path: Path) -> None:
         'port = "/dev/ttyS9"\nunit = 3\n'
     )
     done = subprocess.run(
-        [sys.executable, "-m", "collector.cli", "gateway", "--inventory", str(inv), "--cycles", "1"],
+        [sys.executable, "-m", "amr.cli", "gateway", "--inventory", str(inv), "--cycles", "1"],
         env={**os.environ, "AMR_METRICS_PORT": "0"}, capture_output=True, text=True, timeout=60,
         cwd=Path(__file__).resolve().parent.parent,
     )

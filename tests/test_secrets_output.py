@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.storage.db import describe_database, safe_reason, url_secrets
+from amr.storage.db import describe_database, safe_reason, url_secrets
 from tests.conftest import ROOT, free_port
 
 PW = "Zq8-hunter2-Secret"
@@ -49,7 +49,7 @@ def _run(args: list[str], url: str, extra_env: dict[str, str] | None = None) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AMR_", "PG"))}
     env |= {"AMR_DATABASE_URL": url, "AMR_LOG_FORMAT": "text", "AMR_METRICS_PORT": "0",
             "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "collector.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "amr.cli", *args], env=env, capture_output=True,
                           text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
@@ -129,8 +129,8 @@ def test_describe_database_names_host_port_and_database() -> None:
 
 def test_an_unforeseen_traceback_is_printed_redacted(monkeypatch, capsys) -> None:
     """The CLI's error boundary: a bug's traceback still helps, without the secrets in it."""
-    from collector import cli
-    from collector.commands import db as db_commands
+    from amr import cli
+    from amr.commands import db as db_commands
 
     url = f"postgresql://amr:{PW}@db.example.net/amr"
     monkeypatch.setenv("AMR_DATABASE_URL", url)

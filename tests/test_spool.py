@@ -313,7 +313,7 @@ def test_amr_gateway_starts_on_a_truncated_spool_salvages_and_polls(db_url, tmp_
                                                     "meter": [{"id": "hist-1", "account": "7"}]}))
         env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_SPOOL_PATH": str(spool), "AMR_METRICS_PORT": "0",
                "AMR_MQTT_URL": "", "AMR_LOG_FORMAT": "text"}
-        done = subprocess.run([sys.executable, "-m", "collector.cli", "gateway", "--inventory", str(inv),
+        done = subprocess.run([sys.executable, "-m", "amr.cli", "gateway", "--inventory", str(inv),
                                "--cycles", "2", "--jitter", "0"],
                               env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr

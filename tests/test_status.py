@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import REGISTRY
 
-from collector.commands.status import collect_status, stale_meters
+from amr.storage.timeseries import Partitions
+from collector.fleet import collect_status, stale_meters
 from collector.inventory import parse_inventory, upsert_inventory
-from collector.storage.timeseries import Partitions
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -100,7 +100,7 @@ def test_amr_status_command_json(conn, db_url):
     seed(conn)
     env = {**os.environ, "AMR_DATABASE_URL": db_url}
     out = subprocess.run(
-        [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())",
+        [sys.executable, "-c", "from amr.cli import main; raise SystemExit(main())",
          "status", "--json", "--at", NOW.isoformat()],
         capture_output=True, text=True, env=env, timeout=60,
     )
@@ -115,7 +115,7 @@ def test_amr_status_command_json(conn, db_url):
     assert rejects == {"negative": 2, "unknown_meter": 1}
     # the readable form names the meter, its bus and when it went quiet
     text = subprocess.run(
-        [sys.executable, "-c", "from collector.cli import main; raise SystemExit(main())",
+        [sys.executable, "-c", "from amr.cli import main; raise SystemExit(main())",
          "status", "--at", NOW.isoformat()],
         capture_output=True, text=True, env=env, timeout=60,
     ).stdout

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import psycopg
 import pytest
 
-from collector.storage import migrate, timeseries
+from amr.storage import migrate, timeseries
 from tests.test_migrate_012 import (
     BEFORE,
     INTERVAL_ROWS,
@@ -384,7 +384,7 @@ def test_013_removes_the_retention_policies_older_versions_scheduled(ts: Migrate
 
 
 def test_maintain_applies_retention_on_timescaledb_by_whole_chunks_and_a_watermark(ts: Migrated) -> None:
-    from collector.storage import retention
+    from amr.storage import retention
 
     conn = ts.conn
     old, kept = datetime(2017, 3, 5, tzinfo=UTC), datetime(2025, 3, 5, tzinfo=UTC)

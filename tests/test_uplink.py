@@ -19,9 +19,9 @@ import psycopg
 import pytest
 
 from adapters.reading import Reading, Rejected
+from amr.settings import Settings
 from collector.inventory import parse_inventory, upsert_inventory
 from collector.mqtt_client import parse_broker_url
-from collector.settings import Settings
 from collector.spool import Spool
 from collector.uplink import IngestForwarder, MqttForwarder, Uplink, UplinkError
 from tests.conftest import ROOT, _mosquitto_binary
@@ -122,7 +122,7 @@ def test_kill_9_during_drain_loses_nothing(tmp_path, broker):
             s.put(sent[i: i + 5000])
     env = {**os.environ, "AMR_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}", "AMR_METRICS_PORT": "0",
            "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "collector.cli", "mqtt", "drain", "--spool", str(path), "--batch", "100",
+    cmd = [sys.executable, "-m", "amr.cli", "mqtt", "drain", "--spool", str(path), "--batch", "100",
            "--topic", "amr/v1/gw-kill/readings"]
     gw = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _until(lambda: len(sub.values) >= 1000, 60, "the drain did not start")
@@ -218,7 +218,7 @@ def test_tls_with_client_certificate_and_password_never_logged(tmp_path):
                "AMR_MQTT_CA": str(certs["ca"]), "AMR_MQTT_CERT": str(certs["cert"]),
                "AMR_MQTT_KEY": str(certs["key"]), "AMR_METRICS_PORT": "0", "AMR_LOG_FORMAT": "text",
                "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "collector.cli", "mqtt", "drain", "--spool", str(path), "--batch", "10"]
+        cmd = [sys.executable, "-m", "amr.cli", "mqtt", "drain", "--spool", str(path), "--batch", "10"]
         # a wrong password: nothing delivered, the spool keeps everything, the password is nowhere in the log
         bad = subprocess.Popen(cmd, env={**env, "AMR_MQTT_PASSWORD": "wr0ng-pw"}, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -9,7 +9,7 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from collector.errors import UserError
+from amr.errors import UserError
 
 
 def _month(text: str) -> date:
@@ -62,7 +62,7 @@ def _plain(value: Any) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from collector import logs
+    from amr import logs
     from collector.demo import Demo, DemoOptions, quiet_logs
 
     if args.days is not None and args.days < 1:

@@ -8,11 +8,11 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-from collector.errors import UserError
+from amr.errors import UserError
+from amr.settings import get_settings
+from amr.storage import db
 from collector.importfile import read_file, sniff_format
 from collector.ingest import Ingestor, IngestResult
-from collector.settings import get_settings
-from collector.storage import db
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from collector.errors import UserError
+from amr.errors import UserError
+from amr.settings import get_settings
+from amr.storage import db
 from collector.inventory import InventoryError, upsert_inventory
-from collector.settings import get_settings
-from collector.storage import db
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from collector.errors import UserError
+from amr.errors import UserError
 
 log = logging.getLogger("amr.mqtt")
 
@@ -129,7 +129,7 @@ def _payload(arg: str) -> bytes:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from adapters import mqtt_formats as fmt
-    from collector.settings import get_settings
+    from amr.settings import get_settings
 
     tz = args.timezone or get_settings().timezone
     d = fmt.decode(args.topic, _payload(args.payload), datetime.now(UTC), family=args.format, local_tz=tz)
@@ -170,11 +170,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from adapters import mqtt_formats as fmt
-    from collector import logs
-    from collector.metrics_http import serve_metrics
+    from amr import logs
+    from amr.metrics_http import serve_metrics
+    from amr.settings import get_settings
+    from collector.fleet import stale_meters
     from collector.mqtt_client import broker_from_settings
     from collector.mqtt_consumer import Consumer
-    from collector.settings import get_settings
 
     settings = get_settings()
     logs.setup()
@@ -203,7 +204,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         log.warning("no inventory (AMR_INVENTORY): only amr/v1 messages can be stored; "
                     "device messages are rejected as unknown devices")
         signal.signal(signal.SIGHUP, lambda signum, frame: log.warning("SIGHUP: no inventory to reload"))
-    endpoint = serve_metrics(settings, db_url=settings.database_url)
+    endpoint = serve_metrics(settings, db_url=settings.database_url, stale=stale_meters)
 
     def _stop(signum: int, frame: object) -> None:
         consumer.stop()
@@ -221,9 +222,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     import time
 
-    from collector import logs
+    from amr import logs
+    from amr.settings import get_settings
     from collector.mqtt_client import broker_from_settings
-    from collector.settings import get_settings
     from collector.spool import Spool, SpoolError
     from collector.uplink import IngestForwarder, MqttForwarder, Uplink
 

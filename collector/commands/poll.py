@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import PollError
-from collector.errors import UserError
+from amr.errors import UserError
+from amr.settings import get_settings
 from collector.inventory import InventoryError, Meter
-from collector.settings import get_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -296,9 +296,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from collector import logs
+    from amr import logs
+    from amr.metrics_http import serve_metrics
+    from collector.fleet import stale_meters
     from collector.gateway import make_sink, run_gateway
-    from collector.metrics_http import serve_metrics
 
     settings = get_settings()
     logs.setup("INFO", settings.log_format)
@@ -309,7 +310,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     except InventoryError as exc:
         raise UserError(str(exc)) from None
     # with the database at hand (direct mode) it also shows amr_db_up and amr_meters_stale
-    endpoint = serve_metrics(settings, db_url=settings.database_url if args.sink == "direct" else None)
+    endpoint = serve_metrics(settings, db_url=settings.database_url if args.sink == "direct" else None,
+                             stale=stale_meters)
     log = logging.getLogger("amr.gateway")
     try:
         asyncio.run(

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from collector.errors import UserError
+from amr.errors import UserError
 
 # Metering data is billing evidence: a customer may dispute a bill for three years
 # (the general limitation period, Civil Code of the Russian Federation art. 196), so

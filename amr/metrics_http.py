@@ -1,7 +1,7 @@
 """The /metrics endpoint of every long-running `amr` process (gateway, collector, API).
 
 Call `serve_metrics()` once at start-up. It serves the default registry
-(every metric of collector.metrics plus the process collectors) on
+(every metric of amr.metrics plus the process collectors) on
 AMR_METRICS_PORT, and, when the process has a database, refreshes the
 fleet-wide gauges that no single poll can know (amr_meters_stale, amr_db_up)
 in a background thread, so a dead database shows up on the dashboard even
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
 
-from collector import metrics
-from collector.errors import UserError
-from collector.settings import Settings, get_settings
+from amr import metrics
+from amr.errors import UserError
+from amr.settings import Settings, get_settings
 
 log = logging.getLogger("amr.metrics")
 
@@ -66,7 +67,7 @@ class DatabaseState:
 
     def report(self, db_url: str, up: bool, reason: str | None = None) -> bool:
         """Record one outcome; True when it changed the state (and was logged)."""
-        from collector.storage.db import describe_database
+        from amr.storage.db import describe_database
 
         metrics.DB_UP.set(1 if up else 0)
         target = describe_database(db_url)
@@ -85,7 +86,7 @@ class DatabaseState:
 
     def failed(self, db_url: str, exc: BaseException) -> bool:
         """`report(down)` with the reason taken from the exception, secrets masked."""
-        from collector.storage.db import safe_reason
+        from amr.storage.db import safe_reason
 
         return self.report(db_url, False, safe_reason(exc, db_url))
 
@@ -93,16 +94,19 @@ class DatabaseState:
 DB_STATE = DatabaseState()
 
 
-def refresh_fleet_gauges(db_url: str, *, connect_timeout: int = 5, count_stale: bool = True) -> int | None:
+def refresh_fleet_gauges(db_url: str, *, connect_timeout: int = 5,
+                         stale: Callable[[Any], Sized] | None = None) -> int | None:
     """One refresh of amr_db_up (and amr_meters_stale); returns the stale count or None.
 
-    The database is up when a connection opens and answers; a query refused
-    after that (a read-only role that may not read `meter`) is no outage.
+    `stale(conn)` is the fleet's query for meters not heard from (the
+    collector's, handed down by the daemon: this floor knows no meters); its
+    count goes to amr_meters_stale. The database is up when a connection opens
+    and answers; a query refused after that (a read-only role that may not
+    read `meter`) is no outage.
     """
     import psycopg
 
-    from collector.commands.status import stale_meters
-    from collector.storage import db
+    from amr.storage import db
 
     try:
         conn = db.connect(db_url, connect_timeout=connect_timeout, autocommit=True)
@@ -111,11 +115,11 @@ def refresh_fleet_gauges(db_url: str, *, connect_timeout: int = 5, count_stale: 
         return None
     with conn:
         try:
-            if not count_stale:
+            if stale is None:
                 conn.execute("SELECT 1")
                 DB_STATE.report(db_url, True)
                 return None
-            stale = stale_meters(conn)
+            found = stale(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:  # lost on the way
             DB_STATE.failed(db_url, exc)
             return None
@@ -124,20 +128,22 @@ def refresh_fleet_gauges(db_url: str, *, connect_timeout: int = 5, count_stale: 
             log.warning("cannot count stale meters: %s", db.safe_reason(exc, db_url))
             return None
     DB_STATE.report(db_url, True)
-    metrics.METERS_STALE.set(len(stale))
-    return len(stale)
+    metrics.METERS_STALE.set(len(found))
+    return len(found)
 
 
 def serve_metrics(
     settings: Settings | None = None, *, port: int | None = None, addr: str = "0.0.0.0",
-    db_url: str | None = None, refresh_every: float | None = None, count_stale: bool = True,
+    db_url: str | None = None, refresh_every: float | None = None,
+    stale: Callable[[Any], Sized] | None = None,
 ) -> MetricsEndpoint | None:
     """Start the /metrics endpoint; None when AMR_METRICS_PORT is 0 (disabled).
 
     `db_url`: refresh amr_db_up and amr_meters_stale from this database every
     `refresh_every` seconds (default AMR_METRICS_REFRESH_S; a gateway without
-    a database passes nothing); `count_stale=False` only checks that the
-    database answers (the API: its read-only role sees views, not meters).
+    a database passes nothing); `stale`, the query for meters not heard from,
+    also refreshes amr_meters_stale (without it only the database's answer is
+    checked: the API, whose read-only role sees views, not meters).
     The first check runs at once, so a daemon says at start whether its
     database is there.
     A port already taken is a configuration error and says which variable
@@ -162,7 +168,7 @@ def serve_metrics(
 
         def loop() -> None:
             while not endpoint._stop.is_set():
-                refresh_fleet_gauges(db_url, count_stale=count_stale)
+                refresh_fleet_gauges(db_url, stale=stale)
                 endpoint._stop.wait(every)
 
         endpoint._refresher = threading.Thread(target=loop, name="amr-fleet-gauges", daemon=True)

@@ -13,10 +13,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from collector.runtime import tune_gc
+from amr.runtime import tune_gc
 
 COMMAND_MODULES = [
-    "collector.commands.db",
+    "amr.commands.db",
     "collector.commands.inventory",
     "collector.commands.ingest",
     "collector.commands.status",
@@ -62,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a clear message, not a traceback, for known errors
-        from collector.errors import UserError
-        from collector.logs import redact
+        from amr.errors import UserError
+        from amr.logs import redact
 
         if isinstance(exc, UserError):
             print(f"amr {args.command}: {redact(str(exc))}", file=sys.stderr)

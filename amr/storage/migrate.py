@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import psycopg
 
-from collector.storage import retention, timeseries
+from amr.storage import retention, timeseries
 
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
@@ -32,7 +32,7 @@ class SchemaTooNew(RuntimeError):
 def available() -> list[Migration]:
     """The migrations shipped with this code, in order."""
     found = []
-    for entry in resources.files("collector.migrations").iterdir():
+    for entry in resources.files("amr.migrations").iterdir():
         m = _NAME.match(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))

@@ -2,7 +2,7 @@
 -- daily zone totals and rejected input.
 -- Time tables carry the marker /*@time_partitioned(col)*/ and a line
 -- "-- @time_table TABLE COLUMN CHUNK COMPRESS_AFTER SEGMENT_BY RETENTION"; the migrator turns
--- them into native range partitions or TimescaleDB hypertables (collector/storage/timeseries.py).
+-- them into native range partitions or TimescaleDB hypertables (amr/storage/timeseries.py).
 
 CREATE TABLE subscriber (
     account     text PRIMARY KEY CHECK (account ~ '^[0-9]+$' AND (account = '0' OR account !~ '^0')),

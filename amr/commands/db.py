@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from collector.errors import UserError
-from collector.settings import get_settings
-from collector.storage import db, migrate
+from amr.errors import UserError
+from amr.settings import get_settings
+from amr.storage import db, migrate
 
 log = logging.getLogger("amr.db")
 

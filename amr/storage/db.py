@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 import psycopg
 
-from collector.errors import UserError
+from amr.errors import UserError
 
 HINT_URL = "a libpq URL like postgresql://amr@db.example.net:5432/amr (the password in ~/.pgpass or PGPASSWORD)"
 
@@ -215,7 +215,7 @@ def safe_reason(exc: BaseException, url: str = "") -> str:
     may be the password, so it goes; so does anything `logs.redact`
     recognises and every text `url_secrets` finds, wherever it appears.
     """
-    from collector.logs import redact
+    from amr.logs import redact
 
     if isinstance(exc, DatabaseConnectError):  # already made safe, by connect
         return exc.reason or str(exc)

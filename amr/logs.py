@@ -86,7 +86,7 @@ def _configured_secrets() -> tuple[str, ...]:
 @lru_cache(maxsize=8)
 def _secrets_of(values: tuple[str, ...]) -> tuple[str, ...]:
     """The literal secrets in the values of _SECRET_ENV (cached: the environment rarely changes)."""
-    from collector.storage.db import url_secrets
+    from amr.storage.db import url_secrets
 
     out: list[str] = []
     for name, value in zip(_SECRET_ENV, values, strict=True):

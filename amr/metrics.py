@@ -162,7 +162,7 @@ def documented_rows() -> list[tuple[str, str, str, str]]:
 
 
 def markdown_table() -> str:
-    """The README's metrics table: `python -m collector.metrics` prints it."""
+    """The README's metrics table: `python -m amr.metrics` prints it."""
     lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for name, kind, labels, doc in documented_rows():
         lines.append(f"| `{name}` | {kind} | {labels or '-'} | {doc.replace('|', '/')} |")

@@ -80,7 +80,7 @@ def setup_time_table(conn: psycopg.Connection, t: TimeTable, timescale: bool) ->
         conn.execute(
             f"SELECT add_compression_policy('{t.table}', INTERVAL '{_INTERVALS[t.compress_after]}')"
         )
-        # no retention policy: nothing is deleted in the background (collector/storage/retention.py)
+        # no retention policy: nothing is deleted in the background (amr/storage/retention.py)
     conn.execute(
         "INSERT INTO amr_time_table (name, column_name, chunk, hypertable, retention)"
         " VALUES (%s, %s, %s, %s, NULL) ON CONFLICT (name) DO NOTHING",

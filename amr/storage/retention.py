@@ -2,7 +2,7 @@
 
 Metering data is billing evidence, so nothing is deleted unless someone set
 AMR_RETENTION (months, never below the dispute horizon; see
-collector.settings). Only `amr db maintain` applies it, never `amr db
+amr.settings). Only `amr db maintain` applies it, never `amr db
 migrate`, and it can show first what it would drop (`--dry-run`).
 
 What was dropped is remembered as a watermark (table retention_watermark):
@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from collector.storage import timeseries
+from amr.storage import timeseries
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Subcommands of the ground floor: `amr db`."""
