@@ -17,7 +17,7 @@ MANUAL = "manual"  # entered by a person (manual-metering subscribers)
 IMPORTED = "imported"  # loaded from a file by `amr ingest`
 SPOOLED = "spooled"  # went through a gateway's store-and-forward spool
 
-# --- from validation (collector.vee) ---
+# --- from validation (collector.rules.vee) ---
 ROLLOVER = "rollover"  # a decrease read as a register wrap at its maximum
 RESET = "reset"  # a decrease read as a counter reset / meter replacement
 GLITCH = "glitch"  # a transient spike or dip, ignored without re-basing

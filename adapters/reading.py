@@ -2,7 +2,7 @@
 
 Cumulative registers are the truth: a `Reading` is a meter's counter at an
 instant, never an energy delta. Deltas are derived later, in one place
-(`collector.intervals`), so that a late or repeated reading can always be
+(`collector.rules.intervals`), so that a late or repeated reading can always be
 reconciled with the ones around it.
 """
 
@@ -45,14 +45,14 @@ class Reading(NamedTuple):
 # its own text in rejected_reading, but is counted under "other": labels come from this
 # fixed set only, so no input can create metric series.
 REJECT_CODES = frozenset({
-    # validation (collector.vee) and the store
+    # validation (collector.rules.vee) and the store
     "bad_meter_id", "unknown_meter", "bad_register", "not_numeric", "not_finite", "negative",
     "above_rollover", "bad_ts", "naive_ts", "future_ts", "before_installation", "after_removal",
     "implausible_ts", "beyond_retention", "conflict", "store_error", "invalid",
-    # payload decoders (adapters.mqtt_formats, collector.decoding)
+    # payload decoders (adapters.mqtt_formats, collector.mqtt.decoding)
     "malformed", "too_deep", "too_large", "type", "ts", "schema", "no_energy", "unknown_topic",
     "unknown_device", "decode_error", "spool_damaged", "unit",
-    # file imports (collector.importfile)
+    # file imports (collector.ingest.importfile)
     "parse_error", "encoding", "too_long", "truncated", "implausible_value",
     # polls (adapters.base.OUTCOMES)
     "timeout", "deadline", "crc", "exception", "decode", "refused", "garbage", "clock",

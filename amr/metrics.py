@@ -42,7 +42,7 @@ METERS_STALE = Gauge(
     "amr_meters_stale", "Meters with no reading for more than two intervals (`amr status` lists them)",
 )
 
-# --- ingestion (collector.ingest) ---
+# --- ingestion (collector.ingest.ingestor) ---
 READINGS = Counter(
     "amr_readings_total", "Readings offered to ingestion by outcome (accepted, duplicate, conflict, rejected)",
     ["outcome"],
@@ -109,7 +109,7 @@ BILLING_LAST_RUN = Gauge(
     "amr_billing_last_run_timestamp_seconds", "Unix time the last billing run of this process finished",
 )
 
-# --- operations (collector.reload, collector.status, every daemon) ---
+# --- operations (collector.config, collector.status, every daemon) ---
 DB_UP = Gauge(
     "amr_db_up", "1 when the last database round trip of this process succeeded, 0 when it failed",
 )

@@ -1,7 +1,7 @@
 """Benchmark: readings/s through the ingestion entry point vs the raw COPY rate.
 
 Simulated 30-minute data for many meters, delivered time-major (as gateways
-send it), goes through collector.ingest.Ingestor: validation, idempotent
+send it), goes through collector.ingest.ingestor.Ingestor: validation, idempotent
 store, interval derivation, zone splitting and daily totals. Each call takes
 a day's load profile of every meter (48 readings a meter), the way a head-end
 collects half-hourly profiles once a day; `--batch` sets another size. The same rows are
@@ -32,7 +32,7 @@ from _db import scratch_database
 
 from adapters.reading import Reading
 from amr.runtime import tune_gc
-from collector.ingest import Ingestor
+from collector.ingest.ingestor import Ingestor
 from collector.inventory import parse_inventory, upsert_inventory
 from simulators.consumption import ConsumptionModel
 

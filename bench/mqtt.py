@@ -6,7 +6,7 @@ Measured in the same run, on the same machine, against a Mosquitto of its own:
   (with its primary key): the database's limit for our rows;
 - bare paho receive: readings/s a plain paho-mqtt QoS 1 subscriber drains from
   the broker (the broker and client library limit);
-- the ingestion entry point alone (collector.ingest.Ingestor on the same
+- the ingestion entry point alone (collector.ingest.ingestor.Ingestor on the same
   readings, no MQTT): the ceiling of the collector;
 - gateway uplink: readings/s from the spool to the broker (one batch in
   flight, removed after PUBACK) beside a bare paho QoS 1 publish of the same
@@ -55,8 +55,8 @@ from amr.runtime import tune_gc  # noqa: E402
 from amr.settings import Settings  # noqa: E402
 from amr.storage import migrate  # noqa: E402
 from collector.inventory import parse_inventory, upsert_inventory  # noqa: E402
-from collector.mqtt_client import connect_properties, parse_broker_url  # noqa: E402
-from collector.mqtt_consumer import Consumer, shared  # noqa: E402
+from collector.mqtt.client import connect_properties, parse_broker_url  # noqa: E402
+from collector.mqtt.consumer import Consumer, shared  # noqa: E402
 from simulators import mqtt_sim  # noqa: E402
 from simulators.consumption import ConsumptionModel  # noqa: E402
 
@@ -230,7 +230,7 @@ def prepared_db(admin_url: str, meters: int, history: list[tuple[str, bytes]], b
     to derive intervals from, the same table sizes), so the order in which the
     paths run does not enter their figures.
     """
-    from collector.ingest import Ingestor
+    from collector.ingest.ingestor import Ingestor
 
     url = make_db(admin_url)
     try:
@@ -251,7 +251,7 @@ def prepared_db(admin_url: str, meters: int, history: list[tuple[str, bytes]], b
 
 def ingest_only_rate(url: str, msgs: list[tuple[str, bytes]], readings: int, batch: int) -> float:
     """The ingestion entry point alone on the same readings, decoded beforehand: the collector's ceiling."""
-    from collector.ingest import Ingestor
+    from collector.ingest.ingestor import Ingestor
 
     batches = _items(msgs, batch)
     with psycopg.connect(url) as c:
@@ -371,8 +371,8 @@ def _child(port: str, url: str, cid: str, group: str, batch: str) -> int:
 def uplink_rates(port: int, readings: int, batch: int, start: datetime) -> tuple[float, float]:
     """Gateway side: spool -> broker (PUBACK) drain rate, and bare paho publish of the same messages."""
     from adapters.reading import Reading
-    from collector.spool import Spool
-    from collector.uplink import MqttForwarder, Uplink, amr_v1_payload
+    from collector.gateway.spool import Spool
+    from collector.gateway.uplink import MqttForwarder, Uplink, amr_v1_payload
 
     models = {n: ConsumptionModel(seed=n) for n in range(100)}
     items = [Reading(f"sim-{n:04d}", "1.8.0", start + timedelta(minutes=30 * k),

@@ -35,8 +35,8 @@ from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
 from adapters.modbus import ModbusAdapter  # noqa: E402
 from adapters.registermap import load_register_map, plan_requests  # noqa: E402
+from collector.gateway.scheduler import Scheduler  # noqa: E402
 from collector.inventory import Meter  # noqa: E402
-from collector.scheduler import Scheduler  # noqa: E402
 
 
 class CountingSink:

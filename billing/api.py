@@ -7,7 +7,7 @@ unknown one all answer the same 404, so a probe learns nothing. Reads go
 through the portal views (migration 011), the same ones the read-only
 database role sees. The only write is `POST /accounts/{n}/readings`, for
 manual-metering subscribers; it goes through the one ingestion path
-(`collector.ingest.Ingestor`) with the quality flag `manual`.
+(`collector.ingest.ingestor.Ingestor`) with the quality flag `manual`.
 
 The edges are bounded, because the API faces the internet: a request body
 is read only after its bearer token is known and only up to
@@ -133,7 +133,7 @@ def install_token_reload(app: FastAPI, path: Path) -> Any:
     request reads once; a file that does not parse, or names no token at
     all (a half-written file, most likely: it would lock every customer out),
     keeps the tokens in use and logs why (`amr_config_reloads_total`
-    counts both outcomes). Returns the `collector.reload.Reloader`.
+    counts both outcomes). Returns the `collector.config.Reloader`.
     """
     from amr.reload import Reloader
 
@@ -730,7 +730,7 @@ def _store_readings(conn: psycopg.Connection, acc: str, readings: list[ReadingIn
     """Check manual readings against the last stored ones, then ingest them."""
     from adapters import quality
     from adapters.reading import Reading
-    from collector.ingest import Ingestor
+    from collector.ingest.ingestor import Ingestor
 
     meters = {m: (p, rem) for m, p, rem in conn.execute(
         "SELECT id, max_power_kw, removed FROM meter WHERE account = %s", (acc,)).fetchall()}

@@ -245,7 +245,7 @@ def cmd_suspect_list(args: argparse.Namespace) -> int:
 def decide(conn: Any, meter: str, register: str, start: datetime, end: datetime | None,
            decision: str, by: str, note: str | None) -> dict[str, Any]:
     """Apply a decision on one suspect interval and write its audit record, together."""
-    from collector.ingest import decide_interval
+    from collector.ingest.ingestor import decide_interval
 
     with conn.transaction():
         found = conn.execute(

@@ -30,7 +30,7 @@ PLAN_ZONES: dict[str, tuple[str, ...]] = {
     "two_zone": ("day", "night"),
     "three_zone": ("peak", "half_peak", "night"),
 }
-# which stored zones (collector.zones) make up each zone of a plan
+# which stored zones (collector.rules.zones) make up each zone of a plan
 FOLD: dict[str, dict[str, str]] = {
     "single": {"night": "all", "peak": "all", "half_peak": "all"},
     "two_zone": {"night": "night", "peak": "day", "half_peak": "day"},

@@ -257,7 +257,7 @@ class Demo:
 
     def _broker(self) -> Any:
         """The broker's BrokerConfig: the configured one, or a local one that answers; else None."""
-        from collector.mqtt_client import BrokerConfig, parse_broker_url
+        from collector.mqtt.client import BrokerConfig, parse_broker_url
 
         url = self.opts.mqtt_url if self.opts.mqtt_url is not None else self.settings.mqtt_url
         if url:
@@ -323,9 +323,9 @@ class Demo:
         from amr.storage import db, migrate
         from billing.engine import bill_period
         from billing.tariffs import load_catalogue_file, store_catalogue
-        from collector.ingest import Ingestor, IngestResult
+        from collector.gateway.scheduler import Scheduler
+        from collector.ingest.ingestor import Ingestor, IngestResult
         from collector.inventory import load_inventory, upsert_inventory
-        from collector.scheduler import Scheduler
         from simulators import iec62056_sim, modbus_sim
         from simulators.consumption import ConsumptionModel
 
@@ -450,8 +450,8 @@ class Demo:
 
     def _start_mqtt(self, broker: Any, url: str, inv: Any) -> tuple[Any, Any]:
         from adapters import mqtt_formats as fmt
-        from collector.mqtt_client import make_client
-        from collector.mqtt_consumer import Consumer
+        from collector.mqtt.client import make_client
+        from collector.mqtt.consumer import Consumer
 
         run_id = uuid.uuid4().hex[:8]
         consumer = Consumer(
@@ -499,7 +499,7 @@ def _end_session(broker: Any, client_id: str) -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from collector.mqtt_client import make_client
+    from collector.mqtt.client import make_client
 
     client = make_client(broker, client_id, persistent=False)
     props = Properties(PacketTypes.CONNECT)

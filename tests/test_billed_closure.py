@@ -16,7 +16,7 @@ from adapters.reading import Reading
 from billing.closure import decide_period, open_changes
 from billing.engine import bill_period, bills_of
 from billing.tariffs import load_catalogue_file, store_catalogue
-from collector.ingest import Ingestor
+from collector.ingest.ingestor import Ingestor
 from tests.helpers import add_meters
 from tests.test_billing import CATALOGUES
 from tests.test_ingest_cli import amr

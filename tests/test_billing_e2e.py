@@ -15,7 +15,7 @@ from adapters.reading import Reading
 from amr.settings import Settings, get_settings
 from billing import commands, money
 from billing.engine import bill_period, bills_of
-from collector.ingest import Ingestor
+from collector.ingest.ingestor import Ingestor
 from simulators.consumption import ConsumptionModel
 from tests.test_billing import CATALOGUES, add_subscriber
 

@@ -282,7 +282,7 @@ def _inventory(conn, rollover: Decimal) -> None:
 
 @pytest.mark.parametrize("fault,flag", [("counter_reset", quality.RESET), ("rollover", quality.ROLLOVER)])
 def test_counter_reset_and_rollover_reach_validation_flagged(conn, fault: str, flag: str) -> None:
-    from collector.ingest import Ingestor
+    from collector.ingest.ingestor import Ingestor
 
     # a day of simulated time per wall second, starting two days ago, so that the
     # counters move between two polls and the meter's clock stays in the past
@@ -392,8 +392,8 @@ def test_energomera_bcc_rule_differs_from_the_standard(adapter: Iec62056Adapter)
 
 def test_gateway_reads_a_line_with_a_dead_meter_into_the_database(db_url: str, conn) -> None:
     from amr import metrics
-    from collector.gateway import Adapters, IngestSink
-    from collector.scheduler import Scheduler, slot_start
+    from collector.gateway.daemon import Adapters, IngestSink
+    from collector.gateway.scheduler import Scheduler, slot_start
 
     sims = [SimMeter(address=f"{i:08d}", seed=30 + i) for i in (1, 2, 3)]
     sims[1].fault = "no_answer"
@@ -595,7 +595,7 @@ def test_a_dripping_device_fails_at_its_deadline_and_its_neighbour_reads(stage: 
 def test_scheduler_reads_the_healthy_meter_every_slot_beside_a_dripping_one() -> None:
     """The field case: a dripping meter held its bus for 71 s; its neighbour missed five slots."""
     from amr import metrics
-    from collector.scheduler import Scheduler
+    from collector.gateway.scheduler import Scheduler
 
     class ListSink:
         def __init__(self) -> None:

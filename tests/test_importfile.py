@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from adapters.reading import Reading, Rejected
-from collector.importfile import MAX_DEPTH, MAX_EXPONENT, read_file, too_deep
+from collector.ingest.importfile import MAX_DEPTH, MAX_EXPONENT, read_file, too_deep
 
 
 def _rows(text: str, fmt: str = "jsonl") -> list[Reading | Rejected]:

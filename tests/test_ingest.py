@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from adapters.reading import Reading, Rejected
-from collector.ingest import Ingestor, decide_interval
+from collector.ingest.ingestor import Ingestor, decide_interval
 from tests.helpers import T0, add_meters, daily, interval_total
 
 H = timedelta(minutes=30)

@@ -1,4 +1,4 @@
-"""collector.ingest_workers: routing by topic, the worker pool against the real database, a worker
+"""collector.mqtt.workers: routing by topic, the worker pool against the real database, a worker
 killed mid-stream, and LocalIngest and IngestPool storing the same rows for the same input.
 """
 
@@ -20,10 +20,10 @@ import pytest
 from adapters import quality
 from adapters.reading import Reading, Rejected
 from amr.settings import Settings
-from collector.decoding import Message, MessageDecoder
-from collector.ingest_workers import Batch, IngestPool, LocalIngest, Outcome
+from collector.gateway.uplink import amr_v1_payload
 from collector.inventory import parse_inventory, upsert_inventory
-from collector.uplink import amr_v1_payload
+from collector.mqtt.decoding import Message, MessageDecoder
+from collector.mqtt.workers import Batch, IngestPool, LocalIngest, Outcome
 from tests.conftest import fresh_database
 
 BASE = (datetime.now(UTC) - timedelta(days=40)).replace(minute=0, second=0, microsecond=0)
@@ -356,7 +356,7 @@ def _error(fn) -> BaseException:
 
 def test_is_outage_tells_the_database_state_from_the_data(db_url: str, pg_admin_url: str) -> None:
     from amr.storage import db
-    from collector.ingest_workers import is_outage
+    from collector.mqtt.workers import is_outage
     from tests.conftest import free_port
 
     def write(url: str, sql: str, *, setup: str | None = None) -> None:
@@ -400,7 +400,7 @@ def test_is_outage_tells_the_database_state_from_the_data(db_url: str, pg_admin_
 
 
 def test_database_descriptions_never_carry_the_password() -> None:
-    from collector.ingest_workers import describe_database, safe_reason
+    from collector.mqtt.workers import describe_database, safe_reason
 
     urls = {
         "postgresql://amr:hunter2@db1:5433/amr": "amr@db1:5433/amr",

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.reading import Reading
-from collector.ingest import Ingestor
+from collector.ingest.ingestor import Ingestor
 from tests.helpers import T0, add_meters
 
 _ids = itertools.count()

@@ -13,8 +13,8 @@ from adapters.base import PollError
 from adapters.modbus import ModbusAdapter
 from adapters.reading import Reading, Rejected
 from adapters.registermap import load_register_map
+from collector.gateway.scheduler import Scheduler
 from collector.inventory import Meter
-from collector.scheduler import Scheduler
 from simulators.consumption import SimClock
 from simulators.modbus_sim import ModbusRtuBus, SimMeter
 

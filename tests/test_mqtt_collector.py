@@ -335,8 +335,8 @@ def test_simulated_devices_end_to_end(db_url, tmp_path, broker, sim_format):
 def test_no_acknowledgement_before_the_readings_are_stored(db_url, tmp_path, broker):
     """Database unreachable: nothing is acknowledged; the same session stores it all later."""
     from amr.settings import Settings
-    from collector.mqtt_client import parse_broker_url
-    from collector.mqtt_consumer import Consumer
+    from collector.mqtt.client import parse_broker_url
+    from collector.mqtt.consumer import Consumer
 
     _setup_meters(db_url, tmp_path, [{"id": f"na-{i}", "adapter": "mqtt"} for i in range(2)])
     cfg = parse_broker_url(f"mqtt://127.0.0.1:{broker.port}")
@@ -489,8 +489,8 @@ def test_a_message_that_cannot_be_dead_lettered_is_not_acknowledged(db_url, tmp_
     """The store refuses a message (its data), and refuses its dead-letter row too: it stays
     unacknowledged, and the next connection gets it again; the good messages beside it are stored once."""
     from amr.settings import Settings
-    from collector.mqtt_client import parse_broker_url
-    from collector.mqtt_consumer import Consumer
+    from collector.mqtt.client import parse_broker_url
+    from collector.mqtt.consumer import Consumer
 
     _setup_meters(db_url, tmp_path, [{"id": m, "adapter": "mqtt"} for m in ("dl-a", "dl-x")])
     with psycopg.connect(db_url) as c:

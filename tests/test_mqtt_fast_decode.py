@@ -26,7 +26,7 @@ from hypothesis.control import currently_in_test_context
 
 from adapters import mqtt_formats as fmt
 from adapters.reading import Reading
-from collector.uplink import amr_v1_payload
+from collector.gateway.uplink import amr_v1_payload
 
 TOPIC = "amr/v1/gw-7/readings"
 SCHEMA = json.loads(fmt.AMR_SCHEMA_PATH.read_text(encoding="utf-8"))

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from adapters.reading import REJECT_CODES, Reading, Rejected
 from amr.settings import Settings
 from amr.storage.timeseries import Partitions
-from collector.ingest import Ingestor
+from collector.ingest.ingestor import Ingestor
 from tests.conftest import ROOT
 from tests.helpers import add_meters
 from tests.test_mqtt_collector import Collector, Publisher, _setup_meters

@@ -247,7 +247,7 @@ def test_broken_inventory_is_refused_with_file_meter_and_reason(tmp_path: Path) 
     )
     assert not any(p.startswith("site.toml: meter 'ok'") for p in problems)
     # and the gateway refuses to start on it
-    from collector.gateway import check_inventory
+    from collector.gateway.daemon import check_inventory
 
     (tmp_path / "site.toml").write_text(INVENTORY)
     with pytest.raises(InventoryError, match="meter 'twin'") as err:

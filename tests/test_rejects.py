@@ -32,7 +32,7 @@ def test_reingesting_a_file_with_refused_lines_adds_no_rows(db_url, conn, tmp_pa
 
 def test_the_same_bytes_from_another_source_are_another_row(db_url, conn) -> None:
     from adapters.reading import Rejected
-    from collector.ingest import Ingestor
+    from collector.ingest.ingestor import Ingestor
 
     ing = Ingestor(conn)
     ing.ingest([Rejected("gw-a", b"garbage", "not a reading", "malformed")] * 3)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from amr.reload import ConfigError, Reloader
-from collector.reload import diff, load_runtime_config
+from collector.config import diff, load_runtime_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TARIFFS = ROOT / "billing" / "catalogues" / "example.toml"
@@ -212,8 +212,8 @@ def test_gateway_reload_keeps_every_buffered_reading(db_url, conn, tmp_path):
 
     from adapters.reading import Reading
     from adapters.registermap import load_register_map
+    from collector.gateway.spool import Spool
     from collector.inventory import load_inventory, upsert_inventory
-    from collector.spool import Spool
     from simulators.consumption import SimClock
     from simulators.modbus_sim import ModbusTcpFleet, SimMeter
     from tests.conftest import free_port

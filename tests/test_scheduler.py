@@ -17,9 +17,9 @@ from adapters.reading import Reading, Rejected
 from adapters.registermap import load_register_map
 from amr import metrics
 from amr.settings import Settings
-from collector.gateway import IngestSink, run_gateway
+from collector.gateway.daemon import IngestSink, run_gateway
+from collector.gateway.scheduler import Scheduler, jitter_of, slot_start
 from collector.inventory import Meter, load_inventory, upsert_inventory
-from collector.scheduler import Scheduler, jitter_of, slot_start
 from simulators.consumption import SimClock
 from simulators.modbus_sim import ModbusTcpFleet, SimMeter, inventory_toml
 from tests.conftest import free_port

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from adapters.reading import Reading, Rejected
-from collector.spool import Spool, SpoolError
+from collector.gateway.spool import Spool, SpoolError
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -64,7 +64,7 @@ def test_drop_oldest_keeps_newest_with_metric_and_log(tmp_path, caplog):
     before = REGISTRY.get_sample_value("amr_spool_dropped_total", {"policy": "drop_oldest"}) or 0
     s = Spool(tmp_path / "s.sqlite", 10, "drop_oldest")
     s.put(_readings(8))
-    with caplog.at_level(logging.WARNING, logger="collector.spool"):
+    with caplog.at_level(logging.WARNING, logger="collector.gateway.spool"):
         s.put(_readings(5, 8))
     assert [e.item.value * 4 for e in s.peek(100)] == list(range(3, 13))
     assert REGISTRY.get_sample_value("amr_spool_dropped_total", {"policy": "drop_oldest"}) - before == 3
@@ -77,7 +77,7 @@ def test_refuse_new_keeps_oldest_with_metric_and_log(tmp_path, caplog):
     before = REGISTRY.get_sample_value("amr_spool_dropped_total", {"policy": "refuse_new"}) or 0
     s = Spool(tmp_path / "s.sqlite", 10, "refuse_new")
     assert s.put(_readings(8)) == 8
-    with caplog.at_level(logging.WARNING, logger="collector.spool"):
+    with caplog.at_level(logging.WARNING, logger="collector.gateway.spool"):
         assert s.put(_readings(5, 8)) == 2
         assert s.put(_readings(1, 20)) == 0
     assert [e.item.value * 4 for e in s.peek(100)] == list(range(10))
@@ -102,7 +102,7 @@ def test_kill_9_loses_nothing_that_put_returned(tmp_path):
         from datetime import UTC, datetime, timedelta
         from decimal import Decimal
         from adapters.reading import Reading
-        from collector.spool import Spool
+        from collector.gateway.spool import Spool
         s = Spool({str(path)!r}, 1_000_000)
         t0 = datetime(2026, 1, 1, tzinfo=UTC)
         i = 0
@@ -182,7 +182,7 @@ def test_a_damaged_spool_is_salvaged_moved_aside_and_said(tmp_path, caplog, dama
     damaged_bytes = path.read_bytes()
     before = {k: _sample("amr_spool_salvaged_total", outcome=k) for k in ("salvaged", "lost")}
     damaged_before = _sample("amr_spool_damaged_total")
-    with caplog.at_level(logging.WARNING, logger="collector.spool"):
+    with caplog.at_level(logging.WARNING, logger="collector.gateway.spool"):
         s = Spool(path, 1_000_000)  # as the gateway opens it: no exception, a usable spool
     sv = s.salvage
     assert sv is not None and sv.moved_to is not None
@@ -251,7 +251,7 @@ def test_one_bad_row_costs_that_row_not_its_batch(tmp_path, caplog):
     undecodable = _sample("amr_spool_salvaged_total", outcome="undecodable")
     s = Spool(path, 1_000_000)
     assert s.salvage is None  # the file is sound; the row is not
-    with caplog.at_level(logging.WARNING, logger="collector.spool"):
+    with caplog.at_level(logging.WARNING, logger="collector.gateway.spool"):
         texts = s.peek_encoded(1000)  # the uplink's fast path: the batch that holds the row
     assert len(texts) == 1000 and any("could not be read back" in r.getMessage() for r in caplog.records)
     items = [e.item for e in s.peek(1000)]
@@ -271,7 +271,7 @@ def test_a_row_without_crc_that_does_not_decode_becomes_a_reject(tmp_path):
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, enqueued_at REAL NOT NULL, item TEXT NOT NULL)")
-    from collector.spool import encode_item
+    from collector.gateway.spool import encode_item
 
     rows = [encode_item(r, "spooled") for r in _readings(3)]
     rows[1] = rows[1][:-5]  # cut short

@@ -20,10 +20,10 @@ import pytest
 
 from adapters.reading import Reading, Rejected
 from amr.settings import Settings
+from collector.gateway.spool import Spool
+from collector.gateway.uplink import IngestForwarder, MqttForwarder, Uplink, UplinkError
 from collector.inventory import parse_inventory, upsert_inventory
-from collector.mqtt_client import parse_broker_url
-from collector.spool import Spool
-from collector.uplink import IngestForwarder, MqttForwarder, Uplink, UplinkError
+from collector.mqtt.client import parse_broker_url
 from tests.conftest import ROOT, _mosquitto_binary
 
 T0 = (datetime.now(UTC) - timedelta(days=30)).replace(minute=0, second=0, microsecond=0)
@@ -43,7 +43,7 @@ class Subscriber:
         self.client.on_connect = lambda c, *a: c.subscribe("amr/v1/+/readings", 1)
         self.client.on_subscribe = lambda *a: self.ready.set()
         self.client.on_message = self._on_message
-        from collector.mqtt_client import connect_properties
+        from collector.mqtt.client import connect_properties
 
         self.client.connect("127.0.0.1", port, clean_start=False, properties=connect_properties())
         self.client.loop_start()
@@ -230,7 +230,7 @@ def test_tls_with_client_certificate_and_password_never_logged(tmp_path):
         # delivery needs a subscriber (a broker with none answers PUBACK 16 and the batch stays)
         from pydantic import SecretStr
 
-        from collector.mqtt_client import make_client
+        from collector.mqtt.client import make_client
 
         cfg = parse_broker_url(f"mqtts://gw-tls@127.0.0.1:{port}", SecretStr("s3cr3t-pw"), certs["ca"],
                                certs["cert"], certs["key"])
@@ -312,7 +312,7 @@ def test_broker_restart_while_draining_with_collectors_down_stores_every_reading
             time.sleep(0.005)
 
     refused_before = _refused("no_subscribers")
-    with caplog.at_level(logging.INFO, logger="collector.uplink"):
+    with caplog.at_level(logging.INFO, logger="collector.gateway.uplink"):
         uplink.start()
         poll(400)  # delivered into the offline session's queue at the broker
         broker.stop()
@@ -355,12 +355,12 @@ def test_database_down_keeps_the_spool_and_says_where_without_the_password(tmp_p
     down = IngestForwarder(f"postgresql://amr:hunter2@127.0.0.1:{port}/amr_prod", Settings())
     uplink = Uplink(spool, down, batch_size=50, max_backoff=0.2)
     refused = _refused("db_unavailable")
-    with caplog.at_level(logging.INFO, logger="collector.uplink"):
+    with caplog.at_level(logging.INFO, logger="collector.gateway.uplink"):
         uplink.start()
         _until(lambda: _refused("db_unavailable") >= refused + 3, 20, "the uplink did not retry")
         uplink.stop()
     assert len(spool) == 60 and REGISTRY.get_sample_value("amr_db_up") == 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "collector.uplink"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "collector.gateway.uplink"]
     assert len(lines) == 1, lines  # one line for the outage, however many retries
     assert f"amr@127.0.0.1:{port}/amr_prod" in lines[0] and "hunter2" not in lines[0]
     good = Uplink(spool, IngestForwarder(db_url, Settings()), batch_size=50)

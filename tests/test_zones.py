@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from collector.zones import ZoneCalendar, default_calendar
+from collector.rules.zones import ZoneCalendar, default_calendar
 
 MSK = ZoneInfo("Europe/Moscow")
 

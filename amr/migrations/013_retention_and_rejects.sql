@@ -45,7 +45,7 @@ $$;
 -- The same refused input from the same source is one row with a count: re-ingesting a
 -- file, or a device that repeats a bad message, no longer adds a row each time.
 -- `fingerprint` is sha256 over (kind, source, code, meter_id, register, ts, value, raw),
--- computed by collector.ingest; rows from before this migration have none and stay.
+-- computed by collector.ingest.ingestor; rows from before this migration have none and stay.
 ALTER TABLE rejected_reading
     ADD COLUMN fingerprint      bytea,
     ADD COLUMN times            integer NOT NULL DEFAULT 1 CHECK (times >= 1),

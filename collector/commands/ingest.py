@@ -11,8 +11,8 @@ from pathlib import Path
 from amr.errors import UserError
 from amr.settings import get_settings
 from amr.storage import db
-from collector.importfile import read_file, sniff_format
-from collector.ingest import Ingestor, IngestResult
+from collector.ingest.importfile import read_file, sniff_format
+from collector.ingest.ingestor import Ingestor, IngestResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:

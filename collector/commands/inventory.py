@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _load(path: Path):
     """The inventory, with every polled meter checked against its adapter and preset."""
-    from collector.gateway import check_inventory
+    from collector.gateway.daemon import check_inventory
 
     try:
         return check_inventory(path)

@@ -174,8 +174,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from amr.metrics_http import serve_metrics
     from amr.settings import get_settings
     from collector.fleet import stale_meters
-    from collector.mqtt_client import broker_from_settings
-    from collector.mqtt_consumer import Consumer
+    from collector.mqtt.client import broker_from_settings
+    from collector.mqtt.consumer import Consumer
 
     settings = get_settings()
     logs.setup()
@@ -195,7 +195,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     )
     if inv_path is not None:
         # the device map comes from the inventory; SIGHUP reloads it (a bad file keeps the old map)
-        from collector.reload import install_collector_reload
+        from collector.config import install_collector_reload
 
         install_collector_reload(consumer, inv_path, settings)  # loads it now, and on every SIGHUP
         for warning in consumer.devices.warnings:
@@ -224,9 +224,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     from amr import logs
     from amr.settings import get_settings
-    from collector.mqtt_client import broker_from_settings
-    from collector.spool import Spool, SpoolError
-    from collector.uplink import IngestForwarder, MqttForwarder, Uplink
+    from collector.gateway.spool import Spool, SpoolError
+    from collector.gateway.uplink import IngestForwarder, MqttForwarder, Uplink
+    from collector.mqtt.client import broker_from_settings
 
     settings = get_settings()
     logs.setup()

@@ -88,7 +88,7 @@ def _inventory_path(arg: Path | None) -> Path:
 
 
 def _checked(path: Path) -> Any:
-    from collector.gateway import check_inventory
+    from collector.gateway.daemon import check_inventory
 
     try:
         return check_inventory(path)
@@ -99,7 +99,7 @@ def _checked(path: Path) -> Any:
 def _checked_for(path: Path, meter_id: str) -> Any:
     """The inventory, refused only for problems of this meter: on site, one bad entry
     elsewhere must not stop an engineer reading the meter in front of them."""
-    from collector.gateway import check_inventory
+    from collector.gateway.daemon import check_inventory
     from collector.inventory import load_inventory
 
     try:
@@ -299,7 +299,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from amr import logs
     from amr.metrics_http import serve_metrics
     from collector.fleet import stale_meters
-    from collector.gateway import make_sink, run_gateway
+    from collector.gateway.daemon import make_sink, run_gateway
 
     settings = get_settings()
     logs.setup("INFO", settings.log_format)

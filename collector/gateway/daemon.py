@@ -26,8 +26,8 @@ from adapters.base import PollingAdapter
 from adapters.reading import Reading, Rejected
 from adapters.registermap import check_modbus_meters
 from amr.settings import Settings, get_settings
+from collector.gateway.scheduler import Scheduler, Sink
 from collector.inventory import Inventory, InventoryError, load_inventory
-from collector.scheduler import Scheduler, Sink
 
 log = logging.getLogger("amr.gateway")
 
@@ -100,7 +100,7 @@ class IngestSink:
 
     def __init__(self, database_url: str, settings: Settings | None = None, batch: int = 5000):
         from amr.storage import db
-        from collector.ingest import Ingestor
+        from collector.ingest.ingestor import Ingestor
 
         self.conn = db.connect(database_url)
         self.ingestor = Ingestor(self.conn, settings)
@@ -120,12 +120,12 @@ class SpoolSink:
     """Into the gateway spool; the uplink thread drains it (store and forward)."""
 
     def __init__(self, settings: Settings):
-        from collector.spool import Spool
-        from collector.uplink import IngestForwarder, MqttForwarder, Uplink
+        from collector.gateway.spool import Spool
+        from collector.gateway.uplink import IngestForwarder, MqttForwarder, Uplink
 
         self.spool = Spool(settings.spool_path, settings.spool_max_readings, settings.spool_full_policy)
         if settings.mqtt_url:
-            from collector.mqtt_client import broker_from_settings
+            from collector.mqtt.client import broker_from_settings
 
             forwarder: Any = MqttForwarder(broker_from_settings(settings))
         elif settings.database_url:
@@ -181,7 +181,7 @@ async def run_gateway(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    from collector.reload import Reloader, load_runtime_config
+    from collector.config import Reloader, load_runtime_config
 
     def load() -> Any:
         check_inventory(inventory_path)  # the adapters' own checks, then inventory, presets, tariffs

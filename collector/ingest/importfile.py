@@ -4,7 +4,7 @@ Used by `amr ingest` for back-fills and imports from other systems. Parsing
 only turns text into `Reading`s; whatever cannot be represented becomes a
 `Rejected` with its line number and raw bytes; a `Reading` carries its
 line in its source (`import:FILE#L12`). Whether a reading is valid is
-decided by collector.vee, in the ingestion path, like for every other source.
+decided by collector.rules.vee, in the ingestion path, like for every other source.
 
 A file is untrusted input, so every line is bounded before it is believed:
 its length (`MAX_LINE`), its JSON nesting (`MAX_DEPTH`, checked before the

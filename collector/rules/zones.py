@@ -1,6 +1,6 @@
 """The zone calendar and the one place where energy is split into zones.
 
-The calendar is data with effective dates (collector/calendars/*.toml), so a
+The calendar is data with effective dates (collector/rules/calendars/*.toml), so a
 new order or another region is a file, not a code change. Splitting cuts an
 interval at every zone border and local midnight and shares its energy in
 proportion to time; the parts always sum exactly to the whole.
@@ -81,7 +81,7 @@ class ZoneCalendar:
     def load(cls, path: Path | str | None = None) -> ZoneCalendar:
         """The calendar at path, or the St. Petersburg default shipped with the code."""
         if path is None:
-            text = resources.files("collector.calendars").joinpath("spb.toml").read_text("utf-8")
+            text = resources.files("collector.rules.calendars").joinpath("spb.toml").read_text("utf-8")
             return cls.from_toml(text, "spb.toml")
         return cls.from_toml(Path(path).read_text("utf-8"), str(path))
 

@@ -1,7 +1,7 @@
 """The ingestion entry point every adapter, decoder and import uses.
 
 One call takes a batch of readings (and inputs already refused upstream),
-validates each with collector.vee, stores the accepted ones with COPY,
+validates each with collector.rules.vee, stores the accepted ones with COPY,
 idempotently, derives interval energy around them, splits it into zones and
 keeps daily_zone_usage current, in one transaction. A batch either lands
 whole or not at all, so a caller that keeps its batch until `ingest` returns
@@ -40,13 +40,13 @@ from amr.settings import Settings, get_settings
 from amr.storage import retention
 from amr.storage.db import array_literal
 from amr.storage.timeseries import Partitions, next_month
-from collector import vee
-from collector.intervals import between, glitches
-from collector.vee import BILLED_REGISTER, MeterRules
-from collector.zones import ZoneCalendar, default_calendar
+from collector.rules import vee
+from collector.rules.intervals import between, glitches
+from collector.rules.vee import BILLED_REGISTER, MeterRules
+from collector.rules.zones import ZoneCalendar, default_calendar
 
 # readings loaded on each side of new ones, so that every reading whose
-# classification could change (collector.intervals.glitches: from one before it to
+# classification could change (collector.rules.intervals.glitches: from one before it to
 # two after it) is re-judged with all it depends on; more are loaded for the rare
 # register with a run of glitches beside new readings
 CONTEXT = 4
@@ -846,7 +846,7 @@ def _span(
     """Which part of a loaded window can be re-derived exactly: (start, stop, glitch flags).
 
     A reading's class depends on the readings from one before it to two after
-    it (see collector.intervals.glitches), so only readings with those loaded,
+    it (see collector.rules.intervals.glitches), so only readings with those loaded,
     at least three places before or two after a new reading, keep a class that
     cannot have changed. The re-derived span runs from the last
     such valid reading before the new ones to the first after them (or to the

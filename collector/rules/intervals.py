@@ -19,7 +19,7 @@ from datetime import datetime
 from decimal import Decimal
 from operator import le
 
-from collector.vee import MeterRules
+from collector.rules.vee import MeterRules
 
 NEAR = Decimal("0.1")  # "near the maximum": the top and bottom tenth of the register
 

@@ -9,7 +9,7 @@ Two destinations share one loop:
   does this after a restart until the collectors subscribe again, although
   their sessions are persistent), and codes from 0x80 up are refusals;
 - `IngestForwarder` (the all-in-one deployment) hands the batch to
-  `collector.ingest.Ingestor`; it leaves the spool only after COMMIT.
+  `collector.ingest.ingestor.Ingestor`; it leaves the spool only after COMMIT.
 
 A failed batch stays at the head of the spool and is retried with a capped
 exponential back-off, so order is kept and an outage drains as fast as the
@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 from adapters.reading import Reading, Rejected
 from amr import metrics
-from collector.mqtt_client import BrokerConfig, Connection, make_client
-from collector.spool import Spool, SpoolEntry, encode_item
+from collector.gateway.spool import Spool, SpoolEntry, encode_item
+from collector.mqtt.client import BrokerConfig, Connection, make_client
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class MqttForwarder:
 class IngestForwarder:
     """Hand batches to the ingestion entry point; delivered means committed.
 
-    A database that cannot take writes (`collector.ingest_workers.is_outage`:
+    A database that cannot take writes (`collector.mqtt.workers.is_outage`:
     unreachable, read-only, no privilege, a malformed URL) keeps the batch in
     the spool and shows amr_db_up 0. A batch the store refuses for its data
     is stored again item by item, and an item refused alone becomes a reject
@@ -187,7 +187,7 @@ class IngestForwarder:
         self._ingestor: Any = None
 
     def send(self, items: Sequence[Reading | Rejected]) -> None:
-        from collector.ingest_workers import is_outage
+        from collector.mqtt.workers import is_outage
 
         try:
             self._ingest(items)  # commits
@@ -204,7 +204,7 @@ class IngestForwarder:
 
     def _ingest(self, items: Sequence[Reading | Rejected]) -> None:
         from amr.storage import db
-        from collector.ingest import Ingestor
+        from collector.ingest.ingestor import Ingestor
 
         if self._conn is None or self._conn.closed:
             self._conn = db.connect(self.database_url)
@@ -212,7 +212,7 @@ class IngestForwarder:
         self._ingestor.ingest(list(items))
 
     def _one_by_one(self, items: Sequence[Reading | Rejected]) -> None:
-        from collector.ingest_workers import is_outage
+        from collector.mqtt.workers import is_outage
 
         for it in items:
             try:
@@ -236,12 +236,12 @@ class IngestForwarder:
                                "db_unavailable") from None
 
     def _where(self) -> str:
-        from collector.ingest_workers import describe_database
+        from collector.mqtt.workers import describe_database
 
         return describe_database(self.database_url)
 
     def _why(self, exc: BaseException) -> str:
-        from collector.ingest_workers import safe_reason
+        from collector.mqtt.workers import safe_reason
 
         return safe_reason(exc, self.database_url)
 

@@ -7,12 +7,12 @@ that store disjoint meters scale almost linearly (two on two cores stored
 gateway publishes its own meters on its own `amr/v1/<source>/readings`, a
 device on its own topic. So `IngestPool` routes whole messages by topic
 (each new topic to the worker with the fewest) to N worker processes, which
-decode them (collector.decoding) and store them, each over its own database
+decode them (collector.mqtt.decoding) and store them, each over its own database
 connection, its share of a batch in one transaction. The parent only receives and routes: it never becomes the
 bottleneck, as it did when it decoded everything itself and routed readings
 by meter (measured: the parent alone took more CPU per reading than a worker).
 A meter that moves to another gateway is still safe: the per-meter locks of
-collector.ingest order the two workers.
+collector.ingest.ingestor order the two workers.
 
 The parent acknowledges a batch only when every worker has confirmed its
 share, so delivery stays at-least-once. A worker that dies is started again
@@ -48,8 +48,8 @@ from adapters.reading import Reading, Rejected
 from amr import metrics
 from amr.runtime import tune_gc
 from amr.storage import db
-from collector.decoding import Message, MessageDecoder
-from collector.ingest import Ingestor, IngestResult, record_metrics
+from collector.ingest.ingestor import Ingestor, IngestResult, record_metrics
+from collector.mqtt.decoding import Message, MessageDecoder
 
 log = logging.getLogger("amr.ingest")
 
@@ -308,7 +308,7 @@ def store_batch(store: _Store, decoder: MessageDecoder, messages: Batch, stopped
 def _worker_main(index: int, parent: int) -> None:
     """A worker process: take shares, store them, confirm each; ends with its parent.
 
-    Started by `_Worker.spawn` as `python -m collector.ingest_workers INDEX PARENT_PID`:
+    Started by `_Worker.spawn` as `python -m collector.mqtt.workers INDEX PARENT_PID`:
     requests arrive on stdin, replies leave on stdout, the log goes to stderr.
     """
     import signal
@@ -384,7 +384,7 @@ class _Worker:
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "collector.ingest_workers", str(self.index), str(os.getpid())],
+            [sys.executable, "-m", "collector.mqtt.workers", str(self.index), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
         )
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -593,7 +593,7 @@ class IngestPool:
 
 if __name__ == "__main__":
     # run the imported module, not this __main__ copy: what a worker pickles must name
-    # classes the parent knows (collector.ingest_workers.Outcome, not __main__.Outcome)
-    from collector import ingest_workers
+    # classes the parent knows (collector.mqtt.workers.Outcome, not __main__.Outcome)
+    from collector.mqtt import workers as ingest_workers
 
     ingest_workers._worker_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -35,8 +35,9 @@ import paho.mqtt.client as mqtt
 from adapters import mqtt_formats as fmt
 from adapters.reading import Rejected
 from amr import metrics
-from collector.decoding import Message, MessageDecoder
-from collector.ingest_workers import (
+from collector.mqtt.client import BrokerConfig, Connection, connect_properties, make_client
+from collector.mqtt.decoding import Message, MessageDecoder
+from collector.mqtt.workers import (
     IngestPool,
     LocalIngest,
     Outcome,
@@ -44,7 +45,6 @@ from collector.ingest_workers import (
     describe_database,
     record,
 )
-from collector.mqtt_client import BrokerConfig, Connection, connect_properties, make_client
 
 log = logging.getLogger("amr.mqtt")
 

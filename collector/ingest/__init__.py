@@ -1,0 +1,1 @@
+"""Ingestion: validated readings into the database (ingestor) and files of readings (importfile)."""

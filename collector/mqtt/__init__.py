@@ -1,0 +1,1 @@
+"""The MQTT collector: the broker client, the consumer, decoding of messages, the ingestion worker processes."""
