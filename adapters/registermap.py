@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from amr.errors import ProblemsError
+
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 MAX_REGISTERS_PER_REQUEST = 125  # Modbus application protocol, function codes 3 and 4
 _OBIS = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}$")
@@ -46,12 +48,10 @@ Function = Literal["input", "holding"]
 Order = Literal["big", "little"]
 
 
-class RegisterMapError(ValueError):
+class RegisterMapError(ProblemsError):
     """A refused preset; `str()` lists every problem, one per line."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+    what = "the register map"
 
 
 class DecodeError(ValueError):

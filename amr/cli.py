@@ -62,11 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a clear message, not a traceback, for known errors
-        from amr.errors import UserError
+        from amr.errors import ProblemsError, UserError
         from amr.logs import redact
 
         if isinstance(exc, UserError):
-            print(f"amr {args.command}: {redact(str(exc))}", file=sys.stderr)
+            text = exc.describe() if isinstance(exc, ProblemsError) else str(exc)
+            print(f"amr {args.command}: {redact(text)}", file=sys.stderr)
             return 2
         # a bug or an error nobody foresaw: the traceback helps, but it goes through the
         # same scrubbing as the logs, since exception messages quote URLs and their passwords

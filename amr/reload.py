@@ -22,19 +22,20 @@ from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 from amr import metrics
-from amr.errors import UserError
+from amr.errors import ProblemsError
 
 log = logging.getLogger("amr.reload")
 
 T = TypeVar("T")
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(ProblemsError):
     """A configuration that cannot be used; `problems` names file, entry and key of each."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__(f"{len(problems)} problem(s) in the configuration:\n" + "\n".join(problems))
+    what = "the configuration"
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 class Reloader(Generic[T]):
@@ -93,7 +94,7 @@ class Reloader(Generic[T]):
         return self._swap_in(new)
 
     def _failed(self, exc: Exception) -> bool:
-        problems = getattr(exc, "problems", None) or [str(exc)]
+        problems = exc.problems if isinstance(exc, ProblemsError) else [str(exc)]
         self.last_error = "\n".join(problems)
         metrics.CONFIG_RELOADS.labels(outcome="error").inc()
         log.error(

@@ -104,17 +104,15 @@ def _print_json(obj: dict[str, Any]) -> None:
 
 
 def cmd_tariffs_load(args: argparse.Namespace) -> int:
-    from billing.tariffs import TariffError, load_catalogue_file, store_catalogue
+    from billing.tariffs import load_catalogue_file, store_catalogue
 
-    try:
-        tariffs = load_catalogue_file(args.file)
-        if args.check:
-            print(f"{args.file}: {len(tariffs)} tariffs: OK")
-            return 0
-        with db.connect(get_settings().database_url) as conn:
-            added, known = store_catalogue(conn, tariffs)
-    except TariffError as exc:
-        raise UserError(f"{len(exc.problems)} problem(s) in the tariffs:\n{exc}") from None
+    # a TariffError is printed by the CLI with its problems (amr.errors.ProblemsError)
+    tariffs = load_catalogue_file(args.file)
+    if args.check:
+        print(f"{args.file}: {len(tariffs)} tariffs: OK")
+        return 0
+    with db.connect(get_settings().database_url) as conn:
+        added, known = store_catalogue(conn, tariffs)
     print(f"{args.file}: added {added} tariffs, {known} already stored")
     return 0
 

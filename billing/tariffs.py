@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from amr.errors import ProblemsError
 from amr.tomlfile import TomlFileError, read_toml
 
 PLAN_ZONES: dict[str, tuple[str, ...]] = {
@@ -41,12 +42,10 @@ AREAS = ("urban", "rural")
 _KEYS = {"from", "to", "category", "area", "plan", "rates", "band", "band_from_kwh", "band_to_kwh", "note"}
 
 
-class TariffError(ValueError):
+class TariffError(ProblemsError):
     """A refused catalogue; `problems` lists every one, `str()` one per line."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+    what = "the tariffs"
 
 
 @dataclass(frozen=True)

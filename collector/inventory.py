@@ -15,18 +15,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from amr.errors import ProblemsError
 from amr.tomlfile import TomlFileError, read_toml
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class InventoryError(ValueError):
+class InventoryError(ProblemsError):
     """A refused inventory; `str()` lists every problem, one per line."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+    what = "the inventory"
 
 
 def normalize_account(account: str | int) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from amr.errors import UserError
 from amr.settings import get_settings
 from amr.storage import db
-from collector.inventory import InventoryError, upsert_inventory
+from collector.inventory import upsert_inventory
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +25,7 @@ def _load(path: Path):
     """The inventory, with every polled meter checked against its adapter and preset."""
     from collector.gateway.daemon import check_inventory
 
-    try:
-        return check_inventory(path)
-    except InventoryError as exc:
-        raise UserError(f"{len(exc.problems)} problem(s) in the inventory:\n{exc}") from None
+    return check_inventory(path)  # an InventoryError is printed by the CLI with its problems
 
 
 def cmd_check(args: argparse.Namespace) -> int:

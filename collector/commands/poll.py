@@ -90,10 +90,7 @@ def _inventory_path(arg: Path | None) -> Path:
 def _checked(path: Path) -> Any:
     from collector.gateway.daemon import check_inventory
 
-    try:
-        return check_inventory(path)
-    except InventoryError as exc:
-        raise UserError(f"{len(exc.problems)} problem(s) in the inventory:\n{exc}") from None
+    return check_inventory(path)  # an InventoryError is printed by the CLI with its problems
 
 
 def _checked_for(path: Path, meter_id: str) -> Any:
