@@ -25,20 +25,8 @@ from typing import Any
 
 from amr.errors import ProblemsError
 from amr.tomlfile import TomlFileError, read_toml
+from collector.rules.vocabulary import ALL, AREAS, CATEGORIES, PLAN_ZONES, RURAL, RURAL_AREA
 
-PLAN_ZONES: dict[str, tuple[str, ...]] = {
-    "single": ("all",),
-    "two_zone": ("day", "night"),
-    "three_zone": ("peak", "half_peak", "night"),
-}
-# which stored zones (collector.rules.zones) make up each zone of a plan
-FOLD: dict[str, dict[str, str]] = {
-    "single": {"night": "all", "peak": "all", "half_peak": "all"},
-    "two_zone": {"night": "night", "peak": "day", "half_peak": "day"},
-    "three_zone": {"night": "night", "peak": "peak", "half_peak": "half_peak"},
-}
-CATEGORIES = ("gas_stove", "electric_stove", "rural")
-AREAS = ("urban", "rural")
 _KEYS = {"from", "to", "category", "area", "plan", "rates", "band", "band_from_kwh", "band_to_kwh", "note"}
 
 
@@ -133,14 +121,14 @@ def parse_entry(entry: Any, where: str) -> tuple[Tariff | None, list[str]]:
             problems.append(f"{where}: key {key!r}: {v!r} is not one of {', '.join(allowed)}")
         else:
             values[key] = v
-    if values.get("category") == "rural" and values.get("area") not in (None, "rural"):
-        problems.append(f"{where}: key 'area': category 'rural' needs area 'rural'")
+    if values.get("category") == RURAL and values.get("area") not in (None, RURAL_AREA):
+        problems.append(f"{where}: key 'area': category {RURAL!r} needs area {RURAL_AREA!r}")
     if "from" in values and "to" in values and values["to"] < values["from"]:
         problems.append(f"{where}: key 'to': {values['to']} is before 'from' {values['from']}")
     rates: dict[str, Decimal] = {}
     raw_rates = entry.get("rates")
     if not isinstance(raw_rates, dict):
-        problems.append(f"{where}: key 'rates': missing or not a table like {{ all = \"3.39\" }}")
+        problems.append(f"{where}: key 'rates': missing or not a table like {{ {ALL} = \"3.39\" }}")
     else:
         zones = PLAN_ZONES.get(values.get("plan", ""), ())
         for zone, raw in raw_rates.items():
@@ -221,9 +209,9 @@ class Catalogue:
     def candidates(self, category: str, area: str, plan: str) -> list[Tariff]:
         """Entries for a subscriber: its own category first, the rural category for rural homes."""
         own = [t for t in self.tariffs if (t.category, t.area, t.plan) == (category, area, plan)]
-        if own or area != "rural":
+        if own or area != RURAL_AREA:
             return own
-        return [t for t in self.tariffs if (t.category, t.area, t.plan) == ("rural", "rural", plan)]
+        return [t for t in self.tariffs if (t.category, t.area, t.plan) == (RURAL, RURAL_AREA, plan)]
 
     def segments(self, category: str, area: str, plan: str, first: date, last: date
                  ) -> list[tuple[date, date, list[Tariff] | None]]:

@@ -17,7 +17,9 @@ from importlib import resources
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-ZONES = ("night", "peak", "half_peak")
+from collector.rules.vocabulary import STORED_ZONES
+
+ZONES = STORED_ZONES  # the zones a calendar may name (collector.rules.vocabulary)
 # kWh are kept to the milliwatt-hour: finer than any meter register
 KWH_QUANTUM = Decimal("0.000001")
 
