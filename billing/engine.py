@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 
 from amr import metrics
 from billing import money
-from billing.tariffs import FOLD, PLAN_ZONES, Catalogue, load_db_catalogue
+from billing.tariffs import Catalogue, load_db_catalogue
 from collector.inventory import normalize_account
+from collector.rules.vocabulary import FOLD, PLAN_ZONES, STORED_ZONES
 
 ZERO = Decimal(0)
 Progress = Callable[[int, int], None]
@@ -153,9 +154,23 @@ def fold(zone_kwh: Mapping[str, Decimal], plan: str) -> dict[str, Decimal]:
     return out
 
 
+# an account's energy per (piece of the month, from 1; stored zone): (kWh, of which estimated)
+Usage = Mapping[tuple[int, str], tuple[Decimal, Decimal]]
+
+
+class PlanSegment(NamedTuple):
+    """A run of days with one rate for a plan: its rates and the pieces of the month it spans."""
+
+    date_from: date
+    date_to: date
+    rates: dict[str, Decimal]
+    pieces: list[int]
+
+
 def price(account: str, period: date, plan: str, category: str, area: str,
-          pieces: Sequence[tuple[date, date]], usage: Mapping[tuple[int, str], tuple[Decimal, Decimal]],
-          catalogue: Catalogue, memo: dict | None = None) -> Bill | Held:
+          pieces: Sequence[tuple[date, date]], usage: Usage,
+          catalogue: Catalogue, memo: dict[tuple[str, str, str], list[PlanSegment] | str] | None = None,
+          ) -> Bill | Held:
     """One account's bill from its energy per (piece of the month, stored zone).
 
     `pieces` cut the month at every date where any tariff changes, so each
@@ -170,27 +185,32 @@ def price(account: str, period: date, plan: str, category: str, area: str,
             memo[key] = plan_segs
     if isinstance(plan_segs, str):
         return Held(account, plan_segs)
-    fold_map = FOLD[plan]
-    zones = PLAN_ZONES[plan]
     lines: list[Line] = []
-    for seg_from, seg_to, rates, piece_ids in plan_segs:
-        kwh = dict.fromkeys(zones, ZERO)
-        est = dict.fromkeys(zones, ZERO)
-        for i in piece_ids:
-            for zone, pz in fold_map.items():
-                got = usage.get((i, zone))
-                if got is not None:
-                    kwh[pz] += got[0]
-                    est[pz] += got[1]
-        for pz in zones:
-            rate = rates[pz]
-            lines.append(Line(pz, seg_from, seg_to, kwh[pz], est[pz], rate,
+    for seg in plan_segs:
+        stored_kwh, stored_est = _stored_energy(usage, seg.pieces)
+        kwh, est = fold(stored_kwh, plan), fold(stored_est, plan)
+        for pz in PLAN_ZONES[plan]:
+            rate = seg.rates[pz]
+            lines.append(Line(pz, seg.date_from, seg.date_to, kwh[pz], est[pz], rate,
                               money.line_amount(kwh[pz], rate)))
     return Bill(account, period, plan, category, area, tuple(lines))
 
 
+def _stored_energy(usage: Usage, piece_ids: Iterable[int]) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+    """Energy per stored zone over some pieces of the month, and its estimated part."""
+    kwh = dict.fromkeys(STORED_ZONES, ZERO)
+    est = dict.fromkeys(STORED_ZONES, ZERO)
+    for i in piece_ids:
+        for zone in STORED_ZONES:
+            got = usage.get((i, zone))
+            if got is not None:
+                kwh[zone] += got[0]
+                est[zone] += got[1]
+    return kwh, est
+
+
 def _plan_segments(period: date, plan: str, category: str, area: str,
-                   pieces: Sequence[tuple[date, date]], catalogue: Catalogue) -> list | str:
+                   pieces: Sequence[tuple[date, date]], catalogue: Catalogue) -> list[PlanSegment] | str:
     """The runs of days with one rate for a plan, with their rates and pieces; or why none."""
     first, last = month_days(period)
     out = []
@@ -202,7 +222,7 @@ def _plan_segments(period: date, plan: str, category: str, area: str,
                     "how zone volumes share bands is not confirmed yet")
         ids = [i for i, (p_from, p_to) in enumerate(pieces, start=1)
                if seg_from <= p_from and p_to <= seg_to]
-        out.append((seg_from, seg_to, dict(tariffs[0].rates), ids))
+        out.append(PlanSegment(seg_from, seg_to, dict(tariffs[0].rates), ids))
     return out
 
 
@@ -452,7 +472,8 @@ def preview(conn: Any, account: str, period: date, *, catalogue: Catalogue | Non
     if sub is None:
         raise UnknownAccounts(f"no subscriber with account {account}")
     usage = _usage(conn, pieces, first, last, tz, [account])[0].get(account, {})
-    return price(account, period, *sub, pieces, usage, cat)
+    plan, category, area = sub
+    return price(account, period, plan, category, area, pieces, usage, cat)
 
 
 def _lines_of(conn: Any, period: date, keys: list[tuple[str, int]]) -> dict[str, list[Line]]:
