@@ -20,7 +20,7 @@ COMMAND_MODULES = [
     "collector.commands.inventory",
     "collector.commands.ingest",
     "collector.commands.status",
-    "collector.commands.demo",
+    "simulators.commands",
     "billing.commands",
     "collector.commands.mqtt",
     "collector.commands.poll",

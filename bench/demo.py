@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from amr.settings import Settings
 from bench._db import scratch_database
-from collector.demo import RTU_BAUD, Demo, DemoOptions
+from simulators.demo import RTU_BAUD, Demo, DemoOptions
 
 RTU_BITS_PER_CHAR = 10  # 8N1
 T35_CHARS = 3.5

@@ -32,7 +32,6 @@ class RuntimeConfig:
 
     inventory: Inventory
     presets: Mapping[str, Any] = field(default_factory=dict)  # preset ref -> RegisterMap
-    tariffs: Any = None  # billing.tariffs.Catalogue, when a tariff file is configured
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -47,17 +46,13 @@ class ConfigChange:
     added: frozenset[str]
     removed: frozenset[str]
     changed: frozenset[str]
-    tariffs_changed: bool = False
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.tariffs_changed)
+        return not (self.added or self.removed or self.changed)
 
     def describe(self) -> str:
-        parts = [f"{len(self.added)} meter(s) added", f"{len(self.removed)} removed", f"{len(self.changed)} changed"]
-        if self.tariffs_changed:
-            parts.append("tariffs changed")
-        return ", ".join(parts)
+        return f"{len(self.added)} meter(s) added, {len(self.removed)} removed, {len(self.changed)} changed"
 
 
 def diff(old: RuntimeConfig | None, new: RuntimeConfig) -> ConfigChange:
@@ -69,27 +64,22 @@ def diff(old: RuntimeConfig | None, new: RuntimeConfig) -> ConfigChange:
         a, b = old_meters[mid], new_meters[mid]
         if a != b or (old and a.preset and old.presets.get(a.preset) != new.presets.get(b.preset)):
             changed.add(mid)
-    tariffs_changed = bool(old) and _tariff_rows(old.tariffs) != _tariff_rows(new.tariffs)
     return ConfigChange(
         added=frozenset(new_meters.keys() - old_meters.keys()),
         removed=frozenset(old_meters.keys() - new_meters.keys()),
         changed=frozenset(changed),
-        tariffs_changed=tariffs_changed,
     )
 
 
-def _tariff_rows(catalogue: Any) -> Any:
-    return None if catalogue is None else tuple(getattr(catalogue, "tariffs", catalogue))
-
-
 def load_runtime_config(
-    inventory: Path | str, tariffs: Path | str | None = None, *, preset_base: Path | None = None,
+    inventory: Path | str, *, preset_base: Path | None = None,
 ) -> RuntimeConfig:
-    """Read and validate inventory, the presets its meters name, and the tariff file.
+    """Read and validate the inventory and the presets its meters name, each file once.
 
-    Collects the problems of all three before refusing, so an operator fixes
+    Collects the problems of both before refusing, so an operator fixes
     them in one round. Preset paths in the inventory are relative to the
-    inventory's folder unless `preset_base` says otherwise.
+    inventory's folder unless `preset_base` says otherwise. (Tariffs are
+    billing's: `amr tariffs load`.)
     """
     from adapters.registermap import RegisterMapError, load_register_map
 
@@ -111,17 +101,9 @@ def load_runtime_config(
             presets[ref] = load_register_map(ref, base)
         except RegisterMapError as exc:
             problems += [f"{inventory}: meter {meter_id!r}: key 'preset': {p}" for p in exc.problems]
-    catalogue = None
-    if tariffs:
-        from billing.tariffs import Catalogue, TariffError, load_catalogue_file
-
-        try:
-            catalogue = Catalogue(load_catalogue_file(tariffs))
-        except TariffError as exc:
-            problems += exc.problems
     if problems or inv is None:
         raise ConfigError(problems or [f"{inventory}: could not be read"])
-    return RuntimeConfig(inventory=inv, presets=presets, tariffs=catalogue)
+    return RuntimeConfig(inventory=inv, presets=presets)
 
 
 def _preset_refs(path: Path | str, inv: Inventory | None) -> list[tuple[str, str, str | None]]:
@@ -141,7 +123,7 @@ def _preset_refs(path: Path | str, inv: Inventory | None) -> list[tuple[str, str
 
 
 def install_collector_reload(consumer: Any, inventory: Path | str, settings: Any) -> Reloader[RuntimeConfig]:
-    """SIGHUP for `amr collect`: new device map (and tariffs into the database), or nothing.
+    """SIGHUP for `amr collect`: a new device map from the inventory, or nothing.
 
     The consumer's loop blocks, so the reload runs in a thread of its own;
     the swap is one attribute assignment that the consumer reads once per
@@ -150,19 +132,12 @@ def install_collector_reload(consumer: Any, inventory: Path | str, settings: Any
     from adapters.mqtt_formats import DeviceMap
 
     def apply(old: RuntimeConfig | None, new: RuntimeConfig) -> None:
-        if old is not None and new.tariffs is not None and diff(old, new).tariffs_changed:
-            from amr.storage import db
-            from billing.tariffs import store_catalogue
-
-            with db.connect(settings.database_url) as conn:
-                store_catalogue(conn, list(new.tariffs.tariffs))
-                conn.commit()
         consumer.devices = DeviceMap(new.meters.values())
         if old is not None:
             log.info("collector configuration reloaded: %s", diff(old, new).describe())
 
     reloader: Reloader[RuntimeConfig] = Reloader(
-        lambda: load_runtime_config(inventory, settings.tariffs), apply, name="collector configuration",
+        lambda: load_runtime_config(inventory), apply, name="collector configuration",
     )
     signal.signal(
         signal.SIGHUP,

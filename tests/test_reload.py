@@ -17,7 +17,6 @@ from amr.reload import ConfigError, Reloader
 from collector.config import diff, load_runtime_config
 
 ROOT = Path(__file__).resolve().parent.parent
-TARIFFS = ROOT / "billing" / "catalogues" / "example.toml"
 
 BASE = """
 [[subscriber]]
@@ -57,16 +56,15 @@ def make(tmp_path: Path, text: str = BASE):
     inv = tmp_path / "inventory.toml"
     write(inv, text)
     applied: list = []
-    r = Reloader(lambda: load_runtime_config(inv, TARIFFS), lambda old, new: applied.append(diff(old, new)))
+    r = Reloader(lambda: load_runtime_config(inv), lambda old, new: applied.append(diff(old, new)))
     return inv, r, applied
 
 
-def test_loads_inventory_presets_and_tariffs(tmp_path):
+def test_loads_inventory_and_presets(tmp_path):
     _, r, applied = make(tmp_path)
     cfg = r.current
     assert set(cfg.meters) == {"m-1"}
     assert cfg.presets["eastron_sdm630"].model
-    assert len(cfg.tariffs) > 0
     assert applied[0].added == {"m-1"}
     assert REGISTRY.get_sample_value("amr_meters_configured", {"adapter": "modbus_tcp"}) == 1
 
@@ -111,18 +109,17 @@ def test_broken_inventory_keeps_the_old_one_and_logs_every_problem(tmp_path, cap
     assert r.reload() is True and set(r.current.meters) == {"m-1", "m-2"}
 
 
-def test_broken_tariffs_refuse_the_whole_reload(tmp_path):
+def test_a_broken_preset_refuses_the_whole_reload(tmp_path):
+    """A new meter whose preset is missing: the inventory's other change is not half-applied."""
     inv = tmp_path / "inventory.toml"
-    tariffs = tmp_path / "tariffs.toml"
     write(inv, BASE)
-    write(tariffs, TARIFFS.read_text())
-    r = Reloader(lambda: load_runtime_config(inv, tariffs))
-    write(inv, ADDED)
-    write(tariffs, '[[tariff]]\nfrom = "2026-01-01"\nto = "2025-01-01"\nplan = "single"\n')
+    r = Reloader(lambda: load_runtime_config(inv))
+    write(inv, ADDED + '\n[[meter]]\nid = "m-3"\naccount = "1001"\nadapter = "modbus_tcp"\n'
+          'host = "127.0.0.1"\nunit = 3\npreset = "no_such_meter"\n')
     assert r.reload() is False
-    assert set(r.current.meters) == {"m-1"}  # inventory change not half-applied
-    with pytest.raises(ConfigError):
-        load_runtime_config(inv, tariffs)
+    assert set(r.current.meters) == {"m-1"}
+    with pytest.raises(ConfigError, match="no_such_meter"):
+        load_runtime_config(inv)
 
 
 def test_apply_may_refuse(tmp_path):

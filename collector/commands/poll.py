@@ -87,12 +87,6 @@ def _inventory_path(arg: Path | None) -> Path:
     return path
 
 
-def _checked(path: Path) -> Any:
-    from collector.gateway.daemon import check_inventory
-
-    return check_inventory(path)  # an InventoryError is printed by the CLI with its problems
-
-
 def _checked_for(path: Path, meter_id: str) -> Any:
     """The inventory, refused only for problems of this meter: on site, one bad entry
     elsewhere must not stop an engineer reading the meter in front of them."""
@@ -296,12 +290,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from amr import logs
     from amr.metrics_http import serve_metrics
     from collector.fleet import stale_meters
-    from collector.gateway.daemon import make_sink, run_gateway
+    from collector.gateway.daemon import load_gateway_config, make_sink, run_gateway
 
     settings = get_settings()
     logs.setup("INFO", settings.log_format)
     path = _inventory_path(args.inventory)
-    _checked(path)  # refuse a broken inventory before opening anything
+    config = load_gateway_config(path)  # read once; a broken inventory is refused before opening anything
     try:
         sink = make_sink(settings, args.sink)
     except InventoryError as exc:
@@ -313,7 +307,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     try:
         asyncio.run(
             run_gateway(
-                path, sink, settings, cycles=args.cycles,
+                path, sink, settings, cycles=args.cycles, config=config,
                 scheduler_options={"tcp_concurrency": args.concurrency, "jitter_s": args.jitter},
             )
         )

@@ -18,14 +18,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from adapters.base import PollingAdapter
 from adapters.reading import Reading, Rejected
 from adapters.registermap import check_modbus_meters
+from amr.reload import Reloader
 from amr.settings import Settings, get_settings
+from collector.config import RuntimeConfig
 from collector.gateway.scheduler import Scheduler, Sink
 from collector.inventory import Inventory, InventoryError, load_inventory
 
@@ -36,8 +38,20 @@ POLLED_ADAPTERS = ("modbus_tcp", "modbus_rtu", "iec62056")
 
 def check_inventory(path: Path | str) -> Inventory:
     """Load the inventory and check every polled meter against its adapter; refuse with all problems."""
+    return load_gateway_config(path).inventory
+
+
+def load_gateway_config(path: Path | str) -> RuntimeConfig:
+    """The gateway's configuration, each file read once: the inventory, checked against the
+    adapters (every polled meter, its preset, its bus), and the presets it names.
+
+    Refuses with every problem (InventoryError). At start and on every reload;
+    the presets go to the adapters (`Adapters.use_presets`), which read no file
+    again.
+    """
     inv = load_inventory(path)
-    problems = check_modbus_meters(inv.meters.values(), str(path), Path(path).resolve().parent)
+    maps: dict[str, Any] = {}
+    problems = check_modbus_meters(inv.meters.values(), str(path), Path(path).resolve().parent, maps)
     iec = [m for m in inv.meters.values() if m.adapter == "iec62056"]
     if iec:
         from adapters.iec62056 import check_meter
@@ -55,15 +69,17 @@ def check_inventory(path: Path | str) -> Inventory:
                 )
     if problems:
         raise InventoryError(problems)
-    return inv
+    return RuntimeConfig(inventory=inv, presets={ref: m for ref, m in maps.items() if m is not None})
 
 
 class Adapters:
     """One adapter per protocol, shared by all meters of that protocol (they share ports)."""
 
-    def __init__(self, settings: Settings, base_dir: Path | None = None):
+    def __init__(self, settings: Settings, base_dir: Path | None = None,
+                 presets: Mapping[str, Any] | None = None):
         self.settings = settings
         self.base_dir = base_dir
+        self.presets = presets  # preset ref -> RegisterMap, loaded with the inventory
         self._made: dict[str, PollingAdapter] = {}
 
     def __call__(self, meter: Any) -> PollingAdapter:
@@ -73,7 +89,10 @@ class Adapters:
             if kind == "modbus":
                 from adapters.modbus import ModbusAdapter
 
-                got = ModbusAdapter(self.settings, base_dir=self.base_dir)
+                modbus = ModbusAdapter(self.settings, base_dir=self.base_dir)
+                if self.presets is not None:
+                    modbus.use_maps(self.presets)
+                got = modbus
             elif kind == "iec62056":
                 from adapters.iec62056 import Iec62056Adapter
 
@@ -83,11 +102,12 @@ class Adapters:
             self._made[kind] = got
         return got
 
-    def forget_maps(self) -> None:
-        for a in self._made.values():
-            forget = getattr(a, "forget_maps", None)
-            if forget is not None:
-                forget()
+    def use_presets(self, presets: Mapping[str, Any]) -> None:
+        """The presets of the configuration in use (loaded with it): Modbus reads no file again."""
+        self.presets = presets
+        modbus = self._made.get("modbus")
+        if modbus is not None:
+            modbus.use_maps(presets)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         for a in self._made.values():
@@ -169,32 +189,33 @@ async def run_gateway(
     cycles: int | None = None,
     scheduler_options: dict[str, Any] | None = None,
     on_scheduler: Callable[[Scheduler], None] | None = None,
+    config: RuntimeConfig | None = None,
 ) -> Scheduler:
-    """Poll every meter of the inventory until stop is set (SIGTERM/SIGINT set it too)."""
+    """Poll every meter of the inventory until stop is set (SIGTERM/SIGINT set it too).
+
+    `config`: the configuration already loaded from `inventory_path` (by the
+    command, which refuses a broken one before opening anything), so that a
+    start reads each file once; SIGHUP loads it again.
+    """
     settings = settings or get_settings()
-    inv = check_inventory(inventory_path)
-    meters = [m for m in inv.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None]
-    adapters = Adapters(settings, Path(inventory_path).resolve().parent)
+    config = config or load_gateway_config(inventory_path)
+    meters = [m for m in config.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None]
+    adapters = Adapters(settings, Path(inventory_path).resolve().parent, config.presets)
     sched = Scheduler(meters, adapters, sink, **(scheduler_options or {}))
     if on_scheduler:
         on_scheduler(sched)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    from collector.config import Reloader, load_runtime_config
-
-    def load() -> Any:
-        check_inventory(inventory_path)  # the adapters' own checks, then inventory, presets, tariffs
-        return load_runtime_config(inventory_path, settings.tariffs)
-
-    def apply(old: Any, new: Any) -> None:
+    def apply(old: RuntimeConfig | None, new: RuntimeConfig) -> None:
         if old is None:
             return
-        adapters.forget_maps()  # presets and request plans are read again from their files
+        adapters.use_presets(new.presets)  # as loaded with the new inventory; plans made afresh
         sched.replace_meters([m for m in new.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None])
         log.info("configuration reloaded: %d meters polled", len(sched.meters))
 
-    reloader = Reloader(load, apply, name="gateway configuration")
+    reloader = Reloader(lambda: load_gateway_config(inventory_path), apply,
+                        name="gateway configuration", initial=config)
 
     try:
         loop.add_signal_handler(signal.SIGTERM, stop.set)

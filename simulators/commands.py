@@ -63,7 +63,7 @@ def _plain(value: Any) -> Any:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from amr import logs
-    from collector.demo import Demo, DemoOptions, quiet_logs
+    from simulators.demo import Demo, DemoOptions, quiet_logs
 
     if args.days is not None and args.days < 1:
         raise UserError("--days must be at least 1")
