@@ -3,7 +3,7 @@
 On a terminal a person reads the lines, so they are short text; under
 systemd, in a container or piped to a file a machine reads them, so they are
 JSON objects, one a line. Lines about a device carry `meter` and `bus` fields
-(pass them with `extra={"meter": ..., "bus": ...}` or use `device_logger`),
+(pass them with `extra={"meter": ..., "bus": ..., "adapter": ...}`),
 because "timeout" without the meter and the bus is useless at 3 a.m.
 
 A filter on the handler scrubs secrets (passwords, tokens, URLs with a
@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, TextIO
@@ -217,31 +217,3 @@ def setup(level: str | int = "INFO", fmt: str | None = None, stream: TextIO | No
     chosen_level = os.environ.get("AMR_LOG_LEVEL") or level
     root.setLevel(chosen_level.upper() if isinstance(chosen_level, str) else chosen_level)
     return handler
-
-
-class DeviceLogger(logging.LoggerAdapter):
-    """A logger whose every line carries the device's meter and bus (and adapter)."""
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-
-def device_logger(
-    logger: logging.Logger | str, *, meter: str | None = None, bus: str | None = None,
-    adapter: str | None = None,
-) -> DeviceLogger:
-    """A logger for one meter (or one bus): `device_logger(log, meter=m.id, bus=m.bus_name)`."""
-    if isinstance(logger, str):
-        logger = logging.getLogger(logger)
-    fields = {k: v for k, v in (("meter", meter), ("bus", bus), ("adapter", adapter)) if v is not None}
-    return DeviceLogger(logger, fields)
-
-
-def meter_fields(meter: Any) -> dict[str, str]:
-    """The `extra` for a line about an inventory Meter: meter id, bus and adapter."""
-    return {
-        "meter": str(getattr(meter, "id", meter)),
-        "bus": str(getattr(meter, "bus_name", "") or ""),
-        "adapter": str(getattr(meter, "adapter", "") or ""),
-    }

@@ -38,9 +38,9 @@ def lines(buf: io.StringIO) -> list[dict]:
 
 def test_json_lines_carry_meter_and_bus(capture):
     meter = Meter(id="m-7", account="12", adapter="modbus_rtu", port="/dev/ttyS1", unit=3, preset="x")
-    logging.getLogger("amr.poll").warning("timeout after %s s", 1.0, extra=logs.meter_fields(meter))
-    dev = logs.device_logger("amr.poll", meter="m-8", bus="rs485-a")
-    dev.error("CRC mismatch", extra={"register": "1.8.0"})
+    log = logging.getLogger("amr.poll")
+    log.warning("timeout after %s s", 1.0, extra={"meter": meter.id, "bus": meter.bus_name, "adapter": meter.adapter})
+    log.error("CRC mismatch", extra={"meter": "m-8", "bus": "rs485-a", "register": "1.8.0"})
     first, second = lines(capture)
     assert first["msg"] == "timeout after 1.0 s"
     assert (first["meter"], first["bus"], first["adapter"]) == ("m-7", "/dev/ttyS1", "modbus_rtu")
