@@ -115,7 +115,8 @@ def _preset_refs(path: Path | str, inv: Inventory | None) -> list[tuple[str, str
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return []  # already reported by load_inventory
-    entries = data.get("meter") if isinstance(data.get("meter"), list) else []
+    raw = data.get("meter")
+    entries: list[Any] = raw if isinstance(raw, list) else []
     return [
         (str(e.get("id")), str(e.get("adapter", "modbus_tcp")), e.get("preset") if isinstance(e.get("preset"), str) else None)
         for e in entries if isinstance(e, dict)

@@ -165,7 +165,7 @@ def parse_inventory(data: dict[str, Any], source: str = "<inventory>") -> Invent
                     msg = err["msg"].removeprefix("Value error, ")
                     problems.append(f"{where}: key {key!r}: {msg}")
                 continue
-            ident = obj.account if section == "subscriber" else obj.id  # type: ignore[attr-defined]
+            ident = obj.account if isinstance(obj, Subscriber) else obj.id
             if ident in target:
                 problems.append(f"{where}: duplicate {section} {ident!r}")
                 continue

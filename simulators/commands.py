@@ -117,7 +117,7 @@ class _Progress:
     def __init__(self, console: Any, enabled: bool):
         self.console = console
         self.enabled = enabled
-        self._bar = None
+        self._bar: Any = None  # a rich Progress while a bar is shown
         self._tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Progress:

@@ -51,6 +51,11 @@ DAY = timedelta(days=1)
 ZONES = ("peak", "half_peak", "night")
 
 
+def _fixed(at: datetime) -> Callable[[], datetime]:
+    """A clock stopped at one instant (a slot's deadline, as the scheduler sees it)."""
+    return lambda: at
+
+
 @dataclass
 class StepClock:
     """Simulated time that moves only when the demo moves it (one slot at a time)."""
@@ -414,7 +419,7 @@ class Demo:
                 for interval, meters in by_interval.items():
                     if (t - first) % interval == timedelta(0):
                         # a deadline a few wall seconds away: no retries within a fast slot
-                        sched.now = (lambda s=t + interval - timedelta(seconds=5): s)
+                        sched.now = _fixed(t + interval - timedelta(seconds=5))
                         loop.run_until_complete(sched.run_slot(meters, t, interval))
                 if publisher is not None:
                     published += self._publish(publisher, t, mqtt_models)

@@ -237,6 +237,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         spool = Spool(path, settings.spool_max_readings, settings.spool_full_policy)
     except SpoolError as exc:
         raise UserError(str(exc)) from None
+    forwarder: MqttForwarder | IngestForwarder
     if args.to == "mqtt":
         forwarder = MqttForwarder(broker_from_settings(settings), args.topic)
     else:

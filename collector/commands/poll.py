@@ -221,7 +221,7 @@ async def scan(
         port=port if host else device, unit=1, baudrate=baudrate, timeout=timeout,
     )
     maps = [load_register_map(p) for p in available_presets()]
-    adapter = ModbusAdapter(clock_tolerance_s=60)
+    adapter = ModbusAdapter(get_settings(), clock_tolerance_s=60)
     found = []
     try:
         for unit in units:
