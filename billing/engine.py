@@ -148,7 +148,7 @@ def month_days(period: date) -> tuple[date, date]:
 def fold(zone_kwh: Mapping[str, Decimal], plan: str) -> dict[str, Decimal]:
     """Stored zones (night, peak, half_peak) to the zones of a plan; the sum is kept."""
     mapping = FOLD[plan]
-    out = {z: ZERO for z in PLAN_ZONES[plan]}
+    out = dict.fromkeys(PLAN_ZONES[plan], ZERO)
     for zone, kwh in zone_kwh.items():
         out[mapping[zone]] += kwh
     return out
@@ -156,6 +156,7 @@ def fold(zone_kwh: Mapping[str, Decimal], plan: str) -> dict[str, Decimal]:
 
 # an account's energy per (piece of the month, from 1; stored zone): (kWh, of which estimated)
 Usage = Mapping[tuple[int, str], tuple[Decimal, Decimal]]
+ZoneUsage = dict[tuple[int, str], tuple[Decimal, Decimal]]  # the same, as `_usage` builds it
 
 
 class PlanSegment(NamedTuple):
@@ -196,16 +197,18 @@ def price(account: str, period: date, plan: str, category: str, area: str,
     return Bill(account, period, plan, category, area, tuple(lines))
 
 
-def _stored_energy(usage: Usage, piece_ids: Iterable[int]) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+def _stored_energy(usage: Usage, piece_ids: Sequence[int]) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
     """Energy per stored zone over some pieces of the month, and its estimated part."""
-    kwh = dict.fromkeys(STORED_ZONES, ZERO)
-    est = dict.fromkeys(STORED_ZONES, ZERO)
-    for i in piece_ids:
-        for zone in STORED_ZONES:
+    kwh: dict[str, Decimal] = {}
+    est: dict[str, Decimal] = {}
+    for zone in STORED_ZONES:
+        k = e = ZERO
+        for i in piece_ids:
             got = usage.get((i, zone))
             if got is not None:
-                kwh[zone] += got[0]
-                est[zone] += got[1]
+                k += got[0]
+                e += got[1]
+        kwh[zone], est[zone] = k, e
     return kwh, est
 
 
@@ -267,8 +270,7 @@ def describe_change(old_lines: list[Line], new: Bill, old_total: Decimal) -> tup
 
 
 def _usage(conn: Any, pieces: Sequence[tuple[date, date]], first: date, last: date, tz: str,
-           wanted: list[str] | None) -> tuple[dict[str, dict[tuple[int, str], tuple[Decimal, Decimal]]],
-                                              dict[str, Decimal]]:
+           wanted: list[str] | None) -> tuple[dict[str, ZoneUsage], dict[str, Decimal]]:
     """Each account's energy per (piece of the month, stored zone), and its suspect energy.
 
     Energy of every meter in the month by one plain aggregate (the fast path for a whole
@@ -296,7 +298,7 @@ def _usage(conn: Any, pieces: Sequence[tuple[date, date]], first: date, last: da
         "  OR d.day > (m.removed AT TIME ZONE %(tz)s)::date)" + only
         + " GROUP BY 1, 2, 3", params).fetchall() if params["partial"] else []
     # accounts with several meters (a replacement) add up here; subtractions come last
-    usage: dict[str, dict[tuple[int, str], tuple[Decimal, Decimal]]] = {}
+    usage: dict[str, ZoneUsage] = {}
     suspect: dict[str, Decimal] = {}
     for sign, rows in ((1, per_meter), (-1, outside)):
         for meter_id, i, zone, kwh, est, sus in rows:
@@ -313,13 +315,99 @@ def _usage(conn: Any, pieces: Sequence[tuple[date, date]], first: date, last: da
     return usage, {a: v for a, v in suspect.items() if v}
 
 
+# --- a billing run ------------------------------------------------------------------
+
+NewBill = tuple[Bill, int, str, dict[str, Any] | None]  # a version to write: bill, version, reason, difference
+_BATCH = 2000  # bills per COPY write, and accounts between progress reports
+
+
+class Latest(NamedTuple):
+    """An account's latest stored bill version for the period: what a new bill is compared with."""
+
+    version: int
+    fingerprint: str
+    total: Decimal
+
+
+# what a run decides for an account's priced bill (or it holds the bill back: a `Held`)
+FIRST = "first"  # no bill for the period yet: version 1
+UNCHANGED = "unchanged"  # same content as the latest version: nothing is written
+SETTLED = "settled"  # unchanged, and the changes awaiting a decision turn out to change nothing
+NEW_VERSION = "new_version"  # the content changed: a new version with the reason and the difference
+
+_OPEN_NONE = (False, False)
+
+
+@dataclass
+class Month:
+    """What a run gathers before pricing anyone: tariffs, subscribers, energy, bills so far."""
+
+    period: date
+    catalogue: Catalogue
+    pieces: list[tuple[date, date]]
+    subscribers: list[tuple[str, str, str, str]]  # account, plan, category, area; by account
+    usage: dict[str, ZoneUsage]
+    suspect: dict[str, Decimal]
+    latest: dict[str, Latest] = field(default_factory=dict)
+    closure: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    memo: dict[tuple[str, str, str], list[PlanSegment] | str] = field(default_factory=dict)
+
+    def judge(self, account: str, plan: str, category: str, area: str) -> tuple[str, Bill] | Held:
+        """One account: held back before pricing, held by its price or its billed month, or a decision."""
+        if account in self.suspect:
+            return Held(account, (f"{_num(self.suspect[account])} kWh of suspect energy awaits a decision "
+                                  f"(amr suspect list --account {account})"))
+        if account not in self.usage:
+            return Held(account, "no energy data for the period")
+        got = price(account, self.period, plan, category, area, self.pieces, self.usage[account],
+                    self.catalogue, self.memo)
+        if isinstance(got, Held):
+            return got
+        decision = decide(got, self.latest.get(account), self.closure)
+        return decision if isinstance(decision, Held) else (decision, got)
+
+
+def decide(bill: Bill, prev: Latest | None, closure: Mapping[str, tuple[bool, bool]]) -> str | Held:
+    """What becomes of a priced bill: FIRST, UNCHANGED, SETTLED, NEW_VERSION, or held (`_closed_hold`)."""
+    if prev is None:
+        return FIRST
+    if prev.fingerprint == bill.fingerprint():
+        return SETTLED if closure.get(bill.account, _OPEN_NONE)[0] else UNCHANGED
+    held = _closed_hold(bill.account, bill.period, prev, bill, closure)
+    return NEW_VERSION if held is None else held
+
+
+def gather(conn: Any, period: date, wanted: list[str] | None, catalogue: Catalogue | None,
+           tz: str) -> Month:
+    """The tariffs, the subscribers (all, or `wanted`: each must exist) and their energy of the month."""
+    first, last = month_days(period)
+    cat = catalogue if catalogue is not None else load_db_catalogue(conn)
+    pieces = _pieces(cat, first, last)
+    filt = " AND account = ANY(%(accounts)s)" if wanted is not None else ""
+    subs = conn.execute(
+        "SELECT account, plan, category, area FROM subscriber WHERE true" + filt
+        + " ORDER BY account", {"accounts": wanted}).fetchall()
+    if wanted is not None and len(subs) != len(wanted):
+        unknown = sorted(set(wanted) - {s[0] for s in subs})
+        raise UnknownAccounts(f"no subscriber with account {', '.join(unknown)}; nothing billed")
+    usage, suspect = _usage(conn, pieces, first, last, tz, wanted)
+    return Month(period, cat, pieces, subs, usage, suspect)
+
+
+def billed_so_far(conn: Any, month: Month, wanted: list[str] | None) -> None:
+    """Each account's latest version for the month, and the changes recorded to billed months."""
+    month.latest = {r[0]: Latest(*r[1:]) for r in conn.execute(
+        "SELECT DISTINCT ON (account) account, version, fingerprint, total FROM bill"
+        " WHERE period = %s ORDER BY account, version DESC", (month.period,)).fetchall()}
+    month.closure = _closure(conn, month.period, wanted) if month.latest else {}
+
+
 def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, *,
                 catalogue: Catalogue | None = None, tz: str = "Europe/Moscow",
                 reason: str | None = None, progress: Progress | None = None) -> RunSummary:
     """Bill every subscriber (or `accounts`) for the month starting `period`; commits."""
     started = time.perf_counter()
     period = period.replace(day=1)
-    first, last = month_days(period)
     summary = RunSummary(period)
     wanted = sorted({normalize_account(a) for a in accounts}) if accounts is not None else None
     with conn.transaction():
@@ -327,83 +415,17 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         # one big aggregate: keep it in memory and skip JIT compilation, which costs more than it saves
         conn.execute("SET LOCAL work_mem = '256MB'")
         conn.execute("SET LOCAL jit = off")
-        cat = catalogue if catalogue is not None else load_db_catalogue(conn)
-        pieces = _pieces(cat, first, last)
-        filt = " AND account = ANY(%(accounts)s)" if wanted is not None else ""
-        subs = conn.execute(
-            "SELECT account, plan, category, area FROM subscriber WHERE true" + filt
-            + " ORDER BY account", {"accounts": wanted}).fetchall()
-        if wanted is not None and len(subs) != len(wanted):
-            unknown = sorted(set(wanted) - {s[0] for s in subs})
-            raise UnknownAccounts(f"no subscriber with account {', '.join(unknown)}; nothing billed")
-        usage, suspect = _usage(conn, pieces, first, last, tz, wanted)
+        month = gather(conn, period, wanted, catalogue, tz)
         summary.phases["aggregate"] = time.perf_counter() - started
-        latest = {r[0]: r[1:] for r in conn.execute(
-            "SELECT DISTINCT ON (account) account, version, fingerprint, total FROM bill"
-            " WHERE period = %s ORDER BY account, version DESC", (period,)).fetchall()}
-        closure = _closure(conn, period, wanted) if latest else {}
-        settled: list[str] = []  # accounts whose open changes left the bill as it was
-        new_bills: list[tuple[Bill, int, str, dict | None]] = []
-        memo: dict = {}
-        changed: list[tuple[Bill, int, Decimal]] = []
-        total_subs = len(subs)
-        if progress:
-            progress(0, total_subs)
-        # first versions go to the server while the next accounts are priced (two cores busy)
-        pending: list[str] = []
-        with conn.cursor() as cur, cur.copy(_BILL_COPY) as cp:
-            for n, (account, plan, category, area) in enumerate(subs, start=1):
-                if progress and n % 2000 == 0:
-                    progress(n, total_subs)
-                if account in suspect:
-                    summary.held_back.append(Held(account, (
-                        f"{_num(suspect[account])} kWh of suspect energy awaits a decision "
-                        f"(amr suspect list --account {account})")))
-                    continue
-                if account not in usage:
-                    summary.held_back.append(Held(account, "no energy data for the period"))
-                    continue
-                got = price(account, period, plan, category, area, pieces, usage[account], cat, memo)
-                if isinstance(got, Held):
-                    summary.held_back.append(got)
-                    continue
-                prev = latest.get(account)
-                if prev is None:
-                    new = (got, 1, reason or "first bill for the period", None)
-                    pending.append(_bill_row(*new))
-                    if len(pending) >= 2000:
-                        cp.write("".join(pending))
-                        pending.clear()
-                    new_bills.append(new)
-                elif prev[1] == got.fingerprint():
-                    summary.unchanged += 1
-                    if closure.get(account, _OPEN_NONE)[0]:
-                        settled.append(account)
-                elif (held := _closed_hold(account, period, prev, got, closure)) is not None:
-                    summary.held_back.append(held)
-                else:
-                    changed.append((got, prev[0], prev[2]))
-            if pending:
-                cp.write("".join(pending))
-        if changed:
-            old_lines = _lines_of(conn, period, [(b.account, v) for b, v, _ in changed])
-            versions = []
-            for bill, version, old_total in changed:
-                why, diff = describe_change(old_lines.get(bill.account, []), bill, old_total)
-                versions.append((bill, version + 1, f"{reason}: {why}" if reason else why, diff))
-            with conn.cursor() as cur, cur.copy(_BILL_COPY) as cp:
-                cp.write("".join(_bill_row(*new) for new in versions))
-            new_bills.extend(versions)
-        if settled:
-            conn.execute(
-                "UPDATE billed_change SET decision = 'no_change', decided_by = 'amr bill', decided_at = now()"
-                " WHERE decision IS NULL AND period = %s"
-                " AND meter_id IN (SELECT id FROM meter WHERE account = ANY(%s))", (period, settled))
+        billed_so_far(conn, month, wanted)
+        new_bills, changed, settled = _price_all(conn, month, reason, summary, progress)
+        new_bills.extend(_write_new_versions(conn, period, changed, reason))
+        _settle(conn, period, settled)
         summary.phases["priced"] = time.perf_counter() - started
         _write_lines(conn, new_bills)
         summary.phases["written"] = time.perf_counter() - started
         if progress:
-            progress(total_subs, total_subs)
+            progress(len(month.subscribers), len(month.subscribers))
     for bill, version, why, _ in new_bills:
         summary.written.append((bill.account, version, why))
         if version == 1:
@@ -411,16 +433,83 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         else:
             summary.new_versions += 1
     summary.seconds = time.perf_counter() - started
+    _observe(summary)
+    return summary
+
+
+def _price_all(conn: Any, month: Month, reason: str | None, summary: RunSummary, progress: Progress | None,
+               ) -> tuple[list[NewBill], list[tuple[Bill, Latest]], list[str]]:
+    """Every subscriber priced and decided: (first versions, written here; changed bills; settled accounts).
+
+    First versions go to the server while the next accounts are priced (two
+    cores busy); held-back and unchanged accounts are counted in `summary`.
+    """
+    firsts: list[NewBill] = []
+    changed: list[tuple[Bill, Latest]] = []
+    settled: list[str] = []  # accounts whose open changes left the bill as it was
+    total_subs = len(month.subscribers)
+    if progress:
+        progress(0, total_subs)
+    pending: list[str] = []
+    with conn.cursor() as cur, cur.copy(_BILL_COPY) as cp:
+        for n, (account, plan, category, area) in enumerate(month.subscribers, start=1):
+            if progress and n % _BATCH == 0:
+                progress(n, total_subs)
+            judged = month.judge(account, plan, category, area)
+            if isinstance(judged, Held):
+                summary.held_back.append(judged)
+                continue
+            decision, bill = judged
+            if decision == FIRST:
+                new = (bill, 1, reason or "first bill for the period", None)
+                pending.append(_bill_row(*new))
+                if len(pending) >= _BATCH:
+                    cp.write("".join(pending))
+                    pending.clear()
+                firsts.append(new)
+            elif decision in (UNCHANGED, SETTLED):
+                summary.unchanged += 1
+                if decision == SETTLED:
+                    settled.append(account)
+            else:
+                changed.append((bill, month.latest[account]))
+        if pending:
+            cp.write("".join(pending))
+    return firsts, changed, settled
+
+
+def _write_new_versions(conn: Any, period: date, changed: list[tuple[Bill, Latest]],
+                        reason: str | None) -> list[NewBill]:
+    """The next version of each changed bill, with the reason and the difference from the latest."""
+    if not changed:
+        return []
+    old_lines = _lines_of(conn, period, [(b.account, prev.version) for b, prev in changed])
+    versions: list[NewBill] = []
+    for bill, prev in changed:
+        why, diff = describe_change(old_lines.get(bill.account, []), bill, prev.total)
+        versions.append((bill, prev.version + 1, f"{reason}: {why}" if reason else why, diff))
+    with conn.cursor() as cur, cur.copy(_BILL_COPY) as cp:
+        cp.write("".join(_bill_row(*new) for new in versions))
+    return versions
+
+
+def _settle(conn: Any, period: date, settled: list[str]) -> None:
+    """Changes to a billed month that leave its bill as it was need no person: decided 'no_change'."""
+    if settled:
+        conn.execute(
+            "UPDATE billed_change SET decision = 'no_change', decided_by = 'amr bill', decided_at = now()"
+            " WHERE decision IS NULL AND period = %s"
+            " AND meter_id IN (SELECT id FROM meter WHERE account = ANY(%s))", (period, settled))
+
+
+def _observe(summary: RunSummary) -> None:
+    """A finished run in the process's metrics."""
     metrics.BILLING_RUN_SECONDS.observe(summary.seconds)
     for outcome, count in (("billed", summary.billed), ("unchanged", summary.unchanged),
                            ("new_version", summary.new_versions),
                            ("held_back", len(summary.held_back))):
         if count:
             metrics.BILLS.labels(outcome).inc(count)
-    return summary
-
-
-_OPEN_NONE = (False, False)
 
 
 def _closure(conn: Any, period: date, wanted: list[str] | None) -> dict[str, tuple[bool, bool]]:
@@ -436,7 +525,7 @@ def _closure(conn: Any, period: date, wanted: list[str] | None) -> dict[str, tup
     return {a: (bool(o), bool(r)) for a, o, r in rows}
 
 
-def _closed_hold(account: str, period: date, prev: tuple, new: Bill,
+def _closed_hold(account: str, period: date, prev: Latest, new: Bill,
                  closure: Mapping[str, tuple[bool, bool]]) -> Held | None:
     """A billed month is closed: data that changed it since waits for a person.
 
@@ -499,7 +588,7 @@ def _copy_text(value: str) -> str:
     return value.translate(_COPY_ESCAPES)
 
 
-def _bill_row(b: Bill, version: int, why: str, diff: dict | None) -> str:
+def _bill_row(b: Bill, version: int, why: str, diff: dict[str, Any] | None) -> str:
     """One bill as a COPY text line: built here because a city's run writes 100,000 of them."""
     kwh = est = ZERO
     amounts = []
@@ -512,7 +601,7 @@ def _bill_row(b: Bill, version: int, why: str, diff: dict | None) -> str:
             f"{b.plan}\t{b.category}\t{b.area}\t{_copy_text(why)}\t{diff_text}\t{b.fingerprint()}\n")
 
 
-def _write_lines(conn: Any, bills: list[tuple[Bill, int, str, dict | None]]) -> None:
+def _write_lines(conn: Any, bills: list[NewBill]) -> None:
     """Lines as COPY text built here: every field is digits, dates or zone names, so nothing
     needs escaping, and a city's 300,000 lines go out several times faster than row by row."""
     if not bills:
