@@ -28,7 +28,7 @@ import logging
 import signal
 import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -38,7 +38,7 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import psycopg
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from amr.metrics_http import DB_STATE
 from amr.settings import Settings, get_settings
 from collector.inventory import normalize_account
+from collector.rules.vocabulary import STORED_ZONES
 
 log = logging.getLogger("amr.api")
 
@@ -133,7 +134,7 @@ def install_token_reload(app: FastAPI, path: Path) -> Any:
     request reads once; a file that does not parse, or names no token at
     all (a half-written file, most likely: it would lock every customer out),
     keeps the tokens in use and logs why (`amr_config_reloads_total`
-    counts both outcomes). Returns the `collector.config.Reloader`.
+    counts both outcomes). Returns the `amr.reload.Reloader`.
     """
     from amr.reload import Reloader
 
@@ -294,7 +295,7 @@ NOT_FOUND = ApiError(404, "not_found", "Лицевой счёт не найде�
 NO_TOKEN = "Нужен токен доступа (Authorization: Bearer ...)."
 BAD_TOKEN = "Токен доступа не принят."
 DB_UNAVAILABLE = "База данных временно недоступна, повторите запрос позже."
-ERRORS = {401: {"model": Problem, "description": "no or unknown bearer token"},
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem, "description": "no or unknown bearer token"},
           404: {"model": Problem, "description": "no such account among the token's accounts"},
           422: {"model": Problem, "description": "invalid parameters"},
           503: {"model": Problem, "description": "database_unavailable: try again later"}}
@@ -427,9 +428,9 @@ class DatabaseGate:
         self.up = True
         gate = self
 
-        class WatchedConnection(psycopg.Connection):  # type: ignore[type-arg]
+        class WatchedConnection(psycopg.Connection):
             @classmethod
-            def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:  # type: ignore[override]
+            def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
                 try:
                     conn = super().connect(conninfo, **kwargs)
                 except Exception as exc:
@@ -500,8 +501,16 @@ class DatabaseGate:
             self.pool.putconn(conn)
 
 
-# --- the app ------------------------------------------------------------------------
+# --- the app: routes on a router, what they need given by dependencies --------------
+#
+# A route asks for what it uses (the token's accounts, the database gate, the
+# settings); `create_app` puts those on `app.state` and assembles the rest. The
+# account check (`own`) runs in the route's body, after every parameter is
+# validated and before a connection is taken: a malformed request is a 422
+# whoever's account it names, and a probe of an account not the token's costs
+# no database connection.
 
+router = APIRouter()
 _bearer = HTTPBearer(auto_error=False, description="a token from the supplier's portal")
 
 
@@ -511,33 +520,236 @@ def token_accounts(
     """The accounts the presented token may see; 401 without a known token."""
     if cred is None or cred.scheme.lower() != "bearer":
         raise ApiError(401, "unauthorized", NO_TOKEN)
-    accounts = request.app.state.tokens.accounts(cred.credentials)
+    accounts: frozenset[str] | None = request.app.state.tokens.accounts(cred.credentials)
     if accounts is None:
         raise ApiError(401, "unauthorized", BAD_TOKEN)
     return accounts
 
 
+def app_settings(request: Request) -> Settings:
+    """The settings the app was created with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def database(request: Request) -> DatabaseGate:
+    """The app's database gate; a route takes its connection only once it knows it needs one."""
+    gate: DatabaseGate = request.app.state.database
+    return gate
+
+
 Tokens = Annotated[frozenset[str], Depends(token_accounts)]
+AppSettings = Annotated[Settings, Depends(app_settings)]
+Database = Annotated[DatabaseGate, Depends(database)]
 AccountNo = Annotated[str, PathParam(description="account number; leading zeros are ignored",
                                      max_length=32)]
+
+
+def own(account: str, allowed: frozenset[str]) -> str:
+    """The account number normalised, if the token may see it; else the one 404 for every other case."""
+    try:
+        acc = normalize_account(account)
+    except ValueError:
+        raise NOT_FOUND from None
+    if acc not in allowed:
+        raise NOT_FOUND
+    return acc
+
+
+def subscriber(conn: psycopg.Connection, acc: str) -> tuple[Any, ...]:
+    """(account, metering, plan, category, area) of a subscriber; 404 when there is none."""
+    row: tuple[Any, ...] | None = conn.execute(
+        "SELECT account, metering, plan, category, area FROM portal_account"
+        " WHERE account = %s", (acc,)).fetchone()
+    if row is None:
+        raise NOT_FOUND
+    return row
+
+
+def _zone_energy(rows: list[tuple[Any, ...]]) -> dict[Any, dict[str, Decimal]]:
+    """Rows of (key, stored zone, kWh, estimated, suspect) summed per key: ZoneEnergy's fields."""
+    out: dict[Any, dict[str, Decimal]] = {}
+    for key, zone, kwh, est, sus in rows:
+        z = out.setdefault(key, {**dict.fromkeys(STORED_ZONES, Decimal(0)),
+                                 "total": Decimal(0), "estimated": Decimal(0), "suspect": Decimal(0)})
+        if zone in STORED_ZONES:
+            z[zone] += kwh
+        z["total"] += kwh
+        z["estimated"] += est
+        z["suspect"] += sus
+    return out
+
+
+def _month(text: str | None, default: date) -> date:
+    if text is None:
+        return default
+    y, m = text.split("-")
+    return date(int(y), int(m), 1)
+
+
+@router.get("/accounts", response_model=AccountList, responses={401: ERRORS[401]},
+            summary="the accounts this token may see")
+def list_accounts(allowed: Tokens) -> AccountList:
+    return AccountList(accounts=sorted(allowed, key=lambda a: (len(a), a)))
+
+
+@router.get("/accounts/{account}", response_model=AccountSummary, responses=ERRORS,
+            summary="metering mode, plan, meters and their latest register values")
+def account_summary(account: AccountNo, allowed: Tokens, db: Database) -> AccountSummary:
+    acc = own(account, allowed)
+    with db.connection() as conn:
+        row = subscriber(conn, acc)
+        meters = conn.execute("SELECT meter_id, installed, removed FROM portal_meter"
+                              " WHERE account = %s ORDER BY installed NULLS FIRST, meter_id",
+                              (acc,)).fetchall()
+        values = conn.execute("SELECT meter_id, register, ts, value FROM portal_latest_reading"
+                              " WHERE account = %s ORDER BY meter_id, register", (acc,)).fetchall()
+    return AccountSummary(
+        account=row[0], metering=row[1], plan=row[2], category=row[3], area=row[4],
+        meters=[MeterInfo(meter_id=m, installed=i, removed=r, registers=[
+            RegisterValue(register=v[1], value=v[3], read_at=v[2]) for v in values if v[0] == m])
+            for m, i, r in meters])
+
+
+@router.get("/accounts/{account}/consumption/daily", response_model=DailyConsumption,
+            responses=ERRORS, summary="energy per local day, split by tariff zone")
+def daily(account: AccountNo, allowed: Tokens, db: Database, settings: AppSettings,
+          from_: Annotated[date | None, Query(alias="from", description="first day (default: 1st of this month)")] = None,
+          to: Annotated[date | None, Query(description="last day, inclusive (default: today)")] = None,
+          ) -> DailyConsumption:
+    acc = own(account, allowed)
+    today = datetime.now(ZoneInfo(settings.timezone)).date()
+    last = to or today
+    first = from_ or last.replace(day=1)
+    if last < first or (last - first).days >= MAX_DAYS:
+        raise ApiError(422, "invalid_range", f"Период должен быть от 1 до {MAX_DAYS} дней.")
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        rows = conn.execute(
+            "SELECT day, zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
+            " FROM portal_daily_usage u" + IN_SERVICE + " AND day BETWEEN %s AND %s"
+            " GROUP BY 1, 2 ORDER BY 1, 2",
+            (settings.timezone, settings.timezone, acc, first, last)).fetchall()
+    per = _zone_energy(rows)
+    return DailyConsumption(account=acc, days=[DayUsage(day=d, **z) for d, z in sorted(per.items())])
+
+
+@router.get("/accounts/{account}/consumption/monthly", response_model=MonthlyConsumption,
+            responses=ERRORS, summary="energy per calendar month, split by tariff zone")
+def monthly(account: AccountNo, allowed: Tokens, db: Database, settings: AppSettings,
+            from_: Annotated[str | None, Query(alias="from", pattern=MONTH, description="first month, like 2026-01")] = None,
+            to: Annotated[str | None, Query(pattern=MONTH, description="last month, like 2026-12")] = None,
+            ) -> MonthlyConsumption:
+    acc = own(account, allowed)
+    this = datetime.now(ZoneInfo(settings.timezone)).date().replace(day=1)
+    last = _month(to, this)
+    first = _month(from_, date(last.year - 1, last.month, 1) if last.year > 1 else last)
+    if last < first or (last.year - first.year) * 12 + last.month - first.month >= 120:
+        raise ApiError(422, "invalid_range", "Период должен быть от 1 до 120 месяцев.")
+    end = date(last.year + (last.month == 12), last.month % 12 + 1, 1) if last.year < 9999 else date.max
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        rows = conn.execute(
+            "SELECT to_char(day, 'YYYY-MM'), zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
+            " FROM portal_daily_usage u" + IN_SERVICE + " AND day >= %s AND day < %s"
+            " GROUP BY 1, 2 ORDER BY 1, 2",
+            (settings.timezone, settings.timezone, acc, first, end)).fetchall()
+    per = _zone_energy(rows)
+    return MonthlyConsumption(account=acc, months=[MonthUsage(month=m, **z) for m, z in sorted(per.items())])
+
+
+@router.get("/accounts/{account}/bills", response_model=BillList, responses=ERRORS,
+            summary="the latest version of each month's bill")
+def bills(account: AccountNo, allowed: Tokens, db: Database) -> BillList:
+    acc = own(account, allowed)
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        rows = conn.execute(
+            "SELECT to_char(period, 'YYYY-MM'), version, count(*) OVER w, total, kwh, estimated_kwh"
+            " FROM portal_bill WHERE account = %s"
+            " WINDOW w AS (PARTITION BY period) ORDER BY period DESC, version DESC", (acc,)).fetchall()
+    seen: set[str] = set()
+    out: list[BillSummary] = []
+    for p, v, n, total, kwh, est in rows:
+        if p not in seen:
+            seen.add(p)
+            out.append(BillSummary(period=p, version=v, versions=n, total=total, kwh=kwh,
+                                   estimated_kwh=est))
+    return BillList(account=acc, bills=out)
+
+
+@router.get("/accounts/{account}/bills/{period}", response_model=BillDetail, responses=ERRORS,
+            summary="one month's bill: every version with its lines, reason and difference")
+def bill(account: AccountNo, allowed: Tokens, db: Database,
+         period: Annotated[str, PathParam(pattern=MONTH, description="the month, like 2026-10")],
+         ) -> BillDetail:
+    acc = own(account, allowed)
+    p = _month(period, date.min)
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        heads = conn.execute(
+            "SELECT version, total, kwh, estimated_kwh, plan, reason, diff, created_at FROM portal_bill"
+            " WHERE account = %s AND period = %s ORDER BY version", (acc, p)).fetchall()
+        lines = conn.execute(
+            "SELECT version, zone, date_from, date_to, kwh, estimated_kwh, rate, amount"
+            " FROM portal_bill_line WHERE account = %s AND period = %s ORDER BY version, line_no",
+            (acc, p)).fetchall()
+    if not heads:
+        raise ApiError(404, "not_found", "Счёт за этот месяц не выставлен.")
+    versions = [BillVersion(
+        version=h[0], total=h[1], kwh=h[2], estimated_kwh=h[3], plan=h[4], reason=h[5], diff=h[6],
+        created_at=h[7], lines=[BillLineOut(zone=ln[1], date_from=ln[2], date_to=ln[3], kwh=ln[4],
+                                            estimated_kwh=ln[5], rate=ln[6], amount=ln[7])
+                                for ln in lines if ln[0] == h[0]]) for h in heads]
+    return BillDetail(account=acc, period=period, latest=versions[-1], versions=versions)
+
+
+@router.post("/accounts/{account}/readings", response_model=ReadingsResult, status_code=201,
+             responses={**ERRORS, 409: {"model": Problem, "description":
+                                        "readings_entry_disabled: the account is on automated metering"}},
+             summary="enter meter readings (manual-metering accounts only)")
+def enter_readings(account: AccountNo, allowed: Tokens, db: Database, settings: AppSettings,
+                   body: ReadingsIn) -> ReadingsResult:
+    acc = own(account, allowed)
+    with db.connection() as conn:
+        row = subscriber(conn, acc)
+        if row[1] != "manual":
+            raise ApiError(409, "readings_entry_disabled",
+                           "Показания по этому лицевому счёту передаются прибором учёта "
+                           "автоматически, вводить их вручную не нужно.")
+        return _store_readings(conn, acc, body.readings, settings)
+
+
+async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    """Every refusal a route raises, in the API's one error shape."""
+    return problem(exc.status, exc.code, exc.message)
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's validation errors in the API's shape: the first five, where and why."""
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return JSONResponse({"code": "invalid_request", "message": "; ".join(parts)}, 422)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The pool lives as long as the server: opened (in the background) at start, closed at the end."""
+    gate: DatabaseGate = app.state.database
+    gate.open()
+    try:
+        yield
+    finally:
+        gate.close()
 
 
 def create_app(settings: Settings | None = None, tokens: TokenStore | None = None) -> FastAPI:
     """The API bound to one database and one tokens file."""
     settings = settings or get_settings()
     store = tokens if tokens is not None else TokenStore.load(settings.api_tokens)
-    tz = ZoneInfo(settings.timezone)
-    tz_name = settings.timezone
-    gate = DatabaseGate(settings.database_url, settings.api_db_wait_s)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
-        gate.open()
-        try:
-            yield
-        finally:
-            gate.close()
-
+    ZoneInfo(settings.timezone)  # an unknown time zone stops the API at start, not at every request
     app = FastAPI(
         title="AMR customer account API",
         version="1",
@@ -548,180 +760,13 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
         "token; with the database down every data endpoint answers 503 database_unavailable.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
     app.state.tokens = store
-    app.state.database = gate
+    app.state.database = DatabaseGate(settings.database_url, settings.api_db_wait_s)
+    app.include_router(router)
+    app.exception_handler(ApiError)(api_error)
+    app.exception_handler(RequestValidationError)(invalid_request)
     app.add_middleware(RequestGuard, max_body=settings.api_max_body_bytes)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors()[:5]:
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        return JSONResponse({"code": "invalid_request", "message": "; ".join(parts)}, 422)
-
-    connection = gate.connection
-
-    def own(account: str, allowed: frozenset[str]) -> str:
-        try:
-            acc = normalize_account(account)
-        except ValueError:
-            raise NOT_FOUND from None
-        if acc not in allowed:
-            raise NOT_FOUND
-        return acc
-
-    def subscriber(conn: psycopg.Connection, acc: str) -> tuple:
-        row = conn.execute("SELECT account, metering, plan, category, area FROM portal_account"
-                           " WHERE account = %s", (acc,)).fetchone()
-        if row is None:
-            raise NOT_FOUND
-        return row
-
-    @app.get("/accounts", response_model=AccountList, responses={401: ERRORS[401]},
-             summary="the accounts this token may see")
-    def list_accounts(allowed: Tokens) -> AccountList:
-        return AccountList(accounts=sorted(allowed, key=lambda a: (len(a), a)))
-
-    @app.get("/accounts/{account}", response_model=AccountSummary, responses=ERRORS,
-             summary="metering mode, plan, meters and their latest register values")
-    def account_summary(account: AccountNo, allowed: Tokens) -> AccountSummary:
-        acc = own(account, allowed)
-        with connection() as conn:
-            row = subscriber(conn, acc)
-            meters = conn.execute("SELECT meter_id, installed, removed FROM portal_meter"
-                                  " WHERE account = %s ORDER BY installed NULLS FIRST, meter_id",
-                                  (acc,)).fetchall()
-            values = conn.execute("SELECT meter_id, register, ts, value FROM portal_latest_reading"
-                                  " WHERE account = %s ORDER BY meter_id, register", (acc,)).fetchall()
-        return AccountSummary(
-            account=row[0], metering=row[1], plan=row[2], category=row[3], area=row[4],
-            meters=[MeterInfo(meter_id=m, installed=i, removed=r, registers=[
-                RegisterValue(obis=v[1], value=v[3], read_at=v[2]) for v in values if v[0] == m])
-                for m, i, r in meters])
-
-    def _zone_energy(rows: list[tuple]) -> dict[Any, dict[str, Decimal]]:
-        out: dict[Any, dict[str, Decimal]] = {}
-        for key, zone, kwh, est, sus in rows:
-            z = out.setdefault(key, {"night": Decimal(0), "peak": Decimal(0), "half_peak": Decimal(0),
-                                     "total": Decimal(0), "estimated": Decimal(0), "suspect": Decimal(0)})
-            if zone in ("night", "peak", "half_peak"):
-                z[zone] += kwh
-            z["total"] += kwh
-            z["estimated"] += est
-            z["suspect"] += sus
-        return out
-
-    @app.get("/accounts/{account}/consumption/daily", response_model=DailyConsumption,
-             responses=ERRORS, summary="energy per local day, split by tariff zone")
-    def daily(account: AccountNo, allowed: Tokens,
-              from_: Annotated[date | None, Query(alias="from", description="first day (default: 1st of this month)")] = None,
-              to: Annotated[date | None, Query(description="last day, inclusive (default: today)")] = None,
-              ) -> DailyConsumption:
-        acc = own(account, allowed)
-        today = datetime.now(tz).date()
-        last = to or today
-        first = from_ or last.replace(day=1)
-        if last < first or (last - first).days >= MAX_DAYS:
-            raise ApiError(422, "invalid_range", f"Период должен быть от 1 до {MAX_DAYS} дней.")
-        with connection() as conn:
-            subscriber(conn, acc)
-            rows = conn.execute(
-                "SELECT day, zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
-                " FROM portal_daily_usage u" + IN_SERVICE + " AND day BETWEEN %s AND %s"
-                " GROUP BY 1, 2 ORDER BY 1, 2", (tz_name, tz_name, acc, first, last)).fetchall()
-        per = _zone_energy(rows)
-        return DailyConsumption(account=acc, days=[DayUsage(day=d, **z) for d, z in sorted(per.items())])
-
-    def _month(text: str | None, default: date) -> date:
-        if text is None:
-            return default
-        y, m = text.split("-")
-        return date(int(y), int(m), 1)
-
-    @app.get("/accounts/{account}/consumption/monthly", response_model=MonthlyConsumption,
-             responses=ERRORS, summary="energy per calendar month, split by tariff zone")
-    def monthly(account: AccountNo, allowed: Tokens,
-                from_: Annotated[str | None, Query(alias="from", pattern=MONTH, description="first month, like 2026-01")] = None,
-                to: Annotated[str | None, Query(pattern=MONTH, description="last month, like 2026-12")] = None,
-                ) -> MonthlyConsumption:
-        acc = own(account, allowed)
-        this = datetime.now(tz).date().replace(day=1)
-        last = _month(to, this)
-        first = _month(from_, date(last.year - 1, last.month, 1) if last.year > 1 else last)
-        if last < first or (last.year - first.year) * 12 + last.month - first.month >= 120:
-            raise ApiError(422, "invalid_range", "Период должен быть от 1 до 120 месяцев.")
-        end = date(last.year + (last.month == 12), last.month % 12 + 1, 1) if last.year < 9999 else date.max
-        with connection() as conn:
-            subscriber(conn, acc)
-            rows = conn.execute(
-                "SELECT to_char(day, 'YYYY-MM'), zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
-                " FROM portal_daily_usage u" + IN_SERVICE + " AND day >= %s AND day < %s"
-                " GROUP BY 1, 2 ORDER BY 1, 2", (tz_name, tz_name, acc, first, end)).fetchall()
-        per = _zone_energy(rows)
-        return MonthlyConsumption(account=acc, months=[MonthUsage(month=m, **z) for m, z in sorted(per.items())])
-
-    @app.get("/accounts/{account}/bills", response_model=BillList, responses=ERRORS,
-             summary="the latest version of each month's bill")
-    def bills(account: AccountNo, allowed: Tokens) -> BillList:
-        acc = own(account, allowed)
-        with connection() as conn:
-            subscriber(conn, acc)
-            rows = conn.execute(
-                "SELECT to_char(period, 'YYYY-MM'), version, count(*) OVER w, total, kwh, estimated_kwh"
-                " FROM portal_bill WHERE account = %s"
-                " WINDOW w AS (PARTITION BY period) ORDER BY period DESC, version DESC", (acc,)).fetchall()
-        seen, out = set(), []
-        for p, v, n, total, kwh, est in rows:
-            if p not in seen:
-                seen.add(p)
-                out.append(BillSummary(period=p, version=v, versions=n, total=total, kwh=kwh,
-                                       estimated_kwh=est))
-        return BillList(account=acc, bills=out)
-
-    @app.get("/accounts/{account}/bills/{period}", response_model=BillDetail, responses=ERRORS,
-             summary="one month's bill: every version with its lines, reason and difference")
-    def bill(account: AccountNo, allowed: Tokens,
-             period: Annotated[str, PathParam(pattern=MONTH, description="the month, like 2026-10")],
-             ) -> BillDetail:
-        acc = own(account, allowed)
-        p = _month(period, date.min)
-        with connection() as conn:
-            subscriber(conn, acc)
-            heads = conn.execute(
-                "SELECT version, total, kwh, estimated_kwh, plan, reason, diff, created_at FROM portal_bill"
-                " WHERE account = %s AND period = %s ORDER BY version", (acc, p)).fetchall()
-            lines = conn.execute(
-                "SELECT version, zone, date_from, date_to, kwh, estimated_kwh, rate, amount"
-                " FROM portal_bill_line WHERE account = %s AND period = %s ORDER BY version, line_no",
-                (acc, p)).fetchall()
-        if not heads:
-            raise ApiError(404, "not_found", "Счёт за этот месяц не выставлен.")
-        versions = [BillVersion(
-            version=h[0], total=h[1], kwh=h[2], estimated_kwh=h[3], plan=h[4], reason=h[5], diff=h[6],
-            created_at=h[7], lines=[BillLineOut(zone=ln[1], date_from=ln[2], date_to=ln[3], kwh=ln[4],
-                                                estimated_kwh=ln[5], rate=ln[6], amount=ln[7])
-                                    for ln in lines if ln[0] == h[0]]) for h in heads]
-        return BillDetail(account=acc, period=period, latest=versions[-1], versions=versions)
-
-    @app.post("/accounts/{account}/readings", response_model=ReadingsResult, status_code=201,
-              responses={**ERRORS, 409: {"model": Problem, "description":
-                                         "readings_entry_disabled: the account is on automated metering"}},
-              summary="enter meter readings (manual-metering accounts only)")
-    def enter_readings(account: AccountNo, allowed: Tokens, body: ReadingsIn) -> ReadingsResult:
-        acc = own(account, allowed)
-        with connection() as conn:
-            row = subscriber(conn, acc)
-            if row[1] != "manual":
-                raise ApiError(409, "readings_entry_disabled",
-                               "Показания по этому лицевому счёту передаются прибором учёта "
-                               "автоматически, вводить их вручную не нужно.")
-            return _store_readings(conn, acc, body.readings, settings)
-
     return app
 
 
