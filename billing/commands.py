@@ -21,8 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Tariffs are effective-dated rates (RUB/kWh with VAT) per "
                        "category, area and plan. A file is checked whole before anything is stored.")
     tsub = t.add_subparsers(dest="tariffs_command", metavar="ACTION", required=True)
-    ld = tsub.add_parser("load", help="validate FILE and add its tariffs (identical entries are skipped)")
-    ld.add_argument("file", type=Path)
+    ld = tsub.add_parser("load", help="validate FILE and add its tariffs (identical entries are skipped)",
+                         description="The file is checked whole: with any problem, every one is listed "
+                         "and nothing is stored. Without FILE, the file AMR_TARIFFS names is loaded.")
+    ld.add_argument("file", type=Path, nargs="?", metavar="FILE",
+                    help="a TOML tariff catalogue (default: AMR_TARIFFS)")
     ld.add_argument("--check", action="store_true", help="only validate the file; store nothing")
     ld.set_defaults(func=cmd_tariffs_load)
     ls = tsub.add_parser("list", help="the stored tariffs")
@@ -104,16 +107,21 @@ def _print_json(obj: dict[str, Any]) -> None:
 
 
 def cmd_tariffs_load(args: argparse.Namespace) -> int:
-    from billing.tariffs import load_catalogue_file, store_catalogue
+    from billing.tariffs import TariffError, load_catalogue_file, store_catalogue
 
-    # a TariffError is printed by the CLI with its problems (amr.errors.ProblemsError)
-    tariffs = load_catalogue_file(args.file)
-    if args.check:
-        print(f"{args.file}: {len(tariffs)} tariffs: OK")
-        return 0
-    with db.connect(get_settings().database_url) as conn:
-        added, known = store_catalogue(conn, tariffs)
-    print(f"{args.file}: added {added} tariffs, {known} already stored")
+    path = args.file or get_settings().tariffs
+    if path is None:
+        raise UserError("no tariff file: name one (amr tariffs load FILE) or set AMR_TARIFFS")
+    try:
+        tariffs = load_catalogue_file(path)
+        if args.check:
+            print(f"{path}: {len(tariffs)} tariffs: OK")
+            return 0
+        with db.connect(get_settings().database_url) as conn:
+            added, known = store_catalogue(conn, tariffs)
+    except TariffError as exc:  # every problem, headed by their count, as `amr` prints any ProblemsError
+        raise UserError(exc.describe()) from None
+    print(f"{path}: added {added} tariffs, {known} already stored")
     return 0
 
 
