@@ -103,3 +103,22 @@ def test_store_is_idempotent_and_refuses_overlap_with_stored(conn) -> None:
     with pytest.raises(TariffError, match=r"new.toml: tariff\[0\].*overlaps .*example.toml: tariff\[\d+\]"):
         store_catalogue(conn, clash)
     assert len(load_db_catalogue(conn)) == 36
+
+
+def test_the_inventory_offers_the_plans_categories_and_areas_the_tariffs_know() -> None:
+    """collector.inventory spells them as Literal types, which cannot name constants: kept equal here."""
+    from typing import get_args
+
+    from collector.inventory import Subscriber
+    from collector.rules import vocabulary
+
+    def offered(name: str) -> set[str]:
+        return set(get_args(Subscriber.model_fields[name].annotation))
+
+    assert offered("plan") == set(vocabulary.PLANS) == set(vocabulary.PLAN_ZONES) == set(vocabulary.FOLD)
+    # the rural category is the tariffs' own: a subscriber is a rural home by its area
+    assert offered("category") == set(vocabulary.CATEGORIES) - {vocabulary.RURAL}
+    assert offered("area") == set(vocabulary.AREAS)
+    for plan, fold in vocabulary.FOLD.items():
+        assert set(fold) == set(vocabulary.STORED_ZONES)
+        assert set(fold.values()) == set(vocabulary.PLAN_ZONES[plan])
