@@ -114,7 +114,7 @@ DB_UP = Gauge(
     "amr_db_up", "1 when the last database round trip of this process succeeded, 0 when it failed",
 )
 CONFIG_RELOADS = Counter(
-    "amr_config_reloads_total", "Reloads of inventory, presets and tariffs (SIGHUP) by outcome (ok, error)",
+    "amr_config_reloads_total", "Reloads of a daemon's configuration on SIGHUP (inventory and presets; the API's tokens) by outcome (ok, error)",
     ["outcome"],
 )
 CONFIG_LOADED_AT = Gauge(

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
         description="libpq URL of PostgreSQL/TimescaleDB; empty means none configured",
     )
     inventory: Path | None = Field(default=None, description="TOML inventory of subscribers and meters")
-    tariffs: Path | None = Field(default=None, description="TOML tariff catalogue")
+    tariffs: Path | None = Field(default=None, description="TOML tariff catalogue, stored by `amr tariffs load` when it is given no FILE")
     timezone: str = Field(default="Europe/Moscow", description="local time of zones and bills")
     future_tolerance_s: int = Field(default=300, description="how far ahead of now a reading may be")
     clock_skew_tolerance_s: int = Field(default=60, description="meter clock difference flagged")
