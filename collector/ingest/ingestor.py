@@ -28,7 +28,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from operator import lt
-from typing import Any
+from typing import Any, NamedTuple, Self
 
 import psycopg
 from psycopg.types.string import BytesBinaryDumper
@@ -75,10 +75,116 @@ _READING_TYPES = [
     "text", "text", "timestamptz", "numeric", "bytea", "text",
     "timestamptz", "bytea", "text", "text", "bool", "date", "text",  # kwh: see _kwh_field
 ]
-_NO_INTERVAL = (None, None, None, None, None, None, None)
+# the interval columns of a reading that closes none
+_NO_INTERVAL_COLUMNS: tuple[None, ...] = (None,) * 7
 # quality comes back as text: psycopg parses arrays in Python, per row (see _stored_flags)
 _STORED = "ts, value, quality::text, start_ts, kwh, kind, status, estimated, day, zone"
 _SEGMENT_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "date", "text", "numeric"]
+
+
+class _Interval(NamedTuple):
+    """The interval a reading closes, as the reading's row holds it (start_ts to zone).
+
+    Derived ones and stored ones are compared whole: a stored reading whose
+    re-derived interval equals the one it holds is left alone. day and zone
+    are None when the interval crosses a local midnight or a zone border; its
+    parts are then in interval_segment. A reading that closes no interval
+    (the first of its series, a glitch) has None instead and all seven
+    columns NULL: this module writes them together, so a stored row with kwh
+    NULL closes none (as interval_usage reads it).
+    """
+
+    start: datetime
+    kwh: Decimal
+    kind: str
+    status: str
+    estimated: bool
+    day: date | None
+    zone: str | None
+
+
+class _Stored(NamedTuple):
+    """A stored reading loaded beside new ones (the columns of _STORED)."""
+
+    ts: datetime
+    value: Decimal
+    quality: str  # the text[] as text, parsed by _stored_flags only when it is re-derived
+    interval: _Interval | None
+
+
+# A reading in time order among its register's stored and new ones: (ts, value,
+# stored row, new reading), exactly one of the last two set. A plain tuple: one
+# is made per reading ingested, and a NamedTuple takes several times as long to
+# make; _emit names the fields as it unpacks them.
+_Point = tuple[datetime, Decimal, _Stored | None, Reading | None]
+
+
+class _Span(NamedTuple):
+    """The points of a register that are re-derived, [start, stop), and which are glitches."""
+
+    start: int
+    stop: int
+    glitch: list[bool]  # one per point, collector.rules.intervals.glitches
+
+
+class _Plan(NamedTuple):
+    """A register's new readings told from repeats, with what to re-derive (see Ingestor._plan)."""
+
+    points: list[_Point]
+    span: _Span | None  # None: nothing is new
+    duplicates: int
+    conflicts: list[tuple[Reading, Decimal]]  # a new reading and the different value stored
+
+
+class _Update(NamedTuple):
+    """A stored reading's re-derived columns (its value is never changed)."""
+
+    meter_id: str
+    register: str
+    ts: datetime
+    quality: Sequence[str]
+    interval: _Interval | None
+
+
+class _OldParts(NamedTuple):
+    """A stored reading whose old interval had parts in interval_segment, to delete them."""
+
+    meter_id: str
+    register: str
+    ts: datetime  # the parts' end_ts
+    status: str  # the old interval's, to take its energy out of the daily totals
+
+
+class _Held(NamedTuple):
+    """An interval added, changed or taken away in a billed month: billing holds that bill."""
+
+    meter_id: str
+    register: str
+    start: datetime
+    end: datetime
+    period: date  # the billed month (first day)
+
+
+class _Refused(NamedTuple):
+    """A refused input as rejected_reading records it (its fingerprint and count aside)."""
+
+    kind: str  # invalid or conflict
+    source: str | None
+    code: str
+    meter_id: str | None
+    register: str | None
+    ts: datetime | None
+    value: str | None
+    reason: str | None
+    raw: bytes | None
+
+
+# a person's decision on an interval is kept by (meter_id, register, start_ts, end_ts)
+_DecisionKey = tuple[str, str, datetime, datetime]
+# an interval_segment row as COPYed: meter_id, register, end_ts, seg_start, seg_end, day, zone, kwh
+_SegmentRow = tuple[str, str, datetime, datetime, datetime, date, str, Decimal]
+# a daily total's part in one batch: day, zone, estimated, status
+_DailyKey = tuple[date, str, bool, str]
 
 
 @dataclass
@@ -89,7 +195,7 @@ class IngestResult:
     rejected: int = 0
     rejects_by_code: dict[str, int] = field(default_factory=dict)
 
-    def __iadd__(self, other: IngestResult) -> IngestResult:
+    def __iadd__(self, other: IngestResult) -> Self:
         self.accepted += other.accepted
         self.duplicate += other.duplicate
         self.conflict += other.conflict
@@ -114,7 +220,7 @@ class IngestResult:
 def _reject_row(
     kind: str, source: str, code: str, reason: str, raw: bytes | None,
     meter_id: str | None = None, register: str | None = None, ts: Any = None, value: Any = None,
-) -> tuple:
+) -> _Refused:
     if not isinstance(ts, datetime) or ts.utcoffset() is None:
         ts = None
     else:
@@ -122,8 +228,8 @@ def _reject_row(
             ts = ts.astimezone(UTC)  # PostgreSQL refuses offsets beyond 15:59 that Python allows
         except OverflowError:  # year 1 east of UTC, year 9999 west of it: the raw bytes keep it
             ts = None
-    return (kind, _text(source), code, _text(meter_id), _text(register), ts,
-            None if value is None else _text(str(value)), _text(reason), raw)
+    return _Refused(kind, _text(source), code, _text(meter_id), _text(register), ts,
+                    None if value is None else _text(str(value)), _text(reason), raw)
 
 
 def _text(value: Any) -> str | None:
@@ -134,13 +240,13 @@ def _text(value: Any) -> str | None:
     return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
-def _fingerprint(row: tuple) -> bytes:
+def _fingerprint(row: _Refused) -> bytes:
     """The identity of a refused input: every field of its row but the reason (see _write_rejects)."""
-    kind, source, code, meter_id, register, ts, value, _reason, raw = row
     h = hashlib.sha256()
-    for part in (kind, source, code, meter_id, register, ts.isoformat() if ts is not None else None, value):
+    ts = row.ts.isoformat() if row.ts is not None else None
+    for part in (row.kind, row.source, row.code, row.meter_id, row.register, ts, row.value):
         h.update(b"\x00" if part is None else b"\x01" + part.encode("utf-8", "surrogatepass") + b"\x00")
-    h.update(raw or b"")
+    h.update(row.raw or b"")
     return h.digest()
 
 
@@ -242,7 +348,7 @@ class Ingestor:
         now = self.clock()
         tolerance = timedelta(seconds=self.settings.future_tolerance_s)
         window = self._time_window(now)
-        rejects: list[tuple] = []
+        rejects: list[_Refused] = []
         # per register, the batch's readings by UTC instant: a repeat inside the batch
         # is told apart here, one against the database in _store
         good: dict[tuple[str, str], dict[datetime, Reading]] = {}
@@ -288,22 +394,21 @@ class Ingestor:
                 if not all(map(lt, instants, instants[1:])):  # usually sent in order already
                     ordered.sort()  # instants are unique: no tie reaches the reading
                 by_key[key] = ordered
-                first, last = ordered[0][0], ordered[-1][0]
-                if (first.year, first.month) == (last.year, last.month):  # the common case
-                    months.add(date(first.year, first.month, 1))
+                earliest, latest = ordered[0][0], ordered[-1][0]
+                if (earliest.year, earliest.month) == (latest.year, latest.month):  # the common case
+                    months.add(date(earliest.year, earliest.month, 1))
                 else:
                     months.update(date(t.year, t.month, 1) for t in instants)
             self._ensure_partitions(months)
         with self.conn.transaction():
             if by_key:
-                stored = self._store(by_key, meters, result, rejects, window)
-                result.accepted += stored
+                result.accepted += self._store(by_key, meters, result, rejects, window)
             if rejects:
                 self._write_rejects(rejects)
         result.rejected += len(rejects) - result.conflict
         for row in rejects:
-            if row[0] == "invalid":
-                result.rejects_by_code[row[2]] = result.rejects_by_code.get(row[2], 0) + 1
+            if row.kind == "invalid":
+                result.rejects_by_code[row.code] = result.rejects_by_code.get(row.code, 0) + 1
         return result
 
     def _ensure_partitions(self, months: set[date]) -> None:
@@ -319,7 +424,7 @@ class Ingestor:
             with self.conn.transaction():
                 self._partitions.ensure_months(self.conn, missing[i:i + _PARTITIONS_PER_TRANSACTION])
 
-    def _conflict_row(self, item: Reading, stored: Decimal) -> tuple:
+    def _conflict_row(self, item: Reading, stored: Decimal) -> _Refused:
         reason = (
             f"meter {item.meter_id!r} register {item.register!r}: a value {stored} is already stored "
             f"for ts {item.ts.astimezone(UTC).isoformat()}; the different value {item.value} "
@@ -335,7 +440,7 @@ class Ingestor:
         by_key: dict[tuple[str, str], list[tuple[datetime, Reading]]],
         meters: dict[str, MeterRules],
         result: IngestResult,
-        rejects: list[tuple],
+        rejects: list[_Refused],
         window: vee.TimeWindow,
     ) -> int:
         """Store what is new, each reading with the interval it closes, in one COPY.
@@ -383,14 +488,13 @@ class Ingestor:
                         if plan is None:
                             short.append(i)
                             continue
-                        pts, span, dups, clashes = plan
-                        if dups:
-                            result.duplicate += dups
-                        for r, stored in clashes:
+                        if plan.duplicates:
+                            result.duplicate += plan.duplicates
+                        for r, stored in plan.conflicts:
                             rejects.append(self._conflict_row(r, stored))
-                        result.conflict += len(clashes)
-                        if span is not None:
-                            self._emit(key, pts, span, meters[key[0]], decisions,
+                        result.conflict += len(plan.conflicts)
+                        if plan.span is not None:
+                            self._emit(key, plan.points, plan.span, meters[key[0]], decisions,
                                        closed.get(key[0]) if key[1] == BILLED_REGISTER else None, cp, work)
                 if not short:
                     break
@@ -408,7 +512,7 @@ class Ingestor:
             self._apply(cur, work)
         return work.inserted
 
-    def _write_rejects(self, rows: list[tuple]) -> None:
+    def _write_rejects(self, rows: list[_Refused]) -> None:
         """Record refused inputs, each distinct one once: a repeat adds to its count.
 
         The same refused input from the same source (a file ingested again, a
@@ -435,7 +539,7 @@ class Ingestor:
 
     def _load_windows(
         self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None
-    ) -> dict[int, list[tuple]]:
+    ) -> dict[int, list[_Stored]]:
         """Stored readings around and among each register's new ones, with what was derived.
 
         `context` readings before lo, and from lo on as many as the batch has
@@ -453,7 +557,7 @@ class Ingestor:
             (array_literal([k[0] for k in keys]), array_literal([k[1] for k in keys]), context),
         ).fetchall()
         windows = _by_register(rows)
-        late = [i for i, w in windows.items() if w[0][0] >= los[i]]  # newest first
+        late = [i for i, w in windows.items() if w[0].ts >= los[i]]  # newest first
         if late:
             around = self._around([keys[i] for i in late], [los[i] for i in late], [counts[i] for i in late],
                                   context)
@@ -463,7 +567,7 @@ class Ingestor:
 
     def _around(
         self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None
-    ) -> dict[int, list[tuple]]:
+    ) -> dict[int, list[_Stored]]:
         """The two-sided window of _load_windows: two index probes per register."""
         rows = self.conn.execute(
             f"""SELECT k.i, x.* FROM
@@ -482,43 +586,41 @@ class Ingestor:
         return _by_register(rows)
 
     def _plan(
-        self, items: list[tuple[datetime, Reading]], stored: Sequence[tuple], context: int | None
-    ) -> tuple | None:
+        self, items: list[tuple[datetime, Reading]], stored: Sequence[_Stored], context: int | None
+    ) -> _Plan | None:
         """Tell repeats from new readings and find the span to re-derive around the new ones.
 
-        Returns (points, span, duplicates, conflicts), span being None when
-        nothing is new; None when the loaded context is too short to decide
-        (a run of glitches beside the new readings, or more stored readings
-        among the new ones than the window held). A stored row is (ts, value,
-        quality, start_ts, kwh, kind, status, estimated, day, zone); a point is
-        (ts, value, stored row or None, reading or None).
+        None when the loaded context is too short to decide (a run of glitches
+        beside the new readings, or more stored readings among the new ones
+        than the window held).
         """
         dups = 0
         clashes: list[tuple[Reading, Decimal]] = []
         lo = items[0][0]
         dropped_old = False
-        if stored and min(row[0] for row in stored) < self.calendar.starts_at:
+        if stored and min(row.ts for row in stored) < self.calendar.starts_at:
             # a reading stored before the calendar's start (by a version without the
             # plausibility window) is no neighbour: an interval from it has no zones
-            stored = [row for row in stored if row[0] >= self.calendar.starts_at]
+            stored = [row for row in stored if row.ts >= self.calendar.starts_at]
             dropped_old = True
+        pts: list[_Point]
         if not stored:
             new = items
             pts = [(ts, r.value, None, r) for ts, r in items]
             true_start = true_end = True
         else:
-            before = [row for row in stored if row[0] < lo]
+            before = [row for row in stored if row.ts < lo]
             # a side that returned fewer rows than asked for reaches the end of the series
             true_start = context is None or len(before) < context or dropped_old
             if len(before) == len(stored):  # appends, the common case: nothing stored from lo on
                 new = items
                 before.sort()  # stored instants are unique
-                pts = [(row[0], row[1], row, None) for row in before]
+                pts = [(row.ts, row.value, row, None) for row in before]
                 pts += [(ts, r.value, None, r) for ts, r in items]
                 true_end = True
             else:
                 true_end = context is None or len(stored) - len(before) < len(items) + context
-                at = {row[0]: row for row in stored}
+                at = {row.ts: row for row in stored}
                 if not true_end and max(at) < items[-1][0]:
                     return None  # the window ends inside the batch: repeats beyond it unknown
                 new = []
@@ -526,29 +628,29 @@ class Ingestor:
                     old = at.get(ts)
                     if old is None:
                         new.append((ts, r))
-                    elif old[1] == r.value:
+                    elif old.value == r.value:
                         dups += 1
                     else:
-                        clashes.append((r, old[1]))
+                        clashes.append((r, old.value))
                 if not new:
-                    return None, None, dups, clashes
-                pts = [(row[0], row[1], row, None) for row in stored]
+                    return _Plan([], None, dups, clashes)
+                pts = [(row.ts, row.value, row, None) for row in stored]
                 pts += [(ts, r.value, None, r) for ts, r in new]
                 pts.sort()  # new readings exclude stored instants: no ties
         span = _span(pts, new[0][0], new[-1][0], true_start, true_end)
         if span is None:
             return None
-        return pts, span, dups, clashes
+        return _Plan(pts, span, dups, clashes)
 
     def _emit(
         self,
         key: tuple[str, str],
-        pts: list[tuple],
-        span: tuple[int, int, list[bool]],
+        pts: list[_Point],
+        span: _Span,
         meter: MeterRules,
-        decisions: dict[tuple, str],
+        decisions: dict[_DecisionKey, str],
         closed: set[date] | None,
-        cp: Any,
+        cp: psycopg.Copy,
         work: _Changes,
     ) -> None:
         """Derive the span's intervals; COPY new readings, queue changes to stored ones.
@@ -557,26 +659,32 @@ class Ingestor:
         an interval added, changed or taken away in one of them is recorded in
         work.held, for billing to hold that month's bill until a person decides.
         Suspect energy is not: it already waits for its own decision (amr suspect).
+
+        The common case, a new reading closing an interval of one part with
+        nothing to flag, is handled here in full, since it is most of what is
+        ingested; every other reading goes on to _restate (a stored one) and
+        _count_in (an interval written).
         """
         mid, reg = key
-        start_i, stop, bad = span
+        glitch = span.glitch
         billed = reg == BILLED_REGISTER
-        daily: dict[tuple, Decimal] = {}
+        daily: dict[_DailyKey, Decimal] = {}
         write = cp.write_row
         cut = self.calendar.cut
         prev_ts: datetime | None = None
         prev_v = _ZERO
         inserted = 0
-        for j in range(start_i, stop):
+        for j in range(span.start, span.stop):
             ts, value, old, r = pts[j]
-            segs = None
-            if bad[j]:
-                state, derived = _NO_INTERVAL, quality.GLITCH
+            interval: _Interval | None
+            derived: str | None  # the flag derivation gives the reading: glitch, rollover, reset
+            if glitch[j]:
+                interval, derived = None, quality.GLITCH
             elif prev_ts is None:  # the span's first reading: its own interval lies outside
                 prev_ts, prev_v = ts, value
                 if old is not None:
                     continue
-                state, derived = _NO_INTERVAL, None  # the first reading of the series
+                interval, derived = None, None  # the first reading of the series
             else:
                 start = prev_ts
                 kwh, kind, estimated, suspect = between(start, prev_v, ts, value, meter)
@@ -596,71 +704,110 @@ class Ingestor:
                             dkey = (day, zone, estimated, status)
                             daily[dkey] = daily.get(dkey, _ZERO) + kwh
                         if closed and status != "suspect" and (month := day.replace(day=1)) in closed:
-                            work.held[(mid, reg, start, ts, month)] = kwh
+                            work.held[_Held(mid, reg, start, ts, month)] = kwh
                         continue
-                    state = (start, kwh, kind, status, estimated, day, zone)
-                else:
-                    segs = self.calendar.split(start, ts, kwh)
-                    state = (start, kwh, kind, status, True, None, None)
+                    interval = _Interval(start, kwh, kind, status, estimated, day, zone)
+                else:  # its parts are counted by _count_in
+                    interval = _Interval(start, kwh, kind, status, True, None, None)
                 derived = kind if kind in _FLAGGED_KINDS else None
             if r is not None:
-                flags = r.quality
-                if flags or derived:
-                    flags = set(flags) - _DERIVED_FLAGS
-                    if derived:
-                        flags.add(derived)
-                    field = _flags_field(tuple(sorted(flags)))
-                else:
-                    field = _NO_FLAGS_FIELD
-                kwh_field = None if state[1] is None else _kwh_field(str(state[1]))
-                write((mid, reg, ts, value, field, r.source, state[0], kwh_field, *state[2:]))
+                write((mid, reg, ts, value, _new_flags_field(r.quality, derived), r.source,
+                       *_interval_fields(interval)))
                 inserted += 1
             else:
-                old_flags = _stored_flags(old[2])
-                flags = old_flags
-                if old_flags or derived:
-                    want = set(old_flags) - _DERIVED_FLAGS
-                    if derived:
-                        want.add(derived)
-                    if want != set(old_flags):
-                        flags = sorted(want)
-                if state == old[3:] and flags is old_flags:
+                assert old is not None  # a point is a stored reading or a new one
+                if not self._restate(work, key, ts, old, interval, derived, closed):
                     continue  # the common case for the stored readings before new ones
-                work.updates.append((mid, reg, ts, flags, *state))
-                if old[4] is not None:  # it closed an interval: take that out
-                    if old[9] is None:
-                        work.removed_split.append((mid, reg, ts, old[6]))
-                    elif billed:
-                        work.daily.count(mid, old[8], old[9], old[4], old[7], old[6], -1)
-                    if closed and old[3] != state[0]:  # that interval is gone from a closed month
-                        months = {old[8].replace(day=1)} if old[9] is not None else self._months(old[3], ts)
-                        for month in months & closed:
-                            work.held.setdefault((mid, reg, old[3], ts, month), None)
-            if state[1] is None:
-                continue
-            if closed and state[3] != "suspect":  # suspect energy waits for its own decision
-                months = {state[5].replace(day=1)} if segs is None else {sg.day.replace(day=1) for sg in segs}
-                for month in months & closed:
-                    work.held[(mid, reg, state[0], ts, month)] = state[1]
-            if segs is None:
-                if billed:
-                    dkey = (state[5], state[6], state[4], state[3])
-                    daily[dkey] = daily.get(dkey, _ZERO) + state[1]
-            else:
-                for sg in segs:
-                    work.segments.append((mid, reg, ts, sg.start, sg.end, sg.day, sg.zone, sg.kwh))
-                    if billed:
-                        dkey = (sg.day, sg.zone, True, state[3])
-                        daily[dkey] = daily.get(dkey, _ZERO) + sg.kwh
+            if interval is not None:
+                self._count_in(work, daily, key, ts, interval, closed)
         work.inserted += inserted
         count = work.daily.count
         for (day, zone, est, status), kwh in daily.items():
             count(mid, day, zone, kwh, est, status)
 
-    def _apply(self, cur: psycopg.Cursor, work: _Changes) -> None:
-        """Re-derived stored readings, interval parts and daily totals, after the COPY."""
+    def _restate(
+        self,
+        work: _Changes,
+        key: tuple[str, str],
+        ts: datetime,
+        old: _Stored,
+        interval: _Interval | None,
+        derived: str | None,
+        closed: set[date] | None,
+    ) -> bool:
+        """Queue a stored reading's re-derived columns and take its old interval out.
+
+        False when nothing changes: neither the interval it closes nor its
+        derived flag. Otherwise the old interval's energy leaves the daily
+        totals (or its parts interval_segment), and if the interval is gone
+        from a closed month it is recorded in work.held.
+        """
+        old_flags = _stored_flags(old.quality)
+        flags: Sequence[str] = old_flags
+        if old_flags or derived:
+            want = _with_derived(old_flags, derived)
+            if want != set(old_flags):
+                flags = sorted(want)
+        if interval == old.interval and flags is old_flags:
+            return False
+        mid, reg = key
+        work.updates.append(_Update(mid, reg, ts, flags, interval))
+        was = old.interval
+        if was is not None:  # it closed an interval: take that out
+            day, zone = was.day, was.zone
+            if day is None or zone is None:  # its parts are in interval_segment
+                work.removed_split.append(_OldParts(mid, reg, ts, was.status))
+            elif reg == BILLED_REGISTER:
+                work.daily.count(mid, day, zone, was.kwh, was.estimated, was.status, -1)
+            if closed and (interval is None or was.start != interval.start):
+                # that interval is gone from a closed month
+                months = self._months(was.start, ts) if day is None or zone is None else {day.replace(day=1)}
+                for month in months & closed:
+                    work.held.setdefault(_Held(mid, reg, was.start, ts, month), None)
+        return True
+
+    def _count_in(
+        self,
+        work: _Changes,
+        daily: dict[_DailyKey, Decimal],
+        key: tuple[str, str],
+        ts: datetime,
+        interval: _Interval,
+        closed: set[date] | None,
+    ) -> None:
+        """Count an interval just written in: one part in `daily`, or its parts cut by the calendar.
+
+        Its energy in a closed month is recorded in work.held; suspect energy
+        is not, it waits for its own decision.
+        """
+        mid, reg = key
+        billed = reg == BILLED_REGISTER
+        day, zone = interval.day, interval.zone
+        if day is not None and zone is not None:
+            if closed and interval.status != "suspect" and (month := day.replace(day=1)) in closed:
+                work.held[_Held(mid, reg, interval.start, ts, month)] = interval.kwh
+            if billed:
+                dkey = (day, zone, interval.estimated, interval.status)
+                daily[dkey] = daily.get(dkey, _ZERO) + interval.kwh
+            return
+        parts = self.calendar.split(interval.start, ts, interval.kwh)
+        if closed and interval.status != "suspect":
+            for month in {sg.day.replace(day=1) for sg in parts} & closed:
+                work.held[_Held(mid, reg, interval.start, ts, month)] = interval.kwh
+        for sg in parts:
+            work.segments.append((mid, reg, ts, sg.start, sg.end, sg.day, sg.zone, sg.kwh))
+            if billed:
+                dkey = (sg.day, sg.zone, True, interval.status)
+                daily[dkey] = daily.get(dkey, _ZERO) + sg.kwh
+
+    def _apply(self, cur: psycopg.Cursor[Any], work: _Changes) -> None:
+        """Re-derived stored readings, interval parts and daily totals, after the COPY.
+
+        Each list of records goes as one array per column, in the records' field order.
+        """
         if work.updates:
-            u = work.updates
+            updates = [(u.meter_id, u.register, u.ts, array_literal(u.quality),
+                        *(u.interval or _NO_INTERVAL_COLUMNS)) for u in work.updates]
             cur.execute(
                 """UPDATE reading r SET quality = k.q::text[], start_ts = k.s, kwh = k.kwh, kind = k.kind,
                      status = k.st, estimated = k.est, day = k.day, zone = k.zone
@@ -668,22 +815,16 @@ class Ingestor:
                      %s::timestamptz[], %s::numeric[], %s::text[], %s::text[], %s::bool[], %s::date[],
                      %s::text[])) AS k(m, r, ts, q, s, kwh, kind, st, est, day, zone)
                    WHERE r.meter_id = k.m AND r.register = k.r AND r.ts = k.ts""",
-                tuple(array_literal(col) for col in (
-                    [x[0] for x in u], [x[1] for x in u], [x[2] for x in u],
-                    [array_literal(x[3]) for x in u], [x[4] for x in u], [x[5] for x in u],
-                    [x[6] for x in u], [x[7] for x in u], [x[8] for x in u], [x[9] for x in u],
-                    [x[10] for x in u])),
+                tuple(array_literal(col) for col in zip(*updates, strict=True)),
             )
         if work.removed_split:
-            rs = work.removed_split
             cur.execute(
                 """DELETE FROM interval_segment s
                    USING unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[])
                      AS k(m, r, ts, st)
                    WHERE s.meter_id = k.m AND s.register = k.r AND s.end_ts = k.ts
                    RETURNING s.meter_id, s.register, s.day, s.zone, s.kwh, k.st""",
-                tuple(array_literal(col) for col in (
-                    [x[0] for x in rs], [x[1] for x in rs], [x[2] for x in rs], [x[3] for x in rs])),
+                tuple(array_literal(col) for col in zip(*work.removed_split, strict=True)),
             )
             for m, r, d, z, k, st in cur.fetchall():
                 if r == BILLED_REGISTER:  # a part of a cut interval is estimated
@@ -698,29 +839,27 @@ class Ingestor:
                     cp.write_row(row)
         work.daily.write(self.conn)
         if work.held:
-            h = list(work.held.items())
+            held = [(*k, kwh) for k, kwh in work.held.items()]
             cur.execute(
                 """INSERT INTO billed_change (meter_id, register, start_ts, end_ts, period, kwh)
                    SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],
                                         %s::date[], %s::numeric[])
                    ON CONFLICT (meter_id, register, start_ts, end_ts, period) WHERE decision IS NULL
                    DO UPDATE SET kwh = EXCLUDED.kwh, noticed_at = now()""",
-                tuple(array_literal(col) for col in (
-                    [k[0] for k, _ in h], [k[1] for k, _ in h], [k[2] for k, _ in h], [k[3] for k, _ in h],
-                    [k[4] for k, _ in h], [v for _, v in h])),
+                tuple(array_literal(col) for col in zip(*held, strict=True)),
             )
 
-    def _earliest_month(self, windows: dict[int, list[tuple]], los: list[datetime]) -> date:
+    def _earliest_month(self, windows: dict[int, list[_Stored]], los: list[datetime]) -> date:
         """The first local month any interval derived from these windows can touch."""
         first = min(los)
         for rows in windows.values():
             for row in rows:
-                if row[0] < first:
-                    first = row[0]
+                if row.ts < first:
+                    first = row.ts
         return first.astimezone(self.calendar.tz).date().replace(day=1)
 
     def _context(self, meter_ids: set[str], since: date
-                 ) -> tuple[dict[tuple, str], datetime | None, dict[str, set[date]]]:
+                 ) -> tuple[dict[_DecisionKey, str], datetime | None, dict[str, set[date]]]:
         """What a batch's derivation needs besides the readings, in one round trip, under the locks.
 
         The people's decisions on the meters' intervals; the retention watermark
@@ -740,7 +879,7 @@ class Ingestor:
             {"m": array_literal(meter_ids), "since": since},
         ).fetchall()
         mark = None
-        decisions = {}
+        decisions: dict[_DecisionKey, str] = {}
         closed: dict[str, set[date]] = {}
         for m, r, s, e, d in rows:
             if d == "closed":
@@ -763,11 +902,15 @@ class Ingestor:
         return out
 
 
-def _by_register(rows: list[tuple]) -> dict[int, list[tuple]]:
-    """Window rows (ordinality first) by the 0-based index of their register in the query."""
-    windows: dict[int, list[tuple]] = defaultdict(list)
+def _by_register(rows: list[tuple[Any, ...]]) -> dict[int, list[_Stored]]:
+    """Window rows (ordinality, then _STORED) by the 0-based index of their register in the query."""
+    windows: dict[int, list[_Stored]] = defaultdict(list)
+    # a row: ordinality, ts, value, quality, then the interval's seven columns (kwh at 5);
+    # _make, from a sequence, is the quicker constructor (a few thousand rows a batch)
+    stored, interval = _Stored._make, _Interval._make
     for row in rows:
-        windows[row[0] - 1].append(row[1:])
+        closes = None if row[5] is None else interval(row[4:])
+        windows[row[0] - 1].append(stored((row[1], row[2], row[3], closes)))
     return windows
 
 
@@ -776,14 +919,35 @@ class _Changes:
     """What one batch's derivation does besides the rows it COPYs."""
 
     inserted: int = 0
-    # stored readings whose derived columns change: (m, r, ts, quality, *state)
-    updates: list[tuple] = field(default_factory=list)
+    updates: list[_Update] = field(default_factory=list)  # stored readings whose derived columns change
     daily: DailyChanges = field(default_factory=lambda: DailyChanges())
-    # stored readings whose old interval had parts, to delete them: (m, r, ts, status)
-    removed_split: list[tuple] = field(default_factory=list)
-    segments: list[tuple] = field(default_factory=list)
-    # intervals added, changed or taken away in billed months: (m, r, start, end, month) -> kWh or None
-    held: dict[tuple, Decimal | None] = field(default_factory=dict)
+    removed_split: list[_OldParts] = field(default_factory=list)
+    segments: list[_SegmentRow] = field(default_factory=list)  # parts of new intervals
+    # the intervals of billed months: kWh, or None for one taken away
+    held: dict[_Held, Decimal | None] = field(default_factory=dict)
+
+
+def _with_derived(flags: Iterable[str], derived: str | None) -> set[str]:
+    """A reading's flags with the derived ones (glitch, rollover, reset) as derived now."""
+    out = set(flags) - _DERIVED_FLAGS
+    if derived:
+        out.add(derived)
+    return out
+
+
+def _new_flags_field(flags: frozenset[str], derived: str | None) -> bytes:
+    """A new reading's quality as a COPY field: the flags it came with, the derived one in place."""
+    if not flags and not derived:
+        return _NO_FLAGS_FIELD
+    return _flags_field(tuple(sorted(_with_derived(flags, derived))))
+
+
+def _interval_fields(interval: _Interval | None) -> tuple[Any, ...]:
+    """The interval columns of the reading that closes it, as COPY fields (see _READING_TYPES)."""
+    if interval is None:
+        return _NO_INTERVAL_COLUMNS
+    return (interval.start, _kwh_field(str(interval.kwh)), interval.kind, interval.status,
+            interval.estimated, interval.day, interval.zone)
 
 
 @lru_cache(maxsize=256)
@@ -815,7 +979,9 @@ def _kwh_field(text: str) -> bytes:
     the row; interval energies repeat (a household's half hours take a few
     thousand distinct values), so each is encoded once.
     """
-    return bytes(_NUMERIC_DUMPER.dump(Decimal(text)))
+    field = _NUMERIC_DUMPER.dump(Decimal(text))
+    assert field is not None  # a dumper returns None for a NULL only
+    return bytes(field)
 
 
 _NUMERIC_DUMPER = psycopg.adapters.get_dumper_by_oid(
@@ -841,9 +1007,9 @@ _ARRAY_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,]+)')
 
 
 def _span(
-    pts: list[tuple], lo: datetime, hi: datetime, true_start: bool, true_end: bool
-) -> tuple[int, int, list[bool]] | None:
-    """Which part of a loaded window can be re-derived exactly: (start, stop, glitch flags).
+    pts: list[_Point], lo: datetime, hi: datetime, true_start: bool, true_end: bool
+) -> _Span | None:
+    """Which part of a loaded window can be re-derived exactly.
 
     A reading's class depends on the readings from one before it to two after
     it (see collector.rules.intervals.glitches), so only readings with those loaded,
@@ -851,7 +1017,7 @@ def _span(
     cannot have changed. The re-derived span runs from the last
     such valid reading before the new ones to the first after them (or to the
     true ends of the series). None when the window holds no such reading on a
-    side that is not a true end: the caller loads more. Points are (ts, value, ...).
+    side that is not a true end: the caller loads more.
     """
     n = len(pts)
     times = [p[0] for p in pts]
@@ -874,7 +1040,7 @@ def _span(
     else:
         if not true_end:
             return None
-    return start_i, stop, bad
+    return _Span(start_i, stop, bad)
 
 
 class DailyChanges:
