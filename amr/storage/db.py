@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from datetime import date, datetime
 from decimal import Decimal
+from typing import cast
 from urllib.parse import unquote
 
 import psycopg
@@ -57,11 +58,12 @@ def connect(url: str, *, autocommit: bool = False, connect_timeout: int | None =
     `connect_timeout` (seconds, libpq's minimum is 2) bounds the wait for an
     unreachable host; without it the URL's own setting (or none) applies.
     """
-    kwargs = {} if connect_timeout is None else {"connect_timeout": max(2, int(connect_timeout))}
+    timeout = None if connect_timeout is None else max(2, int(connect_timeout))
     target = describe_database(url)
     check_url(url)
     try:
-        conn = psycopg.connect(url, autocommit=autocommit, **kwargs)
+        # psycopg leaves out a parameter given as None: the URL's own timeout then applies
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=timeout)
     except psycopg.ProgrammingError as exc:  # the conninfo parser: nothing was sent anywhere
         raise _error(DatabaseUrlInvalid, f"AMR_DATABASE_URL does not parse: {safe_reason(exc, url)}; "
                      f"expected {HINT_URL}", target) from None
@@ -146,7 +148,7 @@ def describe_database(url: str) -> str:
     hosts, ports = host.split(","), port.split(",")
     ports += [ports[-1]] * (len(hosts) - len(ports))
     where = ",".join(f"{_bracket(h)}:{p}" for h, p in zip(hosts, ports, strict=False))
-    user = info.get("user") or os.environ.get("PGUSER")
+    user = str(info.get("user") or os.environ.get("PGUSER") or "")
     dbname = info.get("dbname") or os.environ.get("PGDATABASE") or user or "?"
     return f"{user + '@' if user else ''}{where}/{dbname}{malformed}"
 
@@ -237,7 +239,8 @@ def array_literal(values: Iterable[object]) -> str:
     vals = values if isinstance(values, list) else list(values)
     kinds = {type(v) for v in vals}
     if kinds == {str}:  # the common shapes skip the per-element dispatch
-        return "{" + ",".join(['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in vals]) + "}"
+        texts = cast("list[str]", vals)  # every element is a str, as kinds says
+        return "{" + ",".join(['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in texts]) + "}"
     if kinds <= {Decimal, int}:
         return "{" + ",".join(map(str, vals)) + "}"
     return "{" + ",".join(map(_element, vals)) + "}"

@@ -91,7 +91,7 @@ def migrate(conn: psycopg.Connection, *, timescale: bool | None = None) -> list[
             if mig.version in applied_versions(conn):
                 continue
             sql, tables = timeseries.render(mig.sql, timescale)
-            conn.execute(sql)  # type: ignore[arg-type]
+            conn.execute(sql)
             for table in tables:
                 timeseries.setup_time_table(conn, table, timescale)
             conn.execute(
