@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import random
 import struct
@@ -100,6 +101,12 @@ class SimMeter:
         self._snap_t: int | None = None
         self._snap: dict[str, Decimal] = {}
 
+    @property
+    def _model(self) -> ConsumptionModel:
+        """The consumption model, never None after __post_init__ (the field is None to ask for one)."""
+        assert self.model is not None
+        return self.model
+
     def inject(self, fault: str, value: float | int | None = None) -> None:
         """Turn a fault on ('none' clears all). value: seconds, exception code or kWh."""
         f = self.faults
@@ -137,7 +144,7 @@ class SimMeter:
         return spec if spec is not None and not spec.type.startswith("f") else None
 
     def true_energy(self, register: str, t: datetime) -> Decimal:
-        return self.model.energy_kwh(t, register)
+        return self._model.energy_kwh(t, register)
 
     def energy(self, t: datetime) -> dict[str, Decimal]:
         """Every energy register at t in one pass, equal to `model.energy_kwh(t, register)` each.
@@ -149,7 +156,7 @@ class SimMeter:
         second = int(t.timestamp())
         if self._snap_t == second:
             return self._snap
-        model = self.model
+        model = self._model
         t = datetime.fromtimestamp(second, UTC)
         local = t.astimezone(_MSK)
         n = (local.date() - EPOCH).days
@@ -182,7 +189,7 @@ class SimMeter:
                 return self.energy(t)[spec.obis] + self.faults.counter_offset.get(spec.obis, 0)
             return Decimal(0)
         name = spec.name or ""
-        kw = self.model.power_kw(t)
+        kw = self._model.power_kw(t)
         if name.startswith("voltage"):
             return Decimal("230.1")
         if name.startswith("current"):
@@ -287,7 +294,7 @@ class ModbusTcpFleet:
             pass
         finally:
             writer.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def _serve(self, announce: str | None = None) -> None:
         self._stop = asyncio.Event()
@@ -295,7 +302,7 @@ class ModbusTcpFleet:
         for port in self.ports:
             servers.append(
                 await asyncio.start_server(
-                    lambda r, w, p=port: self._handle(p, r, w), self.host, port, backlog=1024
+                    functools.partial(self._handle, port), self.host, port, backlog=1024
                 )
             )
         self._ready.set()
