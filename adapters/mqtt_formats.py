@@ -35,8 +35,7 @@ import msgspec
 
 from adapters import quality
 from adapters.obis import ENERGY_UNITS
-from adapters.reading import Reading, Rejected
-from collector.rules.vee import check_value
+from adapters.reading import Reading, Rejected, check_value
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 AMR_SCHEMA_PATH = SCHEMA_DIR / "amr-v1.schema.json"

@@ -60,6 +60,45 @@ REJECT_CODES = frozenset({
 })
 
 
+class Refusal(tuple[str, str]):
+    """Why a value or a reading must not be stored: (code, reason).
+
+    The code is a short fixed word from `REJECT_CODES` for metrics; the reason
+    names the meter, the field and what is wrong, for a person.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, code: str, reason: str) -> Refusal:
+        return super().__new__(cls, (code, reason))
+
+    @property
+    def code(self) -> str:
+        return self[0]
+
+    @property
+    def reason(self) -> str:
+        return self[1]
+
+
+def check_value(value: object, who: str) -> Refusal | None:
+    """The value rules alone: a decimal number, finite, not negative; None when it passes.
+
+    Kept beside `Reading` because decoders apply them before any meter is
+    known (so a refusal names the field of the payload), and validation
+    (`collector.rules.vee`) applies the same ones to every reading: one
+    definition, the same codes and reasons wherever a value is refused.
+    `who` names the value's owner or field in the reason.
+    """
+    if not isinstance(value, Decimal):
+        return Refusal("not_numeric", f"{who}: value {value!r} is not a decimal number")
+    if not value.is_finite():
+        return Refusal("not_finite", f"{who}: value {value} is not a finite number")
+    if value < 0:
+        return Refusal("negative", f"{who}: value {value} is negative; registers count up from 0")
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Rejected:
     """An input that could not become a `Reading`, kept with its raw bytes.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from adapters.reading import Reading
+from adapters.reading import Reading, Refusal, check_value
 
 OBIS_REGISTER = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}$")
 # the register whose energy is billed and kept in daily_zone_usage
@@ -48,34 +48,6 @@ class MeterRules:
                 self._limits.clear()
             limit = self._limits[seconds] = max_energy_kwh(self.max_power_kw, self.multiplier, seconds)
         return limit
-
-
-class Refusal(tuple):
-    """(code, reason)"""
-
-    __slots__ = ()
-
-    def __new__(cls, code: str, reason: str) -> Refusal:
-        return super().__new__(cls, (code, reason))
-
-    @property
-    def code(self) -> str:
-        return self[0]
-
-    @property
-    def reason(self) -> str:
-        return self[1]
-
-
-def check_value(value: object, who: str) -> Refusal | None:
-    """The value rules alone, for decoders that report before a meter is known."""
-    if not isinstance(value, Decimal):
-        return Refusal("not_numeric", f"{who}: value {value!r} is not a decimal number")
-    if not value.is_finite():
-        return Refusal("not_finite", f"{who}: value {value} is not a finite number")
-    if value < 0:
-        return Refusal("negative", f"{who}: value {value} is negative; registers count up from 0")
-    return None
 
 
 def plausible_id(meter_id: object) -> bool:
