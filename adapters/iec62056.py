@@ -64,13 +64,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import serial
 
 from adapters import quality
-from adapters.base import PollError
+from adapters.base import AdapterSettings, IecMeter, PollError
 from adapters.obis import OBIS, DataSet, ObisError, energy_kwh, parse_data_block
 from adapters.reading import Reading
 
@@ -97,7 +96,6 @@ MAX_MESSAGE = 16384  # bytes: a stream longer than this is not a readout
 IDENT_MAX = 1 + 3 + 1 + 2 + 16 + 2  # / XXX Z \W ident CR LF
 READOUT_MAX = 4096
 REPLY_MAX = 512
-DEFAULT_MESSAGE_DEADLINE_S = 120.0  # the ceiling, unless AMR_IEC_MESSAGE_DEADLINE_S says otherwise
 _BITS_PER_CHAR = 1 + BYTESIZE + 1 + STOPBITS  # start, 7 data, parity, stop
 
 
@@ -301,7 +299,7 @@ def meter_clock(sets: dict[str, DataSet], tz: ZoneInfo) -> datetime | None:
 # --- the adapter -------------------------------------------------------------------
 
 
-def check_meter(meter: Any) -> list[str]:
+def check_meter(meter: IecMeter) -> list[str]:
     """Problems with an iec62056 meter's inventory keys, for refusal at start-up.
 
     Each names the key and the reason; the caller adds the file and the meter.
@@ -313,7 +311,7 @@ def check_meter(meter: Any) -> list[str]:
         problems.append(f"key 'baudrate': IEC 62056-21 rates are {sorted(CHAR_OF_BAUD)} (got {meter.baudrate})")
     if meter.address is not None and not _ADDRESS.match(meter.address):
         problems.append(f"key 'address': up to 32 letters or digits (got {meter.address!r})")
-    dialect = DIALECTS.get(getattr(meter, "dialect", "standard") or "standard")
+    dialect = DIALECTS.get(meter.dialect or "standard")
     if dialect is None or not dialect.commands:
         energies = sorted(k for k, e in OBIS.items() if e.kind == "energy")
     else:
@@ -355,24 +353,21 @@ class Iec62056Adapter:
     """Reads IEC 62056-21 meters; one open port and one lock per serial device."""
 
     def __init__(
-        self, settings: Any = None, clock_tolerance_s: float | None = None,
+        self, settings: AdapterSettings, clock_tolerance_s: float | None = None,
         now: Callable[[], datetime] | None = None, message_deadline_s: float | None = None,
     ) -> None:
-        """now is our reference clock (UTC); a simulation passes its own simulated clock.
+        """settings are given, never looked up: the meters' time zone, the clock skew
+        tolerance and the message deadline ceiling come from them unless
+        clock_tolerance_s or message_deadline_s stand for the last two.
 
-        message_deadline_s is the ceiling of every message's deadline (default:
-        the settings' iec_message_deadline_s).
+        now is our reference clock (UTC); a simulation passes its own simulated clock.
         """
-        if settings is None:
-            from amr.settings import get_settings
-
-            settings = get_settings()
         self._tz = ZoneInfo(settings.timezone)
         self._tolerance = timedelta(
             seconds=settings.clock_skew_tolerance_s if clock_tolerance_s is None else clock_tolerance_s
         )
         if message_deadline_s is None:
-            message_deadline_s = getattr(settings, "iec_message_deadline_s", DEFAULT_MESSAGE_DEADLINE_S)
+            message_deadline_s = settings.iec_message_deadline_s
         if not message_deadline_s > 0:
             raise ValueError(f"the IEC message deadline must be positive, not {message_deadline_s!r}")
         self._ceiling = float(message_deadline_s)
@@ -383,7 +378,7 @@ class Iec62056Adapter:
 
     # public interface (adapters.base.PollingAdapter)
 
-    async def read(self, meter: Any) -> list[Reading]:
+    async def read(self, meter: IecMeter) -> list[Reading]:
         """Read the meter's configured registers once, off the event loop."""
         return await asyncio.to_thread(self.read_blocking, meter)
 
@@ -399,11 +394,11 @@ class Iec62056Adapter:
                     pass
             self._ports.clear()
 
-    def read_blocking(self, meter: Any) -> list[Reading]:
+    def read_blocking(self, meter: IecMeter) -> list[Reading]:
         ro = self.readout(meter)
         return self.readings(meter, ro)
 
-    def readings(self, meter: Any, ro: Readout) -> list[Reading]:
+    def readings(self, meter: IecMeter, ro: Readout) -> list[Reading]:
         """The configured registers of a readout as Readings, with clock quality flags."""
         flags: frozenset[str] = frozenset()
         ts = ro.polled_at
@@ -431,7 +426,7 @@ class Iec62056Adapter:
             )
         return out
 
-    def readout(self, meter: Any) -> Readout:
+    def readout(self, meter: IecMeter) -> Readout:
         """One complete mode C exchange with the meter; PollError names what failed."""
         where = f"meter {meter.id} on {meter.bus_name}" + (
             f" (address {meter.address})" if meter.address else ""
@@ -452,8 +447,8 @@ class Iec62056Adapter:
 
     # the exchange
 
-    def _exchange(self, ser: serial.Serial, meter: Any, where: str) -> Readout:
-        dialect = DIALECTS[getattr(meter, "dialect", "standard") or "standard"]
+    def _exchange(self, ser: serial.Serial, meter: IecMeter, where: str) -> Readout:
+        dialect = DIALECTS[meter.dialect or "standard"]
         initial = int(meter.baudrate or DEFAULT_INITIAL_BAUD)
         timeout = float(meter.timeout)
         wire: list[tuple[int, int]] = []
@@ -500,7 +495,7 @@ class Iec62056Adapter:
         return Readout(ident, sets, polled_at, clock, rate, wire)
 
     def _programming(
-        self, ser: serial.Serial, meter: Any, dialect: Dialect, timeout: float, where: str,
+        self, ser: serial.Serial, meter: IecMeter, dialect: Dialect, timeout: float, where: str,
         wire: list[tuple[int, int]],
     ) -> tuple[datetime, dict[str, DataSet]]:
         """Password, then one read command per group of wanted registers, then the clock."""
@@ -569,7 +564,7 @@ class Iec62056Adapter:
         wire.append((len(data), ser.baudrate))
 
     def _receive(
-        self, ser: serial.Serial, done: Any, timeout: float, what: str, where: str,
+        self, ser: serial.Serial, done: Callable[[bytearray], bool], timeout: float, what: str, where: str,
         wire: list[tuple[int, int]], most: int,
     ) -> bytes:
         """One message as 7-bit characters; PollError for silence, garbage, parity errors or
@@ -597,7 +592,9 @@ class Iec62056Adapter:
         return msg
 
     @staticmethod
-    def _read_until(ser: serial.Serial, done: Any, idle: float, limit: float) -> bytes:
+    def _read_until(
+        ser: serial.Serial, done: Callable[[bytearray], bool], idle: float, limit: float
+    ) -> bytes:
         """Raw bytes until done(7-bit characters).
 
         Gives up after `idle` s without a byte (_NoAnswer), or when `limit` s have

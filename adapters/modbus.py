@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -25,7 +25,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
 from adapters import quality
-from adapters.base import PollError
+from adapters.base import AdapterSettings, ModbusMeter, PollError
 from adapters.reading import Reading
 from adapters.registermap import (
     DecodeError,
@@ -107,47 +107,47 @@ class _Link:
         return data
 
 
-def _serial_settings(meter: Any) -> tuple[int, str, int]:
+def _serial_settings(meter: ModbusMeter) -> tuple[int, str, int]:
     """Baud rate, parity and stop bits of a meter's serial line (8 data bits; 8N1 by default)."""
-    return int(meter.baudrate or 9600), getattr(meter, "parity", None) or "N", 1
+    return int(meter.baudrate or 9600), meter.parity or "N", 1
 
 
 class ModbusAdapter:
     """Reads meters whose adapter is modbus_tcp or modbus_rtu.
 
-    base_dir resolves preset paths written relative to the inventory file.
+    settings are given, never looked up: clock_tolerance_s, when given, stands
+    for their clock_skew_tolerance_s. base_dir resolves preset paths written
+    relative to the inventory file.
     """
 
     def __init__(
         self,
-        settings: Any = None,
+        settings: AdapterSettings,
         base_dir: Path | None = None,
         now: Callable[[], datetime] | None = None,
         clock_tolerance_s: float | None = None,
-    ):
+    ) -> None:
         if clock_tolerance_s is None:
-            if settings is None:
-                from amr.settings import get_settings
-
-                settings = get_settings()
             clock_tolerance_s = float(settings.clock_skew_tolerance_s)
         self.clock_tolerance_s = clock_tolerance_s
         self.base_dir = base_dir
         self.now = now or (lambda: datetime.now(UTC))
         self._maps: dict[str, RegisterMap] = {}
-        self._plans: dict[tuple, list[Request]] = {}
-        self._links: dict[tuple, _Link] = {}
+        # (preset, keys or None for all, max_request) -> the requests that read them
+        self._plans: dict[tuple[str | None, tuple[str, ...] | None, int], list[Request]] = {}
+        # ("tcp", host, port) or ("rtu", serial port) -> the link
+        self._links: dict[tuple[str | int | None, ...], _Link] = {}
 
     # --- register maps ---------------------------------------------------
 
-    def register_map(self, meter: Any) -> RegisterMap:
+    def register_map(self, meter: ModbusMeter) -> RegisterMap:
         ref = meter.preset or ""
         rmap = self._maps.get(ref)
         if rmap is None:
             rmap = self._maps[ref] = load_register_map(ref, self.base_dir)
         return rmap
 
-    def plan(self, meter: Any, keys: Iterable[str] | None = None) -> list[Request]:
+    def plan(self, meter: ModbusMeter, keys: Iterable[str] | None = None) -> list[Request]:
         """The requests that read the meter's registers (keys None: every value of the map)."""
         ck = (meter.preset, None if keys is None else tuple(keys), meter.max_request)
         got = self._plans.get(ck)
@@ -155,7 +155,7 @@ class ModbusAdapter:
             got = self._plans[ck] = self._plan(meter, keys)
         return got
 
-    def _plan(self, meter: Any, keys: Iterable[str] | None) -> list[Request]:
+    def _plan(self, meter: ModbusMeter, keys: Iterable[str] | None) -> list[Request]:
         rmap = self.register_map(meter)
         specs = rmap.select(keys)
         clock = rmap.get("clock")  # read along to flag clock skew
@@ -168,11 +168,18 @@ class ModbusAdapter:
         self._maps.clear()
         self._plans.clear()
 
+    def use_maps(self, maps: Mapping[str, RegisterMap]) -> None:
+        """Take the presets the daemon loaded (once, with the inventory) instead of reading
+        their files again; request plans are made afresh from them."""
+        self._maps = dict(maps)
+        self._plans.clear()
+
     # --- links -----------------------------------------------------------
 
-    def _link(self, meter: Any) -> _Link:
+    def _link(self, meter: ModbusMeter) -> _Link:
+        key: tuple[str | int | None, ...]
         if meter.adapter == "modbus_tcp":
-            key: tuple = ("tcp", meter.host, int(meter.port or 502))
+            key = ("tcp", meter.host, int(meter.port or 502))
         elif meter.adapter == "modbus_rtu":
             key = ("rtu", str(meter.port))
         else:
@@ -180,10 +187,12 @@ class ModbusAdapter:
         link = self._links.get(key)
         if link is not None:
             return link
-        if key[0] == "tcp":
+        if meter.adapter == "modbus_tcp":
+            if not meter.host:  # the inventory check refuses such a meter before any poll
+                raise PollError("refused", f"meter {meter.id}: key 'host': a Modbus TCP meter needs a host")
             link = _Link("tcp", meter.bus_name, None)
             link.client = AsyncModbusTcpClient(
-                key[1], port=key[2], timeout=meter.timeout, retries=0, reconnect_delay=0,
+                meter.host, port=int(meter.port or 502), timeout=meter.timeout, retries=0, reconnect_delay=0,
                 trace_packet=link.trace,
             )
         else:
@@ -191,7 +200,7 @@ class ModbusAdapter:
             char = (1 + 8 + (parity != "N") + stop) / baud
             link = _Link("rtu", meter.bus_name, None, gap_s=3.5 * char if baud <= 19200 else 0.00175)
             link.client = AsyncModbusSerialClient(
-                key[1], baudrate=baud, parity=parity, stopbits=stop, bytesize=8, timeout=meter.timeout,
+                str(meter.port), baudrate=baud, parity=parity, stopbits=stop, bytesize=8, timeout=meter.timeout,
                 retries=0, reconnect_delay=0, trace_packet=link.trace,
             )
         link.requests = metrics.MODBUS_REQUESTS.labels(link.bus)
@@ -202,7 +211,7 @@ class ModbusAdapter:
         link.client.close()
         link.connected = False
 
-    async def _connect(self, link: _Link, meter: Any) -> None:
+    async def _connect(self, link: _Link, meter: ModbusMeter) -> None:
         if link.connected and link.client.connected:
             return
         link.client.comm_params.timeout_connect = meter.timeout
@@ -217,7 +226,7 @@ class ModbusAdapter:
         link.connected = True
 
     async def request(
-        self, meter: Any, function: str, address: int, count: int, unit: int | None = None
+        self, meter: ModbusMeter, function: str, address: int, count: int, unit: int | None = None
     ) -> list[int]:
         """One read request on the meter's link; raises PollError naming what failed."""
         link = self._link(meter)
@@ -254,17 +263,16 @@ class ModbusAdapter:
             # in between) answered another request, or its firmware lays the map out
             # differently, and which words hold our values is a guess. Refused like any
             # undecodable answer, with the words as they came.
-            err = PollError(
+            raise PollError(
                 "decode",
                 f"meter {meter.id} on bus {link.bus} unit {unit}: asked {function} "
                 f"{address}..{address + count - 1} ({count} registers), got {len(regs)}",
+                raw=b"".join((w & 0xFFFF).to_bytes(2, "big") for w in regs),
+                source=f"{meter.adapter}:{link.bus}/{unit}",
             )
-            err.raw = b"".join((w & 0xFFFF).to_bytes(2, "big") for w in regs)  # type: ignore[attr-defined]
-            err.source = f"{meter.adapter}:{link.bus}/{unit}"  # type: ignore[attr-defined]
-            raise err
         return regs
 
-    def _classify(self, link: _Link, exc: BaseException, unit: int, fn: int) -> tuple[str, str]:
+    def _classify(self, link: _Link, exc: BaseException, unit: int | None, fn: int) -> tuple[str, str]:
         """Name a failed request by what arrived: nothing, a frame with a bad CRC, or noise."""
         if isinstance(exc, ConnectionException) or (isinstance(exc, OSError) and not link.rx):
             return "refused", f"connection lost ({exc})"
@@ -279,7 +287,7 @@ class ModbusAdapter:
 
     # --- reading a meter ---------------------------------------------------
 
-    async def read_values(self, meter: Any, keys: Iterable[str] | None = None) -> list[Value]:
+    async def read_values(self, meter: ModbusMeter, keys: Iterable[str] | None = None) -> list[Value]:
         """Every value of the selected registers, decoded; raises PollError on any failure."""
         try:
             requests = self.plan(meter, keys)
@@ -295,16 +303,17 @@ class ModbusAdapter:
                 decoded = req.values(words)
             except DecodeError as exc:
                 bus = self._link(meter).bus
-                err = PollError("decode", f"meter {meter.id} on bus {bus} unit {meter.unit}: {exc}")
-                # the words as received, so the refusal can be kept with its raw bytes
-                err.raw = b"".join(w.to_bytes(2, "big") for w in words)  # type: ignore[attr-defined]
-                err.source = f"{meter.adapter}:{bus}/{meter.unit}"  # type: ignore[attr-defined]
-                raise err from None
+                raise PollError(
+                    "decode", f"meter {meter.id} on bus {bus} unit {meter.unit}: {exc}",
+                    # the words as received, so the refusal can be kept with its raw bytes
+                    raw=b"".join(w.to_bytes(2, "big") for w in words),
+                    source=f"{meter.adapter}:{bus}/{meter.unit}",
+                ) from None
             for spec in req.registers:
                 out.append(Value(spec.key, decoded[spec.key], spec.unit, ts, spec.obis is not None))
         return out
 
-    async def read(self, meter: Any) -> list[Reading]:
+    async def read(self, meter: ModbusMeter) -> list[Reading]:
         """The meter's configured OBIS registers as readings (cumulative kWh)."""
         rmap = self.register_map(meter)
         wanted = [k for k in meter.registers if rmap.get(k) is not None]
@@ -324,7 +333,7 @@ class ModbusAdapter:
             if v.obis and v.key in wanted
         ]
 
-    async def probe(self, meter: Any, spec: RegisterSpec, unit: int) -> Decimal:
+    async def probe(self, meter: ModbusMeter, spec: RegisterSpec, unit: int) -> Decimal:
         """One value at a unit id (for `amr scan`)."""
         words = await self.request(meter, spec.function, spec.address, spec.words, unit=unit)
         try:

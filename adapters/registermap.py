@@ -19,13 +19,14 @@ import re
 import struct
 import tomllib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapters.base import ModbusMeter
 from amr.errors import ProblemsError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -226,12 +227,13 @@ class RegisterMap:
     max_gap: int = 10
     source: str = ""
     path: Path | None = None
+    _by_key: dict[str, RegisterSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_key", {r.key: r for r in self.registers})
 
     def get(self, key: str) -> RegisterSpec | None:
-        return self._by_key.get(key)  # type: ignore[attr-defined]
+        return self._by_key.get(key)
 
     @property
     def readings(self) -> tuple[RegisterSpec, ...]:
@@ -373,10 +375,10 @@ def plan_requests(
                 end = max(end, r.end)
                 continue
             if group:
-                out.append(Request(fn, start, end - start, tuple(group)))  # type: ignore[arg-type]
+                out.append(Request(fn, start, end - start, tuple(group)))
             group, start, end = [r], r.address, r.end
         if group:
-            out.append(Request(fn, start, end - start, tuple(group)))  # type: ignore[arg-type]
+            out.append(Request(fn, start, end - start, tuple(group)))
     return out
 
 
@@ -385,16 +387,20 @@ def plan_requests(
 MODBUS_ADAPTERS = ("modbus_tcp", "modbus_rtu")
 
 
-def check_modbus_meters(meters: Iterable[Any], source: str = "<inventory>", base: Path | None = None) -> list[str]:
+def check_modbus_meters(
+    meters: Iterable[ModbusMeter], source: str = "<inventory>", base: Path | None = None,
+    maps: dict[str, RegisterMap | None] | None = None,
+) -> list[str]:
     """Every reason the Modbus meters of an inventory cannot be polled, one line each.
 
     Run before the first poll: a wrong preset, a register the preset lacks, a
     bad address or two meters answering to one unit id on one bus would
     otherwise show up as confusing timeouts or, worse, as another meter's
-    values.
+    values. `maps`, when given, receives every preset loaded (each file read
+    once), for the daemon to hand to its adapters.
     """
     problems: list[str] = []
-    maps: dict[str, RegisterMap | None] = {}
+    maps = {} if maps is None else maps  # preset ref -> map (None: refused); the caller may keep it
     owners: dict[tuple[str, int], str] = {}
     bauds: dict[str, tuple[str, str]] = {}
     for m in meters:
@@ -429,7 +435,7 @@ def check_modbus_meters(meters: Iterable[Any], source: str = "<inventory>", base
             if not isinstance(m.port, str) or not m.port:
                 problems.append(f"{where}: key 'port': a Modbus RTU meter needs a serial device path like /dev/ttyUSB0")
             else:
-                line = f"{int(m.baudrate or 9600)} baud {getattr(m, 'parity', None) or 'N'}"
+                line = f"{int(m.baudrate or 9600)} baud {m.parity or 'N'}"
                 first = bauds.setdefault(m.bus_name, (line, m.id))
                 if first[0] != line:
                     problems.append(

@@ -35,6 +35,7 @@ from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
 from adapters.modbus import ModbusAdapter  # noqa: E402
 from adapters.registermap import load_register_map, plan_requests  # noqa: E402
+from amr.settings import Settings  # noqa: E402
 from collector.gateway.scheduler import Scheduler  # noqa: E402
 from collector.inventory import Meter  # noqa: E402
 
@@ -91,7 +92,7 @@ async def tcp_bench(meters: int, per_port: int, cycles: int, concurrency: int) -
                   registers=("1.8.0", "1.8.1", "1.8.2"))
             for i in range(meters)
         ]
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         sink = CountingSink()
         sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0.0, tcp_concurrency=concurrency)
         rmap = load_register_map("generic_counter")
@@ -146,7 +147,7 @@ async def rtu_bench(meters: int, cycles: int, baud: int) -> dict:
                   unit=u, baudrate=baud, timeout=1.0, interval="30m", registers=("1.8.0", "2.8.0"))
             for u in range(1, meters + 1)
         ]
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         sched = Scheduler(ms, lambda m: adapter, CountingSink(), jitter_s=0.0)
         rmap = load_register_map("eastron_sdm120")
         (req,) = plan_requests(rmap.select(["1.8.0", "2.8.0"]), rmap.max_request, rmap.max_gap)

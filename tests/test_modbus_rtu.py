@@ -13,6 +13,7 @@ from adapters.base import PollError
 from adapters.modbus import ModbusAdapter
 from adapters.reading import Reading, Rejected
 from adapters.registermap import load_register_map
+from amr.settings import Settings
 from collector.gateway.scheduler import Scheduler
 from collector.inventory import Meter
 from simulators.consumption import SimClock
@@ -49,7 +50,7 @@ def test_values_on_a_shared_bus_equal_the_model(bus: ModbusRtuBus) -> None:
     ]
 
     async def go() -> list[list[Reading]]:
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         try:
             return [await adapter.read(m) for m in ms]
         finally:
@@ -84,7 +85,7 @@ def test_each_fault_is_named_and_the_bus_recovers(
     bus.meters[2].inject(fault, arg)
 
     async def go() -> tuple[PollError, list[Reading]]:
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         try:
             with pytest.raises(PollError) as err:
                 await adapter.read(rtu_meter(bus.device, 2, "eastron_sdm630", id="faulty", timeout=0.25))
@@ -117,7 +118,7 @@ def test_a_dead_meter_costs_the_bus_only_its_timeout(bus: ModbusRtuBus) -> None:
         rtu_meter(bus.device, 3, "generic_counter", interval="1s"),
     ]
     sink = ListSink()
-    adapter = ModbusAdapter(clock_tolerance_s=10**9)
+    adapter = ModbusAdapter(Settings(), clock_tolerance_s=10**9)
 
     async def go() -> Scheduler:
         sched = Scheduler(

@@ -13,6 +13,7 @@ from adapters import quality
 from adapters.base import PollError
 from adapters.modbus import ModbusAdapter
 from adapters.registermap import TYPES, load_register_map
+from amr.settings import Settings
 from collector.inventory import Meter
 from simulators.consumption import SimClock
 from simulators.modbus_sim import ModbusTcpFleet, SimMeter
@@ -63,7 +64,7 @@ def test_every_type_and_order_decodes_to_the_simulator_state(tmp_path: Path) -> 
     m = meter(port, 7, str(preset))
 
     async def go() -> tuple[dict, dict]:
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         try:
             batched = {v.key: v.value for v in await adapter.read_values(m)}
             requests = sim.requests
@@ -88,7 +89,7 @@ def test_energy_counters_equal_the_consumption_model() -> None:
     sims = {(port, u): SimMeter(u, rmap, FROZEN, seed=u) for u in (1, 2, 3)}
 
     async def go() -> list:
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         try:
             out = []
             for u in (1, 2, 3):
@@ -117,7 +118,7 @@ def test_eastron_floats_read_as_published() -> None:
     sim = SimMeter(1, load_register_map("eastron_sdm630"), FROZEN, seed=4)
 
     async def go() -> list:
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         try:
             return await adapter.read_values(meter(port, 1, "eastron_sdm630"))
         finally:
@@ -151,7 +152,7 @@ def test_each_fault_is_a_named_error_and_the_neighbour_still_reads(
     sims[(port, 2)].inject(fault, arg)
 
     async def go() -> tuple[PollError, list]:
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         try:
             with pytest.raises(PollError) as err:
                 await adapter.read(meter(port, 2, id="bad"))
@@ -169,7 +170,7 @@ def test_each_fault_is_a_named_error_and_the_neighbour_still_reads(
 
 def test_nobody_listening_is_refused() -> None:
     async def go() -> PollError:
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         try:
             with pytest.raises(PollError) as err:
                 await adapter.read(meter(free_port(), 1, id="gone"))
@@ -288,7 +289,7 @@ def test_a_response_longer_than_the_request_is_a_decode_error() -> None:
 
     async def go() -> tuple[PollError, list, int]:
         server = await _padding_server(port, sim, pad_units={2})
-        adapter = ModbusAdapter(clock_tolerance_s=60)
+        adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
         try:
             (req,) = adapter.plan(meter(port, 2), regs)
             with pytest.raises(PollError) as err:

@@ -70,7 +70,7 @@ def test_a_missed_read_is_retried_within_the_interval_flagged_and_counted() -> N
         before = counter(metrics.POLLS, "modbus_tcp", f"127.0.0.1:{port}", "timeout")
 
         async def go() -> Scheduler:
-            adapter = ModbusAdapter(clock_tolerance_s=60)
+            adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
             sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0, retry_delay_s=0.2, backoff_after=10)
             slot = datetime.now(UTC)  # a whole interval ahead for the retries
             await sched.run_slot(ms, slot, timedelta(seconds=3))
@@ -100,7 +100,7 @@ def test_back_off_grows_to_its_cap_and_a_probe_brings_the_meter_back() -> None:
         backoffs: list[float] = []
 
         async def go() -> Scheduler:
-            adapter = ModbusAdapter(clock_tolerance_s=60)
+            adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
             sched = Scheduler(
                 ms, lambda m: adapter, sink, jitter_s=0, retry_delay_s=0.05, backoff_after=1,
                 backoff_base_s=0.4, backoff_max_s=0.8,
@@ -137,7 +137,7 @@ def test_tcp_reads_run_concurrently_up_to_the_bound() -> None:
 
         def cycle(bound: int) -> float:
             async def go() -> float:
-                adapter = ModbusAdapter(clock_tolerance_s=60)
+                adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
                 sched = Scheduler(ms, lambda m: adapter, ListSink(), jitter_s=0, tcp_concurrency=bound)
                 t = time.perf_counter()
                 report = await sched.run_slot(ms, slot_start(datetime.now(UTC), timedelta(seconds=60)),
@@ -282,7 +282,7 @@ def test_a_register_rollover_is_stored_as_read_and_never_gives_negative_energy(d
         ms = list(inv.meters.values())
 
         async def go() -> None:
-            adapter = ModbusAdapter(clock_tolerance_s=10**9)
+            adapter = ModbusAdapter(Settings(), clock_tolerance_s=10**9)
             sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0, snap_s=0)
             now = clock.now()
             # the u32 register (0.01 kWh) wraps about one wall second from now
@@ -314,7 +314,7 @@ def test_an_overrun_counts_the_slots_it_swallowed() -> None:
         overruns_before = counter(metrics.CYCLE_OVERRUNS, bus)
 
         async def go() -> Scheduler:
-            adapter = ModbusAdapter(clock_tolerance_s=10**9)
+            adapter = ModbusAdapter(Settings(), clock_tolerance_s=10**9)
             sched = Scheduler(ms, lambda m: adapter, ListSink(), jitter_s=0)
             await sched.run(cycles=2)
             await adapter.close()
@@ -348,7 +348,7 @@ def test_a_failing_sink_does_not_stop_polling_and_loses_nothing() -> None:
         sink = FlakySink()
 
         async def go() -> None:
-            adapter = ModbusAdapter(clock_tolerance_s=10**9)
+            adapter = ModbusAdapter(Settings(), clock_tolerance_s=10**9)
             sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0)
             for _ in range(2):
                 await sched.run_slot(ms, datetime.now(UTC), timedelta(seconds=1))
@@ -374,7 +374,7 @@ def test_an_undecodable_answer_is_kept_as_a_rejected_input(db_url: str, tmp_path
         ms = list(inv.meters.values())
 
         async def go() -> Scheduler:
-            adapter = ModbusAdapter(clock_tolerance_s=60)
+            adapter = ModbusAdapter(Settings(), clock_tolerance_s=60)
             sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0, backoff_after=1)
             await sched.run_slot(ms, datetime.now(UTC), timedelta(seconds=2))
             await adapter.close()
@@ -402,7 +402,7 @@ def test_a_reload_adds_meters_and_their_interval_without_a_restart() -> None:
         sink = ListSink()
 
         async def go() -> Scheduler:
-            adapter = ModbusAdapter(clock_tolerance_s=10**9)
+            adapter = ModbusAdapter(Settings(), clock_tolerance_s=10**9)
             sched = Scheduler([first], lambda m: adapter, sink, jitter_s=0)
             stop = asyncio.Event()
             task = asyncio.create_task(sched.run(stop))

@@ -36,16 +36,31 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from prometheus_client.metrics import MetricWrapperBase
 
 from adapters import quality
-from adapters.base import PollError, PollingAdapter
+from adapters.base import AnyMeter, PollError, PollingAdapter
 from adapters.reading import Reading, Rejected
 from amr import metrics
 
 log = logging.getLogger("amr.scheduler")
 
 SERIAL_ADAPTERS = ("modbus_rtu", "iec62056")
+
+_Metric = TypeVar("_Metric", bound=MetricWrapperBase)
+
+
+class ScheduledMeter(AnyMeter, Protocol):
+    """A meter as the scheduler sees it: what its adapter reads, and how often.
+
+    The inventory's `Meter` has it; `id` keys the scheduler's state, `bus_name`
+    says which meters take turns, `timeout` and `pause` bound a pass.
+    """
+
+    @property
+    def interval(self) -> timedelta: ...
 
 
 class Sink(Protocol):
@@ -103,8 +118,8 @@ class Scheduler:
 
     def __init__(
         self,
-        meters: Sequence[Any],
-        adapter_for: Callable[[Any], PollingAdapter],
+        meters: Sequence[ScheduledMeter],
+        adapter_for: Callable[[ScheduledMeter], PollingAdapter],
         sink: Sink,
         *,
         tcp_concurrency: int = 100,
@@ -115,7 +130,7 @@ class Scheduler:
         backoff_max_s: float = 300.0,
         snap_s: float = 10.0,
         now: Callable[[], datetime] | None = None,
-    ):
+    ) -> None:
         self.meters = list(meters)
         self.adapter_for = adapter_for
         self.sink = sink
@@ -130,29 +145,31 @@ class Scheduler:
         self.state: dict[str, MeterState] = defaultdict(MeterState)
         self.reports: list[CycleReport] = []
         self._sink_lock = asyncio.Lock()
-        self._children: dict[tuple, Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._unsent: list[Reading | Rejected] = []
         self._refused: list[Rejected] = []  # undecodable answers, for rejected_reading
         self.max_unsent = 1_000_000
 
-    def _metric(self, metric: Any, *labels: str) -> Any:
+    def _metric(self, metric: _Metric, *labels: str) -> _Metric:
         """A labelled child, looked up once: labels() is costly at a thousand reads a second."""
         key = (id(metric), labels)
-        child = self._children.get(key)
+        child: _Metric | None = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
 
     # --- one read ------------------------------------------------------------
 
-    def _bus(self, meter: Any) -> str:
+    def _bus(self, meter: ScheduledMeter) -> str:
         return str(meter.bus_name)
 
-    def _backed_off(self, meter: Any, mono: float) -> bool:
+    def _backed_off(self, meter: ScheduledMeter, mono: float) -> bool:
         st = self.state[meter.id]
         return st.backoff_s > 0 and mono < st.backoff_until
 
-    async def _attempt(self, meter: Any, slot: datetime, retry: bool, report: CycleReport) -> list[Reading] | None:
+    async def _attempt(
+        self, meter: ScheduledMeter, slot: datetime, retry: bool, report: CycleReport
+    ) -> list[Reading] | None:
         """Read a meter once; on failure count it, log it, and move its back-off."""
         st = self.state[meter.id]
         bus = self._bus(meter)
@@ -164,11 +181,9 @@ class Scheduler:
             self._failed(meter, st, f"{exc.outcome}: {exc}")
             report.errors.append((meter.id, exc.outcome, str(exc)))
             log.warning("poll failed: %s", exc, extra={"meter": meter.id, "bus": bus, "outcome": exc.outcome})
-            raw = getattr(exc, "raw", None)
-            if raw is not None:  # the meter answered, with something that is not a value: keep it
-                self._refused.append(
-                    Rejected(getattr(exc, "source", bus), raw, str(exc), exc.outcome, meter.id, None, self.now())
-                )
+            if exc.raw is not None:  # the meter answered, with something that is not a value: keep it
+                source = exc.source if exc.source is not None else bus
+                self._refused.append(Rejected(source, exc.raw, str(exc), exc.outcome, meter.id, None, self.now()))
             return None
         except Exception as exc:  # an adapter bug must not stop the daemon
             self._metric(metrics.POLLS, meter.adapter, bus, "decode").inc()
@@ -195,7 +210,7 @@ class Scheduler:
             return Reading(r.meter_id, r.register, slot, r.value, r.quality, r.source)
         return r
 
-    def _failed(self, meter: Any, st: MeterState, reason: str) -> None:
+    def _failed(self, meter: ScheduledMeter, st: MeterState, reason: str) -> None:
         st.failures += 1
         st.last_error = reason
         if st.failures >= self.backoff_after:
@@ -229,7 +244,7 @@ class Scheduler:
                     f", {lost} oldest dropped" if lost else "",
                 )
 
-    async def run_slot(self, meters: Sequence[Any], slot: datetime, interval: timedelta) -> CycleReport:
+    async def run_slot(self, meters: Sequence[ScheduledMeter], slot: datetime, interval: timedelta) -> CycleReport:
         """Read every meter of one slot, retrying failures until the slot is nearly over."""
         report = CycleReport(slot)
         t_start = time.monotonic()
@@ -239,15 +254,15 @@ class Scheduler:
         done: set[str] = set()
         pending: list[Reading | Rejected] = []
 
-        buses: dict[str, list[Any]] = defaultdict(list)  # serial ports
-        endpoints: dict[str, list[Any]] = defaultdict(list)  # TCP host:port
+        buses: dict[str, list[ScheduledMeter]] = defaultdict(list)  # serial ports
+        endpoints: dict[str, list[ScheduledMeter]] = defaultdict(list)  # TCP host:port
         for m in meters:
             (buses if m.adapter in SERIAL_ADAPTERS else endpoints)[self._bus(m)].append(m)
         sem = asyncio.Semaphore(self.tcp_concurrency)
 
         bus_done: dict[str, float] = {}
 
-        async def one(m: Any, retry: bool) -> None:
+        async def one(m: ScheduledMeter, retry: bool) -> None:
             got = await self._attempt(m, slot, retry, report)
             bus_done[self._bus(m)] = time.monotonic()
             if got is not None:
@@ -259,7 +274,7 @@ class Scheduler:
                 if len(pending) >= 5000:
                     await self._flush(pending)
 
-        async def endpoint_worker(ms: list[Any], retry: bool) -> None:
+        async def endpoint_worker(ms: list[ScheduledMeter], retry: bool) -> None:
             # one TCP connection carries one request at a time: its meters go in turn,
             # endpoints in parallel, at most tcp_concurrency reads in flight overall
             if not retry and self.jitter_s:
@@ -268,13 +283,13 @@ class Scheduler:
                 async with sem:
                     await one(m, retry)
 
-        async def bus_worker(ms: list[Any], retry: bool) -> None:
+        async def bus_worker(ms: list[ScheduledMeter], retry: bool) -> None:
             if not retry and self.jitter_s:
                 await asyncio.sleep(jitter_of(self._bus(ms[0]), self.jitter_s))
             for m in ms:
                 await one(m, retry)
 
-        def due(group: list[Any], mono: float) -> list[Any]:
+        def due(group: list[ScheduledMeter], mono: float) -> list[ScheduledMeter]:
             return [m for m in group if m.id not in done and not self._backed_off(m, mono)]
 
         async def run_pass(retry: bool) -> None:
@@ -318,7 +333,7 @@ class Scheduler:
         del self.reports[:-100]
         return report
 
-    def _pass_time(self, meters: Sequence[Any]) -> float:
+    def _pass_time(self, meters: Sequence[ScheduledMeter]) -> float:
         """The longest a pass over these meters can take if every one of them times out:
         buses in parallel, the meters of one bus (a serial port, or one TCP endpoint's
         connection) one after another."""
@@ -364,7 +379,7 @@ class Scheduler:
             if report.overrun:
                 log.warning("slot %s of the %s meters overran its interval", slot.isoformat(), interval)
 
-    def _skipped(self, meters: Sequence[Any], n: int, first: datetime) -> None:
+    def _skipped(self, meters: Sequence[ScheduledMeter], n: int, first: datetime) -> None:
         """Slots that an overrun (or a suspended process) left no time for: counted, never silent."""
         for m in meters:
             self.state[m.id].missed += n
@@ -382,7 +397,7 @@ class Scheduler:
         started again rather than silently leaving its meters unread.
         """
         stop = stop or asyncio.Event()
-        tasks: dict[timedelta, asyncio.Task] = {}
+        tasks: dict[timedelta, asyncio.Task[None]] = {}
         finished: set[timedelta] = set()
         try:
             while not stop.is_set():
@@ -409,7 +424,7 @@ class Scheduler:
                 else:
                     task.cancel()
 
-    def replace_meters(self, meters: Sequence[Any]) -> None:
+    def replace_meters(self, meters: Sequence[ScheduledMeter]) -> None:
         """Take a reloaded inventory: new meters from the next slot; state kept by id."""
         self.meters = list(meters)
         ids = {m.id for m in self.meters}
