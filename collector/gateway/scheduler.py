@@ -102,6 +102,19 @@ def slot_start(now: datetime, interval: timedelta) -> datetime:
     return datetime.fromtimestamp(ts - ts % step, UTC)
 
 
+@dataclass
+class _SlotRun:
+    """One slot under way: its meters by lane, who has been read, what waits for the sink."""
+
+    report: CycleReport
+    endpoints: dict[str, list[ScheduledMeter]]  # TCP host:port -> its meters, read in turn
+    buses: dict[str, list[ScheduledMeter]]  # serial port -> its meters, read in turn
+    tcp_slots: asyncio.Semaphore  # TCP reads in flight, across endpoints
+    done: set[str] = field(default_factory=set)  # ids of the meters read in this slot
+    pending: list[Reading | Rejected] = field(default_factory=list)
+    bus_done: dict[str, float] = field(default_factory=dict)  # bus -> when its last read ended (monotonic)
+
+
 def jitter_of(meter_id: str, jitter_s: float) -> float:
     """A stable per-meter offset in [0, jitter_s): the same meter keeps its place in a slot."""
     if jitter_s <= 0:
@@ -246,70 +259,92 @@ class Scheduler:
 
     async def run_slot(self, meters: Sequence[ScheduledMeter], slot: datetime, interval: timedelta) -> CycleReport:
         """Read every meter of one slot, retrying failures until the slot is nearly over."""
-        report = CycleReport(slot)
         t_start = time.monotonic()
         slot_end = t_start + max(0.0, (slot + interval - self.now()).total_seconds())
-        margin = min(interval.total_seconds() * 0.05, 5.0)
-        retry_delay = self.retry_delay_s if self.retry_delay_s is not None else min(interval.total_seconds() / 10, 60.0)
-        done: set[str] = set()
-        pending: list[Reading | Rejected] = []
+        endpoints, buses = self._lanes(meters)
+        run = _SlotRun(CycleReport(slot), endpoints, buses, asyncio.Semaphore(self.tcp_concurrency))
+        await self._pass(run, retry=False)
+        await self._retry_within_slot(run, meters, interval, slot_end)
+        self._record_misses(run, meters)
+        self._update_backoff_gauge()
+        run.report.seconds = time.monotonic() - t_start
+        self._record_overrun(run, slot_end)
+        self.reports.append(run.report)
+        del self.reports[:-100]
+        return run.report
 
-        buses: dict[str, list[ScheduledMeter]] = defaultdict(list)  # serial ports
-        endpoints: dict[str, list[ScheduledMeter]] = defaultdict(list)  # TCP host:port
+    def _lanes(
+        self, meters: Sequence[ScheduledMeter]
+    ) -> tuple[dict[str, list[ScheduledMeter]], dict[str, list[ScheduledMeter]]]:
+        """The meters by TCP endpoint (host:port) and by serial bus: each lane reads its meters in turn."""
+        endpoints: dict[str, list[ScheduledMeter]] = defaultdict(list)
+        buses: dict[str, list[ScheduledMeter]] = defaultdict(list)
         for m in meters:
             (buses if m.adapter in SERIAL_ADAPTERS else endpoints)[self._bus(m)].append(m)
-        sem = asyncio.Semaphore(self.tcp_concurrency)
+        return endpoints, buses
 
-        bus_done: dict[str, float] = {}
+    async def _pass(self, run: _SlotRun, retry: bool) -> None:
+        """One pass over the lanes, all at once: each reads its meters not yet read nor
+        backed off; then what was read goes to the sink."""
+        mono = time.monotonic()
+        endpoints = (self._due(run, lane, mono) for lane in run.endpoints.values())
+        buses = (self._due(run, lane, mono) for lane in run.buses.values())
+        tasks = [self._endpoint_turn(run, ms, retry) for ms in endpoints if ms]
+        tasks += [self._bus_turn(run, ms, retry) for ms in buses if ms]
+        if tasks:
+            await asyncio.gather(*tasks)
+        await self._flush(run.pending)
 
-        async def one(m: ScheduledMeter, retry: bool) -> None:
-            got = await self._attempt(m, slot, retry, report)
-            bus_done[self._bus(m)] = time.monotonic()
-            if got is not None:
-                done.add(m.id)
-                pending.extend(got)
-                report.read.append(m.id)
-                if retry:
-                    report.retried.append(m.id)
-                if len(pending) >= 5000:
-                    await self._flush(pending)
+    def _due(self, run: _SlotRun, lane: list[ScheduledMeter], mono: float) -> list[ScheduledMeter]:
+        return [m for m in lane if m.id not in run.done and not self._backed_off(m, mono)]
 
-        async def endpoint_worker(ms: list[ScheduledMeter], retry: bool) -> None:
-            # one TCP connection carries one request at a time: its meters go in turn,
-            # endpoints in parallel, at most tcp_concurrency reads in flight overall
-            if not retry and self.jitter_s:
-                await asyncio.sleep(jitter_of(self._bus(ms[0]), self.jitter_s))
-            for m in ms:
-                async with sem:
-                    await one(m, retry)
+    async def _endpoint_turn(self, run: _SlotRun, ms: list[ScheduledMeter], retry: bool) -> None:
+        # one TCP connection carries one request at a time: its meters go in turn,
+        # endpoints in parallel, at most tcp_concurrency reads in flight overall
+        if not retry and self.jitter_s:
+            await asyncio.sleep(jitter_of(self._bus(ms[0]), self.jitter_s))
+        for m in ms:
+            async with run.tcp_slots:
+                await self._read_in_slot(run, m, retry)
 
-        async def bus_worker(ms: list[ScheduledMeter], retry: bool) -> None:
-            if not retry and self.jitter_s:
-                await asyncio.sleep(jitter_of(self._bus(ms[0]), self.jitter_s))
-            for m in ms:
-                await one(m, retry)
+    async def _bus_turn(self, run: _SlotRun, ms: list[ScheduledMeter], retry: bool) -> None:
+        if not retry and self.jitter_s:
+            await asyncio.sleep(jitter_of(self._bus(ms[0]), self.jitter_s))
+        for m in ms:
+            await self._read_in_slot(run, m, retry)
 
-        def due(group: list[ScheduledMeter], mono: float) -> list[ScheduledMeter]:
-            return [m for m in group if m.id not in done and not self._backed_off(m, mono)]
+    async def _read_in_slot(self, run: _SlotRun, m: ScheduledMeter, retry: bool) -> None:
+        """Read one meter and note it in the slot; hand a large backlog to the sink at once."""
+        got = await self._attempt(m, run.report.slot, retry, run.report)
+        run.bus_done[self._bus(m)] = time.monotonic()
+        if got is not None:
+            run.done.add(m.id)
+            run.pending.extend(got)
+            run.report.read.append(m.id)
+            if retry:
+                run.report.retried.append(m.id)
+            if len(run.pending) >= 5000:
+                await self._flush(run.pending)
 
-        async def run_pass(retry: bool) -> None:
-            mono = time.monotonic()
-            tasks = [endpoint_worker(ms, retry) for ms in (due(g, mono) for g in endpoints.values()) if ms]
-            tasks += [bus_worker(ms, retry) for ms in (due(g, mono) for g in buses.values()) if ms]
-            if tasks:
-                await asyncio.gather(*tasks)
-            await self._flush(pending)
-
-        await run_pass(retry=False)
-        while True:  # retries within the interval, as long as a whole retry pass still fits
-            left = [m for m in meters if m.id not in done and not self._backed_off(m, time.monotonic())]
+    async def _retry_within_slot(
+        self, run: _SlotRun, meters: Sequence[ScheduledMeter], interval: timedelta, slot_end: float
+    ) -> None:
+        """Retry passes over the meters not read yet, as long as a whole retry pass still fits
+        before the slot ends (slot_end is monotonic)."""
+        margin = min(interval.total_seconds() * 0.05, 5.0)
+        retry_delay = self.retry_delay_s if self.retry_delay_s is not None else min(interval.total_seconds() / 10, 60.0)
+        while True:
+            left = [m for m in meters if m.id not in run.done and not self._backed_off(m, time.monotonic())]
             if not left or time.monotonic() + retry_delay + self._pass_time(left) + margin >= slot_end:
                 break
             await asyncio.sleep(retry_delay)
-            await run_pass(retry=True)
+            await self._pass(run, retry=True)
 
+    def _record_misses(self, run: _SlotRun, meters: Sequence[ScheduledMeter]) -> None:
+        """Every meter not read in the slot is a missed slot: counted, logged and reported with its reason."""
+        report = run.report
         for m in meters:
-            if m.id in done:
+            if m.id in run.done:
                 continue
             st = self.state[m.id]
             st.missed += 1
@@ -319,19 +354,17 @@ class Scheduler:
             report.missed[m.id] = why
             self._metric(metrics.MISSED_SLOTS, m.adapter, self._bus(m)).inc()
             log.warning(
-                "missed slot %s of meter %s on bus %s: %s", slot.isoformat(), m.id, self._bus(m), why,
+                "missed slot %s of meter %s on bus %s: %s", report.slot.isoformat(), m.id, self._bus(m), why,
                 extra={"meter": m.id, "bus": self._bus(m)},
             )
-        self._update_backoff_gauge()
-        report.seconds = time.monotonic() - t_start
-        late = sorted(bus for bus, t in bus_done.items() if t > slot_end)
+
+    def _record_overrun(self, run: _SlotRun, slot_end: float) -> None:
+        """A slot whose reads went on past its end overran: counted per bus that was still reading."""
+        late = sorted(bus for bus, t in run.bus_done.items() if t > slot_end)
         if late or time.monotonic() > slot_end:
-            report.overrun = True
+            run.report.overrun = True
             for bus in late:
                 self._metric(metrics.CYCLE_OVERRUNS, bus).inc()
-        self.reports.append(report)
-        del self.reports[:-100]
-        return report
 
     def _pass_time(self, meters: Sequence[ScheduledMeter]) -> float:
         """The longest a pass over these meters can take if every one of them times out:
