@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as mqtt  # noqa: E402
 import psycopg  # noqa: E402
 
-from adapters.mqtt_formats import AMR_SUBSCRIBE  # noqa: E402
+from adapters.wire import AMR_SUBSCRIBE  # noqa: E402
 from amr.runtime import tune_gc  # noqa: E402
 from amr.settings import Settings  # noqa: E402
 from amr.storage import migrate  # noqa: E402
@@ -371,8 +371,9 @@ def _child(port: str, url: str, cid: str, group: str, batch: str) -> int:
 def uplink_rates(port: int, readings: int, batch: int, start: datetime) -> tuple[float, float]:
     """Gateway side: spool -> broker (PUBACK) drain rate, and bare paho publish of the same messages."""
     from adapters.reading import Reading
+    from adapters.wire import amr_v1_payload
     from collector.gateway.spool import Spool
-    from collector.gateway.uplink import MqttForwarder, Uplink, amr_v1_payload
+    from collector.gateway.uplink import MqttForwarder, Uplink
 
     models = {n: ConsumptionModel(seed=n) for n in range(100)}
     items = [Reading(f"sim-{n:04d}", "1.8.0", start + timedelta(minutes=30 * k),

@@ -19,8 +19,8 @@ import pytest
 
 from adapters import quality
 from adapters.reading import Reading, Rejected
+from adapters.wire import amr_v1_payload
 from amr.settings import Settings
-from collector.gateway.uplink import amr_v1_payload
 from collector.inventory import parse_inventory, upsert_inventory
 from collector.mqtt.decoding import Message, MessageDecoder
 from collector.mqtt.workers import Batch, IngestPool, LocalIngest, Outcome

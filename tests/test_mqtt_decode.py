@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from adapters import mqtt_formats as fmt
-from adapters import quality
+from adapters import quality, wire
 from adapters.reading import Reading, Rejected
 from collector.commands import mqtt as mqtt_cmd
 from collector.inventory import parse_inventory
@@ -134,7 +134,7 @@ def test_a_value_beyond_the_largest_float_is_refused_alone_and_named_not_finite(
 
 
 def test_schema_quality_flags_match_the_source_flags():
-    schema = json.loads(fmt.AMR_SCHEMA_PATH.read_text())
+    schema = json.loads(wire.AMR_SCHEMA_PATH.read_text())
     assert set(schema["$defs"]["reading"]["properties"]["quality"]["items"]["enum"]) == quality.SOURCE_FLAGS
 
 

@@ -25,11 +25,12 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from adapters import mqtt_formats as fmt
+from adapters import wire
 from adapters.reading import Reading
-from collector.gateway.uplink import amr_v1_payload
+from adapters.wire import amr_v1_payload
 
 TOPIC = "amr/v1/gw-7/readings"
-SCHEMA = json.loads(fmt.AMR_SCHEMA_PATH.read_text(encoding="utf-8"))
+SCHEMA = json.loads(wire.AMR_SCHEMA_PATH.read_text(encoding="utf-8"))
 FLAGS = SCHEMA["$defs"]["reading"]["properties"]["quality"]["items"]["enum"]
 WH = Decimal("0.001")
 
@@ -84,9 +85,9 @@ def same_values(fast: list[fmt.DeviceValue], checked: list[fmt.DeviceValue]) -> 
 
 def both(payload: bytes, topic: str = TOPIC) -> tuple[fmt.Decoded | None, fmt.Decoded]:
     """Both decoders on one message; when the fast path answers, it answers as the checked one."""
-    fmt._forget_known_ids()
-    fast = fmt._decode_amr_fast(topic, payload)
-    checked = fmt._decode_amr_checked(topic, payload)
+    wire._forget_known_ids()
+    fast = wire._decode_amr_fast(topic, payload)
+    checked = wire._decode_amr_checked(topic, payload)
     if currently_in_test_context():
         note(f"payload={payload!r}")
         note(f"fast={None if fast is None else fast.values!r}")
@@ -316,7 +317,7 @@ BAD_REGISTERS = ["1.8", "1.8.0.0", "a.b.c", "1.8.0 ", " 1.8.0", "1234.8.0", "", 
 
 BAD_REGISTER_VALUES = st.one_of(
     st.sampled_from(BAD_REGISTERS), st.sampled_from([180, 1.8, None, ["1", "8", "0"]]),
-    st.text(max_size=8).filter(lambda s: fmt._REGISTER_TEXT.fullmatch(s) is None),
+    st.text(max_size=8).filter(lambda s: wire._REGISTER_TEXT.fullmatch(s) is None),
 )
 
 
@@ -447,7 +448,7 @@ def m_register_text_seen_as_meter(draw, doc, i):
     """
     j = draw(st.integers(0, i))
     text = doc["readings"][j]["meter"]
-    assume(fmt._REGISTER_TEXT.fullmatch(text) is None)
+    assume(wire._REGISTER_TEXT.fullmatch(text) is None)
     doc["readings"][i]["register"] = text
     return "reading"
 
@@ -637,8 +638,8 @@ def test_one_bad_reading_falls_back_and_is_named_alone():
     doc["readings"][37]["value"] = -5
     payload = json.dumps(doc, separators=(",", ":")).encode()
 
-    fmt._forget_known_ids()
-    assert fmt._decode_amr_fast(TOPIC, payload) is None
+    wire._forget_known_ids()
+    assert wire._decode_amr_fast(TOPIC, payload) is None
     d = fmt.decode(TOPIC, payload)  # the public path: falls back to the schema pass
     assert d.format == "amr" and d.forwarded == []
     [p] = d.problems
@@ -648,7 +649,7 @@ def test_one_bad_reading_falls_back_and_is_named_alone():
     assert p.raw == json.dumps(doc["readings"][37], separators=(",", ":")).encode()
 
     del good["readings"][37]
-    without = fmt._decode_amr_fast(TOPIC, json.dumps(good).encode())
+    without = wire._decode_amr_fast(TOPIC, json.dumps(good).encode())
     assert without is not None and len(d.values) == 99
     same_values(d.values, without.values)
 
@@ -662,8 +663,8 @@ def test_one_bad_reading_falls_back_and_is_named_alone():
 def test_bad_value_is_named_by_the_public_path(value, code, why):
     payload = ('{"v":1,"readings":[{"meter":"m1","register":"1.8.0","ts":"2026-01-01T00:00:00Z","value":"7"},'
                '{"meter":"m2","register":"1.8.0","ts":"2026-01-01T00:00:00+03:00","value":' + value + "}]}").encode()
-    fmt._forget_known_ids()
-    assert fmt._decode_amr_fast(TOPIC, payload) is None
+    wire._forget_known_ids()
+    assert wire._decode_amr_fast(TOPIC, payload) is None
     d = fmt.decode(TOPIC, payload)
     [p] = d.problems
     assert p.code == code and p.reason.startswith(f"readings/1/value: {why}") and p.device == "m2"
@@ -685,12 +686,12 @@ def test_register_is_checked_as_a_register_even_when_its_text_was_a_meter_id():
 
 # The same across messages: the caches outlive a message.
 def test_a_meter_id_seen_earlier_does_not_make_a_valid_register():
-    fmt._forget_known_ids()
+    wire._forget_known_ids()
     first = b'{"v":1,"readings":[{"meter":"1.8","register":"1.8.0","ts":"2026-01-01T00:00:00Z","value":"1"}]}'
     later = b'{"v":1,"readings":[{"meter":"m1","register":"1.8","ts":"2026-01-01T00:00:00Z","value":"2"}]}'
-    assert fmt._decode_amr_fast(TOPIC, first) is not None
-    assert fmt._decode_amr_checked(TOPIC, later).problems  # register "1.8" breaks the schema
-    assert fmt._decode_amr_fast(TOPIC, later) is None
+    assert wire._decode_amr_fast(TOPIC, first) is not None
+    assert wire._decode_amr_checked(TOPIC, later).problems  # register "1.8" breaks the schema
+    assert wire._decode_amr_fast(TOPIC, later) is None
 
 
 # Bytes that are not UTF-8 inside a JSON string make msgspec raise UnicodeDecodeError, a
@@ -700,16 +701,16 @@ def test_a_meter_id_seen_earlier_does_not_make_a_valid_register():
     b'{"v":1,"source":"gw\xff","readings":[]}',
 ], ids=["latin1_meter_id", "ff_in_source"])
 def test_non_utf8_inside_a_string_falls_back_to_malformed(payload):
-    checked = fmt._decode_amr_checked(TOPIC, payload)
+    checked = wire._decode_amr_checked(TOPIC, payload)
     assert [p.code for p in checked.problems] == ["malformed"]
-    assert fmt._decode_amr_fast(TOPIC, payload) is None
+    assert wire._decode_amr_fast(TOPIC, payload) is None
     assert [p.code for p in fmt.decode(TOPIC, payload).problems] == ["malformed"]
 
 
 # Found by the tests above, outside the fast path: both used to raise out of decode().
 def test_a_lone_surrogate_escape_is_malformed_not_an_exception():
     payload = b'{"v":1,"readings":[{"meter":"\\udc00x","register":"1.8.0","ts":"2026-01-01T00:00:00Z","value":"1"}]}'
-    assert fmt._decode_amr_fast(TOPIC, payload) is None
+    assert wire._decode_amr_fast(TOPIC, payload) is None
     d = fmt.decode(TOPIC, payload)
     assert [p.code for p in d.problems] == ["malformed"] and "not text" in d.problems[0].reason
 
@@ -717,7 +718,7 @@ def test_a_lone_surrogate_escape_is_malformed_not_an_exception():
 def test_a_time_out_of_range_in_utc_refuses_that_reading_alone():
     payload = (b'{"v":1,"readings":[{"meter":"m1","register":"1.8.0","ts":"0001-01-01T00:00:00+01:00","value":"1"},'
                b'{"meter":"m1","register":"1.8.0","ts":"2026-01-01T00:00:00Z","value":"2"}]}')
-    assert fmt._decode_amr_fast(TOPIC, payload) is None
+    assert wire._decode_amr_fast(TOPIC, payload) is None
     d = fmt.decode(TOPIC, payload)
     assert [(p.code, p.meter if hasattr(p, "meter") else p.device) for p in d.problems] == [("ts", "m1")]
     assert "out of range" in d.problems[0].reason

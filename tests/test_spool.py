@@ -271,7 +271,7 @@ def test_a_row_without_crc_that_does_not_decode_becomes_a_reject(tmp_path):
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, enqueued_at REAL NOT NULL, item TEXT NOT NULL)")
-    from collector.gateway.spool import encode_item
+    from adapters.wire import encode_item
 
     rows = [encode_item(r, "spooled") for r in _readings(3)]
     rows[1] = rows[1][:-5]  # cut short

@@ -36,8 +36,6 @@ full or failing disk, a file copied half-way):
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import mmap
 import os
@@ -49,11 +47,11 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 
 from adapters import quality
 from adapters.reading import Reading, Rejected
+from adapters.wire import decode_item, encode_item
 from amr import metrics
 from amr.errors import UserError
 
@@ -84,64 +82,6 @@ class SpoolEntry:
 
 class SpoolError(UserError, ValueError):
     """A spool that cannot be opened as configured (the CLI prints it without a traceback)."""
-
-
-def encode_item(item: Reading | Rejected, flag: str | None = None) -> str:
-    """One item as compact JSON text: the spool's row and the uplink's wire form agree.
-
-    `flag` adds a quality flag to a reading (the spool adds `spooled`), so the
-    uplink can publish the stored text as it is.
-    """
-    if isinstance(item, Reading):
-        return json.dumps(
-            {
-                "meter": item.meter_id,
-                "register": item.register,
-                "ts": item.ts.isoformat(),
-                "value": str(item.value),
-                "quality": sorted(item.quality | {flag} if flag else item.quality),
-                "source": item.source,
-            },
-            separators=(",", ":"),
-        )
-    return json.dumps(
-        {
-            "rejected": True,
-            "source": item.source,
-            "reason": item.reason,
-            "code": item.code,
-            "raw": base64.b64encode(item.raw).decode("ascii"),
-            "meter": item.meter_id,
-            "register": item.register,
-            "ts": item.ts.isoformat() if item.ts else None,
-        },
-        separators=(",", ":"),
-    )
-
-
-def decode_item(text: str) -> Reading | Rejected:
-    """Inverse of `encode_item`."""
-    d = json.loads(text)
-    if not isinstance(d, dict):
-        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-    if d.get("rejected"):
-        return Rejected(
-            source=d["source"],
-            raw=base64.b64decode(d["raw"]),
-            reason=d["reason"],
-            code=d["code"],
-            meter_id=d.get("meter"),
-            register=d.get("register"),
-            ts=datetime.fromisoformat(d["ts"]) if d.get("ts") else None,
-        )
-    return Reading(
-        d["meter"],
-        d["register"],
-        datetime.fromisoformat(d["ts"]),
-        Decimal(d["value"]),
-        frozenset(d.get("quality", ())),
-        d.get("source", ""),
-    )
 
 
 class Spool:

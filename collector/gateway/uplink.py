@@ -22,7 +22,6 @@ and `ack()` repeats a batch; the idempotent store makes that harmless.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -32,14 +31,12 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from adapters.reading import Reading, Rejected
+from adapters.wire import amr_v1_payload, amr_v1_payload_encoded, default_topic, encode_item
 from amr import metrics
-from collector.gateway.spool import Spool, SpoolEntry, encode_item
+from collector.gateway.spool import Spool, SpoolEntry
 from collector.mqtt.client import BrokerConfig, Connection, make_client
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-
 
 # the values of amr_uplink_refused_total's `reason` label: a fixed set, whatever a broker answers
 REFUSAL_REASONS = ("no_subscribers", "error", "timeout", "not_connected", "db_unavailable")
@@ -70,32 +67,6 @@ class Forwarder(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def amr_v1_payload(items: Sequence[Reading | Rejected], source: str) -> bytes:
-    """One `amr/v1` message (adapters/schemas/amr-v1.schema.json) carrying the items."""
-    readings: list[str] = []
-    rejected: list[str] = []
-    for it in items:
-        (readings if isinstance(it, Reading) else rejected).append(encode_item(it))
-    body = f'{{"v":{FORMAT_VERSION},"source":{json.dumps(source)},"readings":[{",".join(readings)}]'
-    if rejected:
-        body += f',"rejected":[{",".join(rejected)}]'
-    return (body + "}").encode()
-
-
-def amr_v1_payload_encoded(texts: Sequence[str], source: str) -> bytes:
-    """`amr_v1_payload` from items already encoded by the spool (no decode and re-encode)."""
-    readings = [t for t in texts if not t.startswith('{"rejected":true')]
-    rejected = [t for t in texts if t.startswith('{"rejected":true')] if len(readings) < len(texts) else []
-    body = f'{{"v":{FORMAT_VERSION},"source":{json.dumps(source)},"readings":[{",".join(readings)}]'
-    if rejected:
-        body += f',"rejected":[{",".join(rejected)}]'
-    return (body + "}").encode()
-
-
-def default_topic(gateway_id: str | None = None) -> str:
-    return f"amr/v1/{gateway_id or socket.gethostname()}/readings"
 
 
 class MqttForwarder:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from adapters import mqtt_formats as fmt
 from adapters.reading import Reading, Rejected
+from adapters.wire import MAX_RAW_KEPT
 
 log = logging.getLogger("amr.mqtt")
 
@@ -34,7 +35,7 @@ class Decoded(NamedTuple):
 class MessageDecoder:
     """Decodes messages with one device map (from the inventory) and one local time zone."""
 
-    def __init__(self, devices: fmt.DeviceMap | None = None, local_tz: str = "Europe/Moscow"):
+    def __init__(self, devices: fmt.DeviceMap | None = None, local_tz: str = "Europe/Moscow") -> None:
         self.devices = devices or fmt.DeviceMap()
         self.local_tz = local_tz
 
@@ -46,7 +47,7 @@ class MessageDecoder:
         except Exception as exc:
             log.exception("decoding a message on %s failed", m.topic)
             return Decoded("unknown", "rejected", [Rejected(
-                f"mqtt:{m.topic}"[:256], m.payload[: fmt.MAX_RAW_KEPT],
+                f"mqtt:{m.topic}"[:256], m.payload[:MAX_RAW_KEPT],
                 f"the decoder failed on this message: {exc!r}", "decode_error")])
         readings = sum(type(i) is Reading for i in items)
         if d.ignored is not None:
