@@ -148,16 +148,6 @@ def _parse_ts(v: Any, kind: str, local_tz: ZoneInfo) -> datetime:
     return t.astimezone(UTC)
 
 
-def detect(topic: str) -> tuple[str, str] | None:
-    """(format name, family) of a topic, or None when no format claims it."""
-    if AMR_TOPIC.match(topic):
-        return "amr", "amr"
-    for f in device_formats():
-        if f.topic.match(topic):
-            return f.name, f.family
-    return None
-
-
 def decode(
     topic: str,
     payload: bytes,
