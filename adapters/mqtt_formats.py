@@ -253,11 +253,12 @@ def _decode_device(
             seen.add(register)
             if isinstance(v, list):  # per-phase totals: the meter's total is their sum
                 nums = [_number(x, f"{prefix}{path}[{i}] ({f.unit})", d, device, register) for i, x in enumerate(v)]
-                if not v or any(n is None for n in nums):
+                phases = [n for n in nums if n is not None]
+                if not v or len(phases) < len(nums):
                     if not v:
                         d.reject("type", f"{prefix}{path}: empty list", device=device, register=register)
                     continue
-                num = sum(nums, Decimal(0))  # type: ignore[arg-type]
+                num = sum(phases, Decimal(0))
             else:
                 num = _number(v, f"{prefix}{path} ({f.unit})", d, device, register)
                 if num is None:

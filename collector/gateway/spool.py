@@ -534,9 +534,9 @@ class _Pages:
         return size
 
     @staticmethod
-    def _guess_page_size(main: bytes) -> int:
+    def _guess_page_size(main: bytes | mmap.mmap) -> int:
         """With no readable header: the size at which the most pages look like b-tree pages."""
-        best, best_score = 4096, 0
+        best, best_score = 4096, 0.0
         for ps in (4096, 1024, 2048, 8192, 16384, 32768, 65536, 512):
             pages = min(len(main) // ps, 256)
             score = sum(1 for k in range(1, pages) if main[k * ps] in (0x02, 0x05, 0x0A, 0x0D)

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from adapters.reading import Reading, Rejected
 from adapters.wire import amr_v1_payload, amr_v1_payload_encoded, default_topic, encode_item
 from amr import metrics
+from amr.settings import Settings
 from collector.gateway.spool import Spool, SpoolEntry
 from collector.mqtt.client import BrokerConfig, Connection, make_client
 
@@ -151,7 +152,7 @@ class IngestForwarder:
     spool behind it.
     """
 
-    def __init__(self, database_url: str, settings: object | None = None):
+    def __init__(self, database_url: str, settings: Settings | None = None):
         self.database_url = database_url
         self.settings = settings
         self._conn: Any = None
