@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 SLOT = timedelta(minutes=15)
@@ -120,6 +121,13 @@ class ConsumptionModel:
         n = (local.date() - EPOCH).days
         s = (local.hour * 60 + local.minute) // 15
         return self._day_slots(n)[s] * 4
+
+
+class Clock(Protocol):
+    """What a simulated meter asks of time: the instant it is now (a SimClock, or the
+    demo's clock that moves one slot at a time)."""
+
+    def now(self) -> datetime: ...
 
 
 @dataclass

@@ -372,7 +372,7 @@ class Demo:
         self._stack.callback(rtu.stop)
         iec = iec62056_sim.IecLineSim(
             [iec62056_sim.SimMeter(seed=SEEDS["demo-iec-1"], max_baud=IEC_READOUT_BAUD)],
-            IEC_INITIAL_BAUD, clock,  # type: ignore[arg-type]
+            IEC_INITIAL_BAUD, clock,
         ).start()
         self._stack.callback(iec.stop)
         broker = self._broker()

@@ -57,7 +57,7 @@ from adapters.iec62056 import (
     parse_frame,
     to_line,
 )
-from simulators.consumption import ConsumptionModel, SimClock
+from simulators.consumption import Clock, ConsumptionModel, SimClock
 from simulators.serial_line import PtyLine
 
 FAULTS = ("no_answer", "slow", "bad_bcc", "garbage", "counter_reset", "rollover", "clock_drift")
@@ -175,7 +175,7 @@ class IecLineSim:
 
     meters: list[SimMeter]
     baudrate: int = 300  # the initial rate of every sign-on
-    clock: SimClock = field(default_factory=lambda: SimClock(datetime.now(UTC)))
+    clock: Clock = field(default_factory=lambda: SimClock(datetime.now(UTC)))
     reaction_s: float = 0.0  # the meter's reaction time before each answer
     seed: int = 0
 

@@ -30,7 +30,15 @@ from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
 from adapters.registermap import RegisterMap, RegisterSpec, load_register_map
-from simulators.consumption import _MSK, EPOCH, SLOT, SLOTS_PER_DAY, ConsumptionModel, SimClock
+from simulators.consumption import (
+    _MSK,
+    EPOCH,
+    SLOT,
+    SLOTS_PER_DAY,
+    Clock,
+    ConsumptionModel,
+    SimClock,
+)
 from simulators.serial_line import PtyLine
 
 FAULTS = ("none", "no_answer", "slow", "bad_crc", "garbage", "exception", "reset", "rollover", "clock_drift")
@@ -88,7 +96,7 @@ class SimMeter:
 
     unit: int
     rmap: RegisterMap
-    clock: SimClock
+    clock: Clock
     seed: int = 1
     model: ConsumptionModel | None = None  # shared between meters of one load profile, or own
     faults: Faults = field(default_factory=Faults)
