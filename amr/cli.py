@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "collector.commands.status",
     "simulators.commands",
     "billing.commands",
+    "billing.payment_commands",
+    "billing.penalty_commands",
     "collector.commands.mqtt",
     "collector.commands.poll",
 ]

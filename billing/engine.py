@@ -423,6 +423,10 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         _settle(conn, period, settled)
         summary.phases["priced"] = time.perf_counter() - started
         _write_lines(conn, new_bills)
+        if new_bills:  # each new version posts its difference to the one before to the ledger
+            from billing.ledger import post_bill_charges
+
+            post_bill_charges(conn, period, sorted({b.account for b, *_ in new_bills}), tz=tz)
         summary.phases["written"] = time.perf_counter() - started
         if progress:
             progress(len(month.subscribers), len(month.subscribers))

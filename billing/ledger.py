@@ -1,0 +1,202 @@
+"""Each account's ledger: charges, payments, penalty accruals, adjustments, reversals.
+
+The ledger is append-only (migration 015 refuses UPDATE and DELETE):
+a correction is a new entry with its reason and author, and a reversal names
+the entry it cancels. Two components are kept apart, energy and penalty,
+because a payment says which one it pays and an energy overpayment is never
+applied to penalties on its own. Balances at any date are sums over the
+entries, never stored beside them, so they cannot drift from them.
+
+Sign: an amount above zero adds to what the customer owes (a charge, an
+accrual, a debit adjustment); below zero it takes from it (a payment, a
+credit). A balance above zero is a debt; below zero an overpayment.
+
+Every write carries an idempotency key (unique in the table): the same payment
+arriving twice (a registry sent again, a callback repeated) is one entry, and
+`post` says it already was there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+from amr.errors import UserError
+
+ENERGY = "energy"
+PENALTY = "penalty"
+COMPONENTS = (ENERGY, PENALTY)
+KINDS = ("charge", "payment", "accrual", "adjustment", "reversal")
+ZERO = Decimal("0.00")
+KOPECK = Decimal("0.01")
+
+
+class LedgerError(UserError, ValueError):
+    """An entry the ledger refuses: it names the field and what to do."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: int
+    account: str
+    component: str
+    kind: str
+    amount: Decimal
+    booked_on: date
+    period: date | None
+    source: str | None
+    reverses: int | None
+    reason: str
+    author: str
+    idempotency_key: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "account": self.account, "component": self.component, "kind": self.kind,
+            "amount": str(self.amount), "booked_on": self.booked_on.isoformat(),
+            "period": self.period.strftime("%Y-%m") if self.period else None, "source": self.source,
+            "reverses": self.reverses, "reason": self.reason, "author": self.author,
+        }
+
+
+_COLUMNS = ("id, account, component, kind, amount, booked_on, period, source, reverses, reason, author,"
+            " idempotency_key")
+
+
+def post(conn: Any, account: str, component: str, kind: str, amount: Decimal, booked_on: date, *,
+         reason: str, author: str, key: str, period: date | None = None, source: str | None = None,
+         reverses: int | None = None) -> tuple[int, bool]:
+    """Append one entry; (its id, True) or, when `key` was posted before, (that entry's id, False).
+
+    The amount must be whole kopecks and not zero; the component and the kind
+    must be known. A repeated key with a different amount or account is no
+    repeat but a clash, and is refused rather than silently taken for one.
+    """
+    if component not in COMPONENTS:
+        raise LedgerError(f"component {component!r}: expected one of {', '.join(COMPONENTS)}")
+    if kind not in KINDS:
+        raise LedgerError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
+    amount = Decimal(amount)
+    if amount == 0 or amount != amount.quantize(KOPECK):
+        raise LedgerError(f"amount {amount}: a ledger entry is a non-zero number of whole kopecks")
+    if not key:
+        raise LedgerError("an entry needs an idempotency key (what makes a repeat recognisable)")
+    row = conn.execute(
+        "INSERT INTO ledger_entry (account, component, kind, amount, booked_on, period, source, reverses,"
+        " reason, author, idempotency_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        (account, component, kind, amount, booked_on, period, source, reverses, reason, author, key),
+    ).fetchone()
+    if row is not None:
+        return int(row[0]), True
+    old = conn.execute("SELECT id, account, component, amount FROM ledger_entry WHERE idempotency_key = %s",
+                       (key,)).fetchone()
+    if (old[1], old[2], Decimal(old[3])) != (account, component, amount):
+        raise LedgerError(f"idempotency key {key!r} was posted before as {old[2]} {old[3]} on account {old[1]}, "
+                          f"not {component} {amount} on account {account}: a key names one entry")
+    return int(old[0]), False
+
+
+def reverse(conn: Any, entry_id: int, *, reason: str, author: str, booked_on: date,
+            key: str | None = None) -> tuple[int, bool]:
+    """Cancel an entry by its opposite, naming it; an entry is reversed at most once."""
+    row = conn.execute(f"SELECT {_COLUMNS} FROM ledger_entry WHERE id = %s", (entry_id,)).fetchone()
+    if row is None:
+        raise LedgerError(f"no ledger entry {entry_id}")
+    e = Entry(*row)
+    if e.kind == "reversal":
+        raise LedgerError(f"entry {entry_id} is itself a reversal: post a new entry instead")
+    done = conn.execute("SELECT id FROM ledger_entry WHERE reverses = %s", (entry_id,)).fetchone()
+    if done is not None:
+        return int(done[0]), False
+    return post(conn, e.account, e.component, "reversal", -e.amount, booked_on, reason=reason, author=author,
+                key=key or f"reversal:{entry_id}", period=e.period, source=e.source, reverses=entry_id)
+
+
+def entries(conn: Any, account: str, *, component: str | None = None) -> list[Entry]:
+    """An account's entries in booking order (date, then the order they were written)."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM ledger_entry WHERE account = %s AND (%s::text IS NULL OR component = %s)"
+        " ORDER BY booked_on, id", (account, component, component)).fetchall()
+    return [Entry(*r) for r in rows]
+
+
+def balance(conn: Any, account: str, on: date | None = None) -> dict[str, Decimal]:
+    """What the account owes per component at the end of `on` (default: everything booked)."""
+    rows = conn.execute(
+        "SELECT component, sum(amount) FROM ledger_entry WHERE account = %s"
+        " AND (%s::date IS NULL OR booked_on <= %s) GROUP BY component", (account, on, on)).fetchall()
+    out = dict.fromkeys(COMPONENTS, ZERO)
+    for component, total in rows:
+        out[component] = Decimal(total)
+    return out
+
+
+def balances(conn: Any, on: date | None = None, accounts: Sequence[str] | None = None,
+             ) -> dict[str, dict[str, Decimal]]:
+    """`balance` of many accounts in one query (accounts with no entry are left out)."""
+    rows = conn.execute(
+        "SELECT account, component, sum(amount) FROM ledger_entry"
+        " WHERE (%s::date IS NULL OR booked_on <= %s) AND (%s::text[] IS NULL OR account = ANY(%s))"
+        " GROUP BY account, component", (on, on, accounts, accounts)).fetchall()
+    out: dict[str, dict[str, Decimal]] = {}
+    for account, component, total in rows:
+        out.setdefault(account, dict.fromkeys(COMPONENTS, ZERO))[component] = Decimal(total)
+    return out
+
+
+def bill_key(account: str, period: date, version: int) -> str:
+    return f"bill:{account}:{period:%Y-%m}:v{version}"
+
+
+def post_bill_charges(conn: Any, period: date, accounts: Iterable[str] | None = None, *,
+                      tz: str = "Europe/Moscow", author: str = "billing") -> int:
+    """Post every bill version of the period not posted yet: its difference to the version before.
+
+    So the energy charges of a period always sum to its latest bill's total,
+    however often it was re-billed, and re-running posts nothing. A version
+    equal to the one before (no difference) posts nothing. Booked on the local
+    date the version was issued. Returns the number of entries posted.
+    """
+    wanted = sorted(set(accounts)) if accounts is not None else None
+    cur = conn.execute(
+        """INSERT INTO ledger_entry (account, component, kind, amount, booked_on, period, source, reason,
+                                     author, idempotency_key)
+           SELECT b.account, 'energy', 'charge', b.total - coalesce(p.total, 0),
+                  (b.created_at AT TIME ZONE %(tz)s)::date, b.period,
+                  'bill ' || to_char(b.period, 'YYYY-MM') || ' v' || b.version,
+                  CASE WHEN b.version = 1 THEN 'bill for ' ELSE 'bill version ' || b.version || ' for ' END
+                    || to_char(b.period, 'YYYY-MM') || ': ' || b.reason,
+                  %(author)s,
+                  'bill:' || b.account || ':' || to_char(b.period, 'YYYY-MM') || ':v' || b.version
+           FROM bill b
+           LEFT JOIN bill p ON p.account = b.account AND p.period = b.period AND p.version = b.version - 1
+           WHERE b.period = %(period)s AND (%(acc)s::text[] IS NULL OR b.account = ANY(%(acc)s))
+             AND b.total <> coalesce(p.total, 0)
+           ON CONFLICT (idempotency_key) DO NOTHING""",
+        {"tz": tz, "author": author, "period": period.replace(day=1), "acc": wanted},
+    )
+    return int(cur.rowcount or 0)
+
+
+def book_payment(conn: Any, account: str, paid_on: date, *, energy: Decimal = ZERO, penalty: Decimal = ZERO,
+                 key: str, source: str, reason: str, author: str, period: date | None = None,
+                 ) -> dict[str, tuple[int, bool]]:
+    """A payment as the customer split it: one entry per component it pays (negative amounts).
+
+    `key` names the payment (for a registry: its source and operation id); the
+    entries are `key:energy` and `key:penalty`, so a repeat books nothing.
+    """
+    if energy < 0 or penalty < 0:
+        raise LedgerError(f"payment {key}: amounts are paid, not owed: energy {energy}, penalty {penalty}")
+    if energy == 0 and penalty == 0:
+        raise LedgerError(f"payment {key}: nothing is paid (energy and penalty are both zero)")
+    out = {}
+    for component, amount in ((ENERGY, energy), (PENALTY, penalty)):
+        if amount:
+            out[component] = post(conn, account, component, "payment", -Decimal(amount), paid_on, reason=reason,
+                                  author=author, key=f"{key}:{component}", period=period, source=source)
+    return out
