@@ -764,6 +764,10 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
     app.state.tokens = store
     app.state.database = DatabaseGate(settings.database_url, settings.api_db_wait_s)
     app.include_router(router)
+    # the money routes use this module's dependencies, so they are imported here, not above
+    from billing import api_money
+
+    app.include_router(api_money.router)
     app.exception_handler(ApiError)(api_error)
     app.exception_handler(RequestValidationError)(invalid_request)
     app.add_middleware(RequestGuard, max_body=settings.api_max_body_bytes)

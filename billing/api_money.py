@@ -1,0 +1,96 @@
+"""The customer account API's money side: balance and debt per component, and the ledger.
+
+Read-only, through the `portal_*` views like the rest of the API (migration
+019 adds `portal_ledger_entry`). Balances are derived from the ledger at the
+date asked, never stored; energy and penalties are shown apart, because a
+payment says which one it pays.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from billing.api import ERRORS, AccountNo, AppSettings, Database, Tokens, own, subscriber
+from billing.ledger import COMPONENTS, ZERO
+
+router = APIRouter()
+
+
+class ComponentBalance(BaseModel):
+    balance: Decimal = Field(description="charges minus payments: above zero owed, below zero overpaid")
+    debt: Decimal = Field(description="what is owed (zero when nothing is)")
+    overpaid: Decimal = Field(description="what was paid beyond the charges (zero when nothing was)")
+
+
+class Balance(BaseModel):
+    account: str
+    on: date = Field(description="the balance at the end of this day (Moscow time)")
+    energy: ComponentBalance
+    penalty: ComponentBalance
+
+
+class LedgerEntryOut(BaseModel):
+    id: int
+    component: str = Field(description="energy or penalty")
+    kind: str = Field(description="charge, payment, accrual, adjustment or reversal")
+    amount: Decimal = Field(description="above zero adds to what is owed, below zero takes from it")
+    booked_on: date
+    period: str | None = Field(description="the billing month it belongs to, like 2026-10")
+    source: str | None
+    reverses: int | None = Field(description="the entry this one cancels")
+    reason: str
+
+
+class Ledger(BaseModel):
+    account: str
+    entries: list[LedgerEntryOut]
+
+
+def _on(text: date | None, tz: str) -> date:
+    return text if text is not None else datetime.now(ZoneInfo(tz)).date()
+
+
+@router.get("/accounts/{account}/balance", response_model=Balance, responses=ERRORS,
+            summary="balance and debt per component (energy, penalty) at a date")
+def balance(account: AccountNo, allowed: Tokens, db: Database, settings: AppSettings,
+            on: Annotated[date | None, Query(description="the day, like 2026-11-30; default today")] = None,
+            ) -> Balance:
+    acc = own(account, allowed)
+    day = _on(on, settings.timezone)
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        rows = conn.execute(
+            "SELECT component, sum(amount) FROM portal_ledger_entry WHERE account = %s AND booked_on <= %s"
+            " GROUP BY component", (acc, day)).fetchall()
+    sums = dict.fromkeys(COMPONENTS, ZERO)
+    for component, total in rows:
+        sums[component] = Decimal(total)
+
+    def part(b: Decimal) -> ComponentBalance:
+        return ComponentBalance(balance=b, debt=max(b, ZERO), overpaid=max(-b, ZERO))
+
+    return Balance(account=acc, on=day, energy=part(sums["energy"]), penalty=part(sums["penalty"]))
+
+
+@router.get("/accounts/{account}/ledger", response_model=Ledger, responses=ERRORS,
+            summary="every charge, payment, penalty accrual and correction, in booking order")
+def ledger(account: AccountNo, allowed: Tokens, db: Database,
+           component: Annotated[str | None, Query(pattern="^(energy|penalty)$",
+                                                  description="only this component")] = None,
+           ) -> Ledger:
+    acc = own(account, allowed)
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        rows = conn.execute(
+            "SELECT id, component, kind, amount, booked_on, to_char(period, 'YYYY-MM'), source, reverses, reason"
+            " FROM portal_ledger_entry WHERE account = %s AND (%s::text IS NULL OR component = %s)"
+            " ORDER BY booked_on, id", (acc, component, component)).fetchall()
+    return Ledger(account=acc, entries=[LedgerEntryOut(
+        id=r[0], component=r[1], kind=r[2], amount=r[3], booked_on=r[4], period=r[5], source=r[6],
+        reverses=r[7], reason=r[8]) for r in rows])
