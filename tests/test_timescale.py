@@ -49,7 +49,7 @@ TIME_TABLES = {"reading": "ts", "interval_segment": "end_ts"}  # interval_usage 
 OTHER_TABLES = {
     "subscriber", "meter", "daily_zone_usage", "interval_decision", "rejected_reading",
     "tariff", "bill", "bill_line", "suspect_audit", "amr_schema_migration", "amr_time_table",
-    "retention_watermark", "retention_log", "billed_change", "ledger_entry",
+    "retention_watermark", "retention_log", "billed_change", "ledger_entry", "registry_file", "registry_payment",
 }
 START_TIMEOUT_S = 90
 
