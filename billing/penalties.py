@@ -298,9 +298,9 @@ def parse_rules(doc: dict[str, Any], where: str) -> tuple[tuple[Stage, ...], tup
             stages.append(Stage(fd, _fraction(entry.get("fraction"))))
         except ValueError as exc:
             problems.append(f"{at}: key 'fraction': {exc}")
-    if not stages:
+    if not doc.get("stage"):
         problems.append(f"{where}: no [[stage]]: the days after the due date need their fractions")
-    elif stages[0].from_day != 1 or any(b.from_day <= a.from_day for a, b in pairwise(stages)):
+    elif (stages and stages[0].from_day != 1) or any(b.from_day <= a.from_day for a, b in pairwise(stages)):
         problems.append(f"{where}: stages must start at from_day = 1 and go up")
     dues: list[DueRule] = []
     for i, entry in enumerate(doc.get("due_date") or []):
@@ -321,7 +321,7 @@ def parse_rules(doc: dict[str, Any], where: str) -> tuple[tuple[Stage, ...], tup
         if dues and pf <= dues[-1].periods_from:
             problems.append(f"{at}: periods_from {pf} is not after the entry before it: list them in date order")
         dues.append(DueRule(pf, day, str(entry.get("source", ""))))
-    if not dues:
+    if not doc.get("due_date"):
         problems.append(f"{where}: no [[due_date]]: the due date is a dated rule and needs at least one entry")
     rules: list[Rule] = []
     for i, entry in enumerate(doc.get("rule") or []):
@@ -599,12 +599,12 @@ def _walk(due: int, end: int, unpaid: Any, pay_days: Sequence[int], rules: Penal
         if part and seg.provisional:
             provisional = True
         num += part
-        if detail:
+        if detail and owed:
             ranges.append(DayRange(
                 date.fromordinal(a), date.fromordinal(b), _kopecks(owed),
                 None if seg.key_h is None else (Decimal(seg.key_h) / HUNDREDTHS).quantize(KOPECK),
                 (Decimal(applied) / HUNDREDTHS).quantize(KOPECK), label, seg.rule,
-                (Decimal(part) / denominator).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)))
+                (Decimal(part) / (denominator * 100)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)))
     return num, provisional, tuple(ranges)
 
 
