@@ -73,6 +73,26 @@ class Settings(BaseSettings):
         description="how long an API request waits for a database connection before answering "
         "503 database_unavailable",
     )
+    payment_provider_url: str = Field(
+        default="", description="base URL of the card payment provider's API; empty: card payments are off"
+    )
+    payment_provider_name: str = Field(
+        default="acquirer", pattern=r"^[a-z0-9_-]{1,32}$",
+        description="the provider's short name, in ledger keys (card:<name>:<payment id>)",
+    )
+    payment_hmac_key: SecretStr | None = Field(
+        default=None, description="key of the HMAC-SHA256 signature on the provider's callbacks; "
+        "unset: every callback is refused",
+    )
+    payment_break: str = Field(
+        default="23:50-00:10", pattern=r"^$|^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$",
+        description="the bank's daily technical break, HH:MM-HH:MM Moscow time, in which no card "
+        "payment can be started; empty: none",
+    )
+    payment_supplier: str = Field(
+        default="Гарантирующий поставщик электроэнергии", min_length=1,
+        description="the supplier as its card payment receipts name it",
+    )
     log_format: str = Field(default="auto", description="auto | json | text")
 
     @field_validator("retention")
