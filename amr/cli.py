@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "billing.commands",
     "billing.payment_commands",
     "billing.penalty_commands",
+    "billing.card_commands",
     "collector.commands.mqtt",
     "collector.commands.poll",
 ]

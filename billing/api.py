@@ -5,9 +5,12 @@ token; the tokens file names the accounts each token may see (one person can
 hold several). Another account's data, a malformed account number and an
 unknown one all answer the same 404, so a probe learns nothing. Reads go
 through the portal views (migration 011), the same ones the read-only
-database role sees. The only write is `POST /accounts/{n}/readings`, for
-manual-metering subscribers; it goes through the one ingestion path
-(`collector.ingest.ingestor.Ingestor`) with the quality flag `manual`.
+database role sees. The writes are `POST /accounts/{n}/readings`, for
+manual-metering subscribers, which goes through the one ingestion path
+(`collector.ingest.ingestor.Ingestor`) with the quality flag `manual`, and
+card payments (`POST /accounts/{n}/payments`, and the provider's signed
+`POST /payments/callback`, the one route without a bearer token), which go
+through billing/payments.py.
 
 The edges are bounded, because the API faces the internet: a request body
 is read only after its bearer token is known and only up to
@@ -38,10 +41,10 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import psycopg
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -326,6 +329,10 @@ class _BodyTooLarge(Exception):
     """Raised into the app by the guarded `receive` once a body passes the bound."""
 
 
+# paths whose requests are authenticated by a signature over their body, not a bearer token
+SIGNED_PATHS = frozenset({"/payments/callback"})
+
+
 class RequestGuard:
     """Refuses a request body before reading it: without a known bearer token (401), or too large (413).
 
@@ -338,9 +345,10 @@ class RequestGuard:
     server then does not read on to the end of a body nobody wants.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, signed_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_body = max_body
+        self.signed_paths = signed_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -350,7 +358,9 @@ class RequestGuard:
         declared = headers.get("content-length")
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         length = int(declared) if declared and declared.isdigit() else None
-        if chunked or (length or 0) > 0:
+        # a signed path (the payment provider's callback) carries no token: its body is its credential,
+        # checked by the route; it is still bounded below
+        if (chunked or (length or 0) > 0) and scope["path"] not in self.signed_paths:
             why, accounts = bearer_problem(headers.get("authorization"), scope["app"].state.tokens)
             if accounts is None:
                 await self._refuse(scope, receive, send, 401, "unauthorized", why)
@@ -720,6 +730,171 @@ def enter_readings(account: AccountNo, allowed: Tokens, db: Database, settings: 
         return _store_readings(conn, acc, body.readings, settings)
 
 
+# --- card payments (billing/payments.py) ----------------------------------------------
+#
+# The customer starts a payment with an Idempotency-Key header and gets the
+# provider's confirmation URL; the provider's signed callback (no bearer
+# token: the HMAC over the body is its credential) says how it ended. A
+# printable receipt exists only for card payments made here.
+
+class CardPaymentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    energy: Decimal = Field(default=Decimal(0), ge=0, max_digits=11, decimal_places=2, allow_inf_nan=False,
+                            description="RUB paid for energy")
+    penalty: Decimal = Field(default=Decimal(0), ge=0, max_digits=11, decimal_places=2, allow_inf_nan=False,
+                             description="RUB paid for penalties (пени), apart from energy")
+    email: str | None = Field(default=None, max_length=254,
+                              description="where the electronic receipt goes (or phone, not both)")
+    phone: str | None = Field(default=None, max_length=32,
+                              description="where the electronic receipt goes (or email, not both)")
+
+
+class CardPaymentOut(BaseModel):
+    id: str
+    status: str = Field(description="created, pending, succeeded, failed or unknown")
+    energy: Decimal
+    penalty: Decimal
+    amount: Decimal
+    confirmation_url: str | None = Field(description="where the customer pays; none while unknown")
+    created_at: datetime
+
+
+class PaymentOut(BaseModel):
+    id: str = Field(description="the payment's number within its source")
+    source: str = Field(description="card: paid in the account; registry: through a bank or agent")
+    status: str
+    energy: Decimal
+    penalty: Decimal
+    amount: Decimal
+    paid_on: date | None = Field(description="the Moscow date it counts from")
+    receipt: str | None = Field(description="the printable receipt's path: card payments made in the "
+                                "account that succeeded have one, nothing else does")
+
+
+class PaymentList(BaseModel):
+    account: str
+    payments: list[PaymentOut]
+    note: str
+
+
+class CallbackOut(BaseModel):
+    payment: str
+    status: str
+
+
+PAYMENT_REFUSALS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    200: {"model": CardPaymentOut, "description": "a repeat of the Idempotency-Key: the same payment"},
+    202: {"model": CardPaymentOut, "description": "the provider did not answer: status unknown; "
+          "repeat with the same Idempotency-Key"},
+    409: {"model": Problem, "description": "technical_break (the bank's daily break) or card_payments_off"},
+}
+REGISTRY_NOTE = ("Платежи через банки и платёжных агентов появляются здесь после получения реестра "
+                 "от банка, обычно через несколько дней; квитанции по ним нет.")
+
+
+def card_provider(request: Request) -> Any:
+    """The app's payment provider (AMR_PAYMENT_PROVIDER_URL), or None when card payments are off."""
+    return request.app.state.payment_provider
+
+
+def clock(request: Request) -> datetime:
+    """Now, by the app's clock (a test sets another)."""
+    now: datetime = request.app.state.clock()
+    return now
+
+
+async def raw_body(request: Request) -> bytes:
+    """The body as sent: the callback's signature is over these bytes, not a re-encoding."""
+    return await request.body()
+
+
+def _card_out(p: Any) -> CardPaymentOut:
+    return CardPaymentOut(id=str(p.id), status=p.state, energy=p.energy, penalty=p.penalty, amount=p.amount,
+                          confirmation_url=p.confirmation_url if p.state == "pending" else None,
+                          created_at=p.created_at)
+
+
+@router.post("/accounts/{account}/payments", response_model=CardPaymentOut, status_code=201,
+             responses=PAYMENT_REFUSALS, summary="start a card payment: energy and penalties apart")
+def start_card_payment(
+    account: AccountNo, allowed: Tokens, db: Database, settings: AppSettings, body: CardPaymentIn,
+    response: Response, provider: Annotated[Any, Depends(card_provider)],
+    now: Annotated[datetime, Depends(clock)],
+    key: Annotated[str, Header(alias="Idempotency-Key", min_length=1, max_length=255,
+                               description="the client's key: a repeat returns the same payment")],
+) -> CardPaymentOut:
+    from billing import payments
+
+    acc = own(account, allowed)
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        try:
+            p, new = payments.start_payment(conn, provider, settings, account=acc, key=key,
+                                            energy=body.energy, penalty=body.penalty, email=body.email,
+                                            phone=body.phone, now=now)
+        except payments.PaymentRefused as exc:
+            status = 409 if isinstance(exc, payments.TechnicalBreak | payments.CardPaymentsOff) else 422
+            raise ApiError(status, exc.code, str(exc)) from None
+    response.status_code = 202 if p.state in ("created", "unknown") else 201 if new else 200
+    return _card_out(p)
+
+
+@router.post("/payments/callback", response_model=CallbackOut,
+             responses={403: {"model": Problem, "description": "bad_signature"},
+                        404: {"model": Problem, "description": "no such provider payment"},
+                        422: {"model": Problem, "description": "the body describes no payment"},
+                        503: ERRORS[503]},
+             summary="the payment provider's callback, signed (X-Payment-Signature: HMAC-SHA256 of the body)")
+def payment_callback(
+    request: Request, db: Database, settings: AppSettings, body: Annotated[bytes, Depends(raw_body)],
+    now: Annotated[datetime, Depends(clock)],
+    signed: Annotated[str | None, Header(alias="X-Payment-Signature", max_length=200)] = None,
+) -> CallbackOut:
+    from billing import payments
+
+    client = request.client.host if request.client else "?"
+    with db.connection() as conn:
+        try:
+            p, _ = payments.handle_callback(conn, body, signed, settings, now=now, client=client)
+        except payments.CallbackRefused as exc:
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+    return CallbackOut(payment=str(p.id), status=p.state)
+
+
+@router.get("/accounts/{account}/payments", response_model=PaymentList, responses=ERRORS,
+            summary="payments from every source, with their status")
+def account_payments(account: AccountNo, allowed: Tokens, db: Database) -> PaymentList:
+    from billing import payments
+
+    acc = own(account, allowed)
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        rows = payments.account_payments(conn, acc)
+    return PaymentList(account=acc, note=REGISTRY_NOTE, payments=[
+        PaymentOut(**{**r, "receipt": f"/accounts/{acc}/payments/{r['id']}/receipt" if r["receipt"] else None})
+        for r in rows])
+
+
+@router.get("/accounts/{account}/payments/{payment}/receipt", response_class=HTMLResponse,
+            responses={**ERRORS, 200: {"content": {"text/html": {}}, "description": "a printable receipt"}},
+            summary="the printable receipt of a card payment made in the account")
+def payment_receipt(account: AccountNo, allowed: Tokens, db: Database,
+                    payment: Annotated[str, PathParam(pattern=r"^[0-9]{1,18}$",
+                                                      description="the card payment's id")],
+                    ) -> HTMLResponse:
+    from billing import payments
+
+    acc = own(account, allowed)
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        receipt = payments.receipt_of(conn, acc, int(payment))
+    if receipt is None:
+        raise ApiError(404, "not_found", "Квитанция есть только у оплаченных картой в личном кабинете "
+                                         "платежей этого лицевого счёта.")
+    return HTMLResponse(payments.receipt_html(receipt))
+
+
 async def api_error(request: Request, exc: ApiError) -> JSONResponse:
     """Every refusal a route raises, in the API's one error shape."""
     return problem(exc.status, exc.code, exc.message)
@@ -763,6 +938,10 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
     app.state.settings = settings
     app.state.tokens = store
     app.state.database = DatabaseGate(settings.database_url, settings.api_db_wait_s)
+    from billing.payments import provider_from
+
+    app.state.payment_provider = provider_from(settings)
+    app.state.clock = lambda: datetime.now(UTC)
     app.include_router(router)
     # the money routes use this module's dependencies, so they are imported here, not above
     from billing import api_money
@@ -770,7 +949,7 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
     app.include_router(api_money.router)
     app.exception_handler(ApiError)(api_error)
     app.exception_handler(RequestValidationError)(invalid_request)
-    app.add_middleware(RequestGuard, max_body=settings.api_max_body_bytes)
+    app.add_middleware(RequestGuard, max_body=settings.api_max_body_bytes, signed_paths=SIGNED_PATHS)
     return app
 
 
