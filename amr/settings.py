@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         default="Гарантирующий поставщик электроэнергии", min_length=1,
         description="the supplier as its card payment receipts name it",
     )
+    average_months: int = Field(
+        default=3, ge=1, le=12,
+        description="a manual-metering month without readings is billed by the average of at most this "
+        "many past months wholly read, for at most this many months in a row; then by the consumption "
+        "norm (Government Decree 354 p. 59-60; some suppliers use 6)",
+    )
     log_format: str = Field(default="auto", description="auto | json | text")
 
     @field_validator("retention")

@@ -9,12 +9,16 @@ Volume bands (St. Petersburg since 01.07.2024: the rate depends on the
 account's monthly volume) fit the same shape: an entry carries `band` (1, 2,
 3...) with the monthly volume range `band_from_kwh`..`band_to_kwh` it applies
 to, and the overlap rule is per band. How zone volumes are shared between
-bands is not confirmed yet, so the engine refuses (holds back) a bill whose
-tariff has more than one band instead of guessing.
+bands is not published anywhere, so it is a named choice of the catalogue:
+`allocation = "proportional"` on the band entries (each band's volume split
+across the zones in the month's zone shares; see `billing.engine`). A banded
+tariff whose entries name no rule is held back by the engine instead of being
+guessed.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +31,11 @@ from amr.errors import ProblemsError
 from amr.tomlfile import TomlFileError, read_toml
 from collector.rules.vocabulary import ALL, AREAS, CATEGORIES, PLAN_ZONES, RURAL, RURAL_AREA
 
-_KEYS = {"from", "to", "category", "area", "plan", "rates", "band", "band_from_kwh", "band_to_kwh", "note"}
+_KEYS = {"from", "to", "category", "area", "plan", "rates", "band", "band_from_kwh", "band_to_kwh",
+         "allocation", "note"}
+# how the zone volumes of a month share its volume bands: named in the catalogue, never assumed
+PROPORTIONAL = "proportional"
+ALLOCATIONS = (PROPORTIONAL,)
 
 
 class TariffError(ProblemsError):
@@ -49,6 +57,7 @@ class Tariff:
     band: int = 1
     band_from_kwh: Decimal = Decimal(0)
     band_to_kwh: Decimal | None = None
+    allocation: str | None = None  # the rule sharing zone volumes between bands; None: none named
     source: str = field(default="", compare=False)
 
     @property
@@ -168,10 +177,13 @@ def parse_entry(entry: Any, where: str) -> tuple[Tariff | None, list[str]]:
                 problems.append(f"{where}: key 'band_to_kwh': must be above band_from_kwh {lo}")
         except ValueError as exc:
             problems.append(f"{where}: key 'band_to_kwh': {exc}")
+    allocation = entry.get("allocation")
+    if allocation is not None and allocation not in ALLOCATIONS:
+        problems.append(f"{where}: key 'allocation': {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     if problems:
         return None, problems
     return Tariff(values["from"], values["to"], values["category"], values["area"], values["plan"],
-                  rate_items(rates), band, lo, hi, where), []
+                  rate_items(rates), band, lo, hi, allocation, source=where), []
 
 
 def overlaps(tariffs: Iterable[Tariff]) -> list[str]:
@@ -283,16 +295,16 @@ def load_catalogue_file(path: Path | str) -> list[Tariff]:
 # --- the database side -------------------------------------------------------------
 
 def _row_to_tariff(row: tuple) -> Tariff:
-    vf, vt, cat, area, plan, band, lo, hi, rates, source = row
+    vf, vt, cat, area, plan, band, lo, hi, rates, allocation, source = row
     return Tariff(vf, vt, cat, area, plan, rate_items({z: Decimal(r) for z, r in rates.items()}),
-                  band, lo, hi, source)
+                  band, lo, hi, allocation, source=source)
 
 
 def load_db_catalogue(conn: Any) -> Catalogue:
     """Every tariff stored in the database, as one validated catalogue."""
     rows = conn.execute(
         "SELECT valid_from, valid_to, category, area, plan, band, band_from_kwh, band_to_kwh,"
-        " rates, source FROM tariff ORDER BY id").fetchall()
+        " rates, allocation, source FROM tariff ORDER BY id").fetchall()
     return Catalogue(_row_to_tariff(r) for r in rows)
 
 
@@ -314,8 +326,189 @@ def store_catalogue(conn: Any, tariffs: list[Tariff]) -> tuple[int, int]:
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO tariff (valid_from, valid_to, category, area, plan, band,"
-                " band_from_kwh, band_to_kwh, rates, source)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)",
+                " band_from_kwh, band_to_kwh, rates, allocation, source)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s)",
                 [(t.valid_from, t.valid_to, t.category, t.area, t.plan, t.band, t.band_from_kwh,
-                  t.band_to_kwh, t.rates_json(), t.source) for t in new])
+                  t.band_to_kwh, t.rates_json(), t.allocation, t.source) for t in new])
     return len(new), len(tariffs) - len(new)
+
+
+# --- consumption norms -------------------------------------------------------------
+# A manual-metering month without readings is billed by the average of past months
+# and then by the norm (Government Decree 354 p. 59-60): kWh per resident and month,
+# per category and the rooms and residents of the home, set by the region's order.
+# Data, like the tariffs; a norms file is refused whole with every problem named.
+
+NORM_CATEGORIES = ("gas_stove", "electric_stove")
+_NORM_KEYS = {"from", "to", "category", "rooms", "kwh_per_person", "note"}
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One cell of a norm table: kWh per resident a month for a category, rooms and residents."""
+
+    valid_from: date
+    valid_to: date
+    category: str
+    rooms: int
+    residents: int
+    kwh_per_person: Decimal
+    source: str = field(default="", compare=False)
+
+
+class Norms:
+    """A validated set of norm cells with the one lookup billing needs."""
+
+    def __init__(self, norms: Iterable[Norm]):
+        self.norms = sorted(norms, key=lambda n: (n.category, n.valid_from, n.rooms, n.residents))
+        problems = norm_overlaps(self.norms)
+        if problems:
+            raise TariffError(problems)
+
+    def __len__(self) -> int:
+        return len(self.norms)
+
+    def volume(self, category: str, rooms: int | None, residents: int | None, first: date, last: date
+               ) -> tuple[Decimal, str] | str:
+        """The month's norm volume and how it was found, or why there is none.
+
+        One table must be in force for the whole month. The highest rooms (and
+        residents) value of that table also covers more rooms (residents).
+        """
+        if rooms is None or residents is None:
+            return ("the consumption norm needs the home's rooms and residents, which the inventory "
+                    "does not give (keys rooms and residents of the [[subscriber]])")
+        here = [n for n in self.norms if n.category == category
+                and n.valid_from <= first and last <= n.valid_to]
+        if not here:
+            return f"no consumption norm for {category} in force for all of {first:%Y-%m}"
+        r = max((n.rooms for n in here if n.rooms <= rooms), default=None)
+        if r is None:
+            return f"no consumption norm for {category} homes of {rooms} room(s)"
+        cells = [n for n in here if n.rooms == r]
+        p = max((n.residents for n in cells if n.residents <= residents), default=None)
+        if p is None:
+            return f"no consumption norm for {category}, {r} room(s), {residents} resident(s)"
+        cell = next(n for n in cells if n.residents == p)
+        kwh = cell.kwh_per_person * residents
+        return kwh, (f"norm {category}, {rooms} room(s), {residents} resident(s): "
+                     f"{residents} x {cell.kwh_per_person} kWh")
+
+
+def norm_overlaps(norms: Iterable[Norm]) -> list[str]:
+    """Cells of the same category, rooms and residents whose dates overlap."""
+    by_key: dict[tuple[str, int, int], list[Norm]] = {}
+    for n in norms:
+        by_key.setdefault((n.category, n.rooms, n.residents), []).append(n)
+    problems = []
+    for group in by_key.values():
+        group.sort(key=lambda n: n.valid_from)
+        for a, b in itertools.pairwise(group):
+            if b.valid_from <= a.valid_to:
+                problems.append(f"{b.source}: key 'from': {b.valid_from} overlaps {a.source or 'an entry'} "
+                                f"({a.category}, {a.rooms} room(s), {a.valid_from}..{a.valid_to})")
+    return problems
+
+
+def _whole(value: Any, what: str) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a whole number from 1, got {value!r}")
+    return value
+
+
+def parse_norms(data: dict[str, Any], source: str = "<norms>") -> list[Norm]:
+    """Validate a parsed norms document ([[norm]] tables); every problem is collected first."""
+    problems: list[str] = []
+    for key in sorted(set(data) - {"norm"}):
+        problems.append(f"{source}: unknown section {key!r} (expected [[norm]])")
+    entries = data.get("norm", [])
+    if not isinstance(entries, list) or not entries:
+        problems.append(f"{source}: no [[norm]] entries")
+        entries = []
+    norms: list[Norm] = []
+    for i, entry in enumerate(entries):
+        where = f"{source}: norm[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a table ([[norm]])")
+            continue
+        where += f" ({entry.get('category', '?')}, rooms {entry.get('rooms', '?')})"
+        for key in sorted(set(entry) - _NORM_KEYS):
+            problems.append(f"{where}: key {key!r}: unknown key (known: {', '.join(sorted(_NORM_KEYS))})")
+        got: dict[str, Any] = {}
+        for key in ("from", "to"):
+            try:
+                got[key] = _date(entry[key]) if key in entry else None
+                if got[key] is None:
+                    problems.append(f"{where}: key {key!r}: missing")
+            except ValueError as exc:
+                problems.append(f"{where}: key {key!r}: {exc}")
+        if got.get("from") and got.get("to") and got["to"] < got["from"]:
+            problems.append(f"{where}: key 'to': {got['to']} is before 'from' {got['from']}")
+        if entry.get("category") not in NORM_CATEGORIES:
+            problems.append(f"{where}: key 'category': {entry.get('category')!r} is not one of "
+                            f"{', '.join(NORM_CATEGORIES)}")
+        try:
+            rooms = _whole(entry.get("rooms"), "rooms")
+        except ValueError as exc:
+            problems.append(f"{where}: key 'rooms': {exc}")
+            rooms = 0
+        table = entry.get("kwh_per_person")
+        if not isinstance(table, dict) or not table:
+            problems.append(f"{where}: key 'kwh_per_person': missing or not a table of residents to kWh "
+                            "like { 1 = \"100\", 2 = \"62\" }")
+            table = {}
+        cells = []
+        for people, raw in table.items():
+            try:
+                residents = _whole(people, "residents")
+                kwh = _decimal(raw)
+                if kwh <= 0:
+                    raise ValueError(f"must be positive, got {kwh}")
+            except ValueError as exc:
+                problems.append(f"{where}: key 'kwh_per_person.{people}': {exc}")
+                continue
+            cells.append((residents, kwh))
+        if not problems and got.get("from") and got.get("to") and rooms:
+            norms.extend(Norm(got["from"], got["to"], entry["category"], rooms, r, k, where) for r, k in cells)
+    problems.extend(norm_overlaps(norms))
+    if problems:
+        raise TariffError(problems)
+    return norms
+
+
+def load_norms_file(path: Path | str) -> list[Norm]:
+    """Read and validate a norms file; raise `TariffError` naming each problem."""
+    path = Path(path)
+    try:
+        data = read_toml(path)
+    except TomlFileError as exc:
+        raise TariffError([str(exc)]) from None
+    return parse_norms(data, str(path))
+
+
+def load_db_norms(conn: Any) -> Norms:
+    """Every consumption norm stored in the database."""
+    rows = conn.execute("SELECT valid_from, valid_to, category, rooms, residents, kwh_per_person, source"
+                        " FROM consumption_norm ORDER BY id").fetchall()
+    return Norms(Norm(*r) for r in rows)
+
+
+def store_norms(conn: Any, norms: list[Norm]) -> tuple[int, int]:
+    """Add norm cells to the database; returns (added, already there). Checked whole first."""
+    with conn.transaction():
+        conn.execute("LOCK TABLE consumption_norm IN SHARE ROW EXCLUSIVE MODE")
+        stored = load_db_norms(conn).norms
+        have = set(stored)
+        new = [n for n in norms if n not in have]
+        problems = norm_overlaps([*stored, *new])
+        if problems:
+            raise TariffError(problems)
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO consumption_norm (valid_from, valid_to, category, rooms, residents,"
+                " kwh_per_person, source) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                [(n.valid_from, n.valid_to, n.category, n.rooms, n.residents, n.kwh_per_person, n.source)
+                 for n in new])
+    return len(new), len(norms) - len(new)

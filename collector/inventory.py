@@ -59,6 +59,8 @@ class Subscriber(BaseModel):
     category: Literal["gas_stove", "electric_stove"] = "gas_stove"
     area: Literal["urban", "rural"] = "urban"
     name: str | None = None
+    rooms: int | None = Field(default=None, ge=1, le=50)  # the home's rooms: the consumption norm needs them
+    residents: int | None = Field(default=None, ge=1, le=100)  # people registered in the home: likewise
 
     @field_validator("account", mode="before")
     @classmethod
@@ -203,12 +205,14 @@ def upsert_inventory(conn: Any, inv: Inventory) -> tuple[int, int]:
 
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            """INSERT INTO subscriber (account, metering, plan, category, area, name)
-               VALUES (%s, %s, %s, %s, %s, %s)
+            """INSERT INTO subscriber (account, metering, plan, category, area, name, rooms, residents)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (account) DO UPDATE SET metering = EXCLUDED.metering,
                  plan = EXCLUDED.plan, category = EXCLUDED.category, area = EXCLUDED.area,
-                 name = EXCLUDED.name, updated_at = now()""",
-            [(s.account, s.metering, s.plan, s.category, s.area, s.name) for s in inv.subscribers.values()],
+                 name = EXCLUDED.name, rooms = EXCLUDED.rooms, residents = EXCLUDED.residents,
+                 updated_at = now()""",
+            [(s.account, s.metering, s.plan, s.category, s.area, s.name, s.rooms, s.residents)
+             for s in inv.subscribers.values()],
         )
         cur.executemany(
             """INSERT INTO meter (id, account, adapter, multiplier, rollover, max_power_kw,

@@ -51,6 +51,7 @@ OTHER_TABLES = {
     "tariff", "bill", "bill_line", "suspect_audit", "amr_schema_migration", "amr_time_table",
     "retention_watermark", "retention_log", "billed_change", "ledger_entry", "registry_file", "registry_payment",
     "card_payment", "card_payment_event", "card_receipt",
+    "consumption_norm",
 }
 START_TIMEOUT_S = 90
 
