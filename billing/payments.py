@@ -24,6 +24,12 @@ the payment's row: a succeeded payment is booked to the ledger exactly once
 on the Moscow date it was paid) and gets exactly one receipt, however many
 callbacks and janitors race for it.
 
+The receipt recorded (`card_receipt`) holds what the 54-FZ electronic cheque
+needs: date and time, amount, what was paid (energy, penalties), the e-mail or
+phone given before paying, the supplier, a number. Fiscalising it and sending
+it (a cash register online, a fiscal data operator) is outside this module.
+The printable receipt exists only for payments made in the account.
+
 No payment can be started in the bank's daily technical break
 (AMR_PAYMENT_BREAK, 23:50-00:10 Moscow time by default); the refusal says so
 in Russian. Functions that talk to the provider commit: our record of a
@@ -633,8 +639,8 @@ def receipt_html(r: Receipt) -> str:
         items.append(("Оплата пеней", r.penalty))
     where = "адрес электронной почты" if r.contact_kind == "email" else "номер телефона"
     tail = [("Итого оплачено", rub(r.amount)), ("Способ оплаты", "банковская карта, в личном кабинете"),
-            ("Электронный чек направлен на", f"{where} {r.contact}"),
-            ("Платёж у банка", f"{r.provider} {r.provider_payment_id}")]
+            ("Электронный чек направляется на", f"{where} {r.contact}"),
+            ("Номер платежа у банка", f"{r.provider} {r.provider_payment_id}")]
     e = html.escape
 
     def tr(k: str, v: str) -> str:
