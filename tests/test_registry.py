@@ -269,3 +269,28 @@ def test_any_order_any_number_of_times_gives_the_same_balances(conn, accounts, f
         assert all(b["penalty"] == 0 for b in ledger.balances(conn).values())
         assert conn.execute("SELECT count(*) FROM registry_payment WHERE status = 'unmatched'").fetchone()[0] \
             == (1 if any(acc == "999" for _o, acc, _a in seen) else 0)
+
+
+def test_the_console_command_refuses_a_cut_file_with_status_2(conn, accounts, cli_env, tmp_path, capsys) -> None:
+    from amr.cli import main
+
+    path = write(tmp_path, "\r\n".join(GOOD))
+    assert main(["payments", "import", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"amr payments: {path}: refused, nothing booked: line 3: the file ends without a "
+                          "totals line")
+    assert ledger_rows(conn) == 0
+    assert main(["payments", "import", str(write(tmp_path, registry_text(GOOD), name="ok.txt"))]) == 0
+    assert ledger_rows(conn) == 3
+
+
+def test_a_ledger_key_taken_outside_any_registry_refuses_the_file(conn, accounts, tmp_path) -> None:
+    ledger.post(conn, "200", "energy", "payment", Decimal("-1.00"), date(2026, 10, 2), reason="by hand",
+                author="test", key="registry:sber:1002:energy")
+    conn.commit()
+    with pytest.raises(registry.RegistryRefused, match="a ledger entry keyed registry:sber:<operation id> exists"):
+        registry.import_file(conn, write(tmp_path, registry_text(GOOD)), source="sber", author="test")
+    conn.rollback()
+    assert ledger_rows(conn) == 1
+    assert conn.execute("SELECT count(*) FROM registry_payment").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM registry_file").fetchone()[0] == 0
