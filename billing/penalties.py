@@ -51,7 +51,7 @@ down) is reported, not credited: that is an adjustment a person posts.
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -133,14 +133,38 @@ class PenaltyRules:
     rules: tuple[Rule, ...]
     _cal: tuple[_Segment, ...] = field(default=(), compare=False, repr=False)
     _cal_starts: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    # the calendar with neighbours of the same applied rate merged: for sums without ranges
+    _sum_starts: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    _sum_rates: tuple[tuple[int | None, bool], ...] = field(default=(), compare=False, repr=False)
     _lcm: int = field(default=1, compare=False, repr=False)
+    _denominator: int = field(default=1, compare=False, repr=False)
+    _mults: tuple[tuple[int, int, str], ...] = field(default=(), compare=False, repr=False)
+    _grace: int = field(default=0, compare=False, repr=False)
+    _dues: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         cal = _calendar(self)
         object.__setattr__(self, "_cal", cal)
         object.__setattr__(self, "_cal_starts", tuple(s.start for s in cal))
-        denominators = [s.fraction.denominator for s in self.stages]
-        object.__setattr__(self, "_lcm", math.lcm(*denominators))
+        merged = [seg for k, seg in enumerate(cal)
+                  if k == 0 or (seg.applied_h, seg.provisional) != (cal[k - 1].applied_h, cal[k - 1].provisional)]
+        object.__setattr__(self, "_sum_starts", tuple(s.start for s in merged))
+        object.__setattr__(self, "_sum_rates", tuple((s.applied_h, s.provisional) for s in merged))
+        lcm = math.lcm(*[s.fraction.denominator for s in self.stages])
+        object.__setattr__(self, "_lcm", lcm)
+        # a penalty in kopecks is kopecks x rate in hundredths of a percent x days x mult / this
+        object.__setattr__(self, "_denominator", HUNDREDTHS * 100 * lcm)
+        object.__setattr__(self, "_mults", tuple(
+            (s.from_day, s.fraction.numerator * lcm // s.fraction.denominator, s.label) for s in self.stages))
+        # the days after the due date that accrue nothing whatever the rate
+        nonzero = [s.from_day for s in self.stages if s.fraction != 0]
+        object.__setattr__(self, "_grace", (nonzero[0] - 1) if nonzero else 10**9)
+
+    def _due_ordinal(self, period: int) -> int:
+        due = self._dues.get(period)
+        if due is None:
+            due = self._dues[period] = self.due(date.fromordinal(period)).toordinal()
+        return due
 
     def due(self, period: date) -> date:
         """The last day to pay the bill of `period` (a month) without being late."""
@@ -437,40 +461,46 @@ class ChargePenalty:
 
 @dataclass
 class _Account:
-    charges: list[tuple[date, int]] = field(default_factory=list)  # (period, kopecks), by period
-    payments: list[tuple[int, int]] = field(default_factory=list)  # (day ordinal, kopecks paid), by day
+    charge_days: list[int]  # period (first of month) ordinals, oldest first
+    charge_kop: list[int]  # kopecks of each entry (a period may have several)
+    pay_days: list[int]  # day ordinals, in order
+    pay_kop: list[int]  # kopecks paid by each entry (a payment's reversal: negative)
 
 
 def _load(conn: Any, on: date, accounts: Sequence[str] | None) -> dict[str, _Account]:
-    """Energy charges per period and energy payments per day, in one pass over the ledger."""
+    """Energy charges (by period) and energy payments (by day) of each account, in one query.
+
+    Amounts come as integer kopecks and days as ordinals, gathered into arrays
+    per account (entries of the same period or day stay apart; the arithmetic
+    adds them up), so a many-account run parses few, cheap values. A reversal
+    is a payment when what it reverses is one (joined through the unique index
+    on `reverses`, so the common rows need no lookup).
+    """
+    day = ("CASE WHEN {paid} THEN e.booked_on ELSE coalesce(e.period, date_trunc('month', e.booked_on)::date)"
+           " END - date '0001-01-01' + 1")  # a Python date ordinal
+    where = "e.component = 'energy' AND e.booked_on <= %(on)s AND (%(acc)s::text[] IS NULL OR e.account = ANY(%(acc)s))"
     rows = conn.execute(
-        """WITH e AS (
-               SELECT e.account, e.amount, e.booked_on,
-                      coalesce(e.period, date_trunc('month', e.booked_on)::date) AS period,
-                      (e.kind = 'payment' OR (e.kind = 'reversal' AND EXISTS (
-                           SELECT 1 FROM ledger_entry r WHERE r.id = e.reverses AND r.kind = 'payment'))) AS paid
-               FROM ledger_entry e
-               WHERE e.component = 'energy' AND e.booked_on <= %(on)s
-                 AND (%(acc)s::text[] IS NULL OR e.account = ANY(%(acc)s)))
-           SELECT account, paid, CASE WHEN paid THEN booked_on ELSE period END AS day, sum(amount)
-           FROM e GROUP BY account, paid, day ORDER BY account, paid, day""",
+        f"""WITH e AS (
+               SELECT e.account, e.kind = 'payment' AS paid, {day.format(paid="e.kind = 'payment'")} AS day,
+                      (e.amount * 100)::bigint AS kop
+               FROM ledger_entry e WHERE e.reverses IS NULL AND {where}
+               UNION ALL
+               SELECT e.account, r.kind = 'payment', {day.format(paid="r.kind = 'payment'")},
+                      (e.amount * 100)::bigint
+               FROM ledger_entry e JOIN ledger_entry r ON r.id = e.reverses
+               WHERE e.reverses IS NOT NULL AND {where})
+           SELECT account,
+                  coalesce(array_agg(day ORDER BY day) FILTER (WHERE NOT paid), '{{}}'),
+                  coalesce(array_agg(kop ORDER BY day) FILTER (WHERE NOT paid), '{{}}'),
+                  coalesce(array_agg(day ORDER BY day) FILTER (WHERE paid), '{{}}'),
+                  coalesce(array_agg(-kop ORDER BY day) FILTER (WHERE paid), '{{}}')
+           FROM e GROUP BY account""",
         {"on": on, "acc": list(accounts) if accounts is not None else None})
-    out: dict[str, _Account] = {}
-    for account, paid, day, total in rows:
-        a = out.get(account)
-        if a is None:
-            a = out[account] = _Account()
-        kop = int(Decimal(total) * 100)
-        if paid:
-            if kop:
-                a.payments.append((day.toordinal(), -kop))
-        elif kop:
-            a.charges.append((day, kop))
-    return out
+    return {r[0]: _Account(r[1], r[2], r[3], r[4]) for r in rows}
 
 
 def _kopecks(k: int) -> Decimal:
-    return (Decimal(k) / 100).quantize(KOPECK)
+    return Decimal(k).scaleb(-2)
 
 
 def _round_half_up(num: int, den: int) -> int:
@@ -480,68 +510,95 @@ def _round_half_up(num: int, den: int) -> int:
 
 def _account_penalties(account: str, acc: _Account, on: date, rules: PenaltyRules,
                        detail: bool) -> list[ChargePenalty]:
-    lcm = rules._lcm
-    denominator = HUNDREDTHS * 100 * lcm  # kopecks x hundredths-of-percent x stage fraction
-    mults = [(s.from_day, s.fraction.numerator * lcm // s.fraction.denominator, s.label) for s in rules.stages]
+    denominator = rules._denominator
+    mults = rules._mults
+    grace = rules._grace
+    due_of = rules._due_ordinal
     end = on.toordinal()
 
-    # credits (a period whose net is negative) count as payments on that period's due date
-    charges: list[tuple[date, int, int]] = []  # (period, kopecks, due ordinal)
-    pays = list(acc.payments)
-    for period, kop in acc.charges:
-        due = rules.due(period).toordinal()
+    # a period whose net is negative is a credit: paid on that period's due date
+    charges: list[tuple[int, int, int]] = []  # (period ordinal, kopecks, due ordinal)
+    pay_days, pay_kop = acc.pay_days, acc.pay_kop
+    credits = []
+    nets: list[list[int]] = []  # [period, kopecks]: entries of one period added up
+    for period, kop in zip(acc.charge_days, acc.charge_kop, strict=True):
+        if nets and nets[-1][0] == period:
+            nets[-1][1] += kop
+        else:
+            nets.append([period, kop])
+    for period, kop in nets:
+        due = due_of(period)
         if kop > 0:
             charges.append((period, kop, due))
-        elif due <= end:
-            pays.append((due, -kop))
-    pays.sort()
-    pay_days: list[int] = []
+        elif kop < 0 and due <= end:
+            credits.append((due, -kop))
+    if credits:
+        merged = sorted([*zip(pay_days, pay_kop, strict=True), *credits])
+        pay_days, pay_kop = [d for d, _ in merged], [k for _, k in merged]
     pay_cum: list[int] = []
+    days: list[int] = []
     running = 0
     monotonic = True
-    for day, kop in pays:
+    for day, kop in zip(pay_days, pay_kop, strict=True):
         running += kop
         if kop < 0:
             monotonic = False
-        if pay_days and pay_days[-1] == day:
+        if days and days[-1] == day:
             pay_cum[-1] = running
         else:
-            pay_days.append(day)
+            days.append(day)
             pay_cum.append(running)
+    pay_days = days
+    paid_total = running
 
     def paid_through(day: int) -> int:  # payments booked on or before `day`
         i = bisect_right(pay_days, day) - 1
         return pay_cum[i] if i >= 0 else 0
 
     out: list[ChargePenalty] = []
-    before = 0  # charges of older periods
-    grace = rules.stages[1].from_day - 1 if len(rules.stages) > 1 and rules.stages[0].fraction == 0 else 0
+    upto = 0  # charges of this and older periods
     for period, amount, due in charges:
-        upto = before + amount
-        before = upto
+        upto += amount
+        if monotonic:
+            if paid_total >= upto:
+                settled = pay_days[bisect_left(pay_cum, upto)]  # the day the last of it was paid
+                if settled <= due:
+                    continue  # paid in time
+                left = 0
+                overdue = settled - due
+            else:
+                left = min(amount, upto - paid_total)
+                overdue = end - due
+            if overdue <= 0:
+                out.append(ChargePenalty(account, date.fromordinal(period), _kopecks(amount),
+                                         date.fromordinal(due), 0, _kopecks(left), ZERO, False))
+                continue
+            if overdue <= grace and not detail:
+                out.append(ChargePenalty(account, date.fromordinal(period), _kopecks(amount),
+                                         date.fromordinal(due), overdue, _kopecks(left), ZERO, False))
+                continue
 
         def unpaid(day: int, upto: int = upto, amount: int = amount) -> int:  # owed during `day`
             return min(amount, max(0, upto - paid_through(day - 1)))
 
-        left = unpaid(end + 1)
-        d_due = date.fromordinal(due)
-        if due >= end:
-            if left:
-                out.append(ChargePenalty(account, period, _kopecks(amount), d_due, 0, _kopecks(left),
-                                         ZERO, False))
+        if not monotonic:
+            left = unpaid(end + 1)
+            overdue = _last_unpaid_day(due, end, unpaid, pay_days) - due if due < end else 0
+            if overdue <= 0 and not left:
+                continue
+        if overdue <= 0:
+            out.append(ChargePenalty(account, date.fromordinal(period), _kopecks(amount), date.fromordinal(due),
+                                     0, _kopecks(left), ZERO, False))
             continue
-        overdue = _last_unpaid_day(due, end, unpaid, pay_days) - due
-        if monotonic and paid_through(min(due + grace, end)) >= upto:
-            # paid within the days that accrue nothing (the common case): no ranges to walk
-            if overdue > 0:
-                ranges = _walk(due, end, unpaid, pay_days, rules, mults, denominator, True)[2] if detail else ()
-                out.append(ChargePenalty(account, period, _kopecks(amount), d_due, overdue, _kopecks(left),
-                                         ZERO, False, ranges))
-            continue
-        num, provisional, ranges = _walk(due, end, unpaid, pay_days, rules, mults, denominator, detail)
-        out.append(ChargePenalty(account, period, _kopecks(amount), d_due, overdue, _kopecks(left),
-                                 _kopecks(_round_half_up(num, denominator)), provisional, ranges))
-    return [c for c in out if c.days > 0 or c.unpaid > 0]
+        if detail:
+            num, provisional, ranges = _walk(due, end, unpaid, pay_days, rules, mults, denominator, True)
+        else:
+            num, provisional = _walk_sum(due, end, upto, amount, pay_days, pay_cum, rules)
+            ranges = ()
+        out.append(ChargePenalty(account, date.fromordinal(period), _kopecks(amount), date.fromordinal(due),
+                                 overdue, _kopecks(left), _kopecks(_round_half_up(num, denominator)),
+                                 provisional, ranges))
+    return out
 
 
 def _pay_cuts(pay_days: Sequence[int], first: int, end: int) -> list[int]:
@@ -563,7 +620,7 @@ def _last_unpaid_day(due: int, end: int, unpaid: Any, pay_days: Sequence[int]) -
 
 
 def _walk(due: int, end: int, unpaid: Any, pay_days: Sequence[int], rules: PenaltyRules,
-          mults: list[tuple[int, int, str]], denominator: int, detail: bool,
+          mults: Sequence[tuple[int, int, str]], denominator: int, detail: bool,
           ) -> tuple[int, bool, tuple[DayRange, ...]]:
     """Sum amount x rate x days x fraction over the ranges in which none of them changes."""
     first = due + 1
@@ -606,6 +663,53 @@ def _walk(due: int, end: int, unpaid: Any, pay_days: Sequence[int], rules: Penal
                 (Decimal(applied) / HUNDREDTHS).quantize(KOPECK), label, seg.rule,
                 (Decimal(part) / (denominator * 100)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)))
     return num, provisional, tuple(ranges)
+
+
+def _walk_sum(due: int, end: int, upto: int, amount: int, pay_days: Sequence[int], pay_cum: Sequence[int],
+              rules: PenaltyRules) -> tuple[int, bool]:
+    """`_walk` without the ranges, for the many-account run: the same sum over fewer, merged cuts."""
+    mults = rules._mults
+    first = due + rules._grace + 1  # the days before accrue nothing
+    if first > end:
+        return 0, False
+    points = {first}
+    points.update(due + fd for fd, _, _ in mults if first < due + fd <= end)
+    starts = rules._sum_starts
+    i = bisect_right(starts, first)
+    n_starts = len(starts)
+    while i < n_starts and starts[i] <= end:
+        points.add(starts[i])
+        i += 1
+    lo = bisect_right(pay_days, first - 1)
+    hi = bisect_right(pay_days, end - 1)
+    points.update(d + 1 for d in pay_days[lo:hi])
+    cuts = sorted(points)
+    rates = rules._sum_rates
+    num = 0
+    provisional = False
+    last = len(cuts) - 1
+    for k, a in enumerate(cuts):
+        j = bisect_right(pay_days, a - 1) - 1
+        owed = upto - (pay_cum[j] if j >= 0 else 0)
+        if owed <= 0:
+            continue
+        if owed > amount:
+            owed = amount
+        n = a - due
+        mult = 0
+        for fd, m, _ in mults:
+            if fd <= n:
+                mult = m
+        applied, prov = rates[bisect_right(starts, a) - 1]
+        if applied is None:
+            raise UserError(f"no key rate for {date.fromordinal(a)}: {KEY_RATES_FILE.name} starts on "
+                            f"{rules.key_rates[0][0]}")
+        b = cuts[k + 1] - 1 if k < last else end
+        part = owed * applied * (b - a + 1) * mult
+        if part:
+            num += part
+            provisional = provisional or prov
+    return num, provisional
 
 
 def penalties_many(conn: Any, on: date, accounts: Sequence[str] | None = None, *,

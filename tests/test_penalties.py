@@ -319,3 +319,69 @@ def test_a_bad_rules_file_is_refused_with_every_problem(tmp_path: Path) -> None:
                      "due_date[0]: key 'day': a day of the month 1-28", "rule[0]: key 'kind': 'pause'"):
         assert expected in text, expected
     assert text.startswith("6 problem(s) in the penalty rules")
+
+
+def _by_hand(acc_charges: list[tuple[date, int]], acc_pays: list[tuple[date, int]], on: date,
+             ) -> dict[date, Decimal]:
+    """The law read literally, one day at a time in exact fractions: the reference for the fast paths."""
+    from fractions import Fraction
+
+    rules = default_rules()
+
+    def rate(day: date) -> Fraction:
+        key = Fraction(str([r for d, r in rules.key_rates if d <= day][-1]))
+        for r in rules.rules:
+            if r.start <= day < r.until:
+                if r.kind == "suspended" or r.rate is None:
+                    return Fraction(0)
+                cap = Fraction(str(r.rate))
+                return cap if r.kind == "fixed" else min(key, cap)
+        return key
+
+    def fraction(n: int) -> Fraction:
+        return Fraction(0) if n <= 30 else Fraction(1, 300) if n <= 90 else Fraction(1, 130)
+
+    nets: dict[date, int] = {}
+    for period, kop in acc_charges:
+        nets[period] = nets.get(period, 0) + kop
+    payments = list(acc_pays) + [(rules.due(p), -k) for p, k in nets.items() if k < 0 and rules.due(p) <= on]
+    out = {}
+    upto = 0
+    for period in sorted(p for p, k in nets.items() if k > 0):
+        amount = nets[period]
+        upto += amount
+        due = rules.due(period)
+        total = Fraction(0)
+        day = due + timedelta(days=1)
+        while day <= on:
+            paid = sum(k for d, k in payments if d < day)
+            owed = min(amount, max(0, upto - paid))
+            total += Fraction(owed, 100) * rate(day) / 100 * fraction((day - due).days)
+            day += timedelta(days=1)
+        out[period] = Decimal(total.numerator) / Decimal(total.denominator)
+    return {p: v.quantize(D("0.01"), rounding="ROUND_HALF_UP") for p, v in out.items()}
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_periods = st.dates(date(2019, 6, 1), date(2023, 6, 1)).map(lambda d: d.replace(day=1))
+_days = st.dates(date(2019, 6, 1), date(2024, 6, 30))
+
+
+@settings(max_examples=60, deadline=None)
+@given(charges=st.lists(st.tuples(_periods, st.integers(-20000, 200000)), min_size=1, max_size=4),
+       pays=st.lists(st.tuples(_days, st.integers(-50000, 200000).filter(bool)), max_size=5),
+       on=st.dates(date(2020, 1, 1), date(2024, 6, 30)))
+def test_fast_paths_agree_with_the_law_read_day_by_day(charges, pays, on) -> None:
+    from billing.penalties import _Account, _account_penalties
+
+    pays = [(d, k) for d, k in pays if d <= on]
+    charges = sorted(charges)
+    acc = _Account([p.toordinal() for p, _ in charges], [k for _, k in charges],
+                   [d.toordinal() for d, _ in sorted(pays)], [k for _, k in sorted(pays)])
+    expected = _by_hand(charges, pays, on)
+    for detail in (True, False):
+        got = {c.period: c.penalty for c in _account_penalties("1", acc, on, default_rules(), detail)}
+        for period, penalty in expected.items():
+            assert got.get(period, D("0.00")) == penalty, (detail, period)
