@@ -88,6 +88,8 @@ def test_readings_then_a_month_without_is_billed_by_the_average(manual_db) -> No
     # the customer account sees the method
     assert manual_db.execute("SELECT method FROM portal_bill WHERE account = '501' AND period = %s",
                              (SEP,)).fetchone() == ("average",)
+    # the same estimate on the same data: a re-run writes nothing
+    assert bill_period(manual_db, SEP, ["501"], average_months=3).unchanged == 1
 
 
 def test_the_average_takes_at_most_the_setting_months(manual_db) -> None:
