@@ -428,6 +428,7 @@ class DayRange:
     fraction: str  # "0", "1/300", "1/130"
     rule: str | None
     penalty: Decimal  # this range's part, to 1/100 of a kopeck (the charge is rounded once)
+    provisional: bool = False  # the key rate is past the file's checked_through date
 
     @property
     def days(self) -> int:
@@ -436,7 +437,8 @@ class DayRange:
     def as_dict(self) -> dict[str, Any]:
         return {"from": self.start.isoformat(), "to": self.end.isoformat(), "days": self.days,
                 "unpaid": str(self.unpaid), "key_rate": None if self.key_rate is None else str(self.key_rate),
-                "rate": str(self.rate), "fraction": self.fraction, "rule": self.rule, "penalty": str(self.penalty)}
+                "rate": str(self.rate), "fraction": self.fraction, "rule": self.rule, "penalty": str(self.penalty),
+                "provisional": self.provisional}
 
 
 @dataclass(frozen=True)
@@ -635,7 +637,7 @@ def _walk(due: int, end: int, unpaid: Any, pay_days: Sequence[int], rules: Penal
     cuts = sorted(points)
     num = 0
     provisional = False
-    ranges: list[DayRange] = []
+    spans: list[list[Any]] = []  # [start, end, owed, key_h, applied, label, rule, provisional, part]
     for k, a in enumerate(cuts):
         b = cuts[k + 1] - 1 if k + 1 < len(cuts) else end
         owed = unpaid(a)
@@ -657,12 +659,19 @@ def _walk(due: int, end: int, unpaid: Any, pay_days: Sequence[int], rules: Penal
             provisional = True
         num += part
         if detail and owed:
-            ranges.append(DayRange(
-                date.fromordinal(a), date.fromordinal(b), _kopecks(owed),
-                None if seg.key_h is None else (Decimal(seg.key_h) / HUNDREDTHS).quantize(KOPECK),
-                (Decimal(applied) / HUNDREDTHS).quantize(KOPECK), label, seg.rule,
-                (Decimal(part) / (denominator * 100)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)))
-    return num, provisional, tuple(ranges)
+            same = (owed, seg.key_h, applied, label, seg.rule, seg.provisional)
+            if spans and spans[-1][1] == a - 1 and tuple(spans[-1][2:8]) == same:
+                spans[-1][1] = b  # nothing the reader sees changed: one range
+                spans[-1][8] += part
+            else:
+                spans.append([a, b, *same, part])
+    ranges = tuple(
+        DayRange(date.fromordinal(a), date.fromordinal(b), _kopecks(owed),
+                 None if key_h is None else (Decimal(key_h) / HUNDREDTHS).quantize(KOPECK),
+                 (Decimal(applied) / HUNDREDTHS).quantize(KOPECK), label, rule,
+                 (Decimal(part) / (denominator * 100)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP), prov)
+        for a, b, owed, key_h, applied, label, rule, prov, part in spans)
+    return num, provisional, ranges
 
 
 def _walk_sum(due: int, end: int, upto: int, amount: int, pay_days: Sequence[int], pay_cum: Sequence[int],

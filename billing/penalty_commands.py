@@ -94,6 +94,8 @@ def _show(args: argparse.Namespace, account: str, rules: PenaltyRules) -> int:
               f"penalty {c.penalty}{mark}")
         for r in c.ranges:
             rule = f"  [{r.rule}]" if r.rule else ""
+            if r.provisional:
+                rule += "  (key rate not checked)"
             key = "-" if r.key_rate is None else f"{r.key_rate}"
             print(f"  {r.start}..{r.end} {r.days:>4} d  on {r.unpaid}  key {key} %  applied {r.rate} %  "
                   f"x {r.fraction}  = {r.penalty}{rule}")
