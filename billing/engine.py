@@ -681,7 +681,7 @@ def _estimates(conn: Any, period: date, subscribers: Sequence[tuple[str, str, st
             norm_wanted[account] = (category, rooms, residents, "no reading before the month")
             continue
         gap = _months_between(_first_month_from(hi, zone), period) + 1  # months without readings, this one too
-        last_full = _add_months(_first_month_from(hi, zone), -1)
+        last_full = _add_months(hi.astimezone(zone).date().replace(day=1), -1)  # the last ending by hi
         first_full = _first_month_from(lo, zone)
         if gap > average_months:
             norm_wanted[account] = (category, rooms, residents,

@@ -92,6 +92,17 @@ def test_readings_then_a_month_without_is_billed_by_the_average(manual_db) -> No
     assert bill_period(manual_db, SEP, ["501"], average_months=3).unchanged == 1
 
 
+def test_a_month_read_only_in_part_is_not_averaged(manual_db) -> None:
+    three_months(manual_db)
+    read(manual_db, "h-501", (date(2026, 9, 16), "2280"))  # September read up to the 16th only
+    bill_period(manual_db, OCT, ["501"], average_months=3)
+    b = latest(manual_db, "501", OCT)
+    # October is the first month after the last reading; the months wholly read are June to
+    # August (September's 200 kWh cover half of it): (300 + 360 + 420) / 3 = 360
+    assert (b["method"], b["kwh"]) == ("average", D("360"))
+    assert "2026-06..2026-08" in b["reason"]
+
+
 def test_the_average_takes_at_most_the_setting_months(manual_db) -> None:
     three_months(manual_db)
     bill_period(manual_db, SEP, ["501"], average_months=2)
