@@ -814,11 +814,24 @@ def accrue(conn: Any, on: date, accounts: Sequence[str] | None = None, *, rules:
             f"{rules.checked_through}, the date {KEY_RATES_FILE.name} was checked through: add the key rate "
             "changes since then and move checked_through, or accrue with --allow-unchecked-rates; nothing posted")
     if rows:
+        # COPY into a scratch table, then one INSERT: a row per statement is ten times as slow
         with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO ledger_entry (account, component, kind, amount, booked_on, period, source, reason,"
-                " author, idempotency_key) VALUES (%s, 'penalty', 'accrual', %s, %s, %s, 'penalties', %s, %s, %s)"
-                " ON CONFLICT (idempotency_key) DO NOTHING", rows)
-        summary.posted = len(rows)
-        summary.amount = sum((r[1] for r in rows), ZERO)
+            cur.execute("CREATE TEMP TABLE penalty_accrual_in (account text, amount numeric(14, 2),"
+                        " booked_on date, period date, reason text, author text, idempotency_key text)")
+            try:
+                with cur.copy("COPY penalty_accrual_in FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                posted, amount = cur.execute(
+                    """WITH ins AS (
+                           INSERT INTO ledger_entry (account, component, kind, amount, booked_on, period, source,
+                                                     reason, author, idempotency_key)
+                           SELECT account, 'penalty', 'accrual', amount, booked_on, period, 'penalties', reason,
+                                  author, idempotency_key FROM penalty_accrual_in
+                           ON CONFLICT (idempotency_key) DO NOTHING RETURNING amount)
+                       SELECT count(*), coalesce(sum(amount), 0) FROM ins""").fetchone()
+            finally:
+                cur.execute("DROP TABLE IF EXISTS penalty_accrual_in")
+        summary.posted = int(posted)
+        summary.amount = Decimal(amount).quantize(KOPECK)
     return summary
