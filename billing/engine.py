@@ -295,11 +295,9 @@ def split_bands(bands: Sequence[Decimal], cells: Sequence[Decimal], quantum: Dec
     bands 1,200 / 2,700 / 600) comes out exact: day 800 / 1,800 / 400, night
     400 / 900 / 200.
     """
-    e = [int(c / quantum) for c in cells]
-    b = [int(v / quantum) for v in bands]
-    if any(Decimal(x) * quantum != v for x, v in zip(e, cells, strict=True)) or \
-            any(Decimal(x) * quantum != v for x, v in zip(b, bands, strict=True)):
-        raise ValueError("split_bands: the energies must lie on the quantum grid")
+    k = -int(quantum.as_tuple().exponent)
+    e = [_units(c, k) for c in cells]
+    b = [_units(v, k) for v in bands]
     total = sum(e)
     if total != sum(b):
         raise ValueError(f"split_bands: the bands sum to {sum(bands)}, the cells to {sum(cells)}")
@@ -320,7 +318,16 @@ def split_bands(bands: Sequence[Decimal], cells: Sequence[Decimal], quantum: Dec
         for i in rows:
             share[i][j] += 1
             row_left[i] -= 1
-    return [[Decimal(x) * quantum for x in row] for row in share]
+    return [[Decimal(x).scaleb(-k) for x in row] for row in share]
+
+
+def _units(value: Decimal, k: int) -> int:
+    """A quantity as a whole number of 10**-k units; refused when it is not one."""
+    scaled = value.scaleb(k)
+    units = int(scaled)
+    if units != scaled:
+        raise ValueError(f"split_bands: {value} does not lie on the grid of {Decimal(1).scaleb(-k)}")
+    return units
 
 
 def _apportion(amount: Decimal, weights: Sequence[Decimal], quantum: Decimal) -> list[Decimal]:
@@ -355,11 +362,15 @@ def _banded_lines(plan: str, segs: Sequence[PlanSegment], usage: Usage) -> tuple
     bands = segs[0].bands
     total = sum((c[2] for c in cells), ZERO)
     volumes = _band_volumes(total, bands)
-    q = _quantum([*(c[2] for c in cells), *(c[3] for c in cells),
-                  *(b.lo for b in bands), *(b.hi for b in bands if b.hi is not None)])
-    shares = split_bands(volumes, [c[2] for c in cells], q)
-    est_shares = [_apportion(c[3], [shares[i][j] for i in range(len(bands))], q)
-                  for j, c in enumerate(cells)]
+    if not any(volumes[1:]):  # the month within band 1, as most homes: nothing to split
+        shares = [[c[2] for c in cells], *([ZERO] * len(cells) for _ in bands[1:])]
+        est_shares = [[c[3], *[ZERO] * (len(bands) - 1)] for c in cells]
+    else:
+        q = _quantum([*(c[2] for c in cells), *(c[3] for c in cells),
+                      *(b.lo for b in bands), *(b.hi for b in bands if b.hi is not None)])
+        shares = split_bands(volumes, [c[2] for c in cells], q)
+        est_shares = [_apportion(c[3], [shares[i][j] for i in range(len(bands))], q) if c[3]
+                      else [ZERO] * len(bands) for j, c in enumerate(cells)]
     lines = []
     for s, seg in enumerate(segs):
         for i, band in enumerate(seg.bands):
