@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 from datetime import date, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amr.cli import main
 from amr.settings import get_settings
@@ -24,6 +27,8 @@ from billing import ledger
 from billing.penalties import (
     PenaltyRulesError,
     UncheckedRates,
+    _Account,
+    _account_penalties,
     accrue,
     default_rules,
     load_rules,
@@ -324,8 +329,6 @@ def test_a_bad_rules_file_is_refused_with_every_problem(tmp_path: Path) -> None:
 def _by_hand(acc_charges: list[tuple[date, int]], acc_pays: list[tuple[date, int]], on: date,
              ) -> dict[date, Decimal]:
     """The law read literally, one day at a time in exact fractions: the reference for the fast paths."""
-    from fractions import Fraction
-
     rules = default_rules()
 
     def rate(day: date) -> Fraction:
@@ -362,9 +365,6 @@ def _by_hand(acc_charges: list[tuple[date, int]], acc_pays: list[tuple[date, int
     return {p: v.quantize(D("0.01"), rounding="ROUND_HALF_UP") for p, v in out.items()}
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 _periods = st.dates(date(2019, 6, 1), date(2023, 6, 1)).map(lambda d: d.replace(day=1))
 _days = st.dates(date(2019, 6, 1), date(2024, 6, 30))
 
@@ -374,8 +374,6 @@ _days = st.dates(date(2019, 6, 1), date(2024, 6, 30))
        pays=st.lists(st.tuples(_days, st.integers(-50000, 200000).filter(bool)), max_size=5),
        on=st.dates(date(2020, 1, 1), date(2024, 6, 30)))
 def test_fast_paths_agree_with_the_law_read_day_by_day(charges, pays, on) -> None:
-    from billing.penalties import _Account, _account_penalties
-
     pays = [(d, k) for d, k in pays if d <= on]
     charges = sorted(charges)
     acc = _Account([p.toordinal() for p, _ in charges], [k for _, k in charges],
