@@ -27,12 +27,15 @@ CREATE INDEX registry_file_checksum_idx ON registry_file (checksum);
 -- of ours; waiting for `amr payments match`, which books it and records who
 -- matched it). paid_on is the operation date, the day the payment counts
 -- from (penalties); account_given is the number as the file spelled it.
--- account has no foreign key of its own: a booked payment's ledger entries
--- reference the subscriber already (and a per-row check of a million rows
--- cost a sixth of an import); the import and the match look the account up.
+-- No foreign keys on account and file_id: a per-row check costs as much as
+-- the rest of the row's insert (a million rows per registry), and both are
+-- written by billing/registry.py alone: file_id in the same transaction as
+-- its registry_file row (never deleted), account after looking it up, and a
+-- booked payment's ledger entries reference the subscriber through their own
+-- foreign key.
 CREATE TABLE registry_payment (
     id            bigserial PRIMARY KEY,
-    file_id       bigint NOT NULL REFERENCES registry_file (id),
+    file_id       bigint NOT NULL,
     line          integer NOT NULL,
     source        text NOT NULL,
     operation_id  text NOT NULL,
