@@ -1,4 +1,4 @@
-"""The customer account API's money side: balance and debt per component, and the ledger.
+"""The customer account API's money side: balance and debt per component, the ledger, penalties.
 
 Read-only, through the `portal_*` views like the rest of the API (migration
 019 adds `portal_ledger_entry`). Balances are derived from the ledger at the
@@ -45,6 +45,35 @@ class LedgerEntryOut(BaseModel):
     source: str | None
     reverses: int | None = Field(description="the entry this one cancels")
     reason: str
+
+
+class PenaltyDays(BaseModel):
+    date_from: date
+    date_to: date
+    days: int
+    unpaid: Decimal
+    key_rate: Decimal | None = Field(description="the Bank of Russia key rate those days, percent")
+    rate: Decimal = Field(description="the rate applied after that day's suspension or cap, percent")
+    fraction: str = Field(description="0 for the first 30 days, 1/300 to day 90, 1/130 from day 91")
+    penalty: Decimal
+
+
+class ChargePenaltyOut(BaseModel):
+    period: str = Field(description="the billing month, like 2026-10")
+    amount: Decimal = Field(description="the month's energy charge")
+    due: date
+    days: int = Field(description="days overdue")
+    unpaid: Decimal
+    penalty: Decimal
+    provisional: bool = Field(description="counts days whose key rate is not confirmed yet")
+    ranges: list[PenaltyDays]
+
+
+class Penalties(BaseModel):
+    account: str
+    on: date
+    charges: list[ChargePenaltyOut]
+    total: Decimal
 
 
 class Ledger(BaseModel):
@@ -94,3 +123,22 @@ def ledger(account: AccountNo, allowed: Tokens, db: Database,
     return Ledger(account=acc, entries=[LedgerEntryOut(
         id=r[0], component=r[1], kind=r[2], amount=r[3], booked_on=r[4], period=r[5], source=r[6],
         reverses=r[7], reason=r[8]) for r in rows])
+
+
+@router.get("/accounts/{account}/penalties", response_model=Penalties, responses=ERRORS,
+            summary="late-payment penalties (пени) per overdue month at a date, with their day ranges")
+def penalties(account: AccountNo, allowed: Tokens, db: Database, settings: AppSettings,
+              on: Annotated[date | None, Query(description="the day, like 2026-11-30; default today")] = None,
+              ) -> Penalties:
+    from billing import penalties as pen
+
+    acc = own(account, allowed)
+    day = _on(on, settings.timezone)
+    with db.connection() as conn:
+        subscriber(conn, acc)
+        found = pen.penalties(conn, acc, day, ledger="portal_ledger_entry")
+    return Penalties(account=acc, on=day, total=pen.total(found), charges=[ChargePenaltyOut(
+        period=c.period.strftime("%Y-%m"), amount=c.amount, due=c.due, days=c.days, unpaid=c.unpaid,
+        penalty=c.penalty, provisional=c.provisional, ranges=[PenaltyDays(
+            date_from=r.start, date_to=r.end, days=r.days, unpaid=r.unpaid, key_rate=r.key_rate, rate=r.rate,
+            fraction=r.fraction, penalty=r.penalty) for r in c.ranges]) for c in found])

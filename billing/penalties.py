@@ -469,7 +469,13 @@ class _Account:
     pay_kop: list[int]  # kopecks paid by each entry (a payment's reversal: negative)
 
 
-def _load(conn: Any, on: date, accounts: Sequence[str] | None) -> dict[str, _Account]:
+# where the ledger is read from: the table, or the customer account's view of it (the
+# API's role may read only portal_* views); both have the columns read here
+LEDGER_SOURCES = ("ledger_entry", "portal_ledger_entry")
+
+
+def _load(conn: Any, on: date, accounts: Sequence[str] | None,
+          ledger: str = "ledger_entry") -> dict[str, _Account]:
     """Energy charges (by period) and energy payments (by day) of each account, in one query.
 
     Amounts come as integer kopecks and days as ordinals, gathered into arrays
@@ -478,6 +484,8 @@ def _load(conn: Any, on: date, accounts: Sequence[str] | None) -> dict[str, _Acc
     is a payment when what it reverses is one (joined through the unique index
     on `reverses`, so the common rows need no lookup).
     """
+    if ledger not in LEDGER_SOURCES:
+        raise ValueError(f"ledger source {ledger!r}: expected one of {', '.join(LEDGER_SOURCES)}")
     day = ("CASE WHEN {paid} THEN e.booked_on ELSE coalesce(e.period, date_trunc('month', e.booked_on)::date)"
            " END - date '0001-01-01' + 1")  # a Python date ordinal
     where = "e.component = 'energy' AND e.booked_on <= %(on)s AND (%(acc)s::text[] IS NULL OR e.account = ANY(%(acc)s))"
@@ -485,11 +493,11 @@ def _load(conn: Any, on: date, accounts: Sequence[str] | None) -> dict[str, _Acc
         f"""WITH e AS (
                SELECT e.account, e.kind = 'payment' AS paid, {day.format(paid="e.kind = 'payment'")} AS day,
                       (e.amount * 100)::bigint AS kop
-               FROM ledger_entry e WHERE e.reverses IS NULL AND {where}
+               FROM {ledger} e WHERE e.reverses IS NULL AND {where}
                UNION ALL
                SELECT e.account, r.kind = 'payment', {day.format(paid="r.kind = 'payment'")},
                       (e.amount * 100)::bigint
-               FROM ledger_entry e JOIN ledger_entry r ON r.id = e.reverses
+               FROM {ledger} e JOIN {ledger} r ON r.id = e.reverses
                WHERE e.reverses IS NOT NULL AND {where})
            SELECT account,
                   coalesce(array_agg(day ORDER BY day) FILTER (WHERE NOT paid), '{{}}'),
@@ -722,7 +730,8 @@ def _walk_sum(due: int, end: int, upto: int, amount: int, pay_days: Sequence[int
 
 
 def penalties_many(conn: Any, on: date, accounts: Sequence[str] | None = None, *,
-                   rules: PenaltyRules | None = None, detail: bool = False) -> dict[str, list[ChargePenalty]]:
+                   rules: PenaltyRules | None = None, detail: bool = False,
+                   ledger: str = "ledger_entry") -> dict[str, list[ChargePenalty]]:
     """Every account's charges that are or were overdue, with their penalty as of the end of `on`.
 
     One query over the ledger for all accounts (or those named), then the
@@ -731,16 +740,17 @@ def penalties_many(conn: Any, on: date, accounts: Sequence[str] | None = None, *
     """
     rules = rules or default_rules()
     out: dict[str, list[ChargePenalty]] = {}
-    for account, acc in _load(conn, on, accounts).items():
+    for account, acc in _load(conn, on, accounts, ledger).items():
         found = _account_penalties(account, acc, on, rules, detail)
         if found:
             out[account] = found
     return out
 
 
-def penalties(conn: Any, account: str, on: date, *, rules: PenaltyRules | None = None) -> list[ChargePenalty]:
+def penalties(conn: Any, account: str, on: date, *, rules: PenaltyRules | None = None,
+              ledger: str = "ledger_entry") -> list[ChargePenalty]:
     """One account's overdue or unpaid charges with their day ranges, oldest period first."""
-    return penalties_many(conn, on, [account], rules=rules, detail=True).get(account, [])
+    return penalties_many(conn, on, [account], rules=rules, detail=True, ledger=ledger).get(account, [])
 
 
 def total(charges: Iterable[ChargePenalty]) -> Decimal:

@@ -200,3 +200,26 @@ def test_the_api_shows_balance_and_debt_per_component_and_the_ledger(api, conn) 
         ("payment", "energy"), ("payment", "penalty"), ("charge", "energy")]  # booking order
     assert "author" not in entries[0]  # the supplier's staff are not shown
     assert api.get("/accounts/456/balance", headers=h).status_code == 404  # not this token's
+
+
+def test_the_api_shows_penalties_as_the_library_computes_them(api, conn) -> None:
+    from billing import penalties as pen
+
+    # January's 1,000.00, due on 10 February, unpaid: on 30 April it is 79 days overdue
+    ledger.post(conn, "123", "energy", "charge", Decimal("1000.00"), date(2026, 2, 1), reason="bill for 2026-01",
+                author="test", key="jan", period=date(2026, 1, 1))
+    conn.commit()
+    on = date(2026, 4, 30)
+    want = pen.penalties(conn, "123", on)
+    assert want and want == pen.penalties(conn, "123", on, ledger="portal_ledger_entry")
+    r = api.get("/accounts/123/penalties", params={"on": on.isoformat()}, headers={"Authorization": "Bearer tok-a"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    jan = next(c for c in body["charges"] if c["period"] == "2026-01")
+    assert (jan["due"], jan["days"]) == ("2026-02-10", 79)
+    assert Decimal(jan["penalty"]) == next(c.penalty for c in want if c.period == date(2026, 1, 1)) > 0
+    fractions = [x["fraction"] for x in jan["ranges"]]
+    stages = [f for i, f in enumerate(fractions) if i == 0 or fractions[i - 1] != f]
+    assert stages == ["0", "1/300"]  # 30 days free, then 1/300 to day 79
+    assert sum(x["days"] for x in jan["ranges"]) == 79
+    assert Decimal(body["total"]) == pen.total(want)
