@@ -125,6 +125,19 @@ def load_layout(path: Path | str | None = None) -> Layout:
     separator = raw.get("separator", ";")
     if not isinstance(separator, str) or len(separator) != 1:
         problems.append(f"key 'separator': one character, got {separator!r}")
+    header = raw.get("header_lines", 0)
+    if not isinstance(header, int) or isinstance(header, bool) or header < 0:
+        problems.append(f"key 'header_lines': the number of lines before the first payment, got {header!r}")
+    if not isinstance(totals, dict):
+        problems.append("key 'totals': a table with prefix, count and sum")
+        totals = {}
+    prefix = totals.get("prefix", "=")
+    if not isinstance(prefix, str) or not prefix:
+        problems.append(f"key 'totals.prefix': what the totals line starts with, like \"=\", got {prefix!r}")
+    for k in ("count", "sum"):
+        v = totals.get(k, 1 if k == "count" else 2)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            problems.append(f"key 'totals.{k}': a field number from 1 (after the prefix), got {v!r}")
     fields = raw.get("fields")
     if fields is not None and (not isinstance(fields, int) or fields < max(
             [c for c in columns.values() if isinstance(c, int)], default=1)):

@@ -233,12 +233,14 @@ def test_a_layout_is_data(conn, accounts, cli_env, tmp_path, capsys) -> None:
     assert "2 payments, 17.50 (source post" in out and "booked 2" in out
     assert ledger.balance(conn, "100") == {"energy": Decimal("-10.00"), "penalty": Decimal("-2.50")}
     bad = tmp_path / "bad.toml"
-    bad.write_text('[columns]\ndate = 0\nwhen = 2\n')
+    bad.write_text('header_lines = -1\n[columns]\ndate = 0\nwhen = 2\n[totals]\nprefix = ""\nsum = 0\n')
     with pytest.raises(registry.LayoutError) as exc:
         registry.load_layout(bad)
     assert "key 'columns.date': a column number from 1" in str(exc.value)
     assert "key 'columns.when': unknown field" in str(exc.value)
     assert "key 'columns.account': missing" in str(exc.value)
+    assert "key 'header_lines': the number of lines before the first payment, got -1" in str(exc.value)
+    assert "key 'totals.prefix'" in str(exc.value) and "key 'totals.sum': a field number from 1" in str(exc.value)
 
 
 OPS = [(f"{500 + i}", acc, amount) for i, (acc, amount) in enumerate(
