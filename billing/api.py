@@ -227,6 +227,7 @@ class MonthlyConsumption(BaseModel):
 
 class BillLineOut(BaseModel):
     zone: str
+    band: int | None = Field(default=None, description="the volume band of a banded tariff (1, 2, 3), else null")
     date_from: date
     date_to: date
     kwh: Decimal
@@ -241,6 +242,7 @@ class BillVersion(BaseModel):
     kwh: Decimal
     estimated_kwh: Decimal
     plan: str
+    method: str = Field(default="readings", description="how the volume was found: readings, average or norm")
     reason: str
     diff: dict[str, Any] | None
     created_at: datetime
@@ -698,18 +700,19 @@ def bill(account: AccountNo, allowed: Tokens, db: Database,
     with db.connection() as conn:
         subscriber(conn, acc)
         heads = conn.execute(
-            "SELECT version, total, kwh, estimated_kwh, plan, reason, diff, created_at FROM portal_bill"
+            "SELECT version, total, kwh, estimated_kwh, plan, reason, diff, created_at, method FROM portal_bill"
             " WHERE account = %s AND period = %s ORDER BY version", (acc, p)).fetchall()
         lines = conn.execute(
-            "SELECT version, zone, date_from, date_to, kwh, estimated_kwh, rate, amount"
+            "SELECT version, zone, date_from, date_to, kwh, estimated_kwh, rate, amount, band"
             " FROM portal_bill_line WHERE account = %s AND period = %s ORDER BY version, line_no",
             (acc, p)).fetchall()
     if not heads:
         raise ApiError(404, "not_found", "Счёт за этот месяц не выставлен.")
     versions = [BillVersion(
         version=h[0], total=h[1], kwh=h[2], estimated_kwh=h[3], plan=h[4], reason=h[5], diff=h[6],
-        created_at=h[7], lines=[BillLineOut(zone=ln[1], date_from=ln[2], date_to=ln[3], kwh=ln[4],
-                                            estimated_kwh=ln[5], rate=ln[6], amount=ln[7])
+        created_at=h[7], method=h[8], lines=[BillLineOut(zone=ln[1], date_from=ln[2], date_to=ln[3], kwh=ln[4],
+                                                         estimated_kwh=ln[5], rate=ln[6], amount=ln[7],
+                                                         band=ln[8])
                                 for ln in lines if ln[0] == h[0]]) for h in heads]
     return BillDetail(account=acc, period=period, latest=versions[-1], versions=versions)
 

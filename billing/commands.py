@@ -28,6 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="a TOML tariff catalogue (default: AMR_TARIFFS)")
     ld.add_argument("--check", action="store_true", help="only validate the file; store nothing")
     ld.set_defaults(func=cmd_tariffs_load)
+    nm = tsub.add_parser("norms", help="validate FILE and add its consumption norms (identical cells are skipped)",
+                         description="Consumption norms (kWh a month per category, rooms and residents) "
+                         "bill a manual-metering month after the average of past months runs out "
+                         "(Decree 354). The file is checked whole: with any problem nothing is stored.")
+    nm.add_argument("file", type=Path, metavar="FILE",
+                    help="a TOML norms file, like billing/catalogues/norms-example.toml")
+    nm.add_argument("--check", action="store_true", help="only validate the file; store nothing")
+    nm.set_defaults(func=cmd_tariffs_norms)
     ls = tsub.add_parser("list", help="the stored tariffs")
     ls.add_argument("--on", type=date.fromisoformat, help="only those in force on this date")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -122,6 +130,19 @@ def cmd_tariffs_load(args: argparse.Namespace) -> int:
     except TariffError as exc:  # every problem, headed by their count, as `amr` prints any ProblemsError
         raise UserError(exc.describe()) from None
     print(f"{path}: added {added} tariffs, {known} already stored")
+    return 0
+
+
+def cmd_tariffs_norms(args: argparse.Namespace) -> int:
+    from billing.tariffs import load_norms_file, store_norms
+
+    norms = load_norms_file(args.file)  # a TariffError is printed by the CLI with every problem
+    if args.check:
+        print(f"{args.file}: {len(norms)} norm cells: OK")
+        return 0
+    with db.connect(get_settings().database_url) as conn:
+        added, known = store_norms(conn, norms)
+    print(f"{args.file}: added {added} norm cells, {known} already stored")
     return 0
 
 
