@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,6 +27,9 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from amr.settings import Settings
 from billing import ledger, payments
@@ -454,3 +458,26 @@ def test_the_simulator_runs_as_a_program() -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+# --- a property: any sequence of callbacks, repeats included ------------------------------
+
+@hyp_settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(calls=st.lists(st.sampled_from(["pending", "succeeded", "failed"]), min_size=1, max_size=6))
+def test_any_sequence_of_signed_callbacks_books_the_first_final_word_once(stack: Stack, conn, calls) -> None:
+    """Callbacks in any order and number for one payment: its first final status is the one taken,
+    a succeeded payment is booked exactly once, and nothing else is ever booked."""
+    p = stack.pay(key=f"prop-{uuid.uuid4()}").json()
+    pid = provider_id(conn, p["id"])
+    for status in calls:
+        body = json.dumps({"id": pid, "status": status, "amount": "112.80",
+                           "paid_at": datetime.now(UTC).isoformat() if status == "succeeded" else None}).encode()
+        r = httpx.post(f"{stack.url}/payments/callback", content=body, headers=signed(body))
+        assert r.status_code == 200, r.text
+    first_final = next((s for s in calls if s != "pending"), None)
+    assert state(conn, p["id"]) == (first_final or "pending")
+    booked = conn.execute("SELECT component, amount FROM ledger_entry WHERE idempotency_key LIKE %s"
+                          " ORDER BY component", (f"card:sim:{pid}:%",)).fetchall()
+    conn.commit()
+    want = [("energy", Decimal("-100.50")), ("penalty", Decimal("-12.30"))] if first_final == "succeeded" else []
+    assert [tuple(b) for b in booked] == want
