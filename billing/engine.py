@@ -801,7 +801,8 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         if new_bills:  # each new version posts its difference to the one before to the ledger
             from billing.ledger import post_bill_charges
 
-            post_bill_charges(conn, period, sorted({b.account for b, *_ in new_bills}), tz=tz)
+            # the run's accounts (None: all): any version of theirs not posted yet is, these included
+            post_bill_charges(conn, period, wanted, tz=tz)
         summary.phases["written"] = time.perf_counter() - started
         if progress:
             progress(len(month.subscribers), len(month.subscribers))

@@ -15,13 +15,16 @@ CREATE TABLE ledger_entry (
     booked_on       date NOT NULL,
     period          date CHECK (period IS NULL OR extract(day FROM period) = 1),
     source          text,
-    reverses        bigint UNIQUE REFERENCES ledger_entry (id),
+    reverses        bigint REFERENCES ledger_entry (id),
     reason          text NOT NULL,
     author          text NOT NULL,
     idempotency_key text NOT NULL UNIQUE,
     created_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX ledger_entry_account_idx ON ledger_entry (account, component, booked_on);
+-- an entry is reversed at most once; partial, since nearly every entry reverses nothing
+-- (a full index would cost every charge and payment a write for its NULL)
+CREATE UNIQUE INDEX ledger_entry_reverses_idx ON ledger_entry (reverses) WHERE reverses IS NOT NULL;
 
 CREATE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
