@@ -51,16 +51,37 @@ def parse_duration(text: str | int) -> timedelta:
 
 
 class Subscriber(BaseModel):
+    """One household account: how it is metered and which tariff applies."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    account: str
-    metering: Literal["amr", "manual"] = "amr"
-    plan: Literal["single", "two_zone", "three_zone"] = "single"
-    category: Literal["gas_stove", "electric_stove"] = "gas_stove"
-    area: Literal["urban", "rural"] = "urban"
-    name: str | None = None
-    rooms: int | None = Field(default=None, ge=1, le=50)  # the home's rooms: the consumption norm needs them
-    residents: int | None = Field(default=None, ge=1, le=100)  # people registered in the home: likewise
+    account: str = Field(
+        description="The account number: digits, leading zeros not significant (`000123` is `123`). "
+        "Required; unique in the file."
+    )
+    metering: Literal["amr", "manual"] = Field(
+        default="amr",
+        description="`amr`: readings come from meters the system polls or hears; "
+        "`manual`: a person enters readings (customer API or `amr ingest`).",
+    )
+    plan: Literal["single", "two_zone", "three_zone"] = Field(
+        default="single", description="The tariff plan: one rate, day/night zones, or peak/half-peak/night zones."
+    )
+    category: Literal["gas_stove", "electric_stove"] = Field(
+        default="gas_stove", description="The tariff category of the home's cooker; rates differ by category."
+    )
+    area: Literal["urban", "rural"] = Field(
+        default="urban", description="Urban or rural home; rural homes have their own rates in the catalogue."
+    )
+    name: str | None = Field(default=None, description="A free-text name for people; not used in billing.")
+    rooms: int | None = Field(
+        default=None, ge=1, le=50,
+        description="The home's rooms (1-50): the consumption norm for a month billed without readings needs them.",
+    )
+    residents: int | None = Field(
+        default=None, ge=1, le=100,
+        description="People registered in the home (1-100): the consumption norm needs them too.",
+    )
 
     @field_validator("account", mode="before")
     @classmethod
@@ -73,31 +94,103 @@ class Meter(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1, max_length=64)
-    account: str
-    adapter: Literal["modbus_tcp", "modbus_rtu", "iec62056", "mqtt", "manual"] = "modbus_tcp"
-    preset: str | None = None
-    host: str | None = None
-    port: int | str | None = None
-    unit: int | None = Field(default=None, ge=0, le=247)
-    baudrate: int | None = Field(default=None, gt=0)
-    parity: Literal["N", "E", "O"] | None = None  # Modbus RTU line parity; default N (8N1)
-    address: str | None = None  # IEC 62056-21 device address (multi-drop)
-    dialect: Literal["standard", "energomera"] = "standard"  # IEC 62056-21 dialect
-    password: str | None = None  # IEC 62056-21 programming-mode password (Energomera)
-    device: str | None = None  # MQTT device id / topic part
-    format: str | None = None  # MQTT payload format
-    bus: str | None = None  # name of the RS-485 bus; default: the port
-    interval: timedelta = timedelta(minutes=30)
-    timeout: float = Field(default=1.0, gt=0)
-    pause: float = Field(default=0.0, ge=0)  # pause after each request on a shared bus
-    max_request: int = Field(default=125, ge=1, le=125)  # registers per Modbus request
-    multiplier: Decimal = Field(default=Decimal(1), gt=0)
-    rollover: Decimal = Field(default=Decimal(1_000_000), gt=0)
-    max_power_kw: Decimal = Field(default=Decimal(30), gt=0)
-    installed: datetime | None = None
-    removed: datetime | None = None
-    registers: tuple[str, ...] = ("1.8.0",)
+    id: str = Field(
+        min_length=1, max_length=64,
+        description="The meter's id (1-64 characters), used by every command, reading and topic. Required; unique.",
+    )
+    account: str = Field(description="The account of a `[[subscriber]]` in the same file that this meter bills. Required.")
+    adapter: Literal["modbus_tcp", "modbus_rtu", "iec62056", "mqtt", "manual"] = Field(
+        default="modbus_tcp",
+        description="How readings arrive: polled over Modbus TCP, Modbus RTU (RS-485) or IEC 62056-21; "
+        "published over MQTT; or entered by a person (`manual`).",
+    )
+    preset: str | None = Field(
+        default=None,
+        description="Modbus: the register map, a file name in `adapters/presets/` without `.toml` "
+        "(`eastron_sdm630`, ...). Required for `modbus_tcp` and `modbus_rtu`.",
+    )
+    host: str | None = Field(default=None, description="Modbus TCP: the meter's or the TCP gateway's host name or address.")
+    port: int | str | None = Field(
+        default=None,
+        description="Modbus TCP: the TCP port (default 502). Modbus RTU and IEC 62056: the serial device, "
+        "like `/dev/ttyUSB0`.",
+    )
+    unit: int | None = Field(
+        default=None, ge=0, le=247,
+        description="Modbus: the unit (slave) id, 0-247; two meters on one bus may not share it.",
+    )
+    baudrate: int | None = Field(
+        default=None, gt=0,
+        description="Serial line speed: Modbus RTU's rate, or IEC 62056-21's initial rate (300) before the "
+        "meter proposes its own.",
+    )
+    parity: Literal["N", "E", "O"] | None = Field(
+        default=None, description="Modbus RTU line parity: none, even or odd; default N (8N1)."
+    )
+    address: str | None = Field(
+        default=None, description="IEC 62056-21: the device address in the sign-on, for several meters on one line."
+    )
+    dialect: Literal["standard", "energomera"] = Field(
+        default="standard", description="IEC 62056-21: the meter family's dialect (`energomera`: password and `ET0PE()`)."
+    )
+    password: str | None = Field(
+        default=None,
+        description="IEC 62056-21: the programming-mode password (Energomera). Never stored in the database.",
+    )
+    device: str | None = Field(
+        default=None,
+        description="MQTT: the device id as it appears in its topic (Tasmota's topic, Shelly's id, "
+        "Zigbee2MQTT's friendly name): it says which device is this meter.",
+    )
+    format: str | None = Field(
+        default=None,
+        description="MQTT: the device's payload format, a name from `adapters/schemas/mqtt-devices.toml` "
+        "(like `tasmota`).",
+    )
+    bus: str | None = Field(
+        default=None,
+        description="The name of the RS-485 bus: meters of one bus are polled one after the other. "
+        "Default: the serial port (Modbus TCP: `host:port`).",
+    )
+    interval: timedelta = Field(
+        default=timedelta(minutes=30),
+        description="How often the meter is read, aligned to the wall clock: `30m`, `1h`, `15s`, `1d` or seconds.",
+    )
+    timeout: float = Field(default=1.0, gt=0, description="Seconds to wait for an answer (IEC 62056: between bytes).")
+    pause: float = Field(
+        default=0.0, ge=0, description="Seconds of quiet after each request on a shared bus, for slow meters."
+    )
+    max_request: int = Field(
+        default=125, ge=1, le=125,
+        description="Modbus: at most this many registers per request (1-125), for meters that refuse long reads.",
+    )
+    multiplier: Decimal = Field(
+        default=Decimal(1), gt=0,
+        description="The transformer ratio: the register's kWh times this is the energy billed.",
+    )
+    rollover: Decimal = Field(
+        default=Decimal(1_000_000), gt=0,
+        description="The register's wrap value: a reading at or above it is refused (`above_rollover`), and a drop "
+        "from near it to near 0 is a rollover, not a reset.",
+    )
+    max_power_kw: Decimal = Field(
+        default=Decimal(30), gt=0,
+        description="The largest plausible power in kW: more energy in an interval than this allows is a glitch.",
+    )
+    installed: datetime | None = Field(
+        default=None,
+        description="When the meter was installed, with an offset (`2026-01-01T00:00:00+03:00`); earlier readings "
+        "are refused (`before_installation`).",
+    )
+    removed: datetime | None = Field(
+        default=None,
+        description="When the meter was removed, with an offset, after `installed`; later readings are refused "
+        "(`after_removal`).",
+    )
+    registers: tuple[str, ...] = Field(
+        default=("1.8.0",),
+        description="The OBIS registers this meter has and is read for (`1.8.0` total import, `1.8.1`... zones).",
+    )
 
     @field_validator("account", mode="before")
     @classmethod
