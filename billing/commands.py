@@ -42,14 +42,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=cmd_tariffs_list)
 
     b = sub.add_parser(
-        "bill", help="bill a calendar month: every subscriber or the accounts named",
+        "bill", help="bill a calendar month (every subscriber or the accounts named), or show one bill",
+        usage="%(prog)s --period YYYY-MM [--account N ...] [--reason TEXT] [--json]\n"
+              "       %(prog)s show --account N --period YYYY-MM [--json]",
         description="Prices each account's stored zone energy for a month at the rates in force "
         "(a change inside the month splits it by day), one line per plan zone rounded half-up "
         "to kopecks. Re-running changes nothing unless the data changed; then a new version "
         "is written with the reason and the difference. Accounts with suspect energy are held "
-        "back until `amr suspect accept|reject`.")
+        "back until `amr suspect accept|reject`. `amr bill show --account N --period YYYY-MM` "
+        "prints one bill instead: its lines (zone, band, days, kWh, rate, amount), the total, and "
+        "every version with its reason and the difference from the one before.")
+    b.add_argument("action", nargs="?", choices=["show"], metavar="show",
+                   help="print the account's stored bill for the month instead of billing "
+                        "(needs exactly one --account)")
     b.add_argument("--period", required=True, help="the month, like 2026-10 (local time)")
-    b.add_argument("--account", action="append", metavar="N", help="bill only this account (repeatable)")
+    b.add_argument("--account", action="append", metavar="N",
+                   help="bill only this account (repeatable); with show: the account to print")
     b.add_argument("--reason", help="why this run, kept on every new version (e.g. 'late data')")
     b.add_argument("--json", action="store_true",
                    help="one JSON object per line: each bill written, each held back, the summary")
@@ -182,6 +190,8 @@ def cmd_bill(args: argparse.Namespace) -> int:
     from billing.engine import UnknownAccounts, bill_period, parse_period
     from collector.inventory import normalize_account
 
+    if args.action == "show":
+        return cmd_bill_show(args)
     try:
         period = parse_period(args.period)
         accounts = [normalize_account(a) for a in args.account] if args.account else None
@@ -222,6 +232,62 @@ def cmd_bill(args: argparse.Namespace) -> int:
           f"new versions {summary.new_versions}, held back {len(summary.held_back)} "
           f"({summary.seconds:.1f} s)")
     return 0
+
+
+def cmd_bill_show(args: argparse.Namespace) -> int:
+    """`amr bill show`: one stored bill, read only; the same data the customer API serves."""
+    from billing.engine import parse_period
+    from billing.statements import is_subscriber, statement
+    from collector.inventory import normalize_account
+
+    if not args.account or len(args.account) != 1:
+        raise UserError("amr bill show needs exactly one --account N (and --period YYYY-MM)")
+    if args.reason:
+        raise UserError("--reason is for billing runs; amr bill show only reads a stored bill")
+    try:
+        period = parse_period(args.period)
+        account = normalize_account(args.account[0])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with db.connect(get_settings().database_url) as conn:
+        st = statement(conn, account, period)
+        known = st is not None or is_subscriber(conn, account)
+    if st is None:
+        if not known:
+            raise UserError(f"account {account}: no such subscriber (load it with `amr inventory load FILE`)")
+        raise UserError(f"account {account}: no bill for {period:%Y-%m}; bill the month with "
+                        f"`amr bill --period {period:%Y-%m} --account {account}`")
+    if args.json:
+        print(json.dumps(st.as_dict(), ensure_ascii=False))
+        return 0
+    _print_statement(st)
+    return 0
+
+
+def _print_statement(st: Any) -> None:
+    from billing.statements import line_days
+
+    v = st.latest
+    print(f"account {st.account}  {st.period:%Y-%m}  plan {v.plan}  version {v.version} of "
+          f"{len(st.versions)}  billed by {v.method}")
+    banded = any(ln.band is not None for ln in v.lines)
+    head = f"  {'zone':<10} {'band':>4} {'from':<10} {'to':<10} {'days':>4} {'kWh':>12} {'rate':>8} {'amount':>12}"
+    print(head if banded else head.replace(f" {'band':>4}", ""))
+    for ln in v.lines:
+        band = f" {ln.band if ln.band is not None else '':>4}" if banded else ""
+        print(f"  {ln.zone:<10}{band} {ln.date_from.isoformat():<10} {ln.date_to.isoformat():<10} "
+              f"{line_days(ln):>4} {ln.kwh:>12} {ln.rate:>8} {ln.amount:>12}")
+    est = f" (estimated {v.estimated_kwh})" if v.estimated_kwh else ""
+    print(f"  total {v.total} RUB for {v.kwh} kWh{est}")
+    print("versions:")
+    for ver in st.versions:
+        print(f"  {ver.version}  {ver.created_at:%Y-%m-%d %H:%M}  total {ver.total}  {ver.reason}")
+        for d in (ver.diff or {}).get("lines", []):
+            band = f" band {d['band']}" if d.get("band") else ""
+            rate = (f"rate {d['rate_new']}" if d["rate_old"] == d["rate_new"]
+                    else f"rate {d['rate_old']} -> {d['rate_new']}")
+            print(f"       {d['zone']}{band} from {d['date_from']}: kWh {d['kwh_old']} -> {d['kwh_new']}, "
+                  f"{rate}, amount {d['amount_old']} -> {d['amount_new']}")
 
 
 def suspect_intervals(conn: Any, account: str | None = None, meter: str | None = None) -> list[dict]:
