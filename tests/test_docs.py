@@ -35,3 +35,44 @@ def test_inventory_example_is_a_valid_inventory() -> None:
     assert block is not None
     inv = parse_inventory(tomllib.loads(block.group(1)), "docs/inventory.md")
     assert set(inv.meters) == {"sdm630-0001", "mqtt-0004"}
+
+
+def _blocks(page: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", (DOCS / page).read_text(encoding="utf-8"), re.S)
+
+
+def test_tariff_examples_are_valid() -> None:
+    from billing.tariffs import parse_catalogue, parse_norms
+
+    blocks = _blocks("tariffs.md", "toml")
+    tariffs = [b for b in blocks if "[[tariff]]" in b]
+    norms = [b for b in blocks if "[[norm]]" in b]
+    assert len(tariffs) == 2 and len(norms) == 1
+    assert len(parse_catalogue(tomllib.loads(tariffs[1]), "docs/tariffs.md")) == 2
+    parse_catalogue(tomllib.loads(tariffs[0]), "docs/tariffs.md")
+    assert len(parse_norms(tomllib.loads(norms[0]), "docs/tariffs.md")) == 5
+
+
+def test_tariff_keys_documented() -> None:
+    from billing import tariffs
+
+    page = (DOCS / "tariffs.md").read_text(encoding="utf-8")
+    for key in [*tariffs._KEYS, *tariffs._NORM_KEYS]:
+        assert f"| `{key}` |" in page, f"docs/tariffs.md has no row for the key {key!r}"
+    for rule in tariffs.ALLOCATIONS:
+        assert f'`"{rule}"`' in page, f"docs/tariffs.md does not name the allocation {rule!r}"
+
+
+def test_registry_layout_doc_matches_the_code(tmp_path: Path) -> None:
+    from billing.registry import DEFAULT_LAYOUT, FIELDS, load_layout
+
+    page = (DOCS / "registries.md").read_text(encoding="utf-8")
+    default = load_layout(DEFAULT_LAYOUT)
+    for field, column in default.columns.items():
+        assert f"| {column} | `{field}` |" in page, f"default column {column} ({field}) not as in docs"
+    for field in FIELDS:
+        assert f"`{field}`" in page
+    example = tmp_path / "bank.toml"
+    example.write_text(_blocks("registries.md", "toml")[0], encoding="utf-8")
+    layout = load_layout(example)
+    assert layout.columns["penalty"] == 6 and layout.totals_prefix == "ИТОГО"
