@@ -799,10 +799,11 @@ def bill_period(conn: Any, period: date, accounts: Iterable[str] | None = None, 
         summary.phases["priced"] = time.perf_counter() - started
         _write_lines(conn, new_bills)
         if new_bills:  # each new version posts its difference to the one before to the ledger
-            from billing.ledger import post_bill_charges
+            from billing.ledger import copy_bill_charges
 
-            # the run's accounts (None: all): any version of theirs not posted yet is, these included
-            post_bill_charges(conn, period, wanted, tz=tz)
+            before = {b.account: prev.total for b, prev in changed}
+            copy_bill_charges(conn, period, ((b.account, version, b.total - before.get(b.account, ZERO), why)
+                                             for b, version, why, _ in new_bills), tz=tz)
         summary.phases["written"] = time.perf_counter() - started
         if progress:
             progress(len(month.subscribers), len(month.subscribers))

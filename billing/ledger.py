@@ -182,6 +182,39 @@ def post_bill_charges(conn: Any, period: date, accounts: Iterable[str] | None = 
     return int(cur.rowcount or 0)
 
 
+def copy_bill_charges(conn: Any, period: date, charges: Iterable[tuple[str, int, Decimal, str]], *,
+                      tz: str = "Europe/Moscow", author: str = "billing") -> int:
+    """`post_bill_charges` for the versions a billing run has just written, from what it priced.
+
+    `charges` are (account, version, difference to the version before, the
+    version's reason). The run holds its period's lock and wrote these
+    versions itself, so their keys are new: they go in by COPY, with no join
+    and no conflict check, which is what a city-wide run can afford. Should a
+    key exist after all (an entry posted by hand under a bill's key), nothing
+    of the COPY stays and `post_bill_charges` posts what is missing instead.
+    """
+    period = period.replace(day=1)
+    month = f"{period:%Y-%m}"
+    rows = [(a, v, amount, why) for a, v, amount, why in charges if amount != 0]
+    if not rows:
+        return 0
+    import psycopg
+
+    try:
+        with conn.transaction():
+            booked_on = conn.execute("SELECT (now() AT TIME ZONE %s)::date", (tz,)).fetchone()[0]
+            with conn.cursor() as cur, cur.copy(
+                    "COPY ledger_entry (account, component, kind, amount, booked_on, period, source, reason,"
+                    " author, idempotency_key) FROM STDIN") as cp:
+                for account, version, amount, why in rows:
+                    head = "bill for " if version == 1 else f"bill version {version} for "
+                    cp.write_row((account, ENERGY, "charge", amount, booked_on, period, f"bill {month} v{version}",
+                                  f"{head}{month}: {why}", author, f"bill:{account}:{month}:v{version}"))
+    except psycopg.errors.UniqueViolation:
+        return post_bill_charges(conn, period, sorted({r[0] for r in rows}), tz=tz, author=author)
+    return len(rows)
+
+
 def book_payment(conn: Any, account: str, paid_on: date, *, energy: Decimal = ZERO, penalty: Decimal = ZERO,
                  key: str, source: str, reason: str, author: str, period: date | None = None,
                  ) -> dict[str, tuple[int, bool]]:

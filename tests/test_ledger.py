@@ -223,3 +223,40 @@ def test_the_api_shows_penalties_as_the_library_computes_them(api, conn) -> None
     assert stages == ["0", "1/300"]  # 30 days free, then 1/300 to day 79
     assert sum(x["days"] for x in jan["ranges"]) == 79
     assert Decimal(body["total"]) == pen.total(want)
+
+
+def test_a_billing_run_posts_each_new_version_once(conn) -> None:
+    store_catalogue(conn, load_catalogue_file(CATALOGUES / "example.toml"))
+    for acc in ("601", "602"):
+        add_subscriber(conn, acc, "single")
+        add_usage(conn, f"m-{acc}", OCT, night="10", peak="2", half_peak="3")
+    conn.commit()
+    bill_period(conn, OCT)
+    for acc in ("601", "602"):  # late data: a second version of each
+        add_usage(conn, f"m-{acc}", date(2026, 10, 2), night="7")
+    conn.commit()
+    bill_period(conn, OCT)
+    bill_period(conn, OCT)  # unchanged: posts nothing
+    for acc in ("601", "602"):
+        totals = [t for (t,) in conn.execute("SELECT total FROM bill WHERE account = %s ORDER BY version",
+                                             (acc,))]
+        charges = [e for e in ledger.entries(conn, acc) if e.kind == "charge"]
+        assert len(totals) == 2 and len(charges) == 2
+        assert sum(e.amount for e in charges) == totals[-1]
+
+
+def test_a_key_taken_by_hand_does_not_stop_a_billing_run(conn) -> None:
+    """The fast path (COPY) meets a key posted by hand: the run falls back and posts the rest."""
+    store_catalogue(conn, load_catalogue_file(CATALOGUES / "example.toml"))
+    for acc in ("611", "612"):
+        add_subscriber(conn, acc, "single")
+        add_usage(conn, f"m-{acc}", OCT, night="10", peak="2", half_peak="3")
+    conn.commit()
+    ledger.post(conn, "611", "energy", "adjustment", Decimal("1.00"), OCT, reason="by hand", author="ops",
+                key="bill:611:2026-10:v1")
+    conn.commit()
+    s = bill_period(conn, OCT)
+    assert s.billed == 2
+    [(total,)] = conn.execute("SELECT total FROM bill WHERE account = '612'").fetchall()
+    assert [(e.kind, e.amount) for e in ledger.entries(conn, "612")] == [("charge", total)]
+    assert [(e.kind, e.amount) for e in ledger.entries(conn, "611")] == [("adjustment", Decimal("1.00"))]
