@@ -68,7 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "local spool (AMR_SPOOL_PATH) and an uplink drains it to MQTT (AMR_MQTT_URL) or to the "
             "database (AMR_DATABASE_URL); --sink direct writes to the database in batches. The "
             "inventory is checked completely first and refused with every problem. SIGHUP reloads "
-            "the inventory; SIGTERM stops after the running slot. Metrics on AMR_METRICS_PORT."
+            "the inventory; SIGTERM stops after the running slot. Metrics on AMR_METRICS_PORT. "
+            "Before each wait of 5 s or more it logs the next slot in local time (AMR_TIMEZONE), "
+            "like `next slot at 12:30:00 MSK (in 14 min) for 40 meters every 30 min`. --now reads "
+            "every meter at once before following the slots: `amr gateway --now --cycles 1` polls "
+            "once and exits, a quick check of a new inventory."
         ),
     )
     g.add_argument("--inventory", type=Path, help="inventory file (default: AMR_INVENTORY)")
@@ -77,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--concurrency", type=int, default=100, help="Modbus TCP reads in flight at once")
     g.add_argument("--jitter", type=float, default=2.0, help="seconds of per-meter spread after each slot start")
     g.add_argument("--cycles", type=int, help="stop after this many slots per interval (default: run on)")
+    g.add_argument("--now", action="store_true",
+                   help="a first pass over every meter right away (counted as a cycle), then the slots; "
+                        "without it the first read waits for the next slot, up to a whole interval")
     g.set_defaults(func=cmd_gateway)
 
 
@@ -307,7 +314,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     try:
         asyncio.run(
             run_gateway(
-                path, sink, settings, cycles=args.cycles, config=config,
+                path, sink, settings, cycles=args.cycles, config=config, first_now=args.now,
                 scheduler_options={"tcp_concurrency": args.concurrency, "jitter_s": args.jitter},
             )
         )

@@ -190,8 +190,12 @@ async def run_gateway(
     scheduler_options: dict[str, Any] | None = None,
     on_scheduler: Callable[[Scheduler], None] | None = None,
     config: RuntimeConfig | None = None,
+    first_now: bool = False,
 ) -> Scheduler:
     """Poll every meter of the inventory until stop is set (SIGTERM/SIGINT set it too).
+
+    `first_now` (`amr gateway --now`): a first pass over every meter at once,
+    then the slots; the waits are told in the settings' zone.
 
     `config`: the configuration already loaded from `inventory_path` (by the
     command, which refuses a broken one before opening anything), so that a
@@ -201,7 +205,7 @@ async def run_gateway(
     config = config or load_gateway_config(inventory_path)
     meters = [m for m in config.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None]
     adapters = Adapters(settings, Path(inventory_path).resolve().parent, config.presets)
-    sched = Scheduler(meters, adapters, sink, **(scheduler_options or {}))
+    sched = Scheduler(meters, adapters, sink, **{"timezone": settings.timezone, **(scheduler_options or {})})
     if on_scheduler:
         on_scheduler(sched)
     stop = stop or asyncio.Event()
@@ -227,7 +231,7 @@ async def run_gateway(
     # (in direct mode the /metrics refresher counts the fleet from the database)
     stale_task = None if isinstance(sink, IngestSink) else loop.create_task(_count_stale(sched, stop))
     try:
-        await sched.run(stop, cycles)
+        await sched.run(stop, cycles, first_now=first_now)
     finally:
         if stale_task is not None:
             stale_task.cancel()

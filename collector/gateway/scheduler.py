@@ -7,6 +7,12 @@ network (Modbus TCP) are read concurrently up to a bound; meters on one
 serial bus are read in turn by that bus's own worker, so a bus never carries
 two requests at once and a dead meter costs the others only its timeout.
 
+Before a wait of more than a few seconds the loop of each interval says
+what it waits for, in the local time a person reads (`next slot at 12:30:00
+MSK (in 14 min) for 40 meters every 30 min`): a gateway started at 12:16 is
+otherwise silent for 14 minutes and looks hung. `first_now` reads every
+meter at once, in the slot under way, before following the slots.
+
 A failed read is retried later in the same interval; a slot with no good read
 is a missed slot: counted and logged with meter, bus and reason, never
 skipped in silence. A meter that keeps failing backs off exponentially (up
@@ -35,8 +41,9 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Protocol, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -48,6 +55,9 @@ from amr import metrics
 log = logging.getLogger("amr.scheduler")
 
 SERIAL_ADAPTERS = ("modbus_rtu", "iec62056")
+
+# a wait shorter than this is not announced: a 2-second interval would say so every 2 seconds
+ANNOUNCE_WAIT_S = 5.0
 
 _Metric = TypeVar("_Metric", bound=MetricWrapperBase)
 
@@ -115,6 +125,45 @@ class _SlotRun:
     bus_done: dict[str, float] = field(default_factory=dict)  # bus -> when its last read ended (monotonic)
 
 
+def duration_words(seconds: float) -> str:
+    """A wait or an interval as a person says it: `45 s`, `14 min`, `2 h 5 min`, `1 day`."""
+    s = max(0, round(seconds))
+    if s < 90:
+        return f"{s} s"
+    if s < 3600:
+        return f"{round(s / 60)} min"
+    if s % 86400 == 0:
+        return f"{s // 86400} day{'s' if s > 86400 else ''}"
+    minutes = round(s / 60)
+    h, m = divmod(minutes, 60)
+    return f"{h} h {m} min" if m else f"{h} h"
+
+
+def next_slot_line(now: datetime, slot: datetime, tz: tzinfo, meters: int, interval: timedelta) -> str:
+    """What a loop says before it waits for a slot: the slot in local time, the wait, and for what.
+
+    The date is added when the slot is not today (a daily interval), and the
+    zone's abbreviation always, since the log line's own timestamp may be UTC.
+    """
+    local, today = slot.astimezone(tz), now.astimezone(tz).date()
+    at = local.strftime("%H:%M:%S %Z") if local.date() == today else local.strftime("%Y-%m-%d %H:%M:%S %Z")
+    wait = duration_words((slot - now).total_seconds())
+    return (f"next slot at {at} (in {wait}) for {meters} meter{'s' if meters != 1 else ''} "
+            f"every {duration_words(interval.total_seconds())}")
+
+
+def _zone(tz: str | tzinfo) -> tzinfo:
+    """The zone waits are told in; an unknown name must not stop polling, so it falls back to UTC, said once."""
+    if not isinstance(tz, str):
+        return tz
+    try:
+        return ZoneInfo(tz)
+    except (ValueError, ZoneInfoNotFoundError):
+        log.warning("timezone %r (AMR_TIMEZONE) is not a known zone like Europe/Moscow: the next slots "
+                    "are told in UTC", tz)
+        return UTC
+
+
 def jitter_of(meter_id: str, jitter_s: float) -> float:
     """A stable per-meter offset in [0, jitter_s): the same meter keeps its place in a slot."""
     if jitter_s <= 0:
@@ -126,7 +175,8 @@ class Scheduler:
     """Reads the meters on their intervals and hands readings to a sink.
 
     adapter_for(meter) returns the adapter that reads it (one per protocol,
-    shared). Times are wall-clock UTC for slots and monotonic for waiting.
+    shared). Times are wall-clock UTC for slots and monotonic for waiting;
+    `timezone` is only how the waits are told to a person (the settings' zone).
     """
 
     def __init__(
@@ -143,6 +193,7 @@ class Scheduler:
         backoff_max_s: float = 300.0,
         snap_s: float = 10.0,
         now: Callable[[], datetime] | None = None,
+        timezone: str | tzinfo = UTC,
     ) -> None:
         self.meters = list(meters)
         self.adapter_for = adapter_for
@@ -155,6 +206,7 @@ class Scheduler:
         self.backoff_max_s = backoff_max_s
         self.snap_s = snap_s
         self.now = now or (lambda: datetime.now(UTC))
+        self.tz = _zone(timezone)
         self.state: dict[str, MeterState] = defaultdict(MeterState)
         self.reports: list[CycleReport] = []
         self._sink_lock = asyncio.Lock()
@@ -384,17 +436,31 @@ class Scheduler:
 
     # --- the daemon loop -------------------------------------------------------
 
-    async def _group_loop(self, interval: timedelta, stop: asyncio.Event, cycles: int | None) -> None:
+    async def _group_loop(
+        self, interval: timedelta, stop: asyncio.Event, cycles: int | None, first_now: bool = False
+    ) -> None:
         ran = 0
         last: datetime | None = None
         while not stop.is_set() and (cycles is None or ran < cycles):
             now = self.now()
-            slot = slot_start(now, interval) + interval
-            try:
-                await asyncio.wait_for(stop.wait(), (slot - now).total_seconds())
-                return
-            except TimeoutError:
-                pass
+            n = sum(1 for m in self.meters if m.interval == interval)
+            every = duration_words(interval.total_seconds())
+            if first_now:  # the slot under way, read at once (a read far from its start keeps its time)
+                first_now = False
+                slot = slot_start(now, interval)
+                log.info("first pass now over %d meter%s every %s, then on their slots",
+                         n, "s" if n != 1 else "", every)
+            else:
+                slot = slot_start(now, interval) + interval
+                wait = (slot - now).total_seconds()
+                if wait >= ANNOUNCE_WAIT_S:
+                    log.info("%s", next_slot_line(now, slot, self.tz, n, interval),
+                             extra={"slot": slot.isoformat(), "wait_s": round(wait, 1)})
+                try:
+                    await asyncio.wait_for(stop.wait(), wait)
+                    return
+                except TimeoutError:
+                    pass
             meters = [m for m in self.meters if m.interval == interval]
             if not meters:  # a reload took this interval's meters away
                 last = None
@@ -422,8 +488,14 @@ class Scheduler:
             n, first.isoformat(), len(meters),
         )
 
-    async def run(self, stop: asyncio.Event | None = None, cycles: int | None = None) -> None:
+    async def run(
+        self, stop: asyncio.Event | None = None, cycles: int | None = None, *, first_now: bool = False
+    ) -> None:
         """Poll until stop is set (or `cycles` slots per interval group have run).
+
+        `first_now`: the meters of the start are read at once, in the slot under
+        way (the pass counts as one of the `cycles`), then on their slots; a
+        first poll need not wait up to a whole interval to show that it works.
 
         One loop per distinct interval; a reload that brings a new interval gets
         its loop within a second, and a loop that died of a bug is logged and
@@ -432,10 +504,13 @@ class Scheduler:
         stop = stop or asyncio.Event()
         tasks: dict[timedelta, asyncio.Task[None]] = {}
         finished: set[timedelta] = set()
+        at_start = True
         try:
             while not stop.is_set():
                 for iv in sorted({m.interval for m in self.meters} - tasks.keys() - finished):
-                    tasks[iv] = asyncio.create_task(self._group_loop(iv, stop, cycles), name=f"slots {iv}")
+                    tasks[iv] = asyncio.create_task(self._group_loop(iv, stop, cycles, first_now and at_start),
+                                                    name=f"slots {iv}")
+                at_start = False
                 for iv, task in list(tasks.items()):
                     if not task.done():
                         continue
