@@ -144,8 +144,9 @@ class Meter(BaseModel):
     )
     format: str | None = Field(
         default=None,
-        description="MQTT: the device's payload format, a name from `adapters/schemas/mqtt-devices.toml` "
-        "(like `tasmota`).",
+        description="MQTT: the device's payload format, a `name` or `family` from "
+        "`adapters/schemas/mqtt-devices.toml` (`tasmota`, `shelly_gen1`, `shelly`, `zigbee2mqtt`); "
+        "omitted: the device id alone decides.",
     )
     bus: str | None = Field(
         default=None,

@@ -76,3 +76,56 @@ def test_registry_layout_doc_matches_the_code(tmp_path: Path) -> None:
     example.write_text(_blocks("registries.md", "toml")[0], encoding="utf-8")
     layout = load_layout(example)
     assert layout.columns["penalty"] == 6 and layout.totals_prefix == "ИТОГО"
+
+
+def test_troubleshooting_codes_exist_and_mqtt_ones_are_all_explained() -> None:
+    from adapters.base import OUTCOMES
+    from adapters.reading import REJECT_CODES
+
+    page = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\s*\| `([a-z_0-9]+)` \|", page, re.M))
+    for outcome in set(OUTCOMES) - {"ok"}:
+        assert outcome in rows, f"poll outcome {outcome!r} has no row in docs/troubleshooting.md"
+    mqtt_codes = {"malformed", "too_deep", "too_large", "type", "ts", "schema", "no_energy",
+                  "unknown_topic", "unknown_device", "decode_error", "unit"}
+    assert mqtt_codes <= REJECT_CODES
+    assert mqtt_codes <= rows, f"MQTT codes without a row: {sorted(mqtt_codes - rows)}"
+    named = set(re.findall(r"`([a-z]+_[a-z_]+)`", page)) & REJECT_CODES
+    assert rows | named <= REJECT_CODES | set(OUTCOMES), "docs/troubleshooting.md names a code the code has not"
+
+
+def test_troubleshooting_names_every_subscribed_topic_and_real_presets() -> None:
+    from adapters.mqtt_formats import DEVICES_PATH
+    from adapters.registermap import PRESETS_DIR
+
+    page = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
+    formats = tomllib.loads(DEVICES_PATH.read_text(encoding="utf-8"))["format"]
+    for f in formats:
+        for topic in f["subscribe"]:
+            tail = topic.rsplit("/", 1)[-1]
+            assert f"`{topic}`" in page or f"`.../{tail}`" in page, f"topic {topic} not in the MQTT section"
+    for preset in set(re.findall(r"`((?:eastron|generic)_[a-z0-9_]+)`", page)):
+        assert (PRESETS_DIR / f"{preset}.toml").is_file(), f"docs name a preset {preset!r} that is not shipped"
+
+
+def test_troubleshooting_decode_examples_print_what_the_page_shows(capsys) -> None:
+    import argparse
+    import shlex
+    import textwrap
+
+    from collector.commands import mqtt as mqtt_cmd
+
+    console = _blocks("troubleshooting.md", "console")
+    assert console
+    text = textwrap.dedent(console[0])
+    examples = re.findall(r"^\$ (amr mqtt decode .*)\n((?:(?!\$ ).*\n)*)", text, re.M)
+    assert len(examples) == 2
+    parser = argparse.ArgumentParser()
+    mqtt_cmd.register(parser.add_subparsers())
+    for command, shown in examples:
+        args = parser.parse_args(shlex.split(command)[1:])
+        args.timezone = "Europe/Moscow"
+        args.func(args)
+        out = capsys.readouterr().out
+        for line in shown.strip("\n").splitlines():
+            assert line.split("...")[0].rstrip() in out, f"{command}: {line!r} not in {out!r}"
