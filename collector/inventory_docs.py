@@ -5,7 +5,7 @@ types, defaults, bounds and `Field(description=...)`), so the page cannot
 drift from what `amr inventory check` accepts; tests/test_docs.py compares
 the committed page with `render()`. Regenerate with
 
-    .venv/bin/python -m collector.inventory_docs > docs/inventory.md
+    scripts/docs   (.venv/bin/python -m collector.inventory_docs > docs/inventory.md)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydantic_core import PydanticUndefined
 
 from collector.inventory import Meter, Subscriber
 
-REGENERATE = ".venv/bin/python -m collector.inventory_docs > docs/inventory.md"
+REGENERATE = "scripts/docs"  # which runs: .venv/bin/python -m collector.inventory_docs > docs/inventory.md
 
 _INTRO = """\
 # The inventory

@@ -1,7 +1,7 @@
 """docs/ against the code: the generated inventory page, and names the other pages cite.
 
-If test_inventory_doc_is_generated fails, regenerate the page:
-    .venv/bin/python -m collector.inventory_docs > docs/inventory.md
+If test_inventory_doc_is_generated fails, regenerate the page with `scripts/docs`
+(or `.venv/bin/python -m collector.inventory_docs > docs/inventory.md`) and commit it.
 """
 
 from __future__ import annotations
@@ -129,3 +129,13 @@ def test_troubleshooting_decode_examples_print_what_the_page_shows(capsys) -> No
         out = capsys.readouterr().out
         for line in shown.strip("\n").splitlines():
             assert line.split("...")[0].rstrip() in out, f"{command}: {line!r} not in {out!r}"
+
+
+def test_every_page_is_in_the_index_and_every_link_resolves() -> None:
+    index = (DOCS / "README.md").read_text(encoding="utf-8")
+    for page in DOCS.glob("*.md"):
+        if page.name != "README.md":
+            assert f"]({page.name})" in index, f"docs/README.md does not link {page.name}"
+    for page in DOCS.glob("*.md"):
+        for target in re.findall(r"\]\(([a-z_-]+\.md)(?:#[a-z0-9-]+)?\)", page.read_text(encoding="utf-8")):
+            assert (DOCS / target).is_file(), f"{page.name} links {target}, which is not in docs/"
