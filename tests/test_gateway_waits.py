@@ -131,3 +131,60 @@ def test_an_unknown_zone_tells_the_wait_in_utc_and_says_so(caplog, zone: str) ->
         sched = Scheduler([], lambda m: None, ListSink(), timezone=zone)  # type: ignore[arg-type, return-value]
     assert sched.tz is UTC
     assert f"timezone {zone!r} (AMR_TIMEZONE) is not a known zone" in caplog.text
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AMR_", "PG"))}
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys; from amr.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+        env={**base, "PYTHONPATH": str(ROOT), "AMR_METRICS_PORT": "0", "AMR_LOG_FORMAT": "text", **env},
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+    )
+
+
+def _first_line_with(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> str:
+    """The first output line containing text; then the process is stopped (SIGTERM)."""
+    assert proc.stdout is not None
+    deadline, seen = time.monotonic() + timeout, []
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no line with {text!r}:\n{''.join(seen)}")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def _password(db_url: str) -> str:
+    return psycopg.conninfo.conninfo_to_dict(db_url).get("password") or "no-password-in-the-url"
+
+
+def test_collect_says_at_start_which_topics_it_waits_on_and_where_it_stores(db_url, broker) -> None:
+    proc = _cli(["collect", "--workers", "1", "--formats", "amr,tasmota", "--client-id", "waits-1"],
+                {"AMR_DATABASE_URL": db_url, "AMR_MQTT_URL": f"mqtt://collector@127.0.0.1:{broker.port}",
+                 "AMR_MQTT_GROUP": "waits"})
+    line = _first_line_with(proc, "waits for messages")
+    assert f"collector waits-1 waits for messages from mqtt://collector@127.0.0.1:{broker.port} " \
+           "on amr/v1/+/readings, tele/+/SENSOR (shared group waits) and stores them in " in line, line
+    assert psycopg.conninfo.conninfo_to_dict(db_url)["dbname"] in line
+    assert _password(db_url) not in line
+
+
+def test_drain_follow_says_where_it_drains_to_and_that_it_then_waits(db_url, tmp_path) -> None:
+    from decimal import Decimal
+
+    from collector.gateway.spool import Spool
+
+    path = tmp_path / "spool.sqlite"
+    with Spool(path, 1000) as s:
+        s.put([Reading("gw-x", "1.8.0", datetime(2026, 3, 1, tzinfo=UTC), Decimal("1.5"), frozenset(), "modbus")])
+    proc = _cli(["mqtt", "drain", "--spool", str(path), "--to", "database", "--follow"], {"AMR_DATABASE_URL": db_url})
+    line = _first_line_with(proc, "draining")
+    assert line.startswith(f"draining 1 readings from {path} to "), line
+    assert line.rstrip().endswith("; then waits for new readings (Ctrl-C stops)"), line
+    assert psycopg.conninfo.conninfo_to_dict(db_url)["dbname"] in line and _password(db_url) not in line

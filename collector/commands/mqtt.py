@@ -211,6 +211,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # what the daemon waits for, before it waits: a quiet collector must not look hung
+    from amr.storage.db import describe_database
+
+    log.info("collector %s waits for messages from %s on %s (shared group %s) and stores them in %s",
+             consumer.client_id, broker.describe(), ", ".join(consumer.filters), settings.mqtt_group,
+             describe_database(settings.database_url))
     try:
         consumer.run()
     finally:
@@ -224,6 +230,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     from amr import logs
     from amr.settings import get_settings
+    from amr.storage.db import describe_database
     from collector.gateway.spool import Spool, SpoolError
     from collector.gateway.uplink import IngestForwarder, MqttForwarder, Uplink
     from collector.mqtt.client import broker_from_settings
@@ -239,11 +246,14 @@ def cmd_drain(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     forwarder: MqttForwarder | IngestForwarder
     if args.to == "mqtt":
-        forwarder = MqttForwarder(broker_from_settings(settings), args.topic)
+        broker = broker_from_settings(settings)
+        forwarder = MqttForwarder(broker, args.topic)
+        to = f"{broker.describe()} topic {forwarder.topic}"
     else:
         if not settings.database_url:
             raise UserError("--to database: set AMR_DATABASE_URL")
         forwarder = IngestForwarder(settings.database_url, settings)
+        to = describe_database(settings.database_url)
     uplink = Uplink(spool, forwarder, batch_size=args.batch)
     stop = {"now": False}
 
@@ -253,7 +263,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     started = len(spool)
-    print(f"draining {started} readings from {path}", file=sys.stderr, flush=True)
+    then = "; then waits for new readings (Ctrl-C stops)" if args.follow else ""
+    print(f"draining {started} readings from {path} to {to}{then}", file=sys.stderr, flush=True)
     uplink.start()
     try:
         while not stop["now"] and (args.follow or len(spool) > 0):
