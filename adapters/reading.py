@@ -46,7 +46,7 @@ class Reading(NamedTuple):
 # fixed set only, so no input can create metric series.
 REJECT_CODES = frozenset({
     # validation (collector.rules.vee) and the store
-    "bad_meter_id", "unknown_meter", "bad_register", "not_numeric", "not_finite", "negative",
+    "bad_meter_id", "unknown_meter", "bad_register", "unknown_register", "not_numeric", "not_finite", "negative",
     "above_rollover", "bad_ts", "naive_ts", "future_ts", "before_installation", "after_removal",
     "implausible_ts", "beyond_retention", "conflict", "store_error", "invalid",
     # payload decoders (adapters.mqtt_formats, collector.mqtt.decoding)

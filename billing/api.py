@@ -54,6 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from amr.metrics_http import DB_STATE
 from amr.settings import Settings, get_settings
 from collector.inventory import normalize_account
+from collector.rules.vee import configured_registers, register_refusal
 from collector.rules.vocabulary import STORED_ZONES
 
 log = logging.getLogger("amr.api")
@@ -963,8 +964,10 @@ def _store_readings(conn: psycopg.Connection, acc: str, readings: list[ReadingIn
     from adapters.reading import Reading
     from collector.ingest.ingestor import Ingestor
 
-    meters = {m: (p, rem) for m, p, rem in conn.execute(
-        "SELECT id, max_power_kw, removed FROM meter WHERE account = %s", (acc,)).fetchall()}
+    rows = conn.execute("SELECT id, max_power_kw, removed, adapter, config FROM meter WHERE account = %s",
+                        (acc,)).fetchall()
+    meters = {m: (p, rem) for m, p, rem, _, _ in rows}
+    registers = {m: configured_registers(adapter, config) for m, _, _, adapter, config in rows}
     active = [m for m, (_, rem) in meters.items() if rem is None]
     now = datetime.now(UTC)
     items = []
@@ -988,6 +991,12 @@ def _store_readings(conn: psycopg.Connection, acc: str, readings: list[ReadingIn
             meter_id = active[0]
         if meter_id not in meters:
             raise ApiError(422, "unknown_meter", f"{where}: прибор учёта {meter_id!r} не относится к счёту.")
+        # the one register rule (collector.rules.vee), with its code; the reason for a person in Russian
+        refusal = register_refusal(meter_id, r.obis, registers[meter_id])
+        if refusal is not None:
+            raise ApiError(422, refusal.code,
+                           f"{where}: у прибора учёта {meter_id!r} нет регистра {r.obis!r} "
+                           f"(есть: {', '.join(sorted(registers[meter_id] or ()))}).")
         if ts > now + timedelta(seconds=settings.future_tolerance_s):
             raise ApiError(422, "reading_in_future", f"{where}: дата показания ещё не наступила.")
         last = conn.execute(

@@ -187,6 +187,15 @@ _SegmentRow = tuple[str, str, datetime, datetime, datetime, date, str, Decimal]
 _DailyKey = tuple[date, str, bool, str]
 
 
+class RefusedInput(NamedTuple):
+    """One refused input as a caller reports it: its source (an import's says the line), why."""
+
+    source: str | None
+    code: str
+    reason: str | None
+    raw: bytes | None
+
+
 @dataclass
 class IngestResult:
     accepted: int = 0
@@ -194,6 +203,10 @@ class IngestResult:
     conflict: int = 0
     rejected: int = 0
     rejects_by_code: dict[str, int] = field(default_factory=dict)
+    # the inputs this one call refused (conflicts too), in input order where known, for a
+    # caller that reports them line by line (`amr ingest --rejects`); `+=` does not carry
+    # them, so a running total stays small
+    refused: list[RefusedInput] = field(default_factory=list, compare=False, repr=False)
 
     def __iadd__(self, other: IngestResult) -> Self:
         self.accepted += other.accepted
@@ -307,12 +320,14 @@ class Ingestor:
         missing = [i for i in ids if i not in self._meters and vee.plausible_id(i)]
         if missing:
             rows = self.conn.execute(
-                "SELECT id, multiplier, rollover, max_power_kw, interval_s, installed, removed"
-                " FROM meter WHERE id = ANY(%s)",
+                "SELECT id, multiplier, rollover, max_power_kw, interval_s, installed, removed,"
+                " adapter, config->'registers' FROM meter WHERE id = ANY(%s)",
                 (missing,),
             ).fetchall()
-            for mid, mult, roll, pmax, ival, inst, rem in rows:
-                self._meters[mid] = MeterRules(mid, mult, roll, pmax, timedelta(seconds=ival), inst, rem)
+            for mid, mult, roll, pmax, ival, inst, rem, adapter, regs in rows:
+                self._meters[mid] = MeterRules(
+                    mid, mult, roll, pmax, timedelta(seconds=ival), inst, rem,
+                    vee.configured_registers(adapter, {"registers": regs}))
         return self._meters
 
     # --- the entry point ---
@@ -406,6 +421,7 @@ class Ingestor:
             if rejects:
                 self._write_rejects(rejects)
         result.rejected += len(rejects) - result.conflict
+        result.refused = [RefusedInput(row.source, row.code, row.reason, row.raw) for row in rejects]
         for row in rejects:
             if row.kind == "invalid":
                 result.rejects_by_code[row.code] = result.rejects_by_code.get(row.code, 0) + 1

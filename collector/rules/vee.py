@@ -31,6 +31,8 @@ class MeterRules:
     interval: timedelta = timedelta(minutes=30)
     installed: datetime | None = None
     removed: datetime | None = None
+    # the registers configured for the meter; None: any OBIS register (see configured_registers)
+    registers: frozenset[str] | None = None
     # readings further apart than this are a gap (1.5 intervals); kept, not recomputed
     gap_s: float = field(init=False, repr=False, compare=False)
     # max_energy_kwh by interval length: a meter's intervals take a handful of lengths
@@ -48,6 +50,45 @@ class MeterRules:
                 self._limits.clear()
             limit = self._limits[seconds] = max_energy_kwh(self.max_power_kw, self.multiplier, seconds)
         return limit
+
+
+# Adapters whose meter says itself which registers it sends: an MQTT device's payload
+# format maps its fields to registers (a Shelly Pro 3EM publishes 1.8.0 and 2.8.0),
+# so the inventory's `registers` (a polling list, defaulting to 1.8.0) is not its list.
+_SELF_DESCRIBING_ADAPTERS = frozenset({"mqtt"})
+
+
+def configured_registers(adapter: str | None, config: object) -> frozenset[str] | None:
+    """The registers a meter may send readings for, from its meter row; None: any OBIS register.
+
+    The list is the inventory's `registers` key (kept in meter.config). A meter
+    without one (a row not written from an inventory, config '{}') and an MQTT
+    device (whose payload format, not the polling list, decides what it
+    publishes) have no list: every register that is an OBIS code is taken.
+    """
+    if adapter in _SELF_DESCRIBING_ADAPTERS or not isinstance(config, dict):
+        return None
+    regs = config.get("registers")
+    if not isinstance(regs, list | tuple) or not regs:
+        return None
+    return frozenset(r for r in regs if isinstance(r, str))
+
+
+def register_refusal(meter_id: str, register: str, registers: frozenset[str] | None) -> Refusal | None:
+    """The one rule for a register: refused unless configured for its meter (when it has a list).
+
+    Every entry point (file import, MQTT, the gateway, the API's POST readings)
+    goes through `check`, which applies this; the API calls it before its own
+    checks so that its answer carries the same code and reason.
+    """
+    if registers is None or register in registers:
+        return None
+    return Refusal(
+        "unknown_register",
+        f"meter {meter_id!r}: register {register!r} is not configured for this meter "
+        f"(its registers: {', '.join(sorted(registers))}); add it to the meter's 'registers' "
+        "in the inventory and run amr inventory load, or correct the reading",
+    )
 
 
 def plausible_id(meter_id: object) -> bool:
@@ -126,6 +167,10 @@ def check(r: Reading, meter: MeterRules | None, now: datetime, future_tolerance:
             return Refusal("bad_register", f"meter {r.meter_id!r}: register {register!r} is not an OBIS code like 1.8.0")
         if len(_GOOD_REGISTERS) < 4096:
             _GOOD_REGISTERS.add(register)
+    if meter.registers is not None and register not in meter.registers:
+        refusal = register_refusal(r.meter_id, register, meter.registers)
+        assert refusal is not None
+        return refusal
     value = r.value
     if type(value) is not Decimal or not value.is_finite() or value < _ZERO:
         refusal = check_value(value, _who(r))
