@@ -69,7 +69,7 @@ def test_bad_lines_are_rejected_with_reasons_and_good_ones_stored(db_url, conn, 
     )
     f.write_bytes(body)
     res = amr(db_url, "ingest", str(f), "--json")
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 3, res.stderr  # some lines refused (issue 18: was 0)
     assert json.loads(res.stdout) == {"file": str(f), "accepted": 4, "duplicate": 0, "conflict": 0, "rejected": 9}
     rows = conn.execute("SELECT code, reason, length(raw) FROM rejected_reading ORDER BY id").fetchall()
     assert [c for c, _, _ in rows] == [
@@ -133,7 +133,7 @@ def test_hostile_lines_are_refused_one_by_one_without_a_traceback(db_url, conn, 
     f.write_text("\n".join(lines) + "\n")
     res = amr(db_url, "ingest", str(f), "--json")
     assert "Traceback" not in res.stderr, res.stderr
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 3, res.stderr  # some lines refused
     out = json.loads(res.stdout)
     assert (out["accepted"], out["rejected"]) == (5, 9), out
     conn.rollback()
@@ -163,7 +163,7 @@ def test_old_dates_are_refused_one_by_one(db_url, conn, tmp_path) -> None:
     f.write_text("\n".join([good[0], *(_line(ts, '"5"') for ts in old), *good[1:]]) + "\n")
     res = amr(db_url, "ingest", str(f), "--json")
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 3, res.stderr[-2000:]  # some lines refused
     out = json.loads(res.stdout)
     assert (out["accepted"], out["rejected"]) == (3, 4), out
     conn.rollback()

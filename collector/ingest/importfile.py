@@ -2,9 +2,16 @@
 
 Used by `amr ingest` for back-fills and imports from other systems. Parsing
 only turns text into `Reading`s; whatever cannot be represented becomes a
-`Rejected` with its line number and raw bytes; a `Reading` carries its
-line in its source (`import:FILE#L12`). Whether a reading is valid is
-decided by collector.rules.vee, in the ingestion path, like for every other source.
+`Rejected` with its line number and raw bytes. Both carry the line in their
+source (`import:FILE#L12`), so every refusal, the importer's or validation's,
+can be traced to its line. Whether a reading is valid is decided by
+collector.rules.vee, in the ingestion path, like for every other source.
+
+CSV comes as spreadsheets in Russia export it, too (Excel, 1C): `;` between
+fields, a decimal comma, a UTF-8 BOM or cp1251 text, Russian column names
+(`HEADER_NAMES`), extra columns. `sniff_csv` detects each of these where the
+file leaves no doubt and takes it from the caller where it does (see
+`CsvDialect`); an ambiguous separator is refused with the option to give.
 
 A file is untrusted input, so every line is bounded before it is believed:
 its length (`MAX_LINE`), its JSON nesting (`MAX_DEPTH`, checked before the
@@ -20,11 +27,13 @@ line number and the reason; the rest of the file goes on.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -45,6 +54,21 @@ MAX_DEPTH = 32
 # of the arithmetic of intervals and zones, where they would raise or take
 # seconds each.
 MAX_EXPONENT = 30
+# Column names other systems use, lower-cased, with the column each means. Russian
+# spreadsheet exports (Excel, 1C) name the columns in Russian; a file whose names are
+# not here gives them with --columns.
+HEADER_NAMES: dict[str, str] = {
+    "meter_id": "meter_id", "счетчик": "meter_id", "счётчик": "meter_id",
+    "прибор учета": "meter_id", "прибор учёта": "meter_id",
+    "register": "register", "регистр": "register", "obis": "register",
+    "ts": "ts", "дата": "ts", "время": "ts",
+    "value": "value", "показание": "value", "значение": "value",
+}
+# separators a CSV export uses; the one of these the header holds is taken
+DELIMITERS = (",", ";", "\t", "|")
+HEAD_BYTES = 64 * 1024  # what dialect detection reads of a file
+_BOM = b"\xef\xbb\xbf"
+_SPACES = str.maketrans("", "", " \u00a0\u202f")  # thousands separators of a decimal-comma export
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")
 
@@ -66,12 +90,13 @@ def _lines(f: BinaryIO) -> Iterator[tuple[int, bytes, bool]]:
         yield n, chunk.rstrip(b"\r\n"), False
 
 
-def _decode(raw: bytes, n: int, source: str) -> str | Rejected:
+def _decode(raw: bytes, n: int, source: str, encoding: str = "utf-8") -> str | Rejected:
     try:
-        return raw.decode("utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError as exc:
+        name = "UTF-8" if encoding.startswith("utf-8") else encoding
         return Rejected(
-            source, raw, f"line {n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+            source, raw, f"line {n}: not {name} text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
             code="encoding",
         )
 
@@ -138,7 +163,7 @@ def _implausible(value: Decimal) -> str | None:
     )
 
 
-def _parse_value(value: Any) -> Decimal | None:
+def _parse_value(value: Any, decimal: str = ".") -> Decimal | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, Decimal):
@@ -146,6 +171,8 @@ def _parse_value(value: Any) -> Decimal | None:
     if isinstance(value, int):
         return Decimal(value)
     if isinstance(value, str):
+        if decimal == ",":
+            value = value.translate(_SPACES).replace(",", ".")
         try:
             return Decimal(value.strip())
         except InvalidOperation:
@@ -153,7 +180,8 @@ def _parse_value(value: Any) -> Decimal | None:
     return None
 
 
-def _reading(fields: dict[str, Any], n: int, raw: bytes, source: str) -> Reading | Rejected:
+def _reading(fields: dict[str, Any], n: int, raw: bytes, source: str, decimal: str = ".") -> Reading | Rejected:
+    """One line's fields as a Reading, or a Rejected; source already names the line (#L<n>)."""
     meter_id, register = fields.get("meter_id"), fields.get("register")
     for key in COLUMNS:
         if fields.get(key) in (None, ""):
@@ -170,7 +198,7 @@ def _reading(fields: dict[str, Any], n: int, raw: bytes, source: str) -> Reading
         return Rejected(source, raw, f"line {n}: field 'ts' {_short(fields['ts'])} is out of range: "
                         "its UTC instant is outside the years 1..9999", code="bad_ts",
                         meter_id=meter_id, register=register)
-    value = _parse_value(fields["value"])
+    value = _parse_value(fields["value"], decimal)
     if value is None:
         return Rejected(source, raw, f"line {n}: field 'value' {_short(fields['value'])} is not a decimal number",
                         code="not_numeric", meter_id=meter_id, register=register, ts=ts)
@@ -180,7 +208,7 @@ def _reading(fields: dict[str, Any], n: int, raw: bytes, source: str) -> Reading
                         meter_id=meter_id, register=register, ts=ts)
     # the line travels in the source, so a refusal by validation (unknown meter, a date
     # outside the plausibility window) still says which line of the file it was
-    return Reading(meter_id.strip(), register.strip(), ts, value, frozenset({quality.IMPORTED}), f"{source}#L{n}")
+    return Reading(meter_id.strip(), register.strip(), ts, value, frozenset({quality.IMPORTED}), source)
 
 
 def _short(value: Any) -> str:
@@ -189,73 +217,260 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:40]}...{text[-12:]} ({len(text)} characters)"
 
 
-def _csv_rows(f: BinaryIO, source: str) -> Iterator[Reading | Rejected]:
-    lines = _lines(f)
-    header: list[str] | None = None
-    for n, raw, too_long in lines:
+@dataclass(frozen=True)
+class CsvDialect:
+    """How a CSV file is written: what `sniff_csv` detected or was told.
+
+    fields holds, per column of the file, the reading field it carries, or
+    None for a column that is ignored (an export's extra column). given names
+    what the caller set; the rest was detected.
+    """
+
+    delimiter: str = ","
+    decimal: str = "."
+    encoding: str = "utf-8"
+    header: tuple[str, ...] = COLUMNS
+    fields: tuple[str | None, ...] = COLUMNS
+    given: frozenset[str] = frozenset()
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """The file's columns that carry no reading field."""
+        return tuple(h for h, f in zip(self.header, self.fields, strict=True) if f is None)
+
+    def describe(self) -> str:
+        """One line for a person: each choice, and whether it was detected or given."""
+        def how(key: str) -> str:
+            return "given" if key in self.given else "detected"
+
+        sep = {"\t": "tab", ",": "','", ";": "';'", "|": "'|'"}.get(self.delimiter, repr(self.delimiter))
+        cols = ", ".join(f"{h}={f}" for h, f in zip(self.header, self.fields, strict=True)
+                         if f is not None and h != f)
+        return (
+            f"csv dialect: separator {sep} ({how('delimiter')}), decimal "
+            f"{'comma' if self.decimal == ',' else 'point'} ({how('decimal')}), "
+            f"encoding {self.encoding} ({how('encoding')})"
+            + (f", columns {cols} ({how('columns')})" if cols else "")
+            + (f"; ignoring the columns {', '.join(self.ignored)}" if self.ignored else "")
+        )
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`--columns meter_id=Счетчик,ts=Дата` as {field: the file's column name}."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, name = part.partition("=")
+        key, name = key.strip(), name.strip()
+        if not eq or key not in COLUMNS or not name:
+            raise UserError(
+                f"--columns: {part.strip()!r} is not FIELD=NAME with FIELD one of {', '.join(COLUMNS)}, "
+                "like --columns meter_id=Счетчик,register=Регистр,ts=Дата,value=Показание"
+            )
+        out[key] = name
+    return out
+
+
+class _Prefixed:
+    """A binary stream whose first bytes were read already (for detection), read on as one."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head = io.BytesIO(head)
+        self._rest = rest
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._head.readline(limit)
+        if line.endswith(b"\n") or (limit >= 0 and len(line) >= limit):
+            return line
+        return line + self._rest.readline(-1 if limit < 0 else limit - len(line))
+
+    def tell(self) -> int:
+        return self._rest.tell()
+
+
+def _encoding_of(head: bytes, given: str | None) -> str:
+    """BOM: utf-8-sig; valid UTF-8: utf-8; else the given one, or cp1251 when it reads as Cyrillic."""
+    if given is not None:
+        try:
+            name = codecs.lookup(given).name
+        except LookupError:
+            raise UserError(f"--encoding {given!r}: no such encoding (use utf-8, utf-8-sig or cp1251)") from None
+        return "utf-8-sig" if name == "utf-8" and head.startswith(_BOM) else name
+    if head.startswith(_BOM):
+        return "utf-8-sig"
+    cut = head if len(head) < HEAD_BYTES else head[:head.rfind(b"\n") + 1]  # no character cut in two
+    try:
+        cut.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    text = cut.decode("cp1251", errors="replace")
+    high = [c for c in text if ord(c) > 127]
+    if high and sum("\u0400" <= c <= "\u04ff" for c in high) >= 0.8 * len(high):
+        return "cp1251"
+    return "utf-8"  # not text this can name: its lines are refused one by one as not UTF-8
+
+
+def _field_of(name: str, columns: Mapping[str, str]) -> str | None:
+    key = name.strip().lstrip("\ufeff").strip('"').strip().lower()
+    for field_name, theirs in columns.items():
+        if theirs.strip().lower() == key:
+            return field_name
+    return HEADER_NAMES.get(key)
+
+
+def _header_problem(header: list[str], fields: list[str | None]) -> str | None:
+    missing = [c for c in COLUMNS if c not in fields]
+    twice = sorted({f for f in fields if f is not None and fields.count(f) > 1})
+    if twice:
+        both = [h for h, f in zip(header, fields, strict=True) if f == twice[0]]
+        return f"columns {', '.join(map(repr, both))} both mean {twice[0]!r}; say which with --columns {twice[0]}=NAME"
+    if missing:
+        return f"no column for {', '.join(missing)}"
+    return None
+
+
+def sniff_csv(
+    f: BinaryIO, source: str, delimiter: str | None = None, decimal: str | None = None,
+    encoding: str | None = None, columns: Mapping[str, str] | None = None,
+) -> tuple[CsvDialect, BinaryIO]:
+    """Detect how a CSV file is written, from its first bytes; returns the stream to read on.
+
+    The separator is the one of DELIMITERS whose split of the header names the
+    four columns and gives the first lines as many fields; when more than one
+    does (or none does and several occur), the file is refused with the option to
+    give. The decimal mark is a comma when the separator is not. What is given is
+    taken as it is.
+    """
+    columns = dict(columns or {})
+    given = frozenset(k for k, v in (("delimiter", delimiter), ("decimal", decimal),
+                                     ("encoding", encoding), ("columns", columns or None)) if v)
+    head = f.read(HEAD_BYTES)
+    stream: BinaryIO = _Prefixed(head, f)  # type: ignore[assignment]
+    enc = _encoding_of(head, encoding)
+    lines = [ln for ln in head.split(b"\n")[:20] if ln.strip()]
+    if not lines:
+        raise UserError(f"{source}: empty file, expected the header {','.join(COLUMNS)}")
+    try:
+        header_text = lines[0].rstrip(b"\r").decode(enc)
+    except UnicodeDecodeError:
+        raise UserError(f"{source}: line 1: the header is not {enc} text; give the file's encoding "
+                        "with --encoding (utf-8, cp1251)") from None
+    header_text = header_text.lstrip("\ufeff")
+    whole = len(head) < HEAD_BYTES  # else the last line read may be cut short
+    sample = [header_text] + [ln.rstrip(b"\r").decode(enc, errors="replace")
+                              for ln in (lines[1:] if whole else lines[1:-1])]
+
+    def split(line: str, sep: str) -> list[str]:
+        try:
+            return next(csv.reader([line], delimiter=sep), [])
+        except csv.Error:
+            return []
+
+    if delimiter is not None:
+        if delimiter in ("tab", "\\t"):
+            delimiter = "\t"
+        if len(delimiter) != 1:
+            raise UserError(f"--delimiter {delimiter!r}: give one character, like ';' or ',' (or 'tab')")
+        sep = delimiter
+    else:
+        present = [d for d in DELIMITERS if d in header_text]
+        fitting = []
+        for d in present:
+            cells = split(header_text, d)
+            fields = [_field_of(c, columns) for c in cells]
+            widths = {len(split(line, d)) for line in sample[1:]}
+            if _header_problem(cells, fields) is None and widths <= {len(cells)}:
+                fitting.append(d)
+        if len(fitting) == 1:
+            sep = fitting[0]
+        elif not present or (not fitting and len(present) == 1):
+            sep = present[0] if present else ","
+        else:
+            shown = " or ".join(repr(d) for d in (fitting or present))
+            raise UserError(
+                f"{source}: cannot tell the field separator from the header {header_text!r}: it could be "
+                f"{shown}; give it with --delimiter (like --delimiter ';')"
+            )
+    if decimal is not None and decimal not in (".", ","):
+        raise UserError(f"--decimal {decimal!r}: give '.' or ','")
+    dec = decimal or ("," if sep != "," else ".")
+    cells = split(header_text, sep)
+    fields = [_field_of(c, columns) for c in cells]
+    problem = _header_problem(cells, fields)
+    if problem is not None:
+        known = ", ".join(sorted({k for k in HEADER_NAMES if not k.isascii()}))
+        raise UserError(
+            f"{source}: line 1: the header must name the columns {','.join(COLUMNS)} ({problem}), got "
+            f"{header_text!r}; names known besides these: {known}; name yours with "
+            "--columns meter_id=NAME,register=NAME,ts=NAME,value=NAME"
+        )
+    dialect = CsvDialect(sep, dec, enc, tuple(c.strip() for c in cells), tuple(fields), given)
+    return dialect, stream
+
+
+def _csv_rows(f: BinaryIO, source: str, dialect: CsvDialect | None = None) -> Iterator[Reading | Rejected]:
+    if dialect is None:
+        dialect, f = sniff_csv(f, source)
+    header = dialect.fields
+    width = len(header)
+    names = ",".join(dialect.header)
+    seen_header = False
+    for n, raw, too_long in _lines(f):
+        at = f"{source}#L{n}"
         if too_long:
-            yield Rejected(source, raw, f"line {n}: longer than {MAX_LINE} bytes", code="too_long")
+            yield Rejected(at, raw, f"line {n}: longer than {MAX_LINE} bytes", code="too_long")
             continue
-        text = _decode(raw, n, source)
+        text = _decode(raw, n, at, dialect.encoding)
         if isinstance(text, Rejected):
-            if header is None:
-                raise UserError(f"{source}: line {n}: the header is not UTF-8 text")
             yield text
             continue
         if not text.strip():
             continue
+        if not seen_header:  # checked by sniff_csv
+            seen_header = True
+            continue
         try:
-            cells = next(csv.reader(io.StringIO(text)))
+            cells = next(csv.reader(io.StringIO(text), delimiter=dialect.delimiter))
         except csv.Error as exc:
-            if header is None:
-                raise UserError(f"{source}: line {n}: the header is not CSV: {exc}") from None
-            yield Rejected(source, raw, f"line {n}: not CSV ({exc})", code="parse_error")
+            yield Rejected(at, raw, f"line {n}: not CSV ({exc})", code="parse_error")
             continue
-        if header is None:
-            header = [c.strip().lstrip("\ufeff") for c in cells]
-            if sorted(header) != sorted(COLUMNS):
-                raise UserError(
-                    f"{source}: line {n}: the header must name the columns {','.join(COLUMNS)}, "
-                    f"got {text!r}"
-                )
+        if len(cells) != width:
+            yield Rejected(at, raw, f"line {n}: {len(cells)} fields, expected {width} "
+                           f"({names})", code="truncated" if len(cells) < width else "parse_error")
             continue
-        if len(cells) != len(header):
-            yield Rejected(source, raw, f"line {n}: {len(cells)} fields, expected {len(header)} "
-                           f"({','.join(header)})", code="truncated" if len(cells) < len(header) else "parse_error")
-            continue
-        yield _reading(dict(zip(header, cells, strict=True)), n, raw, source)
-    if header is None:
-        raise UserError(f"{source}: empty file, expected the header {','.join(COLUMNS)}")
+        fields = {k: v for k, v in zip(header, cells, strict=True) if k is not None}
+        yield _reading(fields, n, raw, at, dialect.decimal)
 
 
 def _json_rows(f: BinaryIO, source: str) -> Iterator[Reading | Rejected]:
     for n, raw, too_long in _lines(f):
+        at = f"{source}#L{n}"
         if too_long:
-            yield Rejected(source, raw, f"line {n}: longer than {MAX_LINE} bytes", code="too_long")
+            yield Rejected(at, raw, f"line {n}: longer than {MAX_LINE} bytes", code="too_long")
             continue
-        text = _decode(raw, n, source)
+        text = _decode(raw, n, at)
         if isinstance(text, Rejected):
             yield text
             continue
         if not text.strip():
             continue
         if too_deep(text):
-            yield Rejected(source, raw, f"line {n}: JSON nested deeper than {MAX_DEPTH} levels", code="parse_error")
+            yield Rejected(at, raw, f"line {n}: JSON nested deeper than {MAX_DEPTH} levels", code="parse_error")
             continue
         try:
             obj = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=Decimal)
         except json.JSONDecodeError as exc:
-            yield Rejected(source, raw, f"line {n}: not JSON ({exc.msg} at column {exc.colno})", code="parse_error")
+            yield Rejected(at, raw, f"line {n}: not JSON ({exc.msg} at column {exc.colno})", code="parse_error")
             continue
         except (RecursionError, ValueError) as exc:  # the depth check should have caught it; a backstop
-            yield Rejected(source, raw, f"line {n}: not JSON a reading can be read from ({type(exc).__name__})",
+            yield Rejected(at, raw, f"line {n}: not JSON a reading can be read from ({type(exc).__name__})",
                            code="parse_error")
             continue
         if not isinstance(obj, dict):
-            yield Rejected(source, raw, f"line {n}: expected a JSON object with keys {', '.join(COLUMNS)}",
+            yield Rejected(at, raw, f"line {n}: expected a JSON object with keys {', '.join(COLUMNS)}",
                            code="parse_error")
             continue
-        yield _reading(obj, n, raw, source)
+        yield _reading(obj, n, raw, at)
 
 
 def sniff_format(path: Path) -> str:
@@ -270,10 +485,14 @@ def sniff_format(path: Path) -> str:
     return "jsonl" if head.startswith(b"{") else "csv"
 
 
-def read_file(f: BinaryIO, fmt: str, source: str) -> Iterator[Reading | Rejected]:
-    """Every line of an open binary file as a Reading or a Rejected."""
+def read_file(f: BinaryIO, fmt: str, source: str, dialect: CsvDialect | None = None) -> Iterator[Reading | Rejected]:
+    """Every line of an open binary file as a Reading or a Rejected.
+
+    A CSV file is read with the dialect given (from `sniff_csv`, with the stream
+    it returned), else with the one detected from its first bytes.
+    """
     if fmt == "csv":
-        return _csv_rows(f, source)
+        return _csv_rows(f, source, dialect)
     if fmt == "jsonl":
         return _json_rows(f, source)
     raise UserError(f"unknown format {fmt!r}: use csv or jsonl")
