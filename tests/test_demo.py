@@ -13,6 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.conftest import fresh_database
+
 ROOT = Path(__file__).resolve().parent.parent
 AMR = [sys.executable, "-c", "from amr.cli import main; raise SystemExit(main())"]
 
@@ -151,3 +153,92 @@ def test_demo_serve_keeps_metrics_and_api_up_until_stopped(db_url, tmp_path):
     with pytest.raises(OSError):  # the API is gone with the demo
         urllib.request.urlopen(f"{run['api_url']}/docs", timeout=3)
     assert not list(tmp_path.glob("amr-demo-*"))
+
+
+def test_demo_summary_counts_the_mqtt_meters_readings(db_url, mqtt_broker, tmp_path, pg_admin_url, template_db):
+    host, port = mqtt_broker
+    env = {**os.environ, "AMR_DATABASE_URL": db_url, "AMR_MQTT_URL": f"mqtt://{host}:{port}",
+           "TMPDIR": str(tmp_path)}
+    _, run = parse(run_demo(env, "--json", "--month", "2026-03", "--days", "1").stdout)
+    assert "mqtt" in run["protocols"] and run["mqtt_left_out"] is None
+    with psycopg.connect(db_url) as conn:
+        stored = dict(conn.execute(
+            "SELECT m.adapter, count(*) FROM reading r JOIN meter m ON m.id = r.meter_id"
+            " WHERE m.id LIKE 'demo-%' GROUP BY 1").fetchall())
+    assert stored["mqtt"] > 0
+    assert run["readings_by_protocol"] == stored
+    # the run's count is every protocol's, the MQTT collector's included
+    assert run["readings"]["accepted"] == sum(stored.values())
+    with fresh_database(pg_admin_url, template_db) as other:  # the readable summary, on a database of its own
+        text = run_demo({**env, "AMR_DATABASE_URL": other}, "--month", "2026-03", "--days", "1").stdout
+    assert "readings of every protocol: " + ", ".join(f"{v} {k}" for k, v in run["readings"].items()) in text
+    assert f"mqtt {stored['mqtt']}" in text.split("readings stored by protocol:")[1].splitlines()[0]
+
+
+def test_demo_starts_its_own_broker_when_none_answers(tmp_path, monkeypatch):
+    import simulators.demo as demo_mod
+    from amr.settings import Settings
+    from simulators.broker import answers
+
+    real = demo_mod.broker_answers
+    monkeypatch.setattr(demo_mod, "broker_answers",  # as on a machine without a broker on 1883
+                        lambda h, p, timeout=0.5: False if p == 1883 else real(h, p, timeout))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    demo = demo_mod.Demo(demo_mod.DemoOptions(), settings=Settings(database_url="", mqtt_url=""))
+    cfg = demo._broker()
+    try:
+        assert cfg is not None and cfg.port != 1883 and demo.mqtt_left_out is None
+        assert answers(cfg.host, cfg.port)
+    finally:
+        demo.close()
+    assert not answers(cfg.host, cfg.port), "the demo's broker outlived the demo"
+    assert not list(tmp_path.glob("amr-demo-*"))
+
+
+def test_demo_without_mosquitto_says_mqtt_was_left_out_and_why(tmp_path, monkeypatch, capsys):
+    import simulators.broker
+    import simulators.demo as demo_mod
+    from amr.settings import Settings
+    from simulators.commands import print_summary
+
+    monkeypatch.setattr(demo_mod, "broker_answers", lambda h, p, timeout=0.5: False)
+    monkeypatch.setattr(simulators.broker, "mosquitto_binary", lambda: None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    demo = demo_mod.Demo(demo_mod.DemoOptions(), settings=Settings(database_url="", mqtt_url=""))
+    try:
+        assert demo._broker() is None
+    finally:
+        demo.close()
+    assert "mosquitto is not installed" in (demo.mqtt_left_out or "")
+    from datetime import UTC, datetime
+    result = demo_mod.DemoResult(
+        period=date(2026, 3, 1), first=datetime(2026, 2, 28, 21, tzinfo=UTC), last=datetime(2026, 3, 1, 21, tzinfo=UTC),
+        database="x", database_url="x", embedded=True, slots=49, readings={"accepted": 1}, protocols=["manual"],
+        mqtt=None, metrics_url=None, seconds=1.0, mqtt_left_out=demo.mqtt_left_out)
+    print_summary(result)
+    out = capsys.readouterr().out
+    assert "MQTT left out: no broker answers on 127.0.0.1:1883 and mosquitto is not installed" in out
+
+
+def test_demo_hints_are_commands_that_work(db_url, tmp_path):
+    from amr.cli import build_parser
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMR_")}
+    env |= {"AMR_DATABASE_URL": db_url, "TMPDIR": str(tmp_path)}
+    text = run_demo(env, "--month", "2026-03", "--days", "1", "--no-mqtt").stdout
+    hints = [ln.strip().split("   ")[0] for ln in text.splitlines() if ln.startswith("    amr ")]
+    _, run = parse(run_demo(env, "--json", "--month", "2026-03", "--days", "1", "--no-mqtt").stdout)
+    assert hints == [h["command"] for h in run["next_steps"]]
+    assert any(h.startswith("amr bill show --account") for h in hints)
+    for hint in hints:
+        argv = hint.split()[1:]
+        build_parser().parse_args(argv)  # a hint that does not parse exits here
+        if argv[0] == "api":
+            continue  # a daemon: parsing is what can be checked
+        out = subprocess.run([*AMR, *argv], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+        assert out.returncode == 0, (hint, out.stderr[-2000:])
+        if argv[:2] == ["bill", "show"] and "--json" in argv:
+            bill = json.loads(out.stdout)
+            assert bill["latest"]["lines"] and bill["versions"]
+        elif argv[:2] == ["bill", "show"]:
+            assert "total" in out.stdout and "versions:" in out.stdout
