@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import T0, add_meters
 
@@ -193,3 +197,116 @@ def test_hostile_csv_lines_are_refused_one_by_one(db_url, conn, tmp_path) -> Non
     rows = conn.execute("SELECT code, reason FROM rejected_reading ORDER BY id").fetchall()
     assert [r.split(":")[0] for _, r in rows] == ["line 3", "line 4", "line 5", "line 6"]
     assert [c for c, _ in rows] == ["implausible_value", "bad_ts", "bad_ts", "implausible_value"]
+
+
+# --- issue 18: exit statuses, the rejects file, spreadsheet dialects ---
+
+def _plain(n: int = 6) -> list[tuple[str, str, str]]:
+    return [((T0 + timedelta(minutes=30 * k)).isoformat(), f"{1000 + k}.{25 * (k % 4):02d}", f"note {k}")
+            for k in range(n)]
+
+
+def _stored_rows(conn) -> list[tuple]:
+    conn.rollback()
+    return conn.execute("SELECT meter_id, register, ts, value, quality, status, kwh FROM reading"
+                        " ORDER BY meter_id, register, ts").fetchall()
+
+
+def _plain_twin(path: Path) -> Path:
+    path.write_text("meter_id,register,ts,value\n" + "".join(f"f1,1.8.0,{ts},{v}\n" for ts, v, _ in _plain()))
+    return path
+
+
+RUSSIAN = {
+    # a 1C export: ';', decimal comma, cp1251, Russian names in another order, an extra column
+    "cp1251": ("Дата;Счётчик;Показание;Регистр;Примечание\n", "{ts};f1;{v};1.8.0;{note} ок\n", "cp1251"),
+    # Excel's "CSV UTF-8": a BOM, ';', decimal comma
+    "utf-8-bom": ("\ufeffСчетчик;Регистр;Дата;Показание\n", "f1;1.8.0;{ts};{v}\n", "utf-8"),
+}
+
+
+
+@pytest.mark.parametrize("variant", sorted(RUSSIAN))
+def test_a_russian_spreadsheet_export_ingests_like_its_plain_twin(db_url, conn, tmp_path, variant) -> None:
+    add_meters(conn, "f1")
+    head, row, encoding = RUSSIAN[variant]
+    f = tmp_path / f"export-{variant}.csv"
+    f.write_bytes((head + "".join(row.format(ts=ts, v=v.replace(".", ","), note=note) for ts, v, note in _plain()))
+                  .encode(encoding))
+    res = amr(db_url, "ingest", str(f), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["accepted"] == 6
+    dialect = [ln for ln in res.stderr.splitlines() if "csv dialect" in ln]
+    assert len(dialect) == 1, res.stderr  # one line
+    assert "separator ';' (detected)" in dialect[0] and "decimal comma (detected)" in dialect[0]
+    assert ("encoding cp1251" if variant == "cp1251" else "encoding utf-8-sig") in dialect[0]
+    assert ("ignoring the columns Примечание" in dialect[0]) == (variant == "cp1251")
+    russian = _stored_rows(conn)
+    # the plain twin: every line is a duplicate of what the export stored, nothing differs
+    twin = amr(db_url, "ingest", str(_plain_twin(tmp_path / "plain.csv")), "--json")
+    assert twin.returncode == 0 and json.loads(twin.stdout)["duplicate"] == 6, twin.stdout
+    assert _stored_rows(conn) == russian
+    assert [(r[2], r[3]) for r in russian] == [(datetime.fromisoformat(ts), Decimal(v)) for ts, v, _ in _plain()]
+
+
+def test_a_plain_file_and_its_export_give_equal_tables(db_url, conn, tmp_path) -> None:
+    """The other way round: the plain twin first, then the cp1251 export is all duplicates."""
+    add_meters(conn, "f1")
+    assert amr(db_url, "ingest", str(_plain_twin(tmp_path / "plain.csv"))).returncode == 0
+    plain = _stored_rows(conn)
+    head, row, encoding = RUSSIAN["cp1251"]
+    f = tmp_path / "export.csv"
+    f.write_bytes((head + "".join(row.format(ts=ts, v=v.replace(".", ","), note=note) for ts, v, note in _plain()))
+                  .encode(encoding))
+    res = amr(db_url, "ingest", str(f), "--json")
+    assert json.loads(res.stdout) == {"file": str(f), "accepted": 0, "duplicate": 6, "conflict": 0, "rejected": 0}
+    assert _stored_rows(conn) == plain
+
+
+def test_exit_statuses_and_the_rejects_file(db_url, conn, tmp_path) -> None:
+    add_meters(conn, "f1")
+    good = _plain_twin(tmp_path / "good.csv")
+    assert amr(db_url, "ingest", str(good)).returncode == 0  # all accepted
+    assert amr(db_url, "ingest", str(good)).returncode == 0  # all duplicates
+    bad = tmp_path / "bad.csv"
+    bad.write_text("meter_id,register,ts,value\n"
+                   "ghost,1.8.0,2026-10-01T00:00:00+00:00,1\n"
+                   "\n"
+                   "f1,1.8.0,yesterday,1\n")
+    out = tmp_path / "rejects.csv"
+    res = amr(db_url, "ingest", str(bad), "--rejects", str(out))
+    assert res.returncode == 1, res.stdout + res.stderr  # nothing accepted
+    assert f"in {out}" in res.stdout
+    rows = list(csv.DictReader(out.open(encoding="utf-8", newline="")))
+    assert [(r["line"], r["code"]) for r in rows] == [("2", "unknown_meter"), ("4", "bad_ts")]
+    assert "no such meter" in rows[0]["reason"] and "'yesterday' is not an ISO 8601" in rows[1]["reason"]
+    assert rows[1]["raw"] == "f1,1.8.0,yesterday,1"
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("meter_id,register,ts,value\n"
+                     f"f1,1.8.0,{(T0 + timedelta(days=1)).isoformat()},2000\n"
+                     "f1,1.8.0,2026-10-01T00:00:00+00:00,-1\n")
+    res = amr(db_url, "ingest", str(mixed), "--rejects", str(out), "--json")
+    assert res.returncode == 3 and json.loads(res.stdout)["accepted"] == 1, res.stderr
+    rows = list(csv.DictReader(out.open(encoding="utf-8", newline="")))
+    assert [(r["line"], r["code"]) for r in rows] == [("3", "negative")]  # rewritten, not appended
+    helptext = amr(db_url, "ingest", "--help").stdout
+    assert "exit status" in helptext and "1  every line was refused" in helptext and "3  some lines" in helptext
+
+
+def test_an_ambiguous_separator_asks_for_delimiter(db_url, conn, tmp_path) -> None:
+    add_meters(conn, "f1")
+    f = tmp_path / "odd.csv"
+    ts = T0.isoformat()
+    f.write_text(f"Прибор;Рег;Дата;Показание;Комментарий, если есть\nf1;1.8.0;{ts};10,5;нет, всё верно\n",
+                 encoding="utf-8")
+    res = amr(db_url, "ingest", str(f))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "cannot tell the field separator" in res.stderr and "--delimiter" in res.stderr, res.stderr
+    res = amr(db_url, "ingest", str(f), "--delimiter", ";")
+    assert res.returncode == 2 and "no column for meter_id, register" in res.stderr and "--columns" in res.stderr
+    res = amr(db_url, "ingest", str(f), "--delimiter", ";", "--columns", "meter_id=Прибор,register=Рег", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["accepted"] == 1, res.stderr
+    assert "separator ';' (given)" in res.stderr and "columns Прибор=meter_id" in res.stderr
+    assert _stored_rows(conn)[0][3] == Decimal("10.5")
+    bad = amr(db_url, "ingest", str(f), "--columns", "meter=Прибор")
+    assert bad.returncode == 2 and "FIELD=NAME" in bad.stderr
