@@ -260,11 +260,13 @@ def cmd_bill_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st.as_dict(), ensure_ascii=False))
         return 0
-    _print_statement(st)
+    _print_statement(st, get_settings().timezone)
     return 0
 
 
-def _print_statement(st: Any) -> None:
+def _print_statement(st: Any, tz: str) -> None:
+    from zoneinfo import ZoneInfo
+
     from billing.statements import line_days
 
     v = st.latest
@@ -281,7 +283,8 @@ def _print_statement(st: Any) -> None:
     print(f"  total {v.total} RUB for {v.kwh} kWh{est}")
     print("versions:")
     for ver in st.versions:
-        print(f"  {ver.version}  {ver.created_at:%Y-%m-%d %H:%M}  total {ver.total}  {ver.reason}")
+        made = ver.created_at.astimezone(ZoneInfo(tz))  # when it was billed, in the supplier's time
+        print(f"  {ver.version}  {made:%Y-%m-%d %H:%M}  total {ver.total}  {ver.reason}")
         for d in (ver.diff or {}).get("lines", []):
             band = f" band {d['band']}" if d.get("band") else ""
             rate = (f"rate {d['rate_new']}" if d["rate_old"] == d["rate_new"]

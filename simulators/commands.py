@@ -180,7 +180,7 @@ def print_summary(result: Any, api: tuple[str, str, Any] | None = None) -> None:
 
     from simulators.demo import next_steps
 
-    console = Console()
+    console = Console(soft_wrap=True)  # lines copied whole: wrapped only by the reader's terminal
     days = (result.last - result.first).days
     console.print(
         f"\n[bold]amr demo[/bold]: {days} day(s) of {result.period:%B %Y} polled in {result.seconds} s "
