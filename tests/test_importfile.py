@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from adapters.reading import Reading, Rejected
-from collector.ingest.importfile import MAX_DEPTH, MAX_EXPONENT, read_file, too_deep
+from amr.errors import UserError
+from collector.ingest.importfile import (
+    HEAD_BYTES,
+    MAX_DEPTH,
+    MAX_EXPONENT,
+    parse_columns,
+    read_file,
+    sniff_csv,
+    too_deep,
+)
 
 
 def _rows(text: str, fmt: str = "jsonl") -> list[Reading | Rejected]:
@@ -69,3 +78,76 @@ def test_timestamps_become_utc_or_a_refusal(ts: str, want: datetime | None) -> N
 def test_naive_ts_is_left_for_validation() -> None:
     (row,) = _rows("meter_id,register,ts,value\nm,1.8.0,2026-10-01T00:00:00,1\n", "csv")
     assert isinstance(row, Reading) and row.ts.tzinfo is None and row.value == Decimal(1)
+
+
+# --- CSV dialects (issue 18) ---
+
+def _sniff(data: bytes, **options):
+    return sniff_csv(io.BytesIO(data), "import:t", **options)
+
+
+def test_every_refusal_carries_its_line_in_its_source() -> None:
+    rows = _rows(_line('"1"') + "[1]\n" + "\n" + b"\xff".decode("latin-1") + "\n" + _line('"x"'))
+    assert [r.source for r in rows] == ["import:t#L1", "import:t#L2", "import:t#L4", "import:t#L5"]
+    csv_rows = _rows("meter_id,register,ts,value\nm,1.8.0\nm,1.8.0,now,1\n", "csv")
+    assert [(r.source, r.code) for r in csv_rows] == [("import:t#L2", "truncated"), ("import:t#L3", "bad_ts")]
+
+
+@pytest.mark.parametrize("data,encoding", [
+    (b"meter_id,register,ts,value\n", "utf-8"),
+    ("\ufeffmeter_id,register,ts,value\n".encode(), "utf-8-sig"),
+    ("Счетчик;Регистр;Дата;Показание\n".encode(), "utf-8"),
+    ("Счетчик;Регистр;Дата;Показание\n".encode("cp1251"), "cp1251"),
+])
+def test_the_encoding_is_detected(data: bytes, encoding: str) -> None:
+    dialect, _ = _sniff(data)
+    assert dialect.encoding == encoding and dialect.fields == ("meter_id", "register", "ts", "value")
+    assert dialect.decimal == ("," if b";" in data else ".")
+
+
+def test_bytes_that_are_neither_utf8_nor_cyrillic_stay_utf8_and_are_refused_by_line() -> None:
+    data = "meter_id,register,ts,value\nm,1.8.0,2026-10-01T00:00:00+00:00,1 \xe9t\xe9\n".encode("latin-1")
+    dialect, stream = _sniff(data)
+    assert dialect.encoding == "utf-8"
+    (row,) = read_file(stream, "csv", "import:t", dialect)
+    assert isinstance(row, Rejected) and row.code == "encoding" and row.source == "import:t#L2"
+
+
+def test_given_options_win_and_are_said_to_be_given() -> None:
+    data = "a\tb\tc\td\nm\t1.8.0\t2026-10-01T00:00:00+00:00\t1.5\n".encode("cp1251")
+    dialect, stream = _sniff(data, delimiter="tab", decimal=".", encoding="cp1251",
+                             columns={"meter_id": "a", "register": "b", "ts": "c", "value": "d"})
+    assert (dialect.delimiter, dialect.decimal, dialect.encoding) == ("\t", ".", "cp1251")
+    assert "separator tab (given)" in dialect.describe() and "columns a=meter_id" in dialect.describe()
+    (row,) = read_file(stream, "csv", "import:t", dialect)
+    assert isinstance(row, Reading) and row.value == Decimal("1.5")
+
+
+def test_a_decimal_comma_with_thousands_spaces() -> None:
+    data = "Счетчик;Регистр;Дата;Показание\nm;1.8.0;2026-10-01T00:00:00+00:00;1\u00a0234,56\n".encode()
+    dialect, stream = _sniff(data)
+    (row,) = read_file(stream, "csv", "import:t", dialect)
+    assert isinstance(row, Reading) and row.value == Decimal("1234.56")
+
+
+def test_two_columns_of_one_meaning_and_unknown_options_are_refused() -> None:
+    with pytest.raises(UserError, match="'Дата', 'Время' both mean 'ts'"):
+        _sniff("Счетчик;Регистр;Дата;Время;Показание\n".encode())
+    with pytest.raises(UserError, match="no such encoding"):
+        _sniff(b"meter_id,register,ts,value\n", encoding="koi9")
+    with pytest.raises(UserError, match="empty file"):
+        _sniff(b"\n\n")
+    with pytest.raises(UserError, match="FIELD=NAME"):
+        parse_columns("meter=Счетчик")
+    assert parse_columns("meter_id=Счетчик, ts=Дата") == {"meter_id": "Счетчик", "ts": "Дата"}
+
+
+def test_a_file_longer_than_what_detection_reads_is_read_on() -> None:
+    """The stream returned continues exactly where detection stopped reading."""
+    t0 = datetime(2026, 10, 1, tzinfo=UTC)
+    rows = "".join(f"m,1.8.0,{(t0 + timedelta(minutes=k)).isoformat()},{k}\n" for k in range(3000))
+    assert len(rows) > HEAD_BYTES  # a line is cut in two where detection stopped
+    dialect, stream = _sniff(("meter_id,register,ts,value\n" + rows).encode())
+    out = list(read_file(stream, "csv", "import:t", dialect))
+    assert len(out) == 3000 and all(isinstance(r, Reading) for r in out)
+    assert [r.value for r in out] == [Decimal(k) for k in range(3000)]

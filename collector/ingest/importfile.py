@@ -69,6 +69,8 @@ DELIMITERS = (",", ";", "\t", "|")
 HEAD_BYTES = 64 * 1024  # what dialect detection reads of a file
 _BOM = b"\xef\xbb\xbf"
 _SPACES = str.maketrans("", "", " \u00a0\u202f")  # thousands separators of a decimal-comma export
+_WORD = re.compile(r"[^\W\d_]+")
+_CYRILLIC_WORD = re.compile(r"[\u0400-\u04ff]+")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")
 
@@ -303,9 +305,11 @@ def _encoding_of(head: bytes, given: str | None) -> str:
         return "utf-8"
     except UnicodeDecodeError:
         pass
-    text = cut.decode("cp1251", errors="replace")
-    high = [c for c in text if ord(c) > 127]
-    if high and sum("\u0400" <= c <= "\u04ff" for c in high) >= 0.8 * len(high):
+    # every byte from 0xC0 is a Cyrillic letter in cp1251, so a letter alone proves nothing;
+    # Russian text is words of Cyrillic letters only, where Latin-1 or another code page
+    # read as cp1251 gives words of Latin and Cyrillic letters mixed ('été' as 'йtй')
+    words = [w for w in _WORD.findall(cut.decode("cp1251", errors="replace")) if not w.isascii()]
+    if words and sum(bool(_CYRILLIC_WORD.fullmatch(w)) for w in words) >= 0.9 * len(words):
         return "cp1251"
     return "utf-8"  # not text this can name: its lines are refused one by one as not UTF-8
 
