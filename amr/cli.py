@@ -30,6 +30,19 @@ COMMAND_MODULES = [
 ]
 
 
+EXIT_STATUSES = """\
+exit status:
+  0  done
+  1  an unexpected error: a bug (its traceback is printed, secrets masked; please report it)
+  2  a problem you can fix, named in one line with the next step: configuration (AMR_DATABASE_URL
+     unset, unreachable or not migrated), a file refused, bad arguments
+  3  amr ingest only: some lines were refused (the others were stored); amr ingest exits 1 when
+     nothing at all was accepted
+  130  interrupted (Ctrl-C)
+`amr --debug COMMAND ...` shows the traceback of the expected errors (status 2) too.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amr",
@@ -38,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
             "split energy into tariff zones, bill it. Configuration comes from AMR_* "
             "environment variables (AMR_DATABASE_URL, AMR_INVENTORY, ...)."
         ),
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of expected errors too (a bug always shows one)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -51,7 +68,8 @@ DAEMONS = frozenset({"api", "gateway", "collect"})
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words and words[0] in DAEMONS and hasattr(signal, "SIGHUP"):
+    command = next((w for w in words if not w.startswith("-")), "")  # after global options like --debug
+    if command in DAEMONS and hasattr(signal, "SIGHUP"):
         # until the daemon installs its reload handler (after its imports and checks), a
         # reload request is ignored rather than fatal: SIGHUP's default action ends the
         # process, and systemd takes that for a clean exit and does not restart it
@@ -65,19 +83,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a clear message, not a traceback, for known errors
-        from amr.errors import ProblemsError, UserError
-        from amr.logs import redact
+        return report_error(exc, args.command, debug=bool(getattr(args, "debug", False)))
 
-        if isinstance(exc, UserError):
-            text = exc.describe() if isinstance(exc, ProblemsError) else str(exc)
-            print(f"amr {args.command}: {redact(text)}", file=sys.stderr)
-            return 2
-        # a bug or an error nobody foresaw: the traceback helps, but it goes through the
-        # same scrubbing as the logs, since exception messages quote URLs and their passwords
-        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
-        print(f"amr {args.command}: unexpected {type(exc).__name__} (traceback above)", file=sys.stderr)
-        return 1
 
+def report_error(exc: BaseException, command: str, *, debug: bool = False) -> int:
+    """The CLI's one error boundary: print what went wrong and return the exit status.
+
+    A `UserError` (or a database error `storage.db.explain_error` recognises:
+    a schema never migrated, a role without rights, a connection lost) is one
+    message with its next step and status 2; anything else is a bug, shown
+    with its traceback and status 1. Everything printed goes through
+    `logs.redact`, since exception messages quote URLs and their passwords.
+    """
+    import os
+
+    from amr.errors import ProblemsError, UserError
+    from amr.logs import redact
+    from amr.storage.db import explain_error
+
+    known = exc if isinstance(exc, UserError) else explain_error(exc, os.environ.get("AMR_DATABASE_URL", ""))
+    if known is not None:
+        if debug:
+            print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+        text = known.describe() if isinstance(known, ProblemsError) else str(known)
+        print(f"amr {command}: {redact(text)}", file=sys.stderr)
+        return 2
+    # a bug or an error nobody foresaw: the traceback helps, but it goes through the
+    # same scrubbing as the logs, since exception messages quote URLs and their passwords
+    print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+    print(f"amr {command}: unexpected {type(exc).__name__} (traceback above)", file=sys.stderr)
+    return 1
 
 if __name__ == "__main__":
     sys.exit(main())

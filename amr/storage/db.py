@@ -71,13 +71,82 @@ def connect(url: str, *, autocommit: bool = False, connect_timeout: int | None =
         reason = safe_reason(exc, url)
         if reason.startswith("connection is bad: invalid"):  # libpq refused a value of the URL
             raise _error(DatabaseUrlInvalid, f"AMR_DATABASE_URL ({target}): {reason}", target, reason) from None
-        raise _error(DatabaseUnreachable, f"cannot connect to the database {target}: {reason}", target,
-                     reason) from None
+        raise _error(DatabaseUnreachable, f"cannot connect to the database {target}: {reason}; "
+                     f"{_next_step(reason)}", target, reason) from None
     with conn.cursor() as cur:
         cur.execute("SET TIME ZONE 'UTC'")
     if not autocommit:
         conn.commit()
     return conn
+
+
+# libpq's reasons for a refused connection, and what the person at the keyboard does about each
+_NEXT_STEPS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r'database "[^"]*" does not exist'),
+     "create it (createdb, or CREATE DATABASE as a superuser) and run `amr db migrate`, "
+     "or fix the database name in AMR_DATABASE_URL"),
+    (re.compile(r'role "[^"]*" does not exist'),
+     "create the role (CREATE ROLE ... LOGIN) or fix the user name in AMR_DATABASE_URL"),
+    (re.compile(r"password authentication failed|no password supplied|authentication failed"),
+     "check the role's password (in ~/.pgpass or PGPASSWORD) and pg_hba.conf"),
+    (re.compile(r"no pg_hba\.conf entry"), "allow this host in the server's pg_hba.conf"),
+    (re.compile(r"could not translate host name|Name or service not known"),
+     "fix the host name in AMR_DATABASE_URL"),
+)
+_DEFAULT_NEXT = ("check that PostgreSQL runs there and that the host and port in AMR_DATABASE_URL "
+                 "are right (or run `amr demo`, which starts its own)")
+
+
+def _next_step(reason: str) -> str:
+    """What to do about libpq's `reason` for refusing a connection: a message without it is a dead end."""
+    for pattern, step in _NEXT_STEPS:
+        if pattern.search(reason):
+            return step
+    return _DEFAULT_NEXT
+
+
+class DatabaseNotMigrated(UserError):
+    """The database answers but lacks a table, column or function this version of amr uses."""
+
+
+class DatabaseRefused(UserError):
+    """The database refused a statement for the role's lack of rights."""
+
+
+# errors raised by a statement because the schema is older than the code (or absent)
+_SCHEMA_ERRORS: tuple[type[psycopg.Error], ...] = (
+    psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
+    psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedObject,
+)
+
+
+def explain_error(exc: BaseException, url: str) -> UserError | None:
+    """A psycopg error that escaped a command after connecting, as a `UserError` naming the next step.
+
+    `connect` already turns a refused connection into one; what reaches the
+    CLI's boundary later is a database never migrated (or migrated by an
+    older amr), a role without the rights, or a server that went away mid-way.
+    Anything else is None: an error nobody foresaw is a bug and keeps its
+    traceback.
+    """
+    if isinstance(exc, UserError) or not isinstance(exc, psycopg.Error):
+        return None
+    target = describe_database(url)
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)  # without the statement quoted
+    reason = safe_reason(psycopg.Error(primary) if primary else exc, url)
+    if isinstance(exc, _SCHEMA_ERRORS):
+        return DatabaseNotMigrated(
+            f"the database {target} lacks this version's schema ({reason}): run `amr db migrate` "
+            "(as the database's owner), then retry")
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return DatabaseRefused(
+            f"the database {target} refused the statement ({reason}): connect as a role with the "
+            "rights (the owner that ran `amr db migrate`), or grant them")
+    if isinstance(exc, psycopg.OperationalError):
+        return DatabaseUnreachable(
+            f"lost the connection to the database {target}: {reason}; check that PostgreSQL runs "
+            "there and retry")
+    return None
 
 
 def check_url(url: str) -> None:
@@ -93,6 +162,12 @@ def check_url(url: str) -> None:
             "which starts its own"
         )
     target = describe_database(url)
+    if re.fullmatch(r"[^\s=:/@]+", url.strip()):
+        # a bare word, like a database name typed alone: libpq would say only `missing "=" after
+        # "..."`. The word is not repeated, since it may as well be a password set by mistake.
+        raise _error(DatabaseUrlInvalid, 'AMR_DATABASE_URL does not parse: missing "=" after "...": it is a bare '
+                     "word, not a URL; write postgresql://USER@HOST:5432/DBNAME (the password in ~/.pgpass "
+                     "or PGPASSWORD)", target)
     try:
         psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.Error as exc:
