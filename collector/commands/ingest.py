@@ -31,7 +31,8 @@ exit status:
   0  every line was stored, or was stored already (duplicates)
   1  every line was refused: nothing was stored
   3  some lines were refused (the others were stored or were duplicates)
-  2  the file, its header or an option is wrong: nothing was read
+  2  a problem to fix first (the file, its header, an option, the database), named
+     in the message; a file refused for its header or dialect stores nothing
 
 CSV as spreadsheets in Russia export it (Excel, 1C) is read too: the separator
 (',' ';' tab '|'), the decimal comma (when the separator is not a comma), the
@@ -65,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rejects", type=Path, metavar="FILE",
                    help="write every refused line to FILE as CSV (UTF-8): line, code, reason, raw")
     p.add_argument("--delimiter", help="CSV field separator (';', ',', 'tab', '|'); default: detected")
-    p.add_argument("--decimal", choices=[".", ","],
+    p.add_argument("--decimal", choices=[".", ","], metavar="'.'|','",
                    help="decimal mark of the values; default: ',' when the separator is not a comma")
     p.add_argument("--encoding", help="text encoding (utf-8, utf-8-sig, cp1251); default: detected")
     p.add_argument("--columns", metavar="FIELD=NAME,...",
