@@ -126,3 +126,28 @@ def test_text_format_on_a_terminal_and_override():
 def test_bad_log_format_is_a_clear_error():
     with pytest.raises(ValueError, match="AMR_LOG_FORMAT must be auto, json or text"):
         logs.choose_format("yaml", io.StringIO())
+
+
+@pytest.mark.parametrize("fmt", ["auto", "json", "text"])
+def test_log_lines_in_a_file_are_never_wrapped(tmp_path, fmt) -> None:
+    """Off a terminal a log line is one line however long, whatever COLUMNS says (a parser reads it).
+
+    A console library sized for a terminal (Rich's default is 80 columns
+    when it finds none) would cut a line in two; the handler writes each
+    record whole.
+    """
+    out = tmp_path / "stderr.log"
+    message = "meter answered with a long payload " + "x" * 300
+    code = (
+        "import logging; from amr import logs; logs.setup('INFO'); "
+        f"logging.getLogger('amr.test').warning({message!r}, extra={{'meter': 'sdm630-0001', 'bus': 'rs485-1'}})"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMR_")} | {"COLUMNS": "40",
+                                                                               "AMR_LOG_FORMAT": fmt}
+    with out.open("w") as err:
+        subprocess.run([sys.executable, "-c", code], env=env, stderr=err, check=True, timeout=60)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert message in lines[0] and "sdm630-0001" in lines[0]
+    if fmt != "text":  # auto: a file is no terminal, so JSON
+        assert json.loads(lines[0])["msg"] == message
