@@ -86,6 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(exc, args.command, debug=bool(getattr(args, "debug", False)))
 
 
+def _file_error(exc: BaseException) -> Exception | None:
+    """A file named on the command line (or by an AMR_* variable) that cannot be opened, as a message."""
+    from amr.errors import UserError
+
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError) \
+            and exc.filename:
+        what = {FileNotFoundError: "no such file", IsADirectoryError: "a directory, not a file",
+                NotADirectoryError: "a path through something that is not a directory",
+                PermissionError: "permission denied"}.get(type(exc), exc.strerror or type(exc).__name__)
+        return UserError(f"{exc.filename}: cannot open it: {what}; check the path (and its permissions)")
+    return None
+
+
 def report_error(exc: BaseException, command: str, *, debug: bool = False) -> int:
     """The CLI's one error boundary: print what went wrong and return the exit status.
 
@@ -101,7 +114,8 @@ def report_error(exc: BaseException, command: str, *, debug: bool = False) -> in
     from amr.logs import redact
     from amr.storage.db import explain_error
 
-    known = exc if isinstance(exc, UserError) else explain_error(exc, os.environ.get("AMR_DATABASE_URL", ""))
+    known = exc if isinstance(exc, UserError) else (
+        explain_error(exc, os.environ.get("AMR_DATABASE_URL", "")) or _file_error(exc))
     if known is not None:
         if debug:
             print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")

@@ -199,3 +199,13 @@ def test_schema_errors_become_the_migrate_hint(unmigrated_url: str) -> None:
     assert isinstance(known, DatabaseNotMigrated) and "run `amr db migrate`" in str(known)
     assert 'relation "reading" does not exist)' in str(known) and "LINE 1" not in str(known)
     assert explain_error(ValueError("x"), unmigrated_url) is None
+
+
+def test_a_file_that_cannot_be_opened_is_a_message(tmp_path: Path) -> None:
+    """A directory given where a file goes is named, with status 2 and no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMR_", "PG"))}
+    proc = subprocess.run([sys.executable, "-m", "amr.cli", "tariffs", "norms", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"amr tariffs: {tmp_path}: cannot open it: a directory, not a file; check the path " \
+        "(and its permissions)\n"
