@@ -275,7 +275,9 @@ class ReadingIn(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     meter_id: str | None = Field(default=None, max_length=64,
                                  description="needed only when the account has several meters")
-    obis: str = Field(default="1.8.0", alias="register", pattern=r"^[0-9]\.8\.[0-4]$")
+    # any OBIS code here: whether the meter has that register is the one rule every entry point
+    # applies (collector.rules.vee.register_refusal, 422 unknown_register)
+    obis: str = Field(default="1.8.0", alias="register", pattern=r"^\d{1,3}\.\d{1,3}\.\d{1,3}$")
     ts: AwareDatetime = Field(description="when the value was read, with an offset")
     value: Decimal = Field(ge=0, max_digits=16, decimal_places=6, allow_inf_nan=False)
 

@@ -136,5 +136,7 @@ def test_the_api_refuses_it_with_the_same_code(db_url, conn) -> None:
         r = post("1.8.1")  # a register the API's form allows, not configured for this meter
         assert (r.status_code, r.json()["code"]) == (422, "unknown_register"), r.json()
         assert "1.8.1" in r.json()["message"]
+        r = post("9.9.9")  # an OBIS code of no meter: the same rule, not a form error
+        assert (r.status_code, r.json()["code"]) == (422, "unknown_register"), r.json()
         assert post("1.8.0").status_code == 201
     assert _registers(conn, "rr-1") == ["1.8.0"]
