@@ -148,8 +148,17 @@ def balances(conn: Any, on: date | None = None, accounts: Sequence[str] | None =
     return out
 
 
-def bill_key(account: str, period: date, version: int) -> str:
-    return f"bill:{account}:{period:%Y-%m}:v{version}"
+_CHARGE_COLUMNS = ("account, component, kind, amount, booked_on, period, source, reason, author,"
+                   " idempotency_key")
+
+
+def _charge_row(account: str, period: date, version: int, amount: Decimal, why: str, booked_on: date,
+                author: str) -> tuple[Any, ...]:
+    """A bill version's charge as a ledger row: the one place its key, source and reason are spelled."""
+    month = f"{period:%Y-%m}"
+    head = "bill for " if version == 1 else f"bill version {version} for "
+    return (account, ENERGY, "charge", amount, booked_on, period, f"bill {month} v{version}",
+            f"{head}{month}: {why}", author, f"bill:{account}:{month}:v{version}")
 
 
 def post_bill_charges(conn: Any, period: date, accounts: Iterable[str] | None = None, *,
@@ -159,27 +168,28 @@ def post_bill_charges(conn: Any, period: date, accounts: Iterable[str] | None = 
     So the energy charges of a period always sum to its latest bill's total,
     however often it was re-billed, and re-running posts nothing. A version
     equal to the one before (no difference) posts nothing. Booked on the local
-    date the version was issued. Returns the number of entries posted.
+    date the version was issued. Returns the number of entries posted. (A
+    billing run posts its own new versions with `copy_bill_charges`; this is
+    the general, slower path that finds what is missing.)
     """
+    period = period.replace(day=1)
     wanted = sorted(set(accounts)) if accounts is not None else None
-    cur = conn.execute(
-        """INSERT INTO ledger_entry (account, component, kind, amount, booked_on, period, source, reason,
-                                     author, idempotency_key)
-           SELECT b.account, 'energy', 'charge', b.total - coalesce(p.total, 0),
-                  (b.created_at AT TIME ZONE %(tz)s)::date, b.period,
-                  'bill ' || to_char(b.period, 'YYYY-MM') || ' v' || b.version,
-                  CASE WHEN b.version = 1 THEN 'bill for ' ELSE 'bill version ' || b.version || ' for ' END
-                    || to_char(b.period, 'YYYY-MM') || ': ' || b.reason,
-                  %(author)s,
-                  'bill:' || b.account || ':' || to_char(b.period, 'YYYY-MM') || ':v' || b.version
+    missing = conn.execute(
+        """SELECT b.account, b.version, b.total - coalesce(p.total, 0), b.reason,
+                  (b.created_at AT TIME ZONE %(tz)s)::date
            FROM bill b
            LEFT JOIN bill p ON p.account = b.account AND p.period = b.period AND p.version = b.version - 1
            WHERE b.period = %(period)s AND (%(acc)s::text[] IS NULL OR b.account = ANY(%(acc)s))
-             AND b.total <> coalesce(p.total, 0)
-           ON CONFLICT (idempotency_key) DO NOTHING""",
-        {"tz": tz, "author": author, "period": period.replace(day=1), "acc": wanted},
-    )
-    return int(cur.rowcount or 0)
+             AND b.total <> coalesce(p.total, 0)""",
+        {"tz": tz, "period": period, "acc": wanted}).fetchall()
+    posted = 0  # versions posted before are skipped by their key
+    with conn.cursor() as cur:
+        for account, version, amount, why, booked_on in missing:
+            cur.execute(f"INSERT INTO ledger_entry ({_CHARGE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                        " ON CONFLICT (idempotency_key) DO NOTHING",
+                        _charge_row(account, period, version, Decimal(amount), why, booked_on, author))
+            posted += cur.rowcount or 0
+    return posted
 
 
 def copy_bill_charges(conn: Any, period: date, charges: Iterable[tuple[str, int, Decimal, str]], *,
@@ -194,7 +204,6 @@ def copy_bill_charges(conn: Any, period: date, charges: Iterable[tuple[str, int,
     of the COPY stays and `post_bill_charges` posts what is missing instead.
     """
     period = period.replace(day=1)
-    month = f"{period:%Y-%m}"
     rows = [(a, v, amount, why) for a, v, amount, why in charges if amount != 0]
     if not rows:
         return 0
@@ -203,13 +212,9 @@ def copy_bill_charges(conn: Any, period: date, charges: Iterable[tuple[str, int,
     try:
         with conn.transaction():
             booked_on = conn.execute("SELECT (now() AT TIME ZONE %s)::date", (tz,)).fetchone()[0]
-            with conn.cursor() as cur, cur.copy(
-                    "COPY ledger_entry (account, component, kind, amount, booked_on, period, source, reason,"
-                    " author, idempotency_key) FROM STDIN") as cp:
+            with conn.cursor() as cur, cur.copy(f"COPY ledger_entry ({_CHARGE_COLUMNS}) FROM STDIN") as cp:
                 for account, version, amount, why in rows:
-                    head = "bill for " if version == 1 else f"bill version {version} for "
-                    cp.write_row((account, ENERGY, "charge", amount, booked_on, period, f"bill {month} v{version}",
-                                  f"{head}{month}: {why}", author, f"bill:{account}:{month}:v{version}"))
+                    cp.write_row(_charge_row(account, period, version, amount, why, booked_on, author))
     except psycopg.errors.UniqueViolation:
         return post_bill_charges(conn, period, sorted({r[0] for r in rows}), tz=tz, author=author)
     return len(rows)
