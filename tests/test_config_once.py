@@ -11,16 +11,14 @@ replaced.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 
 from tests.conftest import ROOT, free_port
+from tests.daemons import Daemon
 
 # runs the CLI with an audit hook that appends the path of every watched file opened
 WRAPPER = """
@@ -51,39 +49,19 @@ timeout = 0.5
 """
 
 
-class Watched:
+class Watched(Daemon):
     """A daemon process whose opens of some files are counted."""
 
     def __init__(self, args: list[str], env: dict[str, str], watch: list[Path], tmp: Path):
         self.opens = tmp / "opens.txt"
         self.opens.touch()
-        self.log = tmp / "daemon.log"
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("AMR_", "PG"))}
-        env = {**base, **env, "PYTHONPATH": str(ROOT), "AMR_TEST_OPENS": str(self.opens),
-               "AMR_TEST_WATCH": os.pathsep.join(str(p) for p in watch)}
-        self.proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], env=env, cwd=ROOT,
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        super().__init__([sys.executable, "-c", WRAPPER, *args],
+                         {**env, "AMR_TEST_OPENS": str(self.opens),
+                          "AMR_TEST_WATCH": os.pathsep.join(str(p) for p in watch)}, tmp / "daemon.log")
 
     def count(self, path: Path) -> int:
         target = os.path.realpath(path)
         return sum(1 for line in self.opens.read_text().splitlines() if line == target)
-
-    def until(self, check: Callable[[], object], what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            assert self.proc.poll() is None, f"the daemon exited waiting for {what}:\n{self.log.read_text()}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.log.read_text()}"
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def test_gateway_reads_inventory_and_preset_once_at_start_and_once_per_reload(db_url, tmp_path) -> None:
@@ -115,7 +93,7 @@ def test_gateway_reads_inventory_and_preset_once_at_start_and_once_per_reload(db
         d.until(lambda: stored() >= 2, "two polls stored")
         assert (d.count(inv), d.count(preset)) == (1, 1), d.opens.read_text()
         d.proc.send_signal(1)  # SIGHUP, as `systemctl reload amr-gateway` sends it
-        d.until(lambda: "configuration reloaded" in d.log.read_text(), "the reload")
+        d.until(lambda: "configuration reloaded" in d.text(), "the reload")
         polled = stored()
         d.until(lambda: stored() >= polled + 1, "a poll after the reload")
         assert (d.count(inv), d.count(preset)) == (2, 2), d.opens.read_text()
@@ -133,10 +111,10 @@ def test_collector_reads_the_inventory_once_at_start_and_once_per_reload(db_url,
                  "AMR_MQTT_URL": f"mqtt://collector@127.0.0.1:{broker.port}", "AMR_MQTT_GROUP": "once"},
                 [inv], tmp_path)
     try:
-        d.until(lambda: "subscribed to" in d.log.read_text(), "the collector to subscribe")
+        d.until(lambda: "subscribed to" in d.text(), "the collector to subscribe")
         assert d.count(inv) == 1, d.opens.read_text()
         d.proc.send_signal(1)
-        d.until(lambda: "collector configuration reloaded" in d.log.read_text(), "the reload")
+        d.until(lambda: "collector configuration reloaded" in d.text(), "the reload")
         assert d.count(inv) == 2, d.opens.read_text()
     finally:
         d.stop()
