@@ -1,7 +1,7 @@
 """Imports go down only: a wrong-way import fails here, named with its file and line.
 
 The floors, lowest first: `amr/` (settings, errors, logs, metrics, database,
-migrations, the CLI root), `adapters/`, `collector/`, `billing/`, and on top
+migrations, the CLI root), `adapters/`, `collector/`, `billing/`, `portal/` (the customer account's pages), and on top
 `simulators/` (the simulated meters and the demo, which drive everything).
 Every import counts, at module level or inside a function, since a lazy import
 is a dependency all the same. The CLI root finds the parts' commands by
@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-FLOORS = ["amr", "adapters", "collector", "billing", "simulators"]
+FLOORS = ["amr", "adapters", "collector", "billing", "portal", "simulators"]
 
 
 def dotted(path: Path) -> str:
