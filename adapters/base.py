@@ -14,6 +14,8 @@ shape, and a test or a simulation can hand in any object of the same shape.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from adapters.reading import Reading
@@ -160,4 +162,48 @@ class PollingAdapter(Protocol):
 
     async def close(self) -> None:
         """Release ports and sockets."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProfileSlot:
+    """One interval of a meter's own load profile, as the meter stored it.
+
+    A profile gives the energy of each slot, not a cumulative value: the
+    collector turns a run of slots into register values at each boundary by
+    anchoring them to a reading just taken (see the gateway's back-fill), so
+    a gap's energy gets its exact place in time instead of an estimated one.
+    `wh` is None when the meter marks the slot invalid (power failure, clock
+    set, record missing): that slot is left to estimation, never read as 0.
+    """
+
+    start: datetime  # aware UTC
+    end: datetime  # aware UTC, start < end
+    register: str  # OBIS, e.g. "1.8.0"
+    wh: int | None  # energy in the slot in Wh; None = the meter marks the slot invalid
+
+
+class ProfileMeter(Protocol):
+    """An adapter that can read a meter's load profile (its memory of past slots).
+
+    The gateway checks for this by shape when a meter answers again after a
+    gap, so an adapter opts in just by having the method. `limit` caps the
+    slots one call returns, so a long outage cannot hold the bus for one
+    meter; slots come oldest first, only those with `start` in [start, end).
+    """
+
+    async def read_profile(self, meter: AnyMeter, start: datetime, end: datetime, limit: int) -> list[ProfileSlot]:
+        """Read the profile slots starting in [start, end), oldest first, at most `limit`."""
+        ...
+
+
+class ClockSettable(Protocol):
+    """An adapter that can move a meter's clock (an opt-in correction policy uses it).
+
+    The gateway decides whether and how far (within the protocol's daily limit,
+    off unless the inventory asks); the adapter only carries out the shift.
+    """
+
+    async def correct_clock(self, meter: AnyMeter, delta_s: float) -> None:
+        """Move the meter's clock by `delta_s` seconds (positive = forward); raise PollError on failure."""
         ...
