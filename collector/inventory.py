@@ -109,7 +109,11 @@ class Meter(BaseModel):
         description="Modbus: the register map, a file name in `adapters/presets/` without `.toml` "
         "(`eastron_sdm630`, ...). Required for `modbus_tcp` and `modbus_rtu`.",
     )
-    host: str | None = Field(default=None, description="Modbus TCP: the meter's or the TCP gateway's host name or address.")
+    host: str | None = Field(
+        default=None,
+        description="Modbus TCP: the meter's or the TCP gateway's host name or address. IEC 62056: the "
+        "RS-485-to-Ethernet converter's host, with `tcp_port`.",
+    )
     port: int | str | None = Field(
         default=None,
         description="Modbus TCP: the TCP port (default 502). Modbus RTU and IEC 62056: the serial device, "
@@ -130,8 +134,25 @@ class Meter(BaseModel):
     address: str | None = Field(
         default=None, description="IEC 62056-21: the device address in the sign-on, for several meters on one line."
     )
-    dialect: Literal["standard", "energomera"] = Field(
-        default="standard", description="IEC 62056-21: the meter family's dialect (`energomera`: password and `ET0PE()`)."
+    dialect: Literal["standard", "energomera", "energomera_spodes", "neva"] = Field(
+        default="standard", description="IEC 62056-21: the meter family's dialect (`energomera`: password and `ET0PE()`; "
+        "`energomera_spodes`: Energomera SPODES models in IEC mode, energy from the `EMD` archive; "
+        "`neva`: Neva MT, XOR check, OBIS codes as hex commands)."
+    )
+    tcp_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="IEC 62056 behind a transparent RS-485-to-Ethernet converter: the converter's TCP port, "
+        "with `host`, instead of a serial `port` (the same bytes, no header).",
+    )
+    clock_correction: bool = Field(
+        default=False,
+        description="Let the gateway correct the meter's clock when it is off, within the protocol's daily limit "
+        "(Energomera 29 s a day); every correction is logged. Off unless set.",
+    )
+    backfill_slots: int = Field(
+        default=48, ge=0, le=10000,
+        description="When slots were missed and the meter's adapter reads its load profile: at most this many "
+        "missed slots read back from the profile per cycle (the rest next cycle); 0 turns back-fill off.",
     )
     password: str | None = Field(
         default=None,
@@ -219,6 +240,8 @@ class Meter(BaseModel):
             return self.bus
         if self.adapter in ("modbus_tcp",):
             return f"{self.host}:{self.port or 502}"
+        if self.host and self.tcp_port is not None:  # a serial line behind a TCP converter
+            return f"{self.host}:{self.tcp_port}"
         return str(self.port or self.device or self.adapter)
 
 
