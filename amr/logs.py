@@ -52,7 +52,7 @@ _SECRET_KEYS = re.compile(r"(?i)(password|passwd|secret|token|api_key|apikey|aut
 
 
 # environment variables whose values (or the password inside them) are this process's secrets
-_SECRET_ENV = ("AMR_DATABASE_URL", "AMR_MQTT_URL", "AMR_MQTT_PASSWORD", "PGPASSWORD", "DATABASE_URL")
+_SECRET_ENV = ("AMR_DATABASE_URL", "AMR_MQTT_URL", "AMR_MQTT_PASSWORD", "PGPASSWORD", "DATABASE_URL", "AMR_SMTP_URL")
 # shorter ones would mask ordinary words in every line; they are no protection anyway.
 # Secrets given for one message (the URL it is about) may be a little shorter.
 _MIN_SECRET_LEN, _MIN_GIVEN_LEN = 4, 3

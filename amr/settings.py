@@ -99,6 +99,26 @@ class Settings(BaseSettings):
         "many past months wholly read, for at most this many months in a row; then by the consumption "
         "norm (Government Decree 354 p. 59-60; some suppliers use 6)",
     )
+    portal_base_url: str = Field(
+        default="http://127.0.0.1:8090",
+        description="the customer account's public address (`amr portal`), the start of every link "
+        "in its e-mails (confirmation, password reset)",
+    )
+    portal_secure_cookies: bool = Field(
+        default=True,
+        description="the account's cookies carry Secure (sent over HTTPS only); false only for "
+        "plain http://127.0.0.1 tests and demos",
+    )
+    smtp_url: str = Field(
+        default="",
+        description="where the account's e-mail goes: smtp://[user:password@]host:port "
+        "(?starttls=true to upgrade the connection) or smtps://...; empty: no mail is sent and "
+        "registration says so",
+    )
+    smtp_from: str = Field(
+        default="Личный кабинет <noreply@localhost>",
+        description="the From address of the account's e-mail",
+    )
     log_format: str = Field(default="auto", description="auto | json | text")
 
     @field_validator("retention")
