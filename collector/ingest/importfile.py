@@ -412,6 +412,60 @@ def sniff_csv(
     return dialect, stream
 
 
+class _FastLine:
+    """The common line of a CSV export, turned into a Reading without the general path's detours.
+
+    An export repeats each timestamp for every meter (files are sorted by
+    time), so the timestamp's text is parsed once and its UTC instant reused;
+    a value of a few plain digits cannot break MAX_EXPONENT, so its check is
+    skipped. Anything else (an empty field, an odd timestamp or value) returns
+    None and the line takes `_reading`, which names what is wrong: the result
+    is the same Reading either way, only sooner.
+    """
+
+    __slots__ = ("decimal", "flags", "meter", "register", "times", "ts", "value")
+
+    def __init__(self, meter: int, register: int, ts: int, value: int, decimal: str) -> None:
+        self.meter, self.register, self.ts, self.value = meter, register, ts, value
+        self.decimal = decimal
+        self.flags = frozenset({quality.IMPORTED})
+        self.times: dict[str, datetime] = {}
+
+    @classmethod
+    def of(cls, dialect: CsvDialect) -> _FastLine | None:
+        fields = dialect.fields
+        if not all(fields.count(k) == 1 for k in COLUMNS):
+            return None
+        return cls(*(fields.index(k) for k in COLUMNS), decimal=dialect.decimal)
+
+    def reading(self, cells: list[str], source: str) -> Reading | None:
+        meter_id, register = cells[self.meter].strip(), cells[self.register].strip()
+        text, value_text = cells[self.ts], cells[self.value]
+        if not meter_id or not register or not value_text or len(value_text) > MAX_EXPONENT:
+            return None
+        ts = self.times.get(text)
+        if ts is None:
+            parsed = _parse_ts(text)
+            if parsed is None or parsed.tzinfo is None or parsed.utcoffset() is None:
+                return None
+            try:
+                ts = parsed.astimezone(UTC)
+            except (OverflowError, ValueError):
+                return None
+            if len(self.times) >= 100_000:
+                self.times.clear()
+            self.times[text] = ts
+        if self.decimal == ",":
+            value_text = value_text.translate(_SPACES).replace(",", ".")
+        if "e" in value_text or "E" in value_text:
+            return None
+        try:
+            value = Decimal(value_text)
+        except InvalidOperation:
+            return None
+        return Reading(meter_id, register, ts, value, self.flags, source)
+
+
 def _csv_rows(f: BinaryIO, source: str, dialect: CsvDialect | None = None) -> Iterator[Reading | Rejected]:
     if dialect is None:
         dialect, f = sniff_csv(f, source)
@@ -419,6 +473,7 @@ def _csv_rows(f: BinaryIO, source: str, dialect: CsvDialect | None = None) -> It
     width = len(header)
     names = ",".join(dialect.header)
     seen_header = False
+    fast = _FastLine.of(dialect)
     for n, raw, too_long in _lines(f):
         at = f"{source}#L{n}"
         if too_long:
@@ -433,11 +488,19 @@ def _csv_rows(f: BinaryIO, source: str, dialect: CsvDialect | None = None) -> It
         if not seen_header:  # checked by sniff_csv
             seen_header = True
             continue
-        try:
-            cells = next(csv.reader(io.StringIO(text), delimiter=dialect.delimiter))
-        except csv.Error as exc:
-            yield Rejected(at, raw, f"line {n}: not CSV ({exc})", code="parse_error")
-            continue
+        if '"' in text:
+            try:
+                cells = next(csv.reader(io.StringIO(text), delimiter=dialect.delimiter))
+            except csv.Error as exc:
+                yield Rejected(at, raw, f"line {n}: not CSV ({exc})", code="parse_error")
+                continue
+        else:  # what csv.reader gives for a line without quotes, at a fraction of its cost
+            cells = text.split(dialect.delimiter)
+            if fast is not None and len(cells) == width:
+                reading = fast.reading(cells, at)
+                if reading is not None:
+                    yield reading
+                    continue
         if len(cells) != width:
             yield Rejected(at, raw, f"line {n}: {len(cells)} fields, expected {width} "
                            f"({names})", code="truncated" if len(cells) < width else "parse_error")
