@@ -34,7 +34,7 @@ import tomllib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,22 +53,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from amr.metrics_http import DB_STATE
 from amr.settings import Settings, get_settings
+from billing import account_data
 from collector.inventory import normalize_account
-from collector.rules.vee import configured_registers, register_refusal
-from collector.rules.vocabulary import STORED_ZONES
 
 log = logging.getLogger("amr.api")
 
 MONTH = r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])$"
 MAX_DAYS = 366
-# a meter's energy counts for its account only on the local days it was installed there,
-# the same rule the bills follow (billing.engine), so the portal and the bill agree
-IN_SERVICE = (
-    " JOIN portal_meter pm ON pm.meter_id = u.meter_id"
-    " AND (pm.installed IS NULL OR u.day >= (pm.installed AT TIME ZONE %s)::date)"
-    " AND (pm.removed IS NULL OR u.day <= (pm.removed AT TIME ZONE %s)::date)"
-    " WHERE u.account = %s"
-)
 
 
 # --- tokens -------------------------------------------------------------------------
@@ -581,20 +572,6 @@ def subscriber(conn: psycopg.Connection, acc: str) -> tuple[Any, ...]:
     return row
 
 
-def _zone_energy(rows: list[tuple[Any, ...]]) -> dict[Any, dict[str, Decimal]]:
-    """Rows of (key, stored zone, kWh, estimated, suspect) summed per key: ZoneEnergy's fields."""
-    out: dict[Any, dict[str, Decimal]] = {}
-    for key, zone, kwh, est, sus in rows:
-        z = out.setdefault(key, {**dict.fromkeys(STORED_ZONES, Decimal(0)),
-                                 "total": Decimal(0), "estimated": Decimal(0), "suspect": Decimal(0)})
-        if zone in STORED_ZONES:
-            z[zone] += kwh
-        z["total"] += kwh
-        z["estimated"] += est
-        z["suspect"] += sus
-    return out
-
-
 def _month(text: str | None, default: date) -> date:
     if text is None:
         return default
@@ -614,16 +591,12 @@ def account_summary(account: AccountNo, allowed: Tokens, db: Database) -> Accoun
     acc = own(account, allowed)
     with db.connection() as conn:
         row = subscriber(conn, acc)
-        meters = conn.execute("SELECT meter_id, installed, removed FROM portal_meter"
-                              " WHERE account = %s ORDER BY installed NULLS FIRST, meter_id",
-                              (acc,)).fetchall()
-        values = conn.execute("SELECT meter_id, register, ts, value FROM portal_latest_reading"
-                              " WHERE account = %s ORDER BY meter_id, register", (acc,)).fetchall()
+        meters = account_data.meters(conn, acc)
     return AccountSummary(
         account=row[0], metering=row[1], plan=row[2], category=row[3], area=row[4],
-        meters=[MeterInfo(meter_id=m, installed=i, removed=r, registers=[
-            RegisterValue(register=v[1], value=v[3], read_at=v[2]) for v in values if v[0] == m])
-            for m, i, r in meters])
+        meters=[MeterInfo(meter_id=m.meter_id, installed=m.installed, removed=m.removed, registers=[
+            RegisterValue(register=v.register, value=v.value, read_at=v.ts) for v in m.registers])
+            for m in meters])
 
 
 @router.get("/accounts/{account}/consumption/daily", response_model=DailyConsumption,
@@ -640,12 +613,7 @@ def daily(account: AccountNo, allowed: Tokens, db: Database, settings: AppSettin
         raise ApiError(422, "invalid_range", f"Период должен быть от 1 до {MAX_DAYS} дней.")
     with db.connection() as conn:
         subscriber(conn, acc)
-        rows = conn.execute(
-            "SELECT day, zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
-            " FROM portal_daily_usage u" + IN_SERVICE + " AND day BETWEEN %s AND %s"
-            " GROUP BY 1, 2 ORDER BY 1, 2",
-            (settings.timezone, settings.timezone, acc, first, last)).fetchall()
-    per = _zone_energy(rows)
+        per = account_data.daily_usage(conn, acc, first, last, settings.timezone)
     return DailyConsumption(account=acc, days=[DayUsage(day=d, **z) for d, z in sorted(per.items())])
 
 
@@ -664,12 +632,7 @@ def monthly(account: AccountNo, allowed: Tokens, db: Database, settings: AppSett
     end = date(last.year + (last.month == 12), last.month % 12 + 1, 1) if last.year < 9999 else date.max
     with db.connection() as conn:
         subscriber(conn, acc)
-        rows = conn.execute(
-            "SELECT to_char(day, 'YYYY-MM'), zone, sum(kwh), sum(estimated_kwh), sum(suspect_kwh)"
-            " FROM portal_daily_usage u" + IN_SERVICE + " AND day >= %s AND day < %s"
-            " GROUP BY 1, 2 ORDER BY 1, 2",
-            (settings.timezone, settings.timezone, acc, first, end)).fetchall()
-    per = _zone_energy(rows)
+        per = account_data.monthly_usage(conn, acc, first, end, settings.timezone)
     return MonthlyConsumption(account=acc, months=[MonthUsage(month=m, **z) for m, z in sorted(per.items())])
 
 
@@ -679,18 +642,10 @@ def bills(account: AccountNo, allowed: Tokens, db: Database) -> BillList:
     acc = own(account, allowed)
     with db.connection() as conn:
         subscriber(conn, acc)
-        rows = conn.execute(
-            "SELECT to_char(period, 'YYYY-MM'), version, count(*) OVER w, total, kwh, estimated_kwh"
-            " FROM portal_bill WHERE account = %s"
-            " WINDOW w AS (PARTITION BY period) ORDER BY period DESC, version DESC", (acc,)).fetchall()
-    seen: set[str] = set()
-    out: list[BillSummary] = []
-    for p, v, n, total, kwh, est in rows:
-        if p not in seen:
-            seen.add(p)
-            out.append(BillSummary(period=p, version=v, versions=n, total=total, kwh=kwh,
-                                   estimated_kwh=est))
-    return BillList(account=acc, bills=out)
+        found = account_data.bill_summaries(conn, acc)
+    return BillList(account=acc, bills=[BillSummary(period=b.period, version=b.version, versions=b.versions,
+                                                    total=b.total, kwh=b.kwh, estimated_kwh=b.estimated_kwh)
+                                        for b in found])
 
 
 @router.get("/accounts/{account}/bills/{period}", response_model=BillDetail, responses=ERRORS,
@@ -702,21 +657,15 @@ def bill(account: AccountNo, allowed: Tokens, db: Database,
     p = _month(period, date.min)
     with db.connection() as conn:
         subscriber(conn, acc)
-        heads = conn.execute(
-            "SELECT version, total, kwh, estimated_kwh, plan, reason, diff, created_at, method FROM portal_bill"
-            " WHERE account = %s AND period = %s ORDER BY version", (acc, p)).fetchall()
-        lines = conn.execute(
-            "SELECT version, zone, date_from, date_to, kwh, estimated_kwh, rate, amount, band"
-            " FROM portal_bill_line WHERE account = %s AND period = %s ORDER BY version, line_no",
-            (acc, p)).fetchall()
-    if not heads:
+        found = account_data.bill_versions(conn, acc, p)
+    if not found:
         raise ApiError(404, "not_found", "Счёт за этот месяц не выставлен.")
     versions = [BillVersion(
-        version=h[0], total=h[1], kwh=h[2], estimated_kwh=h[3], plan=h[4], reason=h[5], diff=h[6],
-        created_at=h[7], method=h[8], lines=[BillLineOut(zone=ln[1], date_from=ln[2], date_to=ln[3], kwh=ln[4],
-                                                         estimated_kwh=ln[5], rate=ln[6], amount=ln[7],
-                                                         band=ln[8])
-                                for ln in lines if ln[0] == h[0]]) for h in heads]
+        version=h.version, total=h.total, kwh=h.kwh, estimated_kwh=h.estimated_kwh, plan=h.plan, reason=h.reason,
+        diff=h.diff, created_at=h.created_at, method=h.method,
+        lines=[BillLineOut(zone=ln.zone, date_from=ln.date_from, date_to=ln.date_to, kwh=ln.kwh,
+                           estimated_kwh=ln.estimated_kwh, rate=ln.rate, amount=ln.amount, band=ln.band)
+               for ln in h.lines]) for h in found]
     return BillDetail(account=acc, period=period, latest=versions[-1], versions=versions)
 
 
@@ -728,12 +677,15 @@ def enter_readings(account: AccountNo, allowed: Tokens, db: Database, settings: 
                    body: ReadingsIn) -> ReadingsResult:
     acc = own(account, allowed)
     with db.connection() as conn:
-        row = subscriber(conn, acc)
-        if row[1] != "manual":
-            raise ApiError(409, "readings_entry_disabled",
-                           "Показания по этому лицевому счёту передаются прибором учёта "
-                           "автоматически, вводить их вручную не нужно.")
-        return _store_readings(conn, acc, body.readings, settings)
+        subscriber(conn, acc)
+        try:
+            counts = account_data.enter_readings(conn, acc, [
+                account_data.ManualReading(r.meter_id, r.obis, r.ts, r.value) for r in body.readings], settings)
+        except account_data.EntryDisabled as exc:
+            raise ApiError(409, exc.code, str(exc)) from None
+        except account_data.ReadingRefused as exc:
+            raise ApiError(422, exc.code, str(exc)) from None
+        return ReadingsResult(**counts)
 
 
 # --- card payments (billing/payments.py) ----------------------------------------------
@@ -958,67 +910,3 @@ def create_app(settings: Settings | None = None, tokens: TokenStore | None = Non
     app.add_middleware(RequestGuard, max_body=settings.api_max_body_bytes, signed_paths=SIGNED_PATHS)
     return app
 
-
-def _store_readings(conn: psycopg.Connection, acc: str, readings: list[ReadingIn],
-                    settings: Settings) -> ReadingsResult:
-    """Check manual readings against the last stored ones, then ingest them."""
-    from adapters import quality
-    from adapters.reading import Reading
-    from collector.ingest.ingestor import Ingestor
-
-    rows = conn.execute("SELECT id, max_power_kw, removed, adapter, config FROM meter WHERE account = %s",
-                        (acc,)).fetchall()
-    meters = {m: (p, rem) for m, p, rem, _, _ in rows}
-    registers = {m: configured_registers(adapter, config) for m, _, _, adapter, config in rows}
-    active = [m for m, (_, rem) in meters.items() if rem is None]
-    now = datetime.now(UTC)
-    items = []
-    stamped = []
-    for i, r in enumerate(readings):
-        try:  # to UTC first: PostgreSQL takes offsets only up to 15:59, a client may send more
-            ts = r.ts.astimezone(UTC)
-        except (OverflowError, ValueError):
-            ts = None
-        if ts is None or ts.year < 1970:
-            raise ApiError(422, "invalid_time", f"readings[{i}]: неверная дата показания.")
-        stamped.append((ts, r))
-    stamped.sort(key=lambda p: p[0])
-    for i, (ts, r) in enumerate(stamped):
-        where = f"readings[{i}]"
-        meter_id = r.meter_id
-        if meter_id is None:
-            if len(active) != 1:
-                raise ApiError(422, "meter_required",
-                               f"{where}: укажите номер прибора учёта (meter_id): на счёте их {len(active)}.")
-            meter_id = active[0]
-        if meter_id not in meters:
-            raise ApiError(422, "unknown_meter", f"{where}: прибор учёта {meter_id!r} не относится к счёту.")
-        # the one register rule (collector.rules.vee), with its code; the reason for a person in Russian
-        refusal = register_refusal(meter_id, r.obis, registers[meter_id])
-        if refusal is not None:
-            raise ApiError(422, refusal.code,
-                           f"{where}: у прибора учёта {meter_id!r} нет регистра {r.obis!r} "
-                           f"(есть: {', '.join(sorted(registers[meter_id] or ()))}).")
-        if ts > now + timedelta(seconds=settings.future_tolerance_s):
-            raise ApiError(422, "reading_in_future", f"{where}: дата показания ещё не наступила.")
-        last = conn.execute(
-            "SELECT ts, value FROM reading WHERE meter_id = %s AND register = %s AND ts <= %s"
-            " ORDER BY ts DESC LIMIT 1", (meter_id, r.obis, ts)).fetchone()
-        if last is not None:
-            last_ts, last_value = last
-            if r.value < last_value:
-                raise ApiError(422, "reading_below_last",
-                               f"{where}: показание {r.value} меньше предыдущего {last_value} "
-                               f"от {last_ts.astimezone(ZoneInfo(settings.timezone)):%d.%m.%Y}.")
-            hours = Decimal(max((ts - last_ts).total_seconds(), 1)) / 3600
-            max_kw = meters[meter_id][0]
-            if (r.value - last_value) / hours > max_kw:
-                raise ApiError(422, "reading_implausible",
-                               f"{where}: расход {r.value - last_value} кВт·ч за это время больше "
-                               f"возможного для прибора (до {max_kw} кВт); проверьте показание.")
-        items.append(Reading(meter_id, r.obis, ts, r.value, frozenset({quality.MANUAL}), "portal"))
-    result = Ingestor(conn, settings).ingest(items)
-    if result.rejected or result.conflict:
-        codes = ", ".join(sorted(result.rejects_by_code)) or "conflict"
-        raise ApiError(422, "reading_rejected", f"Показание не принято ({codes}).")
-    return ReadingsResult(**result.as_dict())

@@ -16,8 +16,9 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from billing import account_data
 from billing.api import ERRORS, AccountNo, AppSettings, Database, Tokens, own, subscriber
-from billing.ledger import COMPONENTS, ZERO
+from billing.ledger import ZERO
 
 router = APIRouter()
 
@@ -94,12 +95,7 @@ def balance(account: AccountNo, allowed: Tokens, db: Database, settings: AppSett
     day = _on(on, settings.timezone)
     with db.connection() as conn:
         subscriber(conn, acc)
-        rows = conn.execute(
-            "SELECT component, sum(amount) FROM portal_ledger_entry WHERE account = %s AND booked_on <= %s"
-            " GROUP BY component", (acc, day)).fetchall()
-    sums = dict.fromkeys(COMPONENTS, ZERO)
-    for component, total in rows:
-        sums[component] = Decimal(total)
+        sums = account_data.balance(conn, acc, day)
 
     def part(b: Decimal) -> ComponentBalance:
         return ComponentBalance(balance=b, debt=max(b, ZERO), overpaid=max(-b, ZERO))
@@ -116,13 +112,10 @@ def ledger(account: AccountNo, allowed: Tokens, db: Database,
     acc = own(account, allowed)
     with db.connection() as conn:
         subscriber(conn, acc)
-        rows = conn.execute(
-            "SELECT id, component, kind, amount, booked_on, to_char(period, 'YYYY-MM'), source, reverses, reason"
-            " FROM portal_ledger_entry WHERE account = %s AND (%s::text IS NULL OR component = %s)"
-            " ORDER BY booked_on, id", (acc, component, component)).fetchall()
+        rows = account_data.ledger_rows(conn, acc, component)
     return Ledger(account=acc, entries=[LedgerEntryOut(
-        id=r[0], component=r[1], kind=r[2], amount=r[3], booked_on=r[4], period=r[5], source=r[6],
-        reverses=r[7], reason=r[8]) for r in rows])
+        id=r.id, component=r.component, kind=r.kind, amount=r.amount, booked_on=r.booked_on, period=r.period,
+        source=r.source, reverses=r.reverses, reason=r.reason) for r in rows])
 
 
 @router.get("/accounts/{account}/penalties", response_model=Penalties, responses=ERRORS,
