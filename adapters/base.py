@@ -149,7 +149,35 @@ class IecMeter(PolledMeter, Protocol):
         ...
 
 
-class AnyMeter(ModbusMeter, IecMeter, Protocol):
+class MercuryMeter(PolledMeter, Protocol):
+    """What `adapters.mercury_adapter` reads of a meter besides the common keys."""
+
+    @property
+    def address(self) -> str | None:
+        """v2: 1..240 (0 = broadcast); v1: the address from the serial number."""
+        ...
+
+    @property
+    def password(self) -> str | None: ...
+
+    @property
+    def password_encoding(self) -> str | None:
+        """digits (each digit a byte 0..9) or ascii."""
+        ...
+
+    @property
+    def access_level(self) -> int | None: ...
+
+    @property
+    def host(self) -> str | None:
+        """A transparent RS-485-to-Ethernet converter's host, with `tcp_port`."""
+        ...
+
+    @property
+    def tcp_port(self) -> int | None: ...
+
+
+class AnyMeter(ModbusMeter, IecMeter, MercuryMeter, Protocol):
     """A meter as the scheduler hands it to an adapter: the keys of every protocol."""
 
 

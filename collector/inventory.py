@@ -99,10 +99,12 @@ class Meter(BaseModel):
         description="The meter's id (1-64 characters), used by every command, reading and topic. Required; unique.",
     )
     account: str = Field(description="The account of a `[[subscriber]]` in the same file that this meter bills. Required.")
-    adapter: Literal["modbus_tcp", "modbus_rtu", "iec62056", "mqtt", "manual"] = Field(
+    adapter: Literal["modbus_tcp", "modbus_rtu", "iec62056", "mercury230", "mercury200", "mqtt", "manual"] = Field(
         default="modbus_tcp",
         description="How readings arrive: polled over Modbus TCP, Modbus RTU (RS-485) or IEC 62056-21; "
-        "published over MQTT; or entered by a person (`manual`).",
+        "published over MQTT; or entered by a person (`manual`). "
+        "`mercury230`: Incotex Mercury three-phase protocol (230, 231, 233, 234, 236, 238, 203.2TD, 204, 208); "
+        "`mercury200`: Mercury single-phase protocol (200, 201, 203, 206).",
     )
     preset: str | None = Field(
         default=None,
@@ -116,7 +118,7 @@ class Meter(BaseModel):
     )
     port: int | str | None = Field(
         default=None,
-        description="Modbus TCP: the TCP port (default 502). Modbus RTU and IEC 62056: the serial device, "
+        description="Modbus TCP: the TCP port (default 502). Modbus RTU, IEC 62056 and Mercury: the serial device, "
         "like `/dev/ttyUSB0`.",
     )
     unit: int | None = Field(
@@ -126,13 +128,16 @@ class Meter(BaseModel):
     baudrate: int | None = Field(
         default=None, gt=0,
         description="Serial line speed: Modbus RTU's rate, or IEC 62056-21's initial rate (300) before the "
-        "meter proposes its own.",
+        "meter proposes its own. Mercury: the port's rate, default 9600 (8N1); a wrong rate is silence or CRC errors.",
     )
     parity: Literal["N", "E", "O"] | None = Field(
         default=None, description="Modbus RTU line parity: none, even or odd; default N (8N1)."
     )
     address: str | None = Field(
-        default=None, description="IEC 62056-21: the device address in the sign-on, for several meters on one line."
+        default=None, description="IEC 62056-21: the device address in the sign-on, for several meters on one line. "
+        "Mercury v2 (`mercury230`): the network address 1..240 (factory: the serial's last 3 digits, the last 2 "
+        "when above 240); Mercury v1 (`mercury200`): the serial's last 6 digits (200) or 8 (203, 206). A wrong "
+        "address is silence (`timeout`); `amr scan --mercury` finds a single meter's address."
     )
     dialect: Literal["standard", "energomera", "energomera_spodes", "neva"] = Field(
         default="standard", description="IEC 62056-21: the meter family's dialect (`energomera`: password and `ET0PE()`; "
@@ -142,7 +147,8 @@ class Meter(BaseModel):
     tcp_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="IEC 62056 behind a transparent RS-485-to-Ethernet converter: the converter's TCP port, "
-        "with `host`, instead of a serial `port` (the same bytes, no header).",
+        "with `host`, instead of a serial `port` (the same bytes, no header). Mercury too (the converter must be "
+        "transparent: a Modbus TCP gateway that adds a header gets no answer).",
     )
     clock_correction: bool = Field(
         default=False,
@@ -156,7 +162,20 @@ class Meter(BaseModel):
     )
     password: str | None = Field(
         default=None,
-        description="IEC 62056-21: the programming-mode password (Energomera). Never stored in the database.",
+        description="IEC 62056-21: the programming-mode password (Energomera). Mercury v2: the channel password "
+        "of `access_level`, 6 characters, default `111111` (level 2: `222222`); a refusal says 'password'. "
+        "Never stored in the database or logged.",
+    )
+    password_encoding: Literal["digits", "ascii"] | None = Field(
+        default=None,
+        description="Mercury v2: how the password goes on the wire: `digits` (default; each digit a byte 0..9) "
+        "or `ascii` (its characters), as the meter's configurator set it. The wrong one is the most common "
+        "reason a Mercury does not answer or refuses the channel: try the other.",
+    )
+    access_level: int | None = Field(
+        default=None, ge=1, le=2,
+        description="Mercury v2: the channel's access level, 1 read (default) or 2 write (with its password). "
+        "Reading needs 1; the daily clock correction is allowed at 1 too.",
     )
     device: str | None = Field(
         default=None,
