@@ -52,6 +52,7 @@ OTHER_TABLES = {
     "retention_watermark", "retention_log", "billed_change", "ledger_entry", "registry_file", "registry_payment",
     "card_payment", "card_payment_event", "card_receipt",
     "consumption_norm",
+    "portal_user", "portal_session", "portal_token", "portal_captcha", "portal_rate_counter", "portal_audit_log",
 }
 START_TIMEOUT_S = 90
 
