@@ -64,12 +64,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import serial
 
 from adapters import quality
-from adapters.base import AdapterSettings, IecMeter, PollError
+from adapters.base import AdapterSettings, IecMeter, PollError, ProfileSlot
 from adapters.obis import OBIS, DataSet, ObisError, energy_kwh, parse_data_block
 from adapters.reading import Reading
 
@@ -97,6 +98,10 @@ IDENT_MAX = 1 + 3 + 1 + 2 + 16 + 2  # / XXX Z \W ident CR LF
 READOUT_MAX = 4096
 REPLY_MAX = 512
 _BITS_PER_CHAR = 1 + BYTESIZE + 1 + STOPBITS  # start, 7 data, parity, stop
+# the standard's reaction time: a meter may take up to 1.5 s to answer a sign-on, so
+# the identification is awaited at least this long whatever the meter's `timeout`
+REACTION_MAX_S = 1.5
+PROFILE_RECORD_BYTES = 16  # one P.01 value line, `(0.123)` CR LF, with room for a wider value
 
 
 def message_deadline(idle_s: float, baudrate: int, most_bytes: int, ceiling_s: float) -> float:
@@ -107,6 +112,8 @@ def message_deadline(idle_s: float, baudrate: int, most_bytes: int, ceiling_s: f
     """
     line = most_bytes * _BITS_PER_CHAR / baudrate
     return min(ceiling_s, idle_s + 2 * line + 0.25)
+
+_T = TypeVar("_T")
 
 _IDENT = re.compile(rb"^/([A-Za-z]{3})([0-9A-Z])(\\[0-9])?([\x20-\x7e]{1,16})\r\n$")
 _ADDRESS = re.compile(r"^[0-9A-Za-z ]{0,32}$")
@@ -142,14 +149,50 @@ def bcc_sum7(data: bytes) -> bytes:
 BccRule = Callable[[bytes], bytes]
 
 
+def values_per_bracket(data: str) -> tuple[list[str], str | None]:
+    """One value per pair of brackets (Energomera `ET0PE`): `ET0PE(1.5)\r\n(0.5)` -> ['1.5', '0.5']."""
+    return command_values(data), None
+
+
+def values_in_one_bracket(data: str) -> tuple[list[str], str | None]:
+    """Several values, comma-separated, in one pair of brackets (Neva MT: `(total,T1,T2,T3,T4)`)."""
+    values = command_values(data)
+    return (values[0].split(",") if values else []), None
+
+
+def values_of_archive(data: str) -> tuple[list[str], str | None]:
+    """An Energomera archive answer: `EMD01(dd.mm.yy,total)(T1)...`: the values and the record's date.
+
+    The date is the day whose start the archive holds (dd.mm.yy), so the values
+    are the counters at that local midnight, not now.
+    """
+    values = command_values(data)
+    if not values:
+        return [], None
+    date, _, first = values[0].partition(",")
+    if not first:  # no date in the first bracket: a plain list
+        return values, None
+    return [first, *values[1:]], date
+
+
+AnswerRule = Callable[[str], tuple[list[str], str | None]]
+
+
 @dataclass(frozen=True, slots=True)
 class Dialect:
     """How a meter family departs from the standard readout.
 
     mode is the option select's Y: "0" a data readout, "1" programming mode,
     where the values are asked for by command (`R1 CMD()`) after a password
-    (`P1 (password)`). commands maps each command to the registers its values
-    fill, in order; clock names the commands that give the date and the time.
+    (`P1 (password)`). commands maps each command (the whole request, like
+    `ET0PE()` or `0F0880FF()`) to the registers its values fill, in order;
+    answer splits a command's answer into those values (and an archive date);
+    clock names the commands that give the date and the time.
+
+    profile says the meter family answers the standard's load-profile readout
+    (`R5 P.01(from;to)`) in programming mode; clock_step_s is the largest
+    clock correction the family takes in a day (`W1 CTIME(±s)`), None when we
+    do not correct its clock.
     """
 
     bcc: BccRule
@@ -157,16 +200,37 @@ class Dialect:
     default_password: str | None
     commands: tuple[tuple[str, tuple[str, ...]], ...]
     clock: tuple[str, str] | None
+    answer: AnswerRule = values_per_bracket
+    profile: bool = False
+    clock_step_s: float | None = None
 
+
+_TARIFFS5 = ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "1.8.4", "1.8.5")
 
 DIALECTS: dict[str, Dialect] = {
-    "standard": Dialect(bcc, "0", None, (), None),
+    # the standard's data readout; P.01 load profile in programming mode
+    "standard": Dialect(bcc, "0", None, (), None, profile=True),
     # Energomera CE102M/CE301/CE303: ET0PE() gives the total then tariffs T1..T5 (kWh);
-    # DATE_() gives "weekday.dd.mm.yy", TIME_() "hh:mm:ss"; factory password 777777
+    # DATE_() gives "weekday.dd.mm.yy", TIME_() "hh:mm:ss"; factory password 777777;
+    # W1 CTIME(±s) moves the clock by at most 29 s a day (../shared/METERS.md §3)
     "energomera": Dialect(
-        bcc_sum7, "1", "777777",
-        (("ET0PE", ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "1.8.4", "1.8.5")),),
-        ("DATE_", "TIME_"),
+        bcc_sum7, "1", "777777", (("ET0PE()", _TARIFFS5),), ("DATE_", "TIME_"), clock_step_s=29.0,
+    ),
+    # Energomera SPODES models (CE207/208/307/308 SPds) in IEC mode: ET0PE() is ERR12; the
+    # day-start archive EMD01(0.0,n) gives (dd.mm.yy,total)(T1)...(Tn), the counters at the
+    # start of that day (latonita/esphome-energomera-iec issue #1, a CE307 R34); the date
+    # may print its weekday as one digit (w.dd.mm.yy)
+    "energomera_spodes": Dialect(
+        bcc_sum7, "1", "777777", (("EMD01(0.0,4)", _TARIFFS5[:5]),), ("DATE_", "TIME_"),
+        answer=values_of_archive, clock_step_s=29.0,
+    ),
+    # Neva MT 1xx/3xx (Taipit): the standard's XOR check; a command is the OBIS code C.D.E.F as
+    # 8 hex digits, 0F0880FF = 15.8.0*255 total active energy, answering (total,T1,T2,T3,T4) in one
+    # pair of brackets; 000902FF the date, 000901FF the time; password 00000000 (METERS.md §3,
+    # after wirenboard/wb-mqtt-serial neva_device.cpp, facts only)
+    "neva": Dialect(
+        bcc, "1", "00000000", (("0F0880FF()", _TARIFFS5[:5]),), ("000902FF", "000901FF"),
+        answer=values_in_one_bracket,
     ),
 }
 
@@ -305,8 +369,17 @@ def check_meter(meter: IecMeter) -> list[str]:
     Each names the key and the reason; the caller adds the file and the meter.
     """
     problems = []
-    if not isinstance(meter.port, str) or not meter.port.startswith("/"):
-        problems.append(f"key 'port': a serial device path is needed, like /dev/ttyUSB0 (got {meter.port!r})")
+    host, tcp_port = converter_of(meter)
+    if tcp_port is not None or (host is not None and meter.port is None):
+        if not host or tcp_port is None:
+            problems.append("keys 'host' and 'tcp_port': a TCP converter needs both (got "
+                            f"host {host!r}, tcp_port {tcp_port!r})")
+        if meter.port is not None:
+            problems.append(f"key 'port': give either a serial 'port' or 'host' and 'tcp_port', not both "
+                            f"(got port {meter.port!r})")
+    elif not isinstance(meter.port, str) or not meter.port.startswith("/"):
+        problems.append(f"key 'port': a serial device path is needed, like /dev/ttyUSB0, or 'host' and "
+                        f"'tcp_port' of a TCP converter (got {meter.port!r})")
     if meter.baudrate is not None and meter.baudrate not in CHAR_OF_BAUD:
         problems.append(f"key 'baudrate': IEC 62056-21 rates are {sorted(CHAR_OF_BAUD)} (got {meter.baudrate})")
     if meter.address is not None and not _ADDRESS.match(meter.address):
@@ -324,6 +397,138 @@ def check_meter(meter: IecMeter) -> list[str]:
     return problems
 
 
+def converter_of(meter: IecMeter) -> tuple[str | None, int | None]:
+    """(host, tcp_port) of a meter behind a transparent RS-485-to-Ethernet converter.
+
+    Read by name, not through `IecMeter`: a meter on a serial port need not have them.
+    """
+    host = getattr(meter, "host", None)
+    tcp_port = getattr(meter, "tcp_port", None)
+    return (str(host) if host else None), (int(tcp_port) if tcp_port is not None else None)
+
+
+def line_of(meter: IecMeter) -> str:
+    """The line a meter is on: its serial device, or `host:tcp_port` of its converter."""
+    host, tcp_port = converter_of(meter)
+    return f"{host}:{tcp_port}" if tcp_port is not None else str(meter.port)
+
+
+def parse_meter_date(text: str) -> tuple[int, int, int]:
+    """(year, month, day) of a programming-mode date answer, in the forms meters print.
+
+    `ww.dd.mm.yy` (Energomera DATE_), `w.dd.mm.yy` (Energomera SPODES), `dd.mm.yy`
+    (Energomera archives), and IEC's `YYMMDD` / `YY-MM-DD` (Neva's 000902FF; unverified
+    against a Neva dump).
+    """
+    parts = text.strip().split(".")
+    if len(parts) in (3, 4) and all(p.isdigit() for p in parts):
+        dd, mm, yy = parts[-3:]
+        return 2000 + int(yy), int(mm), int(dd)
+    digits = re.sub(r"\D", "", text)
+    if len(digits) == 7:
+        digits = digits[1:]
+    if len(digits) == 6:
+        return 2000 + int(digits[:2]), int(digits[2:4]), int(digits[4:6])
+    raise ValueError(f"date {text!r} is not ww.dd.mm.yy, dd.mm.yy or YYMMDD")
+
+
+# --- the load profile (IEC 62056-21 P.01 readout) ----------------------------------
+
+
+def profile_request(start: datetime, end: datetime, tz: ZoneInfo) -> str:
+    """The data of `R5 P.01(0YYMMDDhhmm;0YYMMDDhhmm)`: records from start to end, in the meter's
+    local time; the leading digit is the season (0: no daylight saving, as in Russia)."""
+    a, b = start.astimezone(tz), end.astimezone(tz)
+    return f"P.01(0{a:%y%m%d%H%M};0{b:%y%m%d%H%M})"
+
+
+_P01_HEADER = re.compile(r"^P\.01\((\d{13})\)\(([0-9A-Fa-f]*)\)\((\d+)\)\((\d+)\)((?:\([^()]*\)\([^()]*\))*)$")
+_CHANNEL = re.compile(r"^(?:\d+-\d+:)?(\d+)\.(\d+)(?:\.\d+)?$")
+
+
+def _channel_register(obis: str) -> str | None:
+    """The energy register a profile channel feeds: C=1 import (1.8.0), C=2 export (2.8.0).
+
+    A channel is average power over the period (`1.5`, `1-0:1.5.0`) or energy in it
+    (`1.9`, `1-1:1.29`); reactive channels (C=3..8) feed none we bill.
+    """
+    m = _CHANNEL.match(obis.strip())
+    if m is None:
+        return None
+    return {"1": "1.8.0", "2": "2.8.0"}.get(m.group(1))
+
+
+def _slot_wh(raw: str, unit: str, period_min: int) -> int | None:
+    """The Wh of one profile value: energy (kWh, Wh) or average power (kW, W) over the period."""
+    if raw.strip() == "":
+        return None  # the meter left the record empty: invalid
+    v = Decimal(raw)
+    factor = {"kwh": Decimal(1000), "wh": Decimal(1), "kw": Decimal(1000) * period_min / 60,
+              "w": Decimal(period_min) / 60}.get(unit.strip().lower())
+    if factor is None:
+        raise ValueError(f"profile unit {unit!r} is not kWh, Wh, kW or W")
+    return int((v * factor).to_integral_value())
+
+
+def parse_profile(data: str, tz: ZoneInfo) -> list[ProfileSlot]:
+    """The slots of a P.01 answer, oldest first, as ProfileSlots of the energy registers.
+
+    The answer is one or more blocks: a header `P.01(ZYYMMDDhhmmss)(status)(period min)(n)`
+    followed by n pairs `(channel)(unit)`, then one line of n values per period. The
+    header's time stamp ends the block's first period (the VDEW convention; the
+    standard's examples agree); each following line is one period later. A new header
+    starts where the meter's record was broken (power failure, clock set). An empty
+    value `()` is an invalid record: its slot has wh None.
+    """
+    slots: list[ProfileSlot] = []
+    channels: list[tuple[str | None, str]] = []
+    end: datetime | None = None
+    period = timedelta(0)
+    period_min = 0
+    for line in data.replace("\r", "").split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("P.01"):
+            m = _P01_HEADER.match(line)
+            if m is None:
+                raise ValueError(f"not a P.01 header: {line[:60]!r}")
+            stamp, _status, per, n, pairs = m.groups()
+            period_min = int(per)
+            if not 0 < period_min <= 1440:
+                raise ValueError(f"P.01 period {per!r} is not 1..1440 minutes")
+            period = timedelta(minutes=period_min)
+            found = re.findall(r"\(([^()]*)\)", pairs)
+            channels = [(_channel_register(found[i]), found[i + 1]) for i in range(0, len(found), 2)]
+            if len(channels) != int(n):
+                raise ValueError(f"P.01 header names {len(channels)} channels, says {n}")
+            s = stamp[1:]
+            end = datetime(2000 + int(s[:2]), int(s[2:4]), int(s[4:6]), int(s[6:8]), int(s[8:10]),
+                           int(s[10:12]), tzinfo=tz).astimezone(UTC)
+            continue
+        if end is None:
+            raise ValueError(f"P.01 values before any header: {line[:60]!r}")
+        values = re.findall(r"\(([^()]*)\)", line)
+        if len(values) != len(channels):
+            raise ValueError(f"P.01 record has {len(values)} values for {len(channels)} channels: {line[:60]!r}")
+        for (register, unit), raw in zip(channels, values, strict=True):
+            if register is not None:
+                slots.append(ProfileSlot(end - period, end, register, _slot_wh(raw, unit, period_min)))
+        end += period
+    return slots
+
+
+def profile_text(slots: list[ProfileSlot], period_min: int, tz: ZoneInfo, unit: str = "kWh") -> str:
+    """A P.01 answer for consecutive slots of the import register (the simulator's side)."""
+    if not slots:
+        return "(ERROR)\r\n"
+    first = slots[0].end.astimezone(tz)
+    lines = [f"P.01(0{first:%y%m%d%H%M%S})(00)({period_min})(1)(1.9)({unit})"]
+    for sl in slots:
+        lines.append("()" if sl.wh is None else f"({Decimal(sl.wh) / 1000:.3f})" if unit == "kWh" else f"({sl.wh})")
+    return "\r\n".join(lines) + "\r\n"
+
+
 @dataclass
 class Readout:
     """One exchange: what the meter said and what crossed the line at which rate."""
@@ -334,6 +539,7 @@ class Readout:
     meter_time: datetime | None
     baudrate: int  # the readout rate
     line_bytes: list[tuple[int, int]] = field(default_factory=list)  # (bytes, baud) per message
+    values_at: datetime | None = None  # an archive's instant (the day start it holds), else None
 
     def line_seconds(self, bits_per_char: float = 1 + BYTESIZE + 1 + STOPBITS) -> float:
         """The time the exchanged bytes need on the wire: the line's lower bound."""
@@ -373,6 +579,7 @@ class Iec62056Adapter:
         self._ceiling = float(message_deadline_s)
         self._now = now or (lambda: datetime.now(UTC))
         self._ports: dict[str, serial.Serial] = {}
+        self._offsets: dict[str, float] = {}  # meter id -> its clock minus ours at the last read, s
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -403,11 +610,14 @@ class Iec62056Adapter:
         flags: frozenset[str] = frozenset()
         ts = ro.polled_at
         if ro.meter_time is not None:
+            self._offsets[meter.id] = (ro.meter_time - ro.polled_at).total_seconds()
             if abs(ro.meter_time - ro.polled_at) > self._tolerance:
                 flags = frozenset({quality.CLOCK_SKEW})  # keep our time: the meter's is wrong
             else:
                 ts, flags = ro.meter_time, frozenset({quality.METER_CLOCK})
-        source = f"iec62056:{meter.port}" + (f"/{meter.address}" if meter.address else "")
+        if ro.values_at is not None:  # an archive's counters belong to the instant it names
+            ts, flags = ro.values_at, flags | {quality.METER_CLOCK}
+        source = f"iec62056:{line_of(meter)}" + (f"/{meter.address}" if meter.address else "")
         out: list[Reading] = []
         missing = []
         for reg in meter.registers:
@@ -428,36 +638,49 @@ class Iec62056Adapter:
 
     def readout(self, meter: IecMeter) -> Readout:
         """One complete mode C exchange with the meter; PollError names what failed."""
-        where = f"meter {meter.id} on {meter.bus_name}" + (
-            f" (address {meter.address})" if meter.address else ""
-        )
+        return self._session(meter, lambda ser, w: self._exchange(ser, meter, w))
+
+    def _where(self, meter: IecMeter) -> str:
+        return f"meter {meter.id} on {meter.bus_name}" + (f" (address {meter.address})" if meter.address else "")
+
+    def _session(self, meter: IecMeter, exchange: Callable[[serial.Serial, str], _T]) -> _T:
+        """Run one exchange on the meter's line (serial port or TCP converter) under its lock."""
+        where = self._where(meter)
         problems = check_meter(meter)
         if problems:  # normally refused at start-up; a daemon must still not crash on them
             raise PollError("refused", f"{where}: " + "; ".join(problems))
-        port = str(meter.port)
+        port = line_of(meter)
+        kind = "serial port" if converter_of(meter)[1] is None else "TCP converter"
         with self._port_lock(port):
-            ser = self._open(port, where)
+            ser = self._open(port, where, converter_of(meter)[1] is not None)
             try:
-                return self._exchange(ser, meter, where)
+                return exchange(ser, where)
             except PollError:
                 raise
             except (OSError, serial.SerialException) as exc:
                 self._drop(port)
-                raise PollError("refused", f"{where}: serial port {port} failed: {exc}") from None
+                raise PollError("refused", f"{where}: {kind} {port} failed: {exc}") from None
 
     # the exchange
 
-    def _exchange(self, ser: serial.Serial, meter: IecMeter, where: str) -> Readout:
-        dialect = DIALECTS[meter.dialect or "standard"]
+    def _sign_on(
+        self, ser: serial.Serial, meter: IecMeter, mode: str, where: str, wire: list[tuple[int, int]]
+    ) -> tuple[Identification, int, datetime]:
+        """Sign-on, identification and option select; (identification, rate, our time at the select).
+
+        The identification is awaited for the standard's reaction time (1.5 s) at
+        least. Behind a TCP converter the line rate is the converter's, so the option
+        select asks the meter to stay at the initial rate instead of switching.
+        """
         initial = int(meter.baudrate or DEFAULT_INITIAL_BAUD)
         timeout = float(meter.timeout)
-        wire: list[tuple[int, int]] = []
         if ser.baudrate != initial:
             ser.baudrate = initial
         ser.reset_input_buffer()
         self._send(ser, sign_on(meter.address or ""), wire)
         line = self._receive(
-            ser, lambda b: b.endswith(CRLF), timeout, "identification", where, wire, IDENT_MAX
+            ser, lambda b: b.endswith(CRLF), max(timeout, REACTION_MAX_S), "identification", where, wire,
+            IDENT_MAX,
         )
         try:
             ident = parse_identification(line)
@@ -468,10 +691,21 @@ class Iec62056Adapter:
             raise PollError(
                 "decode", f"{where}: identification proposes unknown rate character {ident.baud_char!r}"
             )
-        self._send(ser, option_select(ident.baud_char, dialect.mode), wire)
+        char = ident.baud_char
+        if converter_of(meter)[1] is not None and initial in CHAR_OF_BAUD:
+            rate, char = initial, CHAR_OF_BAUD[initial]  # a transparent converter cannot switch rates
+        self._send(ser, option_select(char, mode), wire)
         polled_at = self._now()
         if rate != initial:
             ser.baudrate = rate
+        return ident, rate, polled_at
+
+    def _exchange(self, ser: serial.Serial, meter: IecMeter, where: str) -> Readout:
+        dialect = DIALECTS[meter.dialect or "standard"]
+        timeout = float(meter.timeout)
+        wire: list[tuple[int, int]] = []
+        ident, rate, polled_at = self._sign_on(ser, meter, dialect.mode, where, wire)
+        values_at: datetime | None = None
         if dialect.mode == "0":
             msg = self._receive(ser, _message_complete, timeout, "data message", where, wire, READOUT_MAX)
             try:
@@ -482,26 +716,35 @@ class Iec62056Adapter:
                 raise PollError("decode", f"{where}: {exc}") from None
         else:
             try:
-                polled_at, sets = self._programming(ser, meter, dialect, timeout, where, wire)
+                polled_at, sets, values_at = self._programming(ser, meter, dialect, timeout, where, wire)
             finally:  # leave programming mode whatever happened, so the meter is free again
-                try:
-                    self._send(ser, command_message("B0", None, dialect.bcc), wire)
-                except (OSError, serial.SerialException):
-                    pass
+                self._break(ser, dialect, wire)
         try:
             clock = meter_clock(sets, self._tz)
         except ObisError as exc:
             raise PollError("decode", f"{where}: {exc}") from None
-        return Readout(ident, sets, polled_at, clock, rate, wire)
+        return Readout(ident, sets, polled_at, clock, rate, wire, values_at)
 
-    def _programming(
+    def _break(self, ser: serial.Serial, dialect: Dialect, wire: list[tuple[int, int]]) -> None:
+        try:
+            self._send(ser, command_message("B0", None, dialect.bcc), wire)
+        except (OSError, serial.SerialException):
+            pass
+
+    def _password(
         self, ser: serial.Serial, meter: IecMeter, dialect: Dialect, timeout: float, where: str,
-        wire: list[tuple[int, int]],
-    ) -> tuple[datetime, dict[str, DataSet]]:
-        """Password, then one read command per group of wanted registers, then the clock."""
+        wire: list[tuple[int, int]], required: bool = True,
+    ) -> None:
+        """Wait for the meter's P0, then send the password (P1) and expect ACK.
+
+        Not required (the standard's profile readout) and no password configured:
+        only the P0 is awaited.
+        """
         self._frame(ser, dialect, timeout, "password request (P0)", where, wire, expect="P0")
-        password = meter.password or dialect.default_password or ""
-        self._send(ser, command_message("P1", f"({password})", dialect.bcc), wire)
+        password = meter.password or dialect.default_password
+        if password is None and not required:
+            return
+        self._send(ser, command_message("P1", f"({password or ''})", dialect.bcc), wire)
         answer = self._receive(
             ser, lambda b: b[:1] in (ACK, NAK) or _frame_complete(b), timeout,
             "password answer", where, wire, REPLY_MAX,
@@ -510,46 +753,72 @@ class Iec62056Adapter:
             raise PollError("refused", f"{where}: the meter refused the password (key 'password')")
         if answer[:1] != ACK:
             raise PollError("garbage", f"{where}: password answer is neither ACK nor NAK: {answer[:24]!r}")
+
+    def _programming(
+        self, ser: serial.Serial, meter: IecMeter, dialect: Dialect, timeout: float, where: str,
+        wire: list[tuple[int, int]],
+    ) -> tuple[datetime, dict[str, DataSet], datetime | None]:
+        """Password, then one read command per group of wanted registers, then the clock.
+
+        The third element is the instant an archive's values belong to (None: now).
+        """
+        self._password(ser, meter, dialect, timeout, where, wire)
         polled_at = self._now()
         sets: dict[str, DataSet] = {}
+        values_at: datetime | None = None
         wanted = set(meter.registers)
         for command, registers in dialect.commands:
             if not wanted & set(registers):
                 continue
-            values = self._command(ser, dialect, command, timeout, where, wire)
+            values, archive_date = self._command(ser, dialect, command, timeout, where, wire)
+            if archive_date is not None:
+                try:
+                    y, mo, d = parse_meter_date(archive_date)
+                    values_at = datetime(y, mo, d, tzinfo=self._tz).astimezone(UTC)
+                except ValueError as exc:
+                    raise PollError("decode", f"{where}: {command}: archive date: {exc}") from None
             for reg, raw in zip(registers, values, strict=False):
                 try:
                     sets[reg] = DataSet(reg, "energy", energy_kwh(reg, raw, "kWh"), "kWh")
                 except ObisError as exc:
-                    raise PollError("decode", f"{where}: {command}(): {exc}") from None
+                    raise PollError("decode", f"{where}: {command}: {exc}") from None
         if dialect.clock:
             date_cmd, time_cmd = dialect.clock
-            date_v = self._command(ser, dialect, date_cmd, timeout, where, wire)[:1]
-            time_v = self._command(ser, dialect, time_cmd, timeout, where, wire)[:1]
-            parts = date_v[0].split(".") if date_v else []
-            if len(parts) == 4 and time_v:  # weekday.dd.mm.yy
-                sets["0.9.2"] = DataSet("0.9.2", "date", f"{parts[3]}-{parts[2]}-{parts[1]}", None)
+            date_v = self._command(ser, dialect, f"{date_cmd}()", timeout, where, wire)[0][:1]
+            time_v = self._command(ser, dialect, f"{time_cmd}()", timeout, where, wire)[0][:1]
+            try:
+                y, mo, d = parse_meter_date(date_v[0]) if date_v else (0, 0, 0)
+            except ValueError:
+                y = 0
+            if y and time_v:
+                sets["0.9.2"] = DataSet("0.9.2", "date", f"{y % 100:02d}-{mo:02d}-{d:02d}", None)
                 sets["0.9.1"] = DataSet("0.9.1", "time", time_v[0], None)
             else:
-                raise PollError("decode", f"{where}: clock answers {date_v!r} {time_v!r} are not dd.dd.mm.yy / hh:mm:ss")
-        return polled_at, sets
+                raise PollError(
+                    "decode", f"{where}: clock answers {date_v!r} {time_v!r} are not (w)w.dd.mm.yy / hh:mm:ss"
+                )
+        return polled_at, sets, values_at
 
     def _command(
         self, ser: serial.Serial, dialect: Dialect, command: str, timeout: float, where: str,
         wire: list[tuple[int, int]],
-    ) -> list[str]:
-        self._send(ser, command_message("R1", f"{command}()", dialect.bcc), wire)
-        data = self._frame(ser, dialect, timeout, f"answer to {command}()", where, wire, expect="")
-        values = command_values(data)
-        if not values or values[0].startswith("ERR"):
-            raise PollError("exception", f"{where}: the meter answered {data.strip()!r} to {command}()")
-        return values
+    ) -> tuple[list[str], str | None]:
+        """Send `R1 command`; the answer's values (by the dialect's rule) and an archive date."""
+        self._send(ser, command_message("R1", command, dialect.bcc), wire)
+        data = self._frame(ser, dialect, timeout, f"answer to {command}", where, wire, expect="")
+        raw = command_values(data)
+        if not raw or raw[0].startswith("ERR"):
+            raise PollError("exception", f"{where}: the meter answered {data.strip()!r} to {command}")
+        values, date = dialect.answer(data)
+        if not values:
+            raise PollError("decode", f"{where}: no values in the answer {data.strip()[:60]!r} to {command}")
+        return values, date
 
     def _frame(
         self, ser: serial.Serial, dialect: Dialect, timeout: float, what: str, where: str,
-        wire: list[tuple[int, int]], expect: str,
+        wire: list[tuple[int, int]], expect: str, most: int = REPLY_MAX,
     ) -> str:
-        msg = self._receive(ser, _frame_complete, timeout, what, where, wire, REPLY_MAX)
+        msg = self._receive(ser, _frame_complete, timeout, what, where, wire, most)
         try:
             command, data = parse_frame(msg, dialect.bcc)
         except FrameError as exc:
@@ -622,21 +891,112 @@ class Iec62056Adapter:
             if len(buf) > MAX_MESSAGE:
                 raise _NoAnswer(bytes(buf).translate(_STRIP))
 
+    # the load profile and the clock (adapters.base.ProfileMeter, ClockSettable)
+
+    def has_profile(self, meter: IecMeter) -> bool:
+        """Whether this meter's dialect answers the P.01 load-profile readout."""
+        return DIALECTS[meter.dialect or "standard"].profile
+
+    def clock_offset(self, meter: IecMeter) -> float | None:
+        """The meter's clock minus ours at its last read, in seconds (None: not read yet)."""
+        return self._offsets.get(meter.id)
+
+    def clock_step_limit(self, meter: IecMeter) -> float | None:
+        """The largest correction this meter's dialect takes in a day, s (None: not corrected)."""
+        return DIALECTS[meter.dialect or "standard"].clock_step_s
+
+    async def read_profile(
+        self, meter: IecMeter, start: datetime, end: datetime, limit: int
+    ) -> list[ProfileSlot]:
+        """The load-profile slots starting in [start, end), oldest first, at most limit."""
+        return await asyncio.to_thread(self.read_profile_blocking, meter, start, end, limit)
+
+    def read_profile_blocking(
+        self, meter: IecMeter, start: datetime, end: datetime, limit: int
+    ) -> list[ProfileSlot]:
+        dialect = DIALECTS[meter.dialect or "standard"]
+        if not dialect.profile:
+            raise PollError("refused", f"{self._where(meter)}: dialect {meter.dialect!r} has no P.01 load profile")
+
+        def exchange(ser: serial.Serial, where: str) -> list[ProfileSlot]:
+            wire: list[tuple[int, int]] = []
+            timeout = float(meter.timeout)
+            self._sign_on(ser, meter, "1", where, wire)
+            try:
+                self._password(ser, meter, dialect, timeout, where, wire, required=False)
+                # the meter names records by the end of their period: ask from the first end after start
+                self._send(ser, command_message("R5", profile_request(start, end, self._tz), dialect.bcc), wire)
+                most = 256 + PROFILE_RECORD_BYTES * max(1, limit) * 2
+                data = self._frame(ser, dialect, timeout, "load profile (P.01)", where, wire, expect="", most=most)
+            finally:
+                self._break(ser, dialect, wire)
+            if data.strip().startswith("(ERR"):
+                return []  # no records in that range
+            try:
+                slots = parse_profile(data, self._tz)
+            except (ValueError, ArithmeticError) as exc:
+                raise PollError("decode", f"{where}: load profile: {exc}") from None
+            wanted = [sl for sl in slots if start <= sl.start < end]
+            return wanted[:limit]
+
+        return self._session(meter, exchange)
+
+    async def correct_clock(self, meter: IecMeter, delta_s: float) -> None:
+        """Move the meter's clock by delta_s seconds: Energomera's `W1 CTIME(±s)`, within its daily step."""
+        await asyncio.to_thread(self.correct_clock_blocking, meter, delta_s)
+
+    def correct_clock_blocking(self, meter: IecMeter, delta_s: float) -> None:
+        dialect = DIALECTS[meter.dialect or "standard"]
+        where = self._where(meter)
+        if dialect.clock_step_s is None:
+            raise PollError("refused", f"{where}: dialect {meter.dialect!r} has no clock correction here")
+        step = round(delta_s)
+        if step == 0 or abs(step) > dialect.clock_step_s:
+            raise PollError(
+                "refused", f"{where}: a clock correction of {delta_s:+.0f} s is outside 1..{dialect.clock_step_s:g} s"
+            )
+
+        def exchange(ser: serial.Serial, where: str) -> None:
+            wire: list[tuple[int, int]] = []
+            timeout = float(meter.timeout)
+            self._sign_on(ser, meter, dialect.mode, where, wire)
+            try:
+                self._password(ser, meter, dialect, timeout, where, wire)
+                self._send(ser, command_message("W1", f"CTIME({step:+d})", dialect.bcc), wire)
+                answer = self._receive(
+                    ser, lambda b: b[:1] in (ACK, NAK) or _frame_complete(b), timeout,
+                    "clock correction answer", where, wire, REPLY_MAX,
+                )
+            finally:
+                self._break(ser, dialect, wire)
+            if answer[:1] != ACK:
+                raise PollError("exception", f"{where}: the meter did not accept CTIME({step:+d}): {answer[:32]!r}")
+            self._offsets.pop(meter.id, None)  # known again at the next read
+
+        self._session(meter, exchange)
+
     # ports
 
     def _port_lock(self, port: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(port, threading.Lock())
 
-    def _open(self, port: str, where: str) -> serial.Serial:
+    def _open(self, port: str, where: str, tcp: bool = False) -> serial.Serial:
+        """The open line: a serial port, or (tcp) a TCP connection to `host:port` of a
+        transparent converter through pyserial's socket:// handler, which reads and
+        writes like a port (its rate settings are no-ops)."""
         with self._guard:
             ser = self._ports.get(port)
         if ser is not None and ser.is_open:
             return ser
         try:
-            ser = serial.Serial(port, DEFAULT_INITIAL_BAUD, timeout=1.0, write_timeout=5.0)
+            if tcp:
+                ser = serial.serial_for_url(f"socket://{port}", timeout=1.0, write_timeout=5.0)
+            else:
+                ser = serial.Serial(port, DEFAULT_INITIAL_BAUD, timeout=1.0, write_timeout=5.0)
         except (OSError, serial.SerialException) as exc:
-            raise PollError("refused", f"{where}: cannot open serial port {port}: {exc}") from None
+            what = "connect to the TCP converter" if tcp else "open serial port"
+            raise PollError("refused", f"{where}: cannot {what} {port}: {exc}") from None
         with self._guard:
             self._ports[port] = ser
         return ser

@@ -208,7 +208,8 @@ def test_async_read_does_not_block_the_event_loop(adapter: Iec62056Adapter) -> N
 def test_fault_gives_named_error_and_no_reading(
     adapter: Iec62056Adapter, fault: str, outcome: str
 ) -> None:
-    faulty = SimMeter(address="00000002", seed=2, fault=fault, slow_s=0.8)
+    # slow: later than the standard's 1.5 s reaction time, which the identification is awaited for
+    faulty = SimMeter(address="00000002", seed=2, fault=fault, slow_s=1.8)
     good = SimMeter(address="00000001", seed=1)
     with IecLineSim([good, faulty], baudrate=9600) as sim:
         m = _meter(sim, "bad-meter", "00000002", timeout=0.3)
@@ -217,7 +218,7 @@ def test_fault_gives_named_error_and_no_reading(
         assert e.value.outcome == outcome
         assert "bad-meter" in str(e.value) and sim.device in str(e.value)
         if fault == "slow":
-            time.sleep(0.8)  # let the late answer pass before the next poll
+            time.sleep(1.8)  # let the late answer pass before the next poll
         # the other meter on the line still reads, and the faulty one recovers when fixed
         assert _values(adapter.read_blocking(_meter(sim, "ok", "00000001"))) == good.last.values
         faulty.fault = None
