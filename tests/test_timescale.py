@@ -53,6 +53,7 @@ OTHER_TABLES = {
     "card_payment", "card_payment_event", "card_receipt",
     "consumption_norm",
     "portal_user", "portal_session", "portal_token", "portal_captcha", "portal_rate_counter", "portal_audit_log",
+    "portal_account_link",
 }
 START_TIMEOUT_S = 90
 
