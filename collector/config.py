@@ -133,7 +133,7 @@ def install_collector_reload(consumer: Any, inventory: Path | str, settings: Any
     from adapters.mqtt_formats import DeviceMap
 
     def apply(old: RuntimeConfig | None, new: RuntimeConfig) -> None:
-        consumer.devices = DeviceMap(new.meters.values())
+        consumer.devices = DeviceMap(new.meters.values(), new.inventory.mqtt_layouts)
         if old is not None:
             log.info("collector configuration reloaded: %s", diff(old, new).describe())
 

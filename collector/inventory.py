@@ -188,6 +188,41 @@ class Meter(BaseModel):
         "`adapters/schemas/mqtt-devices.toml` (`tasmota`, `shelly_gen1`, `shelly`, `zigbee2mqtt`); "
         "omitted: the device id alone decides.",
     )
+    topic_prefix: str | None = Field(
+        default=None,
+        description="MQTT: the device's topic prefix when it is not its family's default (Tasmota's `tele`, "
+        "Shelly Gen1's `shellies`, Zigbee2MQTT's `base_topic`, a Shelly Gen2 or ESPHome topic prefix); "
+        "levels and `+` allowed, like `home/shellies`. Needs `format`. For every device of a family: "
+        "`[[mqtt_layout]]` with `family` and `topic_prefix` or `topic`.",
+    )
+    topic: str | None = Field(
+        default=None,
+        description="MQTT: the device's whole topic pattern, like Tasmota's FullTopic `tasmota/%topic%/%prefix%/` "
+        "(`%prefix%`, `%topic%`, or `{prefix}`, `{device}`, `{channel}`; a trailing `/` gets the family's last "
+        "level), or one device's exact topic (Home Assistant state topics). Needs `format`.",
+    )
+    tariffs: tuple[str, ...] | None = Field(
+        default=None,
+        description="MQTT (Tasmota `TotalTariff`): the zone register of each tariff position, as the meter is "
+        "configured, like `[\"1.8.2\", \"1.8.1\"]` when Tasmota's tariff 1 is the night zone; export tariffs "
+        "follow (2.8.x). Default `[\"1.8.1\", \"1.8.2\"]`.",
+    )
+    fields: dict[str, str] | None = Field(
+        default=None,
+        description="MQTT: which payload fields are which registers, instead of the format's, for readers "
+        "whose field names the user chose (Tasmota SML: `{ \"SML.Total_in\" = \"1.8.0\", \"SML.Total_out\" = "
+        "\"2.8.0\" }`, a Home Assistant value_json path); `value` names a plain number's register.",
+    )
+    channels: Literal["sum", "split"] | None = Field(
+        default=None,
+        description="MQTT: a list of totals (Tasmota `\"Total\":[...]`) is phases to `sum` (default) or channels to "
+        "`split`: then the devices are `<device>/1`, `<device>/2`..., one meter each.",
+    )
+    energy_unit: Literal["Wh", "kWh", "MWh"] | None = Field(
+        default=None,
+        description="MQTT: the unit of the device's values when its format does not fix it (ESPHome and Home "
+        "Assistant sensors: their `unit_of_measurement`); default the format's unit.",
+    )
     bus: str | None = Field(
         default=None,
         description="The name of the RS-485 bus: meters of one bus are polled one after the other. "
@@ -264,11 +299,22 @@ class Meter(BaseModel):
         return str(self.port or self.device or self.adapter)
 
 
+class MqttLayout(BaseModel):
+    """`[[mqtt_layout]]`: one MQTT device family's topic layout for every device of the inventory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: str = Field(min_length=1, description="A format `name` or `family` from mqtt-devices.toml.")
+    topic_prefix: str | None = Field(default=None, description="The family's topic prefix, like `home/tele`.")
+    topic: str | None = Field(default=None, description="The family's whole topic pattern (Tasmota FullTopic).")
+
+
 @dataclass(frozen=True)
 class Inventory:
     subscribers: dict[str, Subscriber]
     meters: dict[str, Meter]
     path: Path | None = None
+    mqtt_layouts: tuple[MqttLayout, ...] = ()
 
 
 def _describe(section: str, index: int, entry: Any) -> str:
@@ -280,7 +326,7 @@ def _describe(section: str, index: int, entry: Any) -> str:
 def parse_inventory(data: dict[str, Any], source: str = "<inventory>") -> Inventory:
     """Validate a parsed TOML document; collect every problem before refusing."""
     problems: list[str] = []
-    unknown = set(data) - {"subscriber", "meter"}
+    unknown = set(data) - {"subscriber", "meter", "mqtt_layout"}
     for key in sorted(unknown):
         problems.append(f"{source}: unknown section {key!r} (expected [[subscriber]] and [[meter]])")
     subscribers: dict[str, Subscriber] = {}
@@ -315,9 +361,32 @@ def parse_inventory(data: dict[str, Any], source: str = "<inventory>") -> Invent
             )
         if m.installed and m.removed and m.removed <= m.installed:
             problems.append(f"{source}: meter[{i}] (id {m.id!r}): key 'removed': not after 'installed'")
+    layouts = _mqtt_layouts(data.get("mqtt_layout", []), source, problems)
     if problems:
         raise InventoryError(problems)
-    return Inventory(subscribers, meters, None)
+    return Inventory(subscribers, meters, None, layouts)
+
+
+def _mqtt_layouts(entries: Any, source: str, problems: list[str]) -> tuple[MqttLayout, ...]:
+    """`[[mqtt_layout]]` entries, each needing `topic_prefix` or `topic`; problems appended."""
+    if not isinstance(entries, list):
+        problems.append(f"{source}: mqtt_layout must be an array of tables ([[mqtt_layout]])")
+        return ()
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"{source}: mqtt_layout[{i}]"
+        try:
+            lay = MqttLayout.model_validate(entry)
+        except ValidationError as exc:
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"]) or "(entry)"
+                problems.append(f"{where}: key {key!r}: {err['msg'].removeprefix('Value error, ')}")
+            continue
+        if (lay.topic is None) == (lay.topic_prefix is None):
+            problems.append(f"{where} (family {lay.family!r}): give one of 'topic_prefix' or 'topic'")
+            continue
+        out.append(lay)
+    return tuple(out)
 
 
 def load_inventory(path: Path | str) -> Inventory:
@@ -328,7 +397,7 @@ def load_inventory(path: Path | str) -> Inventory:
     except TomlFileError as exc:
         raise InventoryError([str(exc)]) from None
     inv = parse_inventory(data, str(path))
-    return Inventory(inv.subscribers, inv.meters, path)
+    return Inventory(inv.subscribers, inv.meters, path, inv.mqtt_layouts)
 
 
 def upsert_inventory(conn: Any, inv: Inventory) -> tuple[int, int]:

@@ -66,8 +66,9 @@ def test_zigbee2mqtt_energy_and_last_seen():
 
 
 def test_forced_format_and_wrong_topic_for_it():
-    d = fmt.decode("tele/p/SENSOR", b'{"ENERGY":{"Total":1}}', RECEIVED, family="zigbee2mqtt")
-    assert [p.code for p in d.problems] == ["unknown_topic"] and "not a zigbee2mqtt topic" in d.problems[0].reason
+    # any topic ends like Zigbee2MQTT's <base_topic>/<name>; none of these ends like a Shelly topic
+    d = fmt.decode("tele/p/SENSOR", b'{"ENERGY":{"Total":1}}', RECEIVED, family="shelly")
+    assert [p.code for p in d.problems] == ["unknown_topic"] and "not a shelly topic" in d.problems[0].reason
 
 
 def test_amr_batch_keeps_good_readings_and_names_bad_ones():

@@ -16,7 +16,7 @@ from amr.errors import UserError
 
 log = logging.getLogger("amr.mqtt")
 
-_FORMATS = ("amr", "tasmota", "shelly", "zigbee2mqtt")
+_FORMATS = ("amr", "tasmota", "shelly", "zigbee2mqtt", "esphome", "homeassistant")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -57,6 +57,11 @@ def load_gateway_config(path: Path | str) -> RuntimeConfig:
         from adapters.iec62056 import check_meter
 
         problems += [f"{path}: meter {m.id!r}: {p}" for m in iec for p in check_meter(m)]
+    if inv.mqtt_layouts or any(m.adapter == "mqtt" for m in inv.meters.values()):
+        from adapters.mqtt_formats import check_mqtt
+
+        # topics, formats and payload keys of MQTT meters
+        problems += [f"{path}: {p}" for p in check_mqtt(inv.meters.values(), inv.mqtt_layouts)]
     # one serial port speaks one protocol: two adapters would talk over each other
     protocol_of_port: dict[str, tuple[str, str]] = {}
     for m in inv.meters.values():

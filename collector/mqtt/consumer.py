@@ -86,7 +86,8 @@ class Consumer:
         self.client_id = client_id
         self.group = group
         self._decoder = MessageDecoder(devices, local_tz)
-        self.filters = fmt.subscriptions(families)
+        self.families = tuple(families)
+        self.filters = self._decoder.devices.layouts.filters(self.families)  # what the inventory's layouts need
         self.settings = settings
         self.batch_messages = batch_messages
         self.batch_wait = batch_wait
@@ -122,6 +123,21 @@ class Consumer:
         """A new device map (SIGHUP): messages stored from now on are decoded with it."""
         self._decoder = MessageDecoder(devices, self.local_tz)
         self._store.set_decoder(self._decoder)
+        self._resubscribe(devices.layouts.filters(self.families))
+
+    def _resubscribe(self, filters: list[str]) -> None:
+        """Subscribe to the topic filters a new inventory's layouts need, and drop those it no longer does."""
+        old, self.filters = self.filters, filters
+        if not self._conn_state.up.is_set():
+            return  # the next connection subscribes to self.filters
+        gone = [shared(self.group, f) for f in old if f not in filters]
+        new = [(shared(self.group, f), 1) for f in filters if f not in old]
+        if gone:
+            self.client.unsubscribe(gone)
+        if new:
+            self.client.subscribe(new)
+        if gone or new:
+            log.info("topic filters changed with the inventory: %d added, %d dropped", len(new), len(gone))
 
     # --- network thread ---
 

@@ -27,7 +27,7 @@ class Message(NamedTuple):
 
 
 class Decoded(NamedTuple):
-    family: str  # amr, tasmota, shelly, zigbee2mqtt, or unknown
+    family: str  # amr, tasmota, shelly, zigbee2mqtt, esphome, homeassistant, or unknown
     outcome: str  # ok, partial, rejected, ignored: the label of amr_mqtt_messages_total
     items: list[Reading | Rejected]
 
@@ -42,7 +42,7 @@ class MessageDecoder:
     def __call__(self, m: Message) -> Decoded:
         """Never raises: a decoder bug becomes a dead-lettered message, not a stalled stream."""
         try:
-            d = fmt.decode(m.topic, m.payload, m.received, local_tz=self.local_tz)
+            d = fmt.decode(m.topic, m.payload, m.received, local_tz=self.local_tz, layouts=self.devices.layouts)
             items = fmt.to_items(d, m.payload, self.devices)
         except Exception as exc:
             log.exception("decoding a message on %s failed", m.topic)
