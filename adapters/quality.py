@@ -16,6 +16,7 @@ LATE = "late"  # read after its scheduled slot (retry within the interval)
 MANUAL = "manual"  # entered by a person (manual-metering subscribers)
 IMPORTED = "imported"  # loaded from a file by `amr ingest`
 SPOOLED = "spooled"  # went through a gateway's store-and-forward spool
+FROM_PROFILE = "from_profile"  # built from the meter's own load profile (a gap read back): measured, not estimated
 
 # --- from validation (collector.rules.vee) ---
 ROLLOVER = "rollover"  # a decrease read as a register wrap at its maximum
@@ -24,7 +25,7 @@ GLITCH = "glitch"  # a transient spike or dip, ignored without re-basing
 SUSPECT = "suspect"  # implies more than the meter's maximum power
 ESTIMATED = "estimated"  # placement in time estimated (gap or zone crossing)
 
-SOURCE_FLAGS = frozenset({RETRIED, CLOCK_SKEW, METER_CLOCK, LATE, MANUAL, IMPORTED, SPOOLED})
+SOURCE_FLAGS = frozenset({RETRIED, CLOCK_SKEW, METER_CLOCK, LATE, MANUAL, IMPORTED, SPOOLED, FROM_PROFILE})
 VALIDATION_FLAGS = frozenset({ROLLOVER, RESET, GLITCH, SUSPECT, ESTIMATED})
 ALL = SOURCE_FLAGS | VALIDATION_FLAGS
 

@@ -35,6 +35,15 @@ MISSED_SLOTS = Counter(
     "amr_poll_missed_slots_total", "Scheduled reads that failed every retry within their interval",
     ["adapter", "bus"],
 )
+BACKFILL_SLOTS = Counter(
+    "amr_backfill_slots_total",
+    "Missed slots read back from a meter's own load profile (filled), or that it could not give (invalid, error)",
+    ["adapter", "bus", "outcome"],
+)
+CLOCK_CORRECTIONS = Counter(
+    "amr_clock_corrections_total", "Meter clocks corrected by the gateway (clock_correction = true), by outcome",
+    ["adapter", "bus", "outcome"],
+)
 METERS_BACKED_OFF = Gauge(
     "amr_meters_backed_off", "Meters currently in exponential back-off after failures", ["bus"],
 )

@@ -16,6 +16,16 @@ Faults (set `SimMeter.fault`, or `--fault ADDRESS=FAULT` on the command line):
     rollover       counters wrap at `rollover_at` kWh
     clock_drift    the meter's clock runs `clock_drift_s` seconds off
 
+Beside the faults, `clock_offset_s` is where the meter's clock stands (a clock far
+off), moved by Energomera's `W1 CTIME(±s)` at most 29 s once a day, and
+`missing_profile` the slot starts whose load-profile record is broken (empty).
+
+Dialects: `standard` (data readout; `R5 P.01(from;to)` load profile in programming
+mode, 30-minute energy from the consumption model), `energomera` (`ET0PE()`),
+`energomera_spodes` (`ET0PE()` is ERR12, `EMD01(0.0,n)` the day-start archive) and
+`neva` (XOR check, `0F0880FF()` answering `(total,T1,T2,T3,T4)` in one bracket,
+`000902FF()`/`000901FF()` date and time).
+
 Run `python -m simulators.iec62056_sim --help`.
 """
 
@@ -36,6 +46,7 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from adapters.base import ProfileSlot
 from adapters.iec62056 import (
     ACK,
     BAUD_OF_CHAR,
@@ -55,6 +66,7 @@ from adapters.iec62056 import (
     from_line,
     identification,
     parse_frame,
+    profile_text,
     to_line,
 )
 from simulators.consumption import Clock, ConsumptionModel, SimClock
@@ -64,6 +76,9 @@ FAULTS = ("no_answer", "slow", "bad_bcc", "garbage", "counter_reset", "rollover"
 REGISTERS = ("1.8.0", "1.8.1", "1.8.2", "1.8.3", "2.8.0")
 _SIGN_ON = re.compile(rb"/\?([0-9A-Za-z ]{0,32})!\r\n")
 _MSK = ZoneInfo("Europe/Moscow")
+PROFILE_PERIOD = timedelta(minutes=30)
+CLOCK_STEP_S = 29  # Energomera: at most this much clock correction a day
+_P01_RANGE = re.compile(r"P\.01\(\d(\d{10});\d?(\d{10})?\)")
 
 
 @dataclass
@@ -96,6 +111,10 @@ class SimMeter:
     reset_at: datetime | None = None
     last: SimReadout | None = None
     readouts: int = 0
+    clock_offset_s: float = 0.0  # where the meter's clock stands against true time
+    missing_profile: set[datetime] = field(default_factory=set)  # slot starts with a broken record
+    clock_corrections: list[tuple[datetime, int]] = field(default_factory=list)  # (when, seconds)
+    profile_reads: int = 0
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -130,8 +149,54 @@ class SimMeter:
 
     def clock(self, t: datetime) -> datetime:
         """The meter's clock, whole seconds (drifted under the clock_drift fault)."""
-        drift = self.clock_drift_s if self.fault == "clock_drift" else 0.0
+        drift = self.clock_offset_s + (self.clock_drift_s if self.fault == "clock_drift" else 0.0)
         return (t + timedelta(seconds=drift)).replace(microsecond=0)
+
+    def profile(self, start: datetime, end: datetime) -> list[ProfileSlot]:
+        """The 30-minute import slots starting in [start, end): Wh of the counters' steps.
+
+        Each slot's Wh is the difference of the 1.8.0 counter (at its resolution)
+        at the slot's ends, so a poller's cumulative values anchored to a reading
+        agree with the counters to the watt-hour. A slot in `missing_profile` is
+        broken (wh None).
+        """
+        step = PROFILE_PERIOD.total_seconds()
+        ts = start.timestamp()
+        t = datetime.fromtimestamp(ts - ts % step + (step if ts % step else 0), UTC)
+        out = []
+        while t < end:
+            e = t + PROFILE_PERIOD
+            wh = None if t in self.missing_profile else int(
+                (self.values(e)["1.8.0"] - self.values(t)["1.8.0"]) * 1000
+            )
+            out.append(ProfileSlot(t, e, "1.8.0", wh))
+            t = e
+        return out
+
+    def profile_answer(self, request: str, now: datetime) -> str:
+        """The answer to `P.01(0YYMMDDhhmm;0YYMMDDhhmm)`: records whose period ends in the range
+        (the meter's local time), up to the last complete period before now."""
+        m = _P01_RANGE.search(request)
+        if m is None:
+            return "(ERROR)\r\n"
+        lo = datetime.strptime(m.group(1), "%y%m%d%H%M").replace(tzinfo=_MSK)
+        hi = datetime.strptime(m.group(2), "%y%m%d%H%M").replace(tzinfo=_MSK) if m.group(2) else now
+        hi = min(hi.astimezone(UTC), now)
+        slots = [sl for sl in self.profile(lo - PROFILE_PERIOD, hi) if lo <= sl.end <= hi]
+        self.profile_reads += 1
+        return profile_text(slots, int(PROFILE_PERIOD.total_seconds() // 60), _MSK)
+
+    def correct_clock(self, request: str, now: datetime) -> bool:
+        """`CTIME(±s)`: move the clock by at most 29 s, once a day; False when refused."""
+        m = re.fullmatch(r"CTIME\(([+-]?\d+)\)", request)
+        if m is None:
+            return False
+        step = int(m.group(1))
+        if abs(step) > CLOCK_STEP_S or any(now - when < timedelta(days=1) for when, _ in self.clock_corrections):
+            return False
+        self.clock_offset_s += step
+        self.clock_corrections.append((now, step))
+        return True
 
     def data_block(self, t: datetime) -> str:
         values = self.values(t)
@@ -152,6 +217,18 @@ class SimMeter:
     def command_answer(self, request: str, t: datetime) -> str:
         """The data of the answer to an Energomera read command, like `ET0PE()`."""
         name = request.partition("(")[0]
+        if self.dialect == "neva":
+            return self._neva_answer(name, t)
+        if name == "EMD01" and self.dialect == "energomera_spodes":
+            # the counters at the start of the meter's local day: (dd.mm.yy,total)(T1)..(T4)
+            day = self.clock(t).astimezone(_MSK).replace(hour=0, minute=0, second=0)
+            values = self.values(day.astimezone(UTC))
+            self.last = SimReadout(day.astimezone(UTC), values, self.clock(t))
+            self.readouts += 1
+            tariffs = [values[r] for r in ("1.8.1", "1.8.2", "1.8.3")] + [Decimal(0)]
+            return f"EMD01({day:%d.%m.%y},{values['1.8.0']})\r\n" + "".join(f"({v})\r\n" for v in tariffs)
+        if name == "ET0PE" and self.dialect == "energomera_spodes":
+            return "(ERR12)"
         if name == "ET0PE":
             values = self.values(t)
             self.last = SimReadout(t, values, self.clock(t))
@@ -159,10 +236,27 @@ class SimMeter:
             tariffs = [values[r] for r in ("1.8.0", "1.8.1", "1.8.2", "1.8.3")] + [Decimal(0)] * 2
             return "ET0PE" + "\r\n".join(f"({v:.2f})" for v in tariffs) + "\r\n"
         local = self.clock(t).astimezone(_MSK)
+        if name == "DATE_" and self.dialect == "energomera_spodes":  # CE207: one weekday digit
+            return f"DATE_({local.isoweekday() % 7}.{local:%d.%m.%y})\r\n"
         if name == "DATE_":
             return f"DATE_({local.isoweekday() % 7:02d}.{local:%d.%m.%y})\r\n"
         if name == "TIME_":
             return f"TIME_({local:%H:%M:%S})\r\n"
+        return "(ERR12)"
+
+    def _neva_answer(self, name: str, t: datetime) -> str:
+        """Neva MT: OBIS C.D.E.F as 8 hex digits; several values in one pair of brackets."""
+        if name == "0F0880FF":
+            values = self.values(t)
+            self.last = SimReadout(t, values, self.clock(t))
+            self.readouts += 1
+            regs = ("1.8.0", "1.8.1", "1.8.2", "1.8.3")
+            return "0F0880FF(" + ",".join(f"{values[r]:.2f}" for r in regs) + ",0.00)\r\n"
+        local = self.clock(t).astimezone(_MSK)
+        if name == "000902FF":
+            return f"000902FF({local:%y%m%d})\r\n"
+        if name == "000901FF":
+            return f"000901FF({local:%H%M%S})\r\n"
         return "(ERR12)"
 
     def ident(self) -> str:
@@ -294,8 +388,7 @@ class IecLineSim:
         self._sleep(self.reaction_s)
         rule = DIALECTS[meter.dialect].bcc
         if mode == "1":
-            if meter.dialect == "energomera":
-                self._programming(meter, rule)
+            self._programming(meter, rule)
             return
         self._send(meter, data_message(meter.data_block(self.clock.now()), rule))
 
@@ -326,6 +419,11 @@ class IecLineSim:
                 self.line.write(to_line(ACK if authorised else NAK))
             elif command == "R1" and authorised:
                 self._send(meter, answer_message(meter.command_answer(data, self.clock.now()), rule))
+            elif command == "R5" and data.startswith("P.01") and meter.dialect == "standard":
+                # the load profile is readable without a password (a data-readout level read)
+                self._send(meter, answer_message(meter.profile_answer(data, self.clock.now()), rule))
+            elif command == "W1" and authorised and meter.dialect.startswith("energomera"):
+                self.line.write(to_line(ACK if meter.correct_clock(data, self.clock.now()) else NAK))
             else:
                 self._send(meter, answer_message("(ERR12)", rule))
 

@@ -42,6 +42,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
+from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -51,6 +52,7 @@ from adapters import quality
 from adapters.base import AnyMeter, PollError, PollingAdapter
 from adapters.reading import Reading, Rejected
 from amr import metrics
+from collector.gateway.backfill import Gap, derive
 
 log = logging.getLogger("amr.scheduler")
 
@@ -72,6 +74,19 @@ class ScheduledMeter(AnyMeter, Protocol):
     @property
     def interval(self) -> timedelta: ...
 
+    @property
+    def backfill_slots(self) -> int:
+        """At most this many missed slots read back from the meter's profile per cycle (0: off)."""
+        ...
+
+    @property
+    def clock_correction(self) -> bool:
+        """Correct the meter's clock within its protocol's daily limit (off unless set)."""
+        ...
+
+    @property
+    def rollover(self) -> Decimal: ...
+
 
 class Sink(Protocol):
     """Where a pass's readings go (spool, ingestion); must not lose what it accepts."""
@@ -90,6 +105,9 @@ class MeterState:
     last_error: str = ""
     missed: int = 0
     reads: int = 0
+    last_read: datetime | None = None  # ts of the last reading on the slot grid (the back-fill's start)
+    gaps: list[Gap] = field(default_factory=list)  # missed slots still to read back from the profile
+    clock_corrected_at: datetime | None = None
 
 
 @dataclass
@@ -214,6 +232,7 @@ class Scheduler:
         self._unsent: list[Reading | Rejected] = []
         self._refused: list[Rejected] = []  # undecodable answers, for rejected_reading
         self.max_unsent = 1_000_000
+        self.clock_correct_above_s = 5.0  # a clock this close to ours is left alone
 
     def _metric(self, metric: _Metric, *labels: str) -> _Metric:
         """A labelled child, looked up once: labels() is costly at a thousand reads a second."""
@@ -368,6 +387,9 @@ class Scheduler:
     async def _read_in_slot(self, run: _SlotRun, m: ScheduledMeter, retry: bool) -> None:
         """Read one meter and note it in the slot; hand a large backlog to the sink at once."""
         got = await self._attempt(m, run.report.slot, retry, run.report)
+        if got is not None:
+            got += await self._backfill(m, got)
+            await self._correct_clock(m)
         run.bus_done[self._bus(m)] = time.monotonic()
         if got is not None:
             run.done.add(m.id)
@@ -377,6 +399,97 @@ class Scheduler:
                 run.report.retried.append(m.id)
             if len(run.pending) >= 5000:
                 await self._flush(run.pending)
+
+    # --- back-fill from the meter's load profile and clock correction -------------
+
+    def _profile_adapter(self, meter: ScheduledMeter) -> Any | None:
+        """The meter's adapter if it reads this meter's load profile (adapters.base.ProfileMeter)."""
+        adapter = self.adapter_for(meter)
+        if not hasattr(adapter, "read_profile"):
+            return None
+        has = getattr(adapter, "has_profile", None)  # an adapter whose meters differ says which have one
+        return adapter if has is None or has(meter) else None
+
+    async def _backfill(self, meter: ScheduledMeter, got: list[Reading]) -> list[Reading]:
+        """Note a gap that this reading ends, then read back up to `backfill_slots` missed slots.
+
+        Only a reading on the slot grid anchors a gap (a profile slot ends there); a
+        later-stamped read (a retry) leaves the gap open until the next prompt one.
+        """
+        limit = int(getattr(meter, "backfill_slots", 0) or 0)
+        if limit <= 0 or not got or (adapter := self._profile_adapter(meter)) is None:
+            return []
+        st = self.state[meter.id]
+        ts = got[0].ts
+        step = meter.interval.total_seconds()
+        if ts.timestamp() % step == 0:
+            if st.last_read is not None and ts - st.last_read > meter.interval:
+                st.gaps.append(Gap(st.last_read, {r.register: (r.ts, r.value) for r in got if r.ts == ts}))
+                del st.gaps[:-16]  # a meter that keeps dropping out: its oldest gaps stay estimated
+            st.last_read = ts
+        out: list[Reading] = []
+        bus = self._bus(meter)
+        for gap in sorted(st.gaps, key=lambda g: g.until, reverse=True):
+            left = limit - len({r.ts for r in out})
+            if left <= 0:
+                break
+            until = gap.until
+            start = max(gap.after, until - meter.interval * left)
+            gap.attempts += 1
+            try:
+                slots = await adapter.read_profile(meter, start, until, left)
+            except PollError as exc:
+                self._metric(metrics.BACKFILL_SLOTS, meter.adapter, bus, "error").inc()
+                log.warning("back-fill of meter %s on bus %s from %s failed: %s", meter.id, bus,
+                            start.isoformat(), exc, extra={"meter": meter.id, "bus": bus, "outcome": exc.outcome})
+                if gap.attempts >= 3:
+                    gap.anchors.clear()  # the profile is not to be had: the gap stays estimated
+                continue
+            before_invalid = gap.invalid
+            readings = derive(gap, slots, meter.id, f"{got[0].source}#profile", Decimal(meter.rollover))
+            out += readings
+            self._metric(metrics.BACKFILL_SLOTS, meter.adapter, bus, "filled").inc(len({r.ts for r in readings}))
+            if gap.invalid > before_invalid:
+                self._metric(metrics.BACKFILL_SLOTS, meter.adapter, bus, "invalid").inc(gap.invalid - before_invalid)
+            log.info("back-filled %d slot(s) of meter %s on bus %s from its profile (%s to %s)%s",
+                     len({r.ts for r in readings}), meter.id, bus, start.isoformat(), until.isoformat(),
+                     "" if gap.done else "; more next cycle",
+                     extra={"meter": meter.id, "bus": bus})
+        st.gaps = [g for g in st.gaps if not g.done]
+        return out
+
+    async def _correct_clock(self, meter: ScheduledMeter) -> None:
+        """Move a meter's clock toward ours within its protocol's daily step, at most once a day.
+
+        Off unless the meter says `clock_correction = true`; the adapter must be
+        ClockSettable and tell the offset and its step (`clock_offset`,
+        `clock_step_limit`). Every correction is logged and counted.
+        """
+        if not getattr(meter, "clock_correction", False):
+            return
+        adapter = self.adapter_for(meter)
+        offset_of = getattr(adapter, "clock_offset", None)
+        limit_of = getattr(adapter, "clock_step_limit", None)
+        if not hasattr(adapter, "correct_clock") or offset_of is None or limit_of is None:
+            return
+        offset, limit = offset_of(meter), limit_of(meter)
+        st, now, bus = self.state[meter.id], self.now(), self._bus(meter)
+        if offset is None or limit is None or abs(offset) < self.clock_correct_above_s:
+            return
+        if st.clock_corrected_at is not None and now - st.clock_corrected_at < timedelta(days=1):
+            return
+        delta = max(-limit, min(limit, -offset))
+        st.clock_corrected_at = now
+        try:
+            await adapter.correct_clock(meter, delta)
+        except PollError as exc:
+            self._metric(metrics.CLOCK_CORRECTIONS, meter.adapter, bus, "refused").inc()
+            log.warning("clock correction of meter %s on bus %s by %+.0f s failed: %s", meter.id, bus, delta, exc,
+                        extra={"meter": meter.id, "bus": bus, "outcome": exc.outcome})
+            return
+        self._metric(metrics.CLOCK_CORRECTIONS, meter.adapter, bus, "ok").inc()
+        log.warning("corrected the clock of meter %s on bus %s by %+.0f s (it was %+.0f s off; at most %g s a day)",
+                    meter.id, bus, delta, offset, limit, extra={"meter": meter.id, "bus": bus})
 
     async def _retry_within_slot(
         self, run: _SlotRun, meters: Sequence[ScheduledMeter], interval: timedelta, slot_end: float
