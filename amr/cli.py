@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "billing.card_commands",
     "collector.commands.mqtt",
     "collector.commands.poll",
+    "portal.commands",
 ]
 
 
