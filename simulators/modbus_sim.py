@@ -108,6 +108,13 @@ class SimMeter:
             self.model = ConsumptionModel(self.seed)
         self._snap_t: int | None = None
         self._snap: dict[str, Decimal] = {}
+        # a real meter answers its identification registers too: the preset's probes that no
+        # register covers (a meter code, a type designation) are served with their `min`
+        probes = [p.as_register() for p in self.rmap.probes]
+        self._served: tuple[RegisterSpec, ...] = self.rmap.registers + tuple(
+            p for p in probes
+            if not any(r.function == p.function and r.address < p.end and p.address < r.end for r in self.rmap.registers)
+        )
 
     @property
     def _model(self) -> ConsumptionModel:
@@ -226,7 +233,7 @@ class SimMeter:
         words = [0] * count
         hit = False
         t = self.clock.now()
-        for spec in self.rmap.registers:
+        for spec in self._served:
             if spec.function != function or spec.end <= address or spec.address >= end:
                 continue
             if spec.address < address or spec.end > end:

@@ -262,7 +262,9 @@ async def scan(
                     for p in m.probes
                 )
             ]
-            matches.sort(key=lambda m: -len(m.probes))
+            # a model code answered exactly (min == max) outweighs any number of plausible ranges:
+            # an SDM230 also passes the SDM220's voltage and phase-angle probes
+            matches.sort(key=lambda m: (-sum(p.min == p.max for p in m.probes), -len(m.probes)))
             found.append({"unit": unit, "presets": [m.name for m in matches]})
     finally:
         await adapter.close()
