@@ -99,12 +99,13 @@ class Meter(BaseModel):
         description="The meter's id (1-64 characters), used by every command, reading and topic. Required; unique.",
     )
     account: str = Field(description="The account of a `[[subscriber]]` in the same file that this meter bills. Required.")
-    adapter: Literal["modbus_tcp", "modbus_rtu", "iec62056", "mercury230", "mercury200", "mqtt", "manual"] = Field(
+    adapter: Literal["modbus_tcp", "modbus_rtu", "iec62056", "mercury230", "mercury200", "dlms", "mqtt", "manual"] = Field(
         default="modbus_tcp",
         description="How readings arrive: polled over Modbus TCP, Modbus RTU (RS-485) or IEC 62056-21; "
         "published over MQTT; or entered by a person (`manual`). "
         "`mercury230`: Incotex Mercury three-phase protocol (230, 231, 233, 234, 236, 238, 203.2TD, 204, 208); "
-        "`mercury200`: Mercury single-phase protocol (200, 201, 203, 206).",
+        "`mercury200`: Mercury single-phase protocol (200, 201, 203, 206). "
+        "`dlms`: DLMS/COSEM meters with the SPODES profile (HDLC on RS-485 or an optical probe, or the TCP wrapper).",
     )
     preset: str | None = Field(
         default=None,
@@ -165,6 +166,25 @@ class Meter(BaseModel):
         description="IEC 62056-21: the programming-mode password (Energomera). Mercury v2: the channel password "
         "of `access_level`, 6 characters, default `111111` (level 2: `222222`); a refusal says 'password'. "
         "Never stored in the database or logged.",
+    )
+    transport: Literal["hdlc", "wrapper"] | None = Field(
+        default=None,
+        description="DLMS: `hdlc` (default) on the serial `port`, or through a transparent converter at `host` and "
+        "`tcp_port`; `wrapper`: the IEC 62056-47 TCP wrapper of a meter's modem at `host` and `tcp_port` (default 4059).",
+    )
+    client_address: int | None = Field(
+        default=None, ge=1, le=127,
+        description="DLMS: the client SAP: 16 public (no password), 32 reader (SPODES, with `password`; the default "
+        "when a password is set), 48 configurator. `password` is the low-level security (LLS) password of this client.",
+    )
+    server_address: int | None = Field(
+        default=None, ge=0, le=16383,
+        description="DLMS: the server's logical device (default 1, the meter); in the wrapper, its wPort.",
+    )
+    physical_address: int | None = Field(
+        default=None, ge=0, le=16383,
+        description="DLMS over HDLC: the meter's physical address on a multi-drop bus (often derived from the serial, "
+        "like the last 4 digits + 16); omitted on a point-to-point line. `amr scan --dlms` finds them.",
     )
     password_encoding: Literal["digits", "ascii"] | None = Field(
         default=None,
