@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -86,7 +86,12 @@ SPEC = load_spec()
 
 
 class DlmsMeter(Protocol):
-    """What this adapter reads of a meter (the inventory's `Meter` has it)."""
+    """What this adapter reads of a meter besides the keys every polled meter has.
+
+    The DLMS keys (`transport`, `client_address`, `server_address`,
+    `physical_address`, `tcp_port`) are read with defaults when a meter
+    object lacks them, so the scheduler's `AnyMeter` fits as it is.
+    """
 
     @property
     def id(self) -> str: ...
@@ -97,23 +102,13 @@ class DlmsMeter(Protocol):
     @property
     def host(self) -> str | None: ...
     @property
-    def tcp_port(self) -> int | None: ...
-    @property
     def baudrate(self) -> int | None: ...
     @property
     def timeout(self) -> float: ...
     @property
-    def registers(self) -> Any: ...
+    def registers(self) -> Sequence[str]: ...
     @property
     def password(self) -> str | None: ...
-    @property
-    def transport(self) -> str | None: ...
-    @property
-    def client_address(self) -> int | None: ...
-    @property
-    def server_address(self) -> int | None: ...
-    @property
-    def physical_address(self) -> int | None: ...
 
 
 def _key(meter: Any, name: str, default: Any = None) -> Any:
@@ -594,7 +589,7 @@ class DlmsAdapter:
         return [Reading(meter.id, reg, ts, p.values[reg], flags, source) for reg in meter.registers]
 
     def source(self, meter: DlmsMeter) -> str:
-        where = f"{meter.host}:{meter.tcp_port or DEFAULT_TCP_PORT}" if meter.host else str(meter.port)
+        where = f"{meter.host}:{_key(meter, 'tcp_port') or DEFAULT_TCP_PORT}" if meter.host else str(meter.port)
         phys = _key(meter, "physical_address")
         return f"dlms:{where}" + (f"/{phys}" if phys is not None else "")
 
@@ -760,7 +755,7 @@ class DlmsAdapter:
             session: HdlcSession | WrapperSession | None = None
             try:
                 if meter.host:
-                    stream = SocketStream(meter.host, int(meter.tcp_port or DEFAULT_TCP_PORT), meter.timeout)
+                    stream = SocketStream(meter.host, int(_key(meter, 'tcp_port') or DEFAULT_TCP_PORT), meter.timeout)
                     own = True
                 else:
                     stream = self._serial(str(meter.port), int(meter.baudrate or DEFAULT_BAUD))

@@ -33,7 +33,7 @@ from collector.inventory import Inventory, InventoryError, load_inventory
 
 log = logging.getLogger("amr.gateway")
 
-POLLED_ADAPTERS = ("modbus_tcp", "modbus_rtu", "iec62056")
+POLLED_ADAPTERS = ("modbus_tcp", "modbus_rtu", "iec62056", "dlms")
 
 
 def check_inventory(path: Path | str) -> Inventory:
@@ -57,6 +57,11 @@ def load_gateway_config(path: Path | str) -> RuntimeConfig:
         from adapters.iec62056 import check_meter
 
         problems += [f"{path}: meter {m.id!r}: {p}" for m in iec for p in check_meter(m)]
+    dlms = [m for m in inv.meters.values() if m.adapter == "dlms"]
+    if dlms:
+        from adapters.dlms import check_meter as check_dlms
+
+        problems += [f"{path}: meter {m.id!r}: {p}" for m in dlms for p in check_dlms(m)]
     if inv.mqtt_layouts or any(m.adapter == "mqtt" for m in inv.meters.values()):
         from adapters.mqtt_formats import check_mqtt
 
@@ -65,7 +70,7 @@ def load_gateway_config(path: Path | str) -> RuntimeConfig:
     # one serial port speaks one protocol: two adapters would talk over each other
     protocol_of_port: dict[str, tuple[str, str]] = {}
     for m in inv.meters.values():
-        if m.adapter in ("modbus_rtu", "iec62056") and isinstance(m.port, str):
+        if m.adapter in ("modbus_rtu", "iec62056", "dlms") and isinstance(m.port, str):
             first = protocol_of_port.setdefault(m.port, (m.adapter, m.id))
             if first[0] != m.adapter:
                 problems.append(
@@ -102,6 +107,10 @@ class Adapters:
                 from adapters.iec62056 import Iec62056Adapter
 
                 got = Iec62056Adapter(self.settings)
+            elif kind == "dlms":
+                from adapters.dlms import DlmsAdapter
+
+                got = DlmsAdapter(self.settings)
             else:
                 raise ValueError(f"meter {meter.id}: adapter {meter.adapter!r} is not polled")
             self._made[kind] = got
