@@ -56,7 +56,7 @@ from collector.gateway.backfill import Gap, derive
 
 log = logging.getLogger("amr.scheduler")
 
-SERIAL_ADAPTERS = ("modbus_rtu", "iec62056")
+SERIAL_ADAPTERS = ("modbus_rtu", "iec62056", "mercury230", "mercury200")
 
 # a wait shorter than this is not announced: a 2-second interval would say so every 2 seconds
 ANNOUNCE_WAIT_S = 5.0
