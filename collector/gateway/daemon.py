@@ -33,7 +33,7 @@ from collector.inventory import Inventory, InventoryError, load_inventory
 
 log = logging.getLogger("amr.gateway")
 
-POLLED_ADAPTERS = ("modbus_tcp", "modbus_rtu", "iec62056", "dlms")
+POLLED_ADAPTERS = ("modbus_tcp", "modbus_rtu", "iec62056", "mercury230", "mercury200", "dlms")
 
 
 def check_inventory(path: Path | str) -> Inventory:
@@ -62,6 +62,11 @@ def load_gateway_config(path: Path | str) -> RuntimeConfig:
         from adapters.dlms import check_meter as check_dlms
 
         problems += [f"{path}: meter {m.id!r}: {p}" for m in dlms for p in check_dlms(m)]
+    mercury = [m for m in inv.meters.values() if m.adapter in ("mercury230", "mercury200")]
+    if mercury:
+        from adapters.mercury_adapter import check_meter as check_mercury
+
+        problems += [f"{path}: meter {m.id!r}: {p}" for m in mercury for p in check_mercury(m)]
     if inv.mqtt_layouts or any(m.adapter == "mqtt" for m in inv.meters.values()):
         from adapters.mqtt_formats import check_mqtt
 
@@ -70,9 +75,9 @@ def load_gateway_config(path: Path | str) -> RuntimeConfig:
     # one serial port speaks one protocol: two adapters would talk over each other
     protocol_of_port: dict[str, tuple[str, str]] = {}
     for m in inv.meters.values():
-        if m.adapter in ("modbus_rtu", "iec62056", "dlms") and isinstance(m.port, str):
+        if m.adapter in ("modbus_rtu", "iec62056", "dlms", "mercury230", "mercury200") and isinstance(m.port, str):
             first = protocol_of_port.setdefault(m.port, (m.adapter, m.id))
-            if first[0] != m.adapter:
+            if first[0] != m.adapter and {first[0], m.adapter} != {"mercury230", "mercury200"}:  # one Mercury link reads both
                 problems.append(
                     f"{path}: meter {m.id!r}: key 'port': {m.port} is a {first[0]} bus (meter {first[1]!r}); "
                     f"one port cannot carry {m.adapter} too"
@@ -93,7 +98,7 @@ class Adapters:
         self._made: dict[str, PollingAdapter] = {}
 
     def __call__(self, meter: Any) -> PollingAdapter:
-        kind = "modbus" if meter.adapter.startswith("modbus") else meter.adapter
+        kind = "modbus" if meter.adapter.startswith("modbus") else "mercury" if meter.adapter.startswith("mercury") else meter.adapter
         got = self._made.get(kind)
         if got is None:
             if kind == "modbus":
@@ -111,6 +116,10 @@ class Adapters:
                 from adapters.dlms import DlmsAdapter
 
                 got = DlmsAdapter(self.settings)
+            elif kind == "mercury":
+                from adapters.mercury_adapter import MercuryAdapter
+
+                got = MercuryAdapter(self.settings)
             else:
                 raise ValueError(f"meter {meter.id}: adapter {meter.adapter!r} is not polled")
             self._made[kind] = got
