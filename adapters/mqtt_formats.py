@@ -77,6 +77,7 @@ class DeviceFormat:
     kinds: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     ignore_reason: str = ""
+    ignore_first: bool = False
     not_devices: frozenset[str] = frozenset()
     ts: tuple[tuple[str, str], ...] = ()
     values: tuple[tuple[str, str], ...] = ()
@@ -129,6 +130,7 @@ def _load_format(i: int, f: dict[str, Any]) -> DeviceFormat:
             auto=f.get("auto", True), leaf=f.get("leaf"),
             ends=tuple(normalize(e) for e in f.get("ends", ())), kinds=tuple(f.get("kinds", ())),
             ignore=tuple(normalize(p) for p in f.get("ignore", ())), ignore_reason=f.get("ignore_reason", ""),
+            ignore_first=f.get("ignore_first", False),
             not_devices=frozenset(f.get("not_devices", ())),
             ts=tuple((t["path"], t["kind"]) for t in f.get("ts", ())),
             values=tuple((v["path"], v["register"]) for v in f.get("value", ())),
@@ -330,6 +332,9 @@ def decode(
     else:
         candidates = [lay for lay in lays.layouts if family in (lay.format.family, lay.format.name)]
         candidates += list(_loose_layouts(family))
+    for lay in candidates:
+        if lay.format.ignore_first and any(p.match(topic) for p in lay.ignore):
+            return _ignored(topic, lay)
     found = _match(topic, candidates)
     if found:
         tz = ZoneInfo(local_tz)
@@ -341,9 +346,7 @@ def decode(
         return d
     for lay in candidates:
         if any(p.match(topic) for p in lay.ignore):
-            d = Decoded(topic, lay.format.name, lay.format.family)
-            d.ignored = f"topic {topic!r}: {lay.format.ignore_reason or 'carries no energy counters'}"
-            return d
+            return _ignored(topic, lay)
     if family is not None:
         ends = ", ".join(p for f in formats_named(family) for p in (f.ends or (f.pattern,)))
         return Decoded(topic, None, family).reject(
@@ -355,6 +358,12 @@ def decode(
         f"topic {topic!r} matches no known format ({known}); for a device with a topic of its own, "
         "try amr mqtt decode --format FAMILY, then give the meter topic_prefix or topic in the inventory",
     )
+
+
+def _ignored(topic: str, lay: Layout) -> Decoded:
+    d = Decoded(topic, lay.format.name, lay.format.family)
+    d.ignored = f"topic {topic!r}: {lay.format.ignore_reason or 'carries no energy counters'}"
+    return d
 
 
 def _decode_device(
