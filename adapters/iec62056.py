@@ -443,7 +443,7 @@ def profile_request(start: datetime, end: datetime, tz: ZoneInfo) -> str:
 
 
 _P01_HEADER = re.compile(r"^P\.01\((\d{13})\)\(([0-9A-Fa-f]*)\)\((\d+)\)\((\d+)\)((?:\([^()]*\)\([^()]*\))*)$")
-_CHANNEL = re.compile(r"^(?:\d+-\d+:)?(\d+)\.(\d+)(?:\.\d+)?$")
+_CHANNEL = re.compile(r"^(?:\d+-(\d+):)?(\d+)\.(\d+)(?:\.\d+)?$")
 
 
 def _channel_register(obis: str) -> str | None:
@@ -453,9 +453,9 @@ def _channel_register(obis: str) -> str | None:
     (`1.9`, `1-1:1.29`); reactive channels (C=3..8) feed none we bill.
     """
     m = _CHANNEL.match(obis.strip())
-    if m is None:
+    if m is None or m.group(1) not in (None, "0", "1"):  # B=2, 3...: other measuring channels
         return None
-    return {"1": "1.8.0", "2": "2.8.0"}.get(m.group(1))
+    return {"1": "1.8.0", "2": "2.8.0"}.get(m.group(2))
 
 
 def _slot_wh(raw: str, unit: str, period_min: int) -> int | None:

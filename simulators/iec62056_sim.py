@@ -106,7 +106,7 @@ class SimMeter:
     clock_drift_s: float = 600.0
     rollover_at: Decimal = Decimal(10000)
     dialect: str = "standard"  # or "energomera": programming mode, password, ET0PE()
-    password: str = "777777"
+    password: str | None = None  # default: the dialect's factory password
     model: ConsumptionModel | None = None
     reset_at: datetime | None = None
     last: SimReadout | None = None
@@ -123,6 +123,8 @@ class SimMeter:
             raise ValueError(f"unknown fault {self.fault!r}; known: {', '.join(FAULTS)}")
         if self.dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {self.dialect!r}; known: {', '.join(DIALECTS)}")
+        if self.password is None:
+            self.password = DIALECTS[self.dialect].default_password or "777777"
         if self.max_baud not in CHAR_OF_BAUD:
             raise ValueError(f"max_baud must be one of {sorted(CHAR_OF_BAUD)}")
 
@@ -271,6 +273,7 @@ class IecLineSim:
     baudrate: int = 300  # the initial rate of every sign-on
     clock: Clock = field(default_factory=lambda: SimClock(datetime.now(UTC)))
     reaction_s: float = 0.0  # the meter's reaction time before each answer
+    sign_on_reaction_s: float | None = None  # before the identification only, if set (a slow wake-up)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -365,7 +368,8 @@ class IecLineSim:
         meter = chosen[0]
         if meter.fault == "no_answer":
             return
-        self._sleep(self.reaction_s + (meter.slow_s if meter.fault == "slow" else 0.0))
+        first = self.reaction_s if self.sign_on_reaction_s is None else self.sign_on_reaction_s
+        self._sleep(first + (meter.slow_s if meter.fault == "slow" else 0.0))
         if meter.fault == "garbage":
             self.line.write(bytes(self._rng.randrange(256) for _ in range(40)))
             return
