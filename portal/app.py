@@ -15,6 +15,7 @@ page in Russian, not a traceback.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +39,29 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
+
+
+class LinkTokenFilter(logging.Filter):
+    """Masks the one-time token of a confirmation or reset link (`?t=...`) in uvicorn's access log.
+
+    Those links are GET requests (they come from e-mails); the access log would
+    otherwise write the token of every link opened, and the token is the key.
+    """
+
+    TOKEN = re.compile(r"([?&]t=)[^&\s]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self.TOKEN.sub(r"\1***", record.msg)
+        return True
+
+
+def _install_token_filter() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, LinkTokenFilter) for f in access.filters):
+        access.addFilter(LinkTokenFilter())
 
 
 def _page(request: Request, status: int, title: str, message: str, *, with_user: bool = True) -> HTMLResponse:
@@ -108,6 +132,7 @@ def create_app(settings: Settings | None = None, *, captcha_text: Callable[[], s
     app.state.settings = settings
     app.state.database = DatabaseGate(settings.database_url, settings.api_db_wait_s)
     app.state.captcha_text = captcha_text
+    _install_token_filter()
     try:  # the formatting filters (money, dates, zones), one home: portal/formatting.py
         from portal.formatting import FILTERS
 
