@@ -1,6 +1,8 @@
 """Modbus TCP and RTU meter reading on pymodbus (async), driven by register maps.
 
-One link per TCP endpoint (host:port) or serial port, shared by every meter
+One link per TCP endpoint (host:port), serial port, or RS-485-to-Ethernet
+converter (a `modbus_rtu` meter with `host` and `tcp_port`: RTU frames with
+their CRC over a TCP socket, what mbmd calls `--rtu`), shared by every meter
 behind it; requests on a link go one at a time, and on a serial link the
 inter-frame gap (t3.5) and the meter's pause are kept between requests.
 A failed request becomes a `PollError` whose outcome word says what went
@@ -21,6 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
@@ -87,7 +90,7 @@ class Value:
 class _Link:
     """One TCP connection or serial port and the one-at-a-time discipline on it."""
 
-    kind: str  # tcp | rtu
+    kind: str  # tcp | rtu | rtu_tcp (RTU frames through a TCP converter)
     bus: str
     client: Any
     gap_s: float = 0.0
@@ -105,6 +108,17 @@ class _Link:
             if len(data) > len(self.rx):
                 self.rx[:] = data
         return data
+
+
+def rtu_converter(meter: ModbusMeter) -> tuple[str, int] | None:
+    """(host, tcp_port) of a Modbus RTU meter behind a transparent RS-485-to-Ethernet converter,
+    or None for one on a serial port.
+
+    The inventory's convention for every serial protocol (IEC 62056-21, DLMS too): `host` and
+    `tcp_port` instead of a serial `port`. Read by name: a meter on a serial port need not have them.
+    """
+    host, tcp_port = getattr(meter, "host", None), getattr(meter, "tcp_port", None)
+    return (str(host), int(tcp_port)) if meter.adapter == "modbus_rtu" and host and tcp_port is not None else None
 
 
 def _serial_settings(meter: ModbusMeter) -> tuple[int, str, int]:
@@ -181,7 +195,8 @@ class ModbusAdapter:
         if meter.adapter == "modbus_tcp":
             key = ("tcp", meter.host, int(meter.port or 502))
         elif meter.adapter == "modbus_rtu":
-            key = ("rtu", str(meter.port))
+            conv = rtu_converter(meter)
+            key = ("rtu_tcp", *conv) if conv else ("rtu", str(meter.port))
         else:
             raise ValueError(f"meter {meter.id}: adapter {meter.adapter!r} is not Modbus")
         link = self._links.get(key)
@@ -193,6 +208,16 @@ class ModbusAdapter:
             link = _Link("tcp", meter.bus_name, None)
             link.client = AsyncModbusTcpClient(
                 meter.host, port=int(meter.port or 502), timeout=meter.timeout, retries=0, reconnect_delay=0,
+                trace_packet=link.trace,
+            )
+        elif (conv := rtu_converter(meter)) is not None:
+            # the converter puts the frames on its line as they come: the t3.5 gap between a
+            # request and the previous answer is still ours to keep, at the line's rate
+            baud, parity, stop = _serial_settings(meter)
+            char = (1 + 8 + (parity != "N") + stop) / baud
+            link = _Link("rtu_tcp", meter.bus_name, None, gap_s=3.5 * char if baud <= 19200 else 0.00175)
+            link.client = AsyncModbusTcpClient(
+                conv[0], port=conv[1], framer=FramerType.RTU, timeout=meter.timeout, retries=0, reconnect_delay=0,
                 trace_packet=link.trace,
             )
         else:
@@ -221,7 +246,7 @@ class ModbusAdapter:
             ok = False
         if not ok:
             link.client.close()
-            where = "connect" if link.kind == "tcp" else "open serial port"
+            where = "open serial port" if link.kind == "rtu" else "connect"
             raise PollError("refused", f"meter {meter.id} on bus {link.bus}: cannot {where}")
         link.connected = True
 
@@ -246,7 +271,7 @@ class ModbusAdapter:
                     resp = await read(address, count=count, device_id=unit)
             except (TimeoutError, ModbusException, OSError) as exc:
                 outcome, why = self._classify(link, exc, unit, 4 if function == "input" else 3)
-                if link.kind == "tcp" and outcome in ("timeout", "garbage", "refused"):
+                if link.kind != "rtu" and outcome in ("timeout", "garbage", "refused"):
                     await self._drop(link)  # a late or corrupt answer must not reach the next request
                 raise PollError(outcome, f"{where}: {why}") from None
             finally:
@@ -279,7 +304,7 @@ class ModbusAdapter:
         rx = bytes(link.rx)
         if not rx:
             return "timeout", "no answer within the timeout"
-        if link.kind == "rtu" and len(rx) >= 5 and rx[0] == unit:
+        if link.kind in ("rtu", "rtu_tcp") and len(rx) >= 5 and rx[0] == unit:
             size = 5 + rx[2] if rx[1] == fn else 5 if rx[1] == fn | 0x80 else 0
             if size and len(rx) >= size and _crc16(rx[: size - 2]) != int.from_bytes(rx[size - 2 : size], "little"):
                 return "crc", f"bad CRC in a {size}-byte answer {rx[:size].hex()}"

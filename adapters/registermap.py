@@ -432,9 +432,23 @@ def check_modbus_meters(
             if m.port is not None and (not isinstance(m.port, int) or not 1 <= m.port <= 65535):
                 problems.append(f"{where}: key 'port': a TCP port 1..65535 is needed, got {m.port!r}")
         else:
-            if not isinstance(m.port, str) or not m.port:
-                problems.append(f"{where}: key 'port': a Modbus RTU meter needs a serial device path like /dev/ttyUSB0")
+            host, tcp_port = getattr(m, "host", None), getattr(m, "tcp_port", None)
+            line_ok = False
+            if tcp_port is not None or (host and m.port is None):  # RTU frames through a TCP converter
+                if not host or tcp_port is None:
+                    problems.append(f"{where}: keys 'host' and 'tcp_port': an RS-485-to-Ethernet converter needs both "
+                                    f"(got host {host!r}, tcp_port {tcp_port!r})")
+                elif m.port is not None:
+                    problems.append(f"{where}: key 'port': give either a serial 'port' or the converter's 'host' and "
+                                    f"'tcp_port', not both (got port {m.port!r})")
+                else:
+                    line_ok = True
+            elif not isinstance(m.port, str) or not m.port:
+                problems.append(f"{where}: key 'port': a Modbus RTU meter needs a serial device path like /dev/ttyUSB0, "
+                                "or 'host' and 'tcp_port' of an RS-485-to-Ethernet converter")
             else:
+                line_ok = True
+            if line_ok:
                 line = f"{int(m.baudrate or 9600)} baud {m.parity or 'N'}"
                 first = bauds.setdefault(m.bus_name, (line, m.id))
                 if first[0] != line:

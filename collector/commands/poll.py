@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--device", help="serial device of an RS-485 bus, e.g. /dev/ttyUSB0")
     s.add_argument("--port", type=int, default=502, help="Modbus TCP port (default 502)")
     s.add_argument("--baudrate", type=int, default=9600)
+    s.add_argument("--rtu", action="store_true",
+                   help="with --host: RTU frames with CRC over TCP, for an RS-485-to-Ethernet converter in "
+                        "transparent mode (not a Modbus TCP gateway)")
     s.add_argument("--units", default="1-247", help="unit ids: '1-247', '1-10,20' (default 1-247)")
     s.add_argument("--timeout", type=float, default=0.3, help="seconds to wait for each unit")
     s.add_argument("--json", action="store_true", help="one JSON object per answering unit")
@@ -217,15 +220,21 @@ def parse_units(text: str) -> list[int]:
 
 
 async def scan(
-    *, host: str | None, port: int, device: str | None, baudrate: int, units: list[int], timeout: float
+    *, host: str | None, port: int, device: str | None, baudrate: int, units: list[int], timeout: float,
+    rtu: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every unit that answers, with the presets whose probes it passes (most specific first)."""
+    """Every unit that answers, with the presets whose probes it passes (most specific first).
+
+    rtu with host: the bus is behind an RS-485-to-Ethernet converter that passes RTU frames.
+    """
     from adapters.modbus import ModbusAdapter
     from adapters.registermap import available_presets, load_register_map
 
+    converter = bool(host and rtu)
     base = Meter(
-        id="scan", account="0", adapter="modbus_tcp" if host else "modbus_rtu", host=host,
-        port=port if host else device, unit=1, baudrate=baudrate, timeout=timeout,
+        id="scan", account="0", adapter="modbus_tcp" if host and not converter else "modbus_rtu", host=host,
+        port=None if converter else port if host else device, tcp_port=port if converter else None,
+        unit=1, baudrate=baudrate, timeout=timeout,
     )
     maps = [load_register_map(p) for p in available_presets()]
     adapter = ModbusAdapter(get_settings(), clock_tolerance_s=60)
@@ -272,12 +281,15 @@ async def scan(
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    if args.rtu and not args.host:
+        raise UserError("--rtu: give the converter's --host (and --port); on a serial --device RTU is the default")
     units = parse_units(args.units)
     found = asyncio.run(
         scan(host=args.host, port=args.port, device=args.device, baudrate=args.baudrate, units=units,
-             timeout=args.timeout)
+             timeout=args.timeout, rtu=args.rtu)
     )
-    where = f"{args.host}:{args.port}" if args.host else f"{args.device} at {args.baudrate} baud"
+    where = (f"{args.host}:{args.port}" + (" (RTU over TCP)" if args.rtu else "") if args.host
+             else f"{args.device} at {args.baudrate} baud")
     for f in found:
         if args.json:
             _emit({"bus": where, "unit": f["unit"], "preset": f["presets"][0] if f["presets"] else None,
