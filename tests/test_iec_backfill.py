@@ -150,3 +150,52 @@ def test_derive_stops_at_an_invalid_slot_and_resumes_from_its_anchor() -> None:
     out = derive(gap, _slots(T0, [100, None, 100]), "m", "src", Decimal(1000000))
     assert [(r.ts, r.value) for r in out] == [(T0 + 2 * HALF, Decimal("9.6"))]
     assert gap.done and gap.invalid == 1  # the broken record ends it; before it stays estimated
+
+
+# --- clock correction (off unless the inventory asks) ---------------------------------------
+
+
+def test_clock_correction_is_opt_in_within_the_daily_step_and_logged(caplog) -> None:
+    clock = Frozen(T0)
+    adapter = Iec62056Adapter(Settings(), now=clock.now, clock_tolerance_s=30)
+    on = SimMeter(address="00000001", seed=12, dialect="energomera", clock_offset_s=-100)
+    off = SimMeter(address="00000002", seed=13, dialect="energomera", clock_offset_s=-100)
+    try:
+        with IecLineSim([on, off], baudrate=9600, clock=clock) as sim:
+            inv = parse_inventory({"subscriber": [{"account": "1"}], "meter": [
+                {"id": f"c{i}", "account": "1", "adapter": "iec62056", "port": sim.device, "baudrate": 9600,
+                 "address": sm.address, "dialect": "energomera", "registers": ["1.8.0"],
+                 **({"clock_correction": True} if sm is on else {})}
+                for i, sm in enumerate((on, off))]})
+            meters = list(inv.meters.values())
+            assert [m.clock_correction for m in meters] == [True, False]  # off by default
+            sink = ListSink()
+            sched = Scheduler(meters, lambda m: adapter, sink, jitter_s=0, retry_delay_s=3600, now=clock.now)
+            ok = metrics.CLOCK_CORRECTIONS.labels("iec62056", sim.device, "ok")
+            before = ok._value.get()
+
+            async def run() -> None:
+                for k in range(3):  # three slots of one day: one correction only
+                    clock.t = T0 + k * HALF
+                    await sched.run_slot(meters, clock.t, HALF)
+
+            with caplog.at_level("WARNING", logger="amr.scheduler"):
+                asyncio.run(run())
+        assert on.clock_corrections == [(T0, 29)] and on.clock_offset_s == -71  # +29 s: Energomera's daily step
+        assert off.clock_corrections == [] and off.clock_offset_s == -100
+        assert ok._value.get() - before == 1
+        assert any("corrected the clock of meter c0" in r.getMessage() and "+29 s" in r.getMessage()
+                   for r in caplog.records)
+        assert all(quality.CLOCK_SKEW in r.quality for r in sink.items if isinstance(r, Reading))
+    finally:
+        adapter.close_blocking()
+
+
+class ListSink:
+    """A sink that keeps what it is given (the clock test needs no database)."""
+
+    def __init__(self) -> None:
+        self.items: list[Reading | Rejected] = []
+
+    def put(self, items: list[Reading | Rejected]) -> None:
+        self.items += items
