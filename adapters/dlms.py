@@ -262,6 +262,7 @@ class HdlcSession:
         self.params = hdlc.LinkParameters()
         self.reader = hdlc.FrameReader()
         self.wire = wire or Wire()
+        self.connected = False
 
     def _deadline(self, nbytes: int) -> float:
         baud = self.stream.baudrate
@@ -329,6 +330,7 @@ class HdlcSession:
         # the meter's transmit length is what we receive, and the other way round
         self.params = hdlc.LinkParameters(ua.max_info_rx, ua.max_info_tx, 1, 1)
         self.ns = self.nr = 0
+        self.connected = True
 
     def request(self, apdu: bytes) -> bytes:
         payload = hdlc.LLC_REQUEST + apdu
@@ -356,6 +358,9 @@ class HdlcSession:
         return bytes(data[3:])
 
     def disconnect(self) -> None:
+        if not self.connected:  # no link to close: a silent address costs one timeout, not two
+            return
+        self.connected = False
         try:
             self._send(hdlc.DISC)
             self._receive("UA to DISC")
@@ -618,6 +623,8 @@ class DlmsAdapter:
         obis = SPEC.profiles["load"]
         with self.client(meter) as (client, _wire):
             columns, period = self._profile_columns(meter, client, obis)
+            if period <= 0:
+                raise _Fail("decode", f"load profile {cosem.obis_text(obis)} has no capture period")
             step = timedelta(seconds=period)
             last = min(end, start + step * limit)
             # records are stamped at their interval's end; the range is inclusive at both ends
@@ -708,8 +715,8 @@ class DlmsAdapter:
             if not columns or columns[0][0] != SPEC.clock:
                 raise _Fail("decode", f"{cosem.obis_text(obis)}: the first column is not the clock")
             period = client.get(CLASS_PROFILE, obis, 4)
-            if not isinstance(period, int) or period <= 0:
-                raise _Fail("decode", f"{cosem.obis_text(obis)} capture_period {period!r} is not positive seconds")
+            if not isinstance(period, int) or period < 0:  # 0: captured on an event (billing profiles)
+                raise _Fail("decode", f"{cosem.obis_text(obis)} capture_period {period!r} is not seconds")
             got = (columns, period)
             self._columns[key] = got
         return got
