@@ -196,6 +196,11 @@ def _loose_layouts(family: str) -> tuple[Layout, ...]:
     return tuple(out)
 
 
+def loose_layouts(family: str) -> tuple[Layout, ...]:
+    """The layouts `--format` decoding tries for a family or format name (any prefix)."""
+    return _loose_layouts(family)
+
+
 def layout_for(f: DeviceFormat, *, topic: str | None = None, prefix: str | None = None,
                device: str | None = None, origin: str = "inventory") -> Layout:
     """The layout a meter or family configures: its own prefix, or a whole pattern.
@@ -514,6 +519,19 @@ def meter_options(m: Any) -> DeviceOptions | None:
                          tuple(fields_.items()) if fields_ else None, split, unit)
 
 
+def exact_topic(f: DeviceFormat, device: str) -> str | None:
+    """The one topic a device of an inventory-only format publishes on (ESPHome: <prefix>/sensor/<name>/state)."""
+    rx = "^" + re.sub(r"\\{(\w+)\\}", lambda m: f"(?P<{m.group(1)}>.+)" if m.group(1) == "prefix"
+                      else f"(?P<{m.group(1)}>[^/]+)", re.escape(f.device)) + "$"
+    m = re.match(rx, device)
+    if m is None:
+        return None
+    out = f.pattern
+    for k, v in m.groupdict().items():
+        out = out.replace("{" + k + "}", v)
+    return None if "{" in out else out
+
+
 def check_meter(m: Any) -> list[str]:
     """What is wrong with an MQTT meter's topic and payload keys, each problem naming its key."""
     problems: list[str] = []
@@ -533,8 +551,12 @@ def check_meter(m: Any) -> list[str]:
             except LayoutError as exc:
                 problems.append(f"key {'topic' if m.topic else 'topic_prefix'!r}: {exc}")
                 break
-    if fmts and not any(f.auto for f in fmts) and not m.device:
-        problems.append(f"key 'device': a {m.format} meter needs its device id")
+    if fmts and not any(f.auto for f in fmts):
+        if not m.device:
+            problems.append(f"key 'device': a {m.format} meter needs its device id")
+        elif not getattr(m, "topic", None) and any(exact_topic(f, m.device) is None for f in fmts):
+            problems.append(f"key 'device': {m.device!r} is not a {m.format} device id "
+                            f"({' or '.join(f.device for f in fmts)}); or give the meter its whole 'topic'")
     for reg in list(getattr(m, "tariffs", None) or ()) + list((getattr(m, "fields", None) or {}).values()):
         if not _REGISTER.match(reg):
             problems.append(f"register {reg!r} in 'tariffs'/'fields' is not an OBIS code like 1.8.1")
@@ -578,6 +600,11 @@ def build_layouts(meters: Iterable[Any], families: Iterable[Any] = ()) -> tuple[
             continue
         topic, prefix = getattr(m, "topic", None), getattr(m, "topic_prefix", None)
         for f in fmts:
+            if not f.auto and topic is None:
+                topic = exact_topic(f, m.device)  # one device's own topic: no other sensor is heard
+                if topic is None:
+                    warnings.append(f"meter {m.id!r}: device {m.device!r} is not a {f.name} device id ({f.device})")
+                    continue
             if topic is None and prefix is None and f.auto:
                 continue  # the default layout hears it
             key = (f.name, f"{topic}|{prefix}|{m.device if topic else ''}")

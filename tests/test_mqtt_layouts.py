@@ -285,8 +285,10 @@ def test_esphome_state_topic_in_any_topic_prefix_with_the_unit_from_the_inventor
     # not decoded without an inventory: any ESPHome sensor (temperature too) has such a topic
     assert [p.code for p in fmt.decode(topic, ESP, RECEIVED).problems] == ["unknown_topic"]
     dm = _devmap({"id": "pw", "device": device, "format": "esphome", "topic_prefix": prefix, "energy_unit": "Wh"})
-    assert f"{prefix}/sensor/+/state" in dm.layouts.filters()
+    assert topic in dm.layouts.filters()  # that sensor's topic alone: the node's other sensors are not heard
     assert _readings(dm, topic, ESP) == {("pw", "1.8.0"): Decimal("0.000105")}
+    other = topic.replace("firstfloor_inverter_energy_yesterday", "inverter0_power_demand")
+    assert [p.code for p in fmt.decode(other, b"190", RECEIVED, layouts=dm.layouts).problems] == ["unknown_topic"]
 
 
 # --- Home Assistant-style sensors -----------------------------------------------------------

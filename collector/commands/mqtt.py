@@ -49,6 +49,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default AMR_TIMEZONE, Europe/Moscow)")
     d.set_defaults(func=cmd_decode)
 
+    li = msub.add_parser(
+        "listen",
+        help="hear the broker for a while: every device with its family, registers and a ready inventory entry",
+        description=(
+            "Subscribe to every topic at AMR_MQTT_URL for --seconds and list each device heard: its family "
+            "and format, the registers it yields and a ready [[meter]] entry (TOML), with the topic_prefix, "
+            "topic or fields it needs when it is not set up the default way. Home Assistant discovery "
+            "configs of energy sensors become meters too. Messages it cannot place are listed with the "
+            "reason. Needs no database and no inventory; writes nothing but --toml."
+        ),
+    )
+    li.add_argument("--seconds", type=float, default=30, help="how long to listen (30); retained messages come first")
+    li.add_argument("--topic", default="#", help="topic filter to listen to (default '#': everything)")
+    li.add_argument("--toml", type=Path, default=None, help="write the inventory entries to this file too")
+    li.add_argument("--account", default="0", help="account the entries are written with (a placeholder: 0)")
+    li.add_argument("--timezone", default=None,
+                    help="zone of device clocks without an offset (default AMR_TIMEZONE, Europe/Moscow)")
+    li.set_defaults(func=cmd_listen)
+
     dr = msub.add_parser(
         "drain",
         help="send what a gateway spool holds upstream, in order, and exit when it is empty",
@@ -166,6 +185,40 @@ def cmd_decode(args: argparse.Namespace) -> int:
         if not d.values and not d.problems and not d.ignored and not d.forwarded:
             print("  no reading: the message carries no readings")
     return 0 if d.values else 1
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from amr.settings import get_settings
+    from collector.mqtt.client import broker_from_settings
+    from collector.mqtt.listen import Listener, inventory_toml, listen
+
+    settings = get_settings()
+    broker = broker_from_settings(settings)
+    if args.seconds <= 0:
+        raise UserError("--seconds: give a positive number of seconds")
+    print(f"listening to {args.topic!r} at {broker.describe()} for {args.seconds:g} s...", file=sys.stderr, flush=True)
+    try:
+        heard = listen(broker, args.seconds, f"amr-listen-{socket.gethostname()}-{os.getpid()}",
+                       Listener(args.timezone or settings.timezone), topic_filter=args.topic)
+    except ConnectionError as exc:
+        raise UserError(str(exc)) from None
+    devices, unplaced = heard.report()
+    print(f"{heard.messages} messages: {len(devices)} devices, {len(unplaced)} topics not placed, "
+          f"{heard.ignored} without counters by design")
+    for s in devices:
+        keys = "".join(f", {k} {v!r}" for k, v in s.keys.items())
+        print(f"  {s.family:13} {s.device}  registers {', '.join(sorted(s.registers))}  "
+              f"(format {s.format}, {s.messages} messages on {s.topic}{keys})")
+    for u in unplaced:
+        print(f"  not placed: {u.topic} ({u.messages} messages): {u.reason}")
+    text = inventory_toml(devices, args.account)
+    if args.toml is not None:
+        args.toml.write_text(text, encoding="utf-8")
+        print(f"inventory entries written to {args.toml}", file=sys.stderr)
+    else:
+        print()
+        print(text)
+    return 0 if devices else 1
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
