@@ -354,17 +354,35 @@ def read_param_request(address: int, param: str, *extra: int) -> bytes:
     return frame(v2_address(address), CMD["read"], RPARAM[param], *extra)
 
 
+def decimal_bytes(data: bytes) -> int:
+    """Bytes that each hold two decimal digits in binary, as Mercury writes serial numbers:
+    `28 44 00 30` -> 40680048 (webtoucher/mercury-base dec_str)."""
+    if any(b > 99 for b in data):
+        raise FrameError("decode", f"bytes {data.hex(' ')} do not each hold two decimal digits")
+    return int("".join(f"{b:02d}" for b in data))
+
+
+def to_decimal_bytes(value: int, n: int) -> bytes:
+    if not 0 <= value < 100**n:
+        raise ValueError(f"{value} does not fit {n} bytes of two decimal digits")
+    return bytes(value // 100 ** (n - 1 - i) % 100 for i in range(n))
+
+
 def transformer_reply(address: int, ku: int, ki: int) -> bytes:
-    return frame(v2_address(address), ku.to_bytes(2, "big") + ki.to_bytes(2, "big"))
+    return frame(v2_address(address), to_decimal_bytes(ku, 2) + to_decimal_bytes(ki, 2))
 
 
 def parse_transformer(payload: bytes, raw: bytes = b"") -> tuple[int, int]:
-    """(voltage ratio, current ratio) from 08 02 (2 bytes each, high first; unverified layout)."""
+    """(voltage ratio, current ratio) from 08 02: 2 bytes each of two decimal digits a byte
+    (webtoucher/mercury-base get_transformation_ratios; a ratio of 1 is `00 01`)."""
     if status_of(payload) is not None:
         parse_status(payload, raw)
     if len(payload) != 4:
         raise FrameError("decode", f"a transformer-ratio answer has 4 data bytes, not {len(payload)}", raw)
-    return int.from_bytes(payload[:2], "big"), int.from_bytes(payload[2:], "big")
+    try:
+        return decimal_bytes(payload[:2]), decimal_bytes(payload[2:])
+    except FrameError as exc:
+        raise FrameError("decode", f"transformer ratios: {exc}", raw) from None
 
 
 @dataclass(frozen=True, slots=True)

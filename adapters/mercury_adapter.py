@@ -668,5 +668,5 @@ def _parse_serial(payload: bytes, raw: bytes) -> str:
         mc.parse_status(payload, raw)
     if len(payload) < 4:
         raise mc.FrameError("decode", "a serial-number answer has at least 4 data bytes", raw)
-    return "".join(f"{b:02d}" for b in payload[:4])
+    return str(mc.decimal_bytes(payload[:4]))
 

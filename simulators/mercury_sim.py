@@ -231,8 +231,7 @@ class MercuryBus:
         if cmd == mc.CMD["read"] and len(p) >= 2:
             param = p[1]
             if param == mc.RPARAM["serial"]:
-                s = int(m.serial[-8:])
-                return mc.frame(bytes((a,)), bytes(s // 100 ** (3 - i) % 100 for i in range(4)), b"\x01\x01\x24")
+                return mc.frame(bytes((a,)), mc.to_decimal_bytes(int(m.serial[-8:]), 4), b"\x01\x01\x18")
             if param == mc.RPARAM["transformer"]:
                 return mc.transformer_reply(a, *m.transformer)
             if param == mc.RPARAM["address"]:
@@ -305,6 +304,10 @@ class MercuryBus:
             return mc.v1_energy_reply(m.address, m.v1_energy(t))
         if cmd == mc.V1["commands"]["clock"]:
             return mc.v1_clock_reply(m.address, m.clock(t))
+        if cmd == mc.V1["commands"]["serial"]:
+            return mc.v1_reply(m.address, "serial", int(m.serial[-8:]).to_bytes(4, "big"))
+        if cmd == mc.V1["commands"]["version"]:
+            return mc.v1_reply(m.address, "version", bytes((0x00, 0x08, 0x01)))  # a 206 with RS-485
         return None
 
 
