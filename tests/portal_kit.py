@@ -118,9 +118,9 @@ class Portal:
                  captcha_text: Callable[[], str] | None = lambda: CAPTCHA, **settings: Any) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.settings = Settings(database_url=database_url, portal_base_url=self.base,
-                                 portal_secure_cookies=False, smtp_url=mail.url if mail else "",
-                                 **settings)
+        self.settings = Settings(**{"database_url": database_url, "portal_base_url": self.base,
+                                    "portal_secure_cookies": False, "smtp_url": mail.url if mail else "",
+                                    **settings})
         self.app = create_app(self.settings, captcha_text=captcha_text)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                                     log_config=None, lifespan="on"))
