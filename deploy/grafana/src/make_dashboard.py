@@ -80,6 +80,9 @@ place([
 place([
     ts("Last successful read, seconds ago", [(f"time() - max by (adapter, bus) (amr_bus_last_success_timestamp_seconds{{{SEL}}})", "{{adapter}} {{bus}}")], "s"),
     ts("Meters configured", [(f"sum by (adapter) (amr_meters_configured{{{SEL}}})", "{{adapter}}")], "short", stack=True),
+    ts("Back-filled slots; clock corrections", [
+        (f"sum by (outcome) (increase(amr_backfill_slots_total{{{SEL}}}[1h]))", "back-fill {{outcome}}"),
+        (f"sum by (outcome) (increase(amr_clock_corrections_total{{{SEL}}}[1d]))", "clock {{outcome}}")], "short"),
 ], 7)
 
 row("Ingestion and database")
