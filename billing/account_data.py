@@ -304,3 +304,28 @@ def enter_readings(conn: Any, acc: str, readings: Sequence[ManualReading], setti
         codes = sorted(result.rejects_by_code) or ["conflict"]
         raise ReadingRefused("reading_rejected", f"Показание не принято ({', '.join(codes)}).", codes)
     return result.as_dict()
+
+
+# the registers a customer is asked for when the meter's inventory names none: by the plan
+PLAN_REGISTERS = {"single": ("1.8.0",), "two_zone": ("1.8.1", "1.8.2"), "three_zone": ("1.8.1", "1.8.2", "1.8.3")}
+
+
+def entry_registers(conn: Any, acc: str, plan: str) -> list[tuple[str, list[str]]]:
+    """(meter, its registers) a manual reading may be entered for: the meters in service, each with the
+    registers its inventory configures, or the plan's when it names none."""
+    rows = conn.execute("SELECT id, adapter, config FROM meter WHERE account = %s AND removed IS NULL"
+                        " ORDER BY installed NULLS FIRST, id", (acc,)).fetchall()
+    out = []
+    for meter_id, adapter, config in rows:
+        regs = configured_registers(adapter, config)
+        out.append((meter_id, sorted(regs) if regs else list(PLAN_REGISTERS.get(plan, ("1.8.0",)))))
+    return out
+
+
+def readings_since(conn: Any, acc: str, since: datetime) -> list[tuple[Any, ...]]:
+    """The latest reading of each meter register taken at or after `since` (this month's), as
+    (meter_id, register, ts, value) rows."""
+    rows: list[tuple[Any, ...]] = conn.execute(
+        "SELECT meter_id, register, ts, value FROM portal_latest_reading WHERE account = %s AND ts >= %s"
+        " ORDER BY meter_id, register", (acc, since)).fetchall()
+    return rows
