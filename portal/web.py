@@ -26,7 +26,9 @@ code against. A route module defines `router = APIRouter()` and is included by
 - `rate_limit(conn, key, limit, window_s)`: counts one attempt under `key` in the
   database (so every portal process agrees) and raises `RateLimited` ("Слишком много
   попыток, попробуйте через N мин.", a 429 page) when the window holds more than
-  `limit`. `rate_exceeded(conn, key, limit, window_s)` checks without counting.
+  `limit`. `rate_check(conn, key, limit, window_s)` raises without counting,
+  `rate_exceeded` says the seconds to wait (or None), `rate_hit` only counts,
+  `rate_clear` forgets a key.
   Keys: "<what>:<who>", like "link:user:42" or "link-ip:203.0.113.5"; `client_ip(request)`.
 - `redirect(url, flash=None)`: a 303 to a local path with an optional message for the next page.
 - `PortalError(status, title, message)`: raise it for a page that says what went wrong
@@ -334,6 +336,13 @@ def rate_limit(conn: psycopg.Connection, key: str, limit: int, window_s: int) ->
     conn.commit()
     if hits > limit:
         raise RateLimited(int(retry))
+
+
+def rate_hit(conn: psycopg.Connection, key: str, window_s: int) -> int:
+    """Count one attempt under `key` (committed at once) and return the window's count; never raises."""
+    row = conn.execute("SELECT * FROM portal_rate_hit(%s, %s)", (key, window_s)).fetchone()
+    conn.commit()
+    return int(row[0]) if row else 0
 
 
 def rate_exceeded(conn: psycopg.Connection, key: str, limit: int, window_s: int) -> int | None:
