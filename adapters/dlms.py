@@ -548,6 +548,7 @@ class DlmsAdapter:
         self._guard = threading.Lock()
         self._scalers: dict[tuple[str, bytes], cosem.ScalerUnit] = {}
         self._columns: dict[tuple[str, bytes], tuple[list[tuple[bytes, int, int]], int]] = {}
+        self.last_wire = Wire()  # the bytes of the latest exchange (benchmarks' line bound)
 
     # --- public interface ---------------------------------------------------------
 
@@ -773,6 +774,7 @@ class DlmsAdapter:
                 else:
                     session = HdlcSession(stream, client_of(meter), logical, _key(meter, "physical_address"),
                                           meter.timeout, _key(meter, "server_address_size"), wire)
+                self.last_wire = wire
                 session.connect()
                 client = Client(session, self._tz)
                 client.associate(meter.password)

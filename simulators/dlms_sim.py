@@ -346,9 +346,10 @@ class HdlcMeterLine:
         self.close()
 
     def _run(self) -> None:
-        gap = 3 * self.line.char_time
+        # byte by byte as each arrives at line rate: a meter answers on the closing flag,
+        # it does not wait for the line to fall silent
         while not self._stop.is_set():
-            data = self.line.read_until_silence(gap, 0.1)
+            data = self.line.read(1, 0.1)
             if not data:
                 continue
             for raw in self.reader.feed(data):
