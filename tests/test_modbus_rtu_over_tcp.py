@@ -51,6 +51,8 @@ class Converter:
                 client, _ = self.server.accept()
             except TimeoutError:
                 continue
+            # bytes leave the pty as the line paces them: no Nagle wait for each short piece
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with client:
                 while not self._stop.is_set():
                     ready, _, _ = select.select([client, self.line.fileno()], [], [], 0.05)
@@ -184,3 +186,40 @@ def test_the_inventory_check_wants_host_and_tcp_port_or_a_serial_port() -> None:
     (dup,) = check_modbus_meters([meter(host="10.0.0.5", tcp_port=4001),
                                   meter(id="y", host="10.0.0.5", tcp_port=4001)])
     assert "unit 1 on bus 10.0.0.5:4001 is already meter 'x'" in dup
+
+
+def test_the_gateway_scheduler_reads_a_converter_line_as_one_bus() -> None:
+    from datetime import timedelta
+
+    from collector.gateway.scheduler import Scheduler
+
+    class Sink:
+        def __init__(self) -> None:
+            self.items: list = []
+
+        def put(self, items: list) -> None:
+            self.items.extend(items)
+
+    names = ["eastron_sdm630", "carlo_gavazzi_em340", "schneider_iem3x5x"]
+    sims = [SimMeter(u, load_register_map(n), FROZEN, seed=u) for u, n in enumerate(names, start=1)]
+    with line_behind_converter(sims) as (_bus, conv):
+        ms = [converter_meter(conv.port, u, n, interval="30s", registers=("1.8.0",))
+              for u, n in enumerate(names, start=1)]
+        sink = Sink()
+
+        async def go() -> Scheduler:
+            adapter = ModbusAdapter(Settings(), clock_tolerance_s=1e9)
+            sched = Scheduler(ms, lambda m: adapter, sink, jitter_s=0)
+            await sched.run_slot(ms, datetime.now(UTC), timedelta(seconds=30))
+            await adapter.close()
+            return sched
+
+        sched = asyncio.run(go())
+    assert sorted(sched.reports[0].read) == ["c1", "c2", "c3"] and not sched.reports[0].missed
+    energy = {m.id: s.energy(FROZEN.now())["1.8.0"] for m, s in zip(ms, sims, strict=True)}
+    got = {r.meter_id: r.value for r in sink.items}
+    # each counter as its register holds it: float32 (SDM630), 0.1 kWh INT32 (EM340), Wh INT64 (iEM)
+    assert abs(got["c1"] - energy["c1"]) <= energy["c1"] * Decimal("1e-7")
+    assert got["c2"] == (energy["c2"] * 10).to_integral_value(rounding="ROUND_DOWN") / 10
+    assert got["c3"] == (energy["c3"] * 1000).to_integral_value(rounding="ROUND_DOWN") / 1000
+    assert {m.bus_name for m in ms} == {f"127.0.0.1:{conv.port}"}  # one line, one bus: read one after the other
