@@ -149,7 +149,8 @@ class Meter(BaseModel):
         default=None, ge=1, le=65535,
         description="IEC 62056 behind a transparent RS-485-to-Ethernet converter: the converter's TCP port, "
         "with `host`, instead of a serial `port` (the same bytes, no header). Mercury too (the converter must be "
-        "transparent: a Modbus TCP gateway that adds a header gets no answer).",
+        "transparent: a Modbus TCP gateway that adds a header gets no answer). Modbus RTU (`modbus_rtu`) too: "
+        "RTU frames with their CRC over the socket, meters behind one converter polled as one bus.",
     )
     clock_correction: bool = Field(
         default=False,
