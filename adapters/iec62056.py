@@ -580,6 +580,7 @@ class Iec62056Adapter:
         self._now = now or (lambda: datetime.now(UTC))
         self._ports: dict[str, serial.Serial] = {}
         self._offsets: dict[str, float] = {}  # meter id -> its clock minus ours at the last read, s
+        self._tcp_lines: set[int] = set()  # id() of the open lines that are TCP converters
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -600,6 +601,7 @@ class Iec62056Adapter:
                 except (OSError, serial.SerialException):
                     pass
             self._ports.clear()
+            self._tcp_lines.clear()
 
     def read_blocking(self, meter: IecMeter) -> list[Reading]:
         ro = self.readout(meter)
@@ -855,6 +857,10 @@ class Iec62056Adapter:
             raise PollError("timeout", f"{where}: no {what} within {timeout:g} s") from None
         wire.append((len(raw), ser.baudrate))
         msg, parity_errors = from_line(raw)
+        if parity_errors and id(ser) in self._tcp_lines and not any(b & 0x80 for b in raw):
+            # a converter whose serial side is set to 7E1 checks the parity itself and hands
+            # over 7-bit characters; one at 8N1 passes the parity bit, which is checked here
+            parity_errors = 0
         # a message that does not even start right is reported as garbage by its parser
         if parity_errors and msg[:1] in (b"/", STX, SOH, ACK, NAK):
             raise PollError("crc", f"{where}: parity error in {parity_errors} byte(s) of the {what}")
@@ -992,6 +998,7 @@ class Iec62056Adapter:
         try:
             if tcp:
                 ser = serial.serial_for_url(f"socket://{port}", timeout=1.0, write_timeout=5.0)
+                self._tcp_lines.add(id(ser))
             else:
                 ser = serial.Serial(port, DEFAULT_INITIAL_BAUD, timeout=1.0, write_timeout=5.0)
         except (OSError, serial.SerialException) as exc:
@@ -1005,6 +1012,7 @@ class Iec62056Adapter:
         with self._guard:
             ser = self._ports.pop(port, None)
         if ser is not None:
+            self._tcp_lines.discard(id(ser))
             try:
                 ser.close()
             except (OSError, serial.SerialException):

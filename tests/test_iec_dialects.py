@@ -213,9 +213,14 @@ def test_profile_and_clock_correction_against_the_simulator() -> None:
 
 
 @contextmanager
-def tcp_to_pty_bridge(device: str) -> Iterator[int]:
+def tcp_to_pty_bridge(device: str, seven_bit: bool = False) -> Iterator[int]:
     """A transparent RS-485-to-Ethernet converter of our own: one TCP client at a time, its
-    bytes copied to the pseudo-terminal and back, unchanged (no header)."""
+    bytes copied to the pseudo-terminal and back, unchanged (no header).
+
+    seven_bit: the converter's serial side set to 7E1, so it hands the meter's 7-bit
+    characters to TCP without their parity bit (the pty carries them 8N1 with parity in
+    bit 7, as the simulator sends them).
+    """
     server = socket.create_server(("127.0.0.1", free_port()))
     port = server.getsockname()[1]
     stop = threading.Event()
@@ -239,7 +244,7 @@ def tcp_to_pty_bridge(device: str) -> Iterator[int]:
                     if line.fileno() in ready:
                         data = line.read(4096)
                         if data:
-                            client.sendall(data)
+                            client.sendall(bytes(b & 0x7F for b in data) if seven_bit else data)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -281,3 +286,39 @@ def test_converter_keys_are_checked() -> None:
     assert any("not both" in p for p in check_meter(both))
     half = Meter.model_validate({"id": "y", "account": "1", "adapter": "iec62056", "tcp_port": 4001})
     assert any("needs both" in p for p in check_meter(half))
+
+
+def test_iec_over_a_7e1_converter_which_strips_the_parity_bit() -> None:
+    adapter = Iec62056Adapter(Settings())
+    with IecLineSim([SimMeter(seed=9, dialect="energomera", manufacturer="EKT")], baudrate=9600) as sim:
+        with tcp_to_pty_bridge(sim.device, seven_bit=True) as tcp_port:
+            m = Meter.model_validate({"id": "t7", "account": "1", "adapter": "iec62056", "host": "127.0.0.1",
+                                      "tcp_port": tcp_port, "baudrate": 9600, "dialect": "energomera",
+                                      "registers": ("1.8.0", "1.8.1")})
+            readings = adapter.read_blocking(m)
+            truth = sim.meters[0].last
+            assert truth is not None
+            assert {r.register: r.value for r in readings} == {r: truth.values[r] for r in ("1.8.0", "1.8.1")}
+        adapter.close_blocking()
+
+
+def test_simulator_answers_an_independent_client() -> None:
+    """pwitab's iec62056-21 (BSD-3, a client written apart from ours) reads the simulator's
+    standard readout through a 7E1 converter: the simulator's framing and BCC are not only
+    our own understanding."""
+    from iec62056_21.client import Iec6205621Client
+
+    with IecLineSim([SimMeter(seed=10)], baudrate=9600, reaction_s=0.25) as sim:
+        with tcp_to_pty_bridge(sim.device, seven_bit=True) as tcp_port:
+            client = Iec6205621Client.with_tcp_transport(("127.0.0.1", tcp_port), device_address="")
+            client.connect()
+            try:
+                answer = client.standard_readout()
+            finally:
+                client.disconnect()
+        truth = sim.meters[0].last
+        assert truth is not None
+        got = {ds.address: ds.value for line in answer.data_block.data_lines for ds in line.data_sets}
+        assert answer.data_block.data_lines  # the client checked the BCC and parsed the block
+        assert Decimal(got["1.8.0"]) == truth.values["1.8.0"].quantize(Decimal("0.01"))
+        assert Decimal(got["2.8.0"]) == truth.values["2.8.0"].quantize(Decimal("0.01"))
