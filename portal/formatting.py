@@ -11,7 +11,7 @@ decimal comma, zones by their Russian names. Jinja filters are registered from
 from __future__ import annotations
 
 from datetime import date, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -62,7 +62,7 @@ def kwh(value: Decimal | int | str | None, places: int = 1) -> str:
 
 def number(value: Decimal | int | str, places: int = 1) -> str:
     """A decimal with no-break thousands and a decimal comma: 12345.678 -> «12 345,7»."""
-    q = Decimal(value).quantize(Decimal(1).scaleb(-places)) if places else Decimal(value).quantize(Decimal(1))
+    q = Decimal(value).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
     whole, _, frac = f"{q:,.{places}f}".partition(".")
     whole = whole.replace(",", NBSP)
     return f"{whole},{frac}" if places else whole
