@@ -213,12 +213,13 @@ def run(args: argparse.Namespace) -> Iterator[int]:
     client.loop_start()
     start = datetime.fromisoformat(args.start) if args.start else datetime.now(UTC) - timedelta(days=1)
     clock = SimClock(start, args.scale)
-    models = {n: ConsumptionModel(seed=n) for n in range(args.devices)}
+    numbers = range(args.first, args.first + args.devices)
+    models = {n: ConsumptionModel(seed=n) for n in numbers}
     rng = random.Random(args.seed)
     step = timedelta(seconds=args.interval)
     t = start
     rounds = 0
-    for topic, payload in discovery(args.format, range(args.devices), args.topic_prefix):
+    for topic, payload in discovery(args.format, numbers, args.topic_prefix):
         client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
     try:
         while args.rounds == 0 or rounds < args.rounds:
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> Iterator[int]:
                 time.sleep(min(1.0, clock.wall_seconds(t - now)))
                 continue
             sent = 0
-            for topic, payload in messages(args.format, range(args.devices), t, models, args.batch,
+            for topic, payload in messages(args.format, numbers, t, models, args.batch,
                                            prefix=args.topic_prefix, fulltopic=args.fulltopic):
                 if args.faults and rng.random() < args.faults:
                     topic, payload = rng.choice(MALFORMED)
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the broker")
     p.add_argument("--format", choices=FORMATS, default="amr")
     p.add_argument("--devices", type=int, default=10, help="number of simulated devices")
+    p.add_argument("--first", type=int, default=0, help="number of the first simulated device (0)")
     p.add_argument("--interval", type=float, default=1800, help="simulated seconds between publications")
     p.add_argument("--scale", type=float, default=1440, help="simulated seconds per wall second")
     p.add_argument("--start", default=None, help="simulated start time, ISO 8601 with offset (default: a day ago)")
