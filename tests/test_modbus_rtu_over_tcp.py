@@ -223,3 +223,11 @@ def test_the_gateway_scheduler_reads_a_converter_line_as_one_bus() -> None:
     assert got["c2"] == (energy["c2"] * 10).to_integral_value(rounding="ROUND_DOWN") / 10
     assert got["c3"] == (energy["c3"] * 1000).to_integral_value(rounding="ROUND_DOWN") / 1000
     assert {m.bus_name for m in ms} == {f"127.0.0.1:{conv.port}"}  # one line, one bus: read one after the other
+
+
+def test_scan_rtu_without_a_converter_host_is_a_clear_refusal(capsys) -> None:
+    from amr.cli import main
+
+    assert main(["scan", "--device", "/dev/ttyUSB9", "--rtu"]) == 2
+    err = capsys.readouterr().err
+    assert "--rtu: give the converter's --host" in err
