@@ -33,14 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
             "inventory: the tool for a device whose data does not show up. The format is detected "
             "from the topic (amr/v1/<source>/readings, tele/<device>/SENSOR, "
             "shellies/<id>/emeter/<n>/total, <id>/status/emdata:0, zigbee2mqtt/<device>) unless "
-            "--format is given. The device id printed is what goes into the inventory "
-            "([[meter]] adapter = \"mqtt\", device = \"...\"). Exit status 1 when the message "
+            "--format is given: then any topic that ends like the family's pattern is taken, whatever "
+            "its prefix (a custom Tasmota FullTopic, Zigbee2MQTT base_topic or Shelly topic prefix; "
+            "ESPHome <prefix>/sensor/<name>/state). The device id printed is what goes into the "
+            "inventory ([[meter]] adapter = \"mqtt\", device = \"...\", and topic_prefix or topic "
+            "for a layout of its own; amr mqtt listen writes these). Exit status 1 when the message "
             "yields no reading."
         ),
     )
     d.add_argument("topic", help="the MQTT topic, like tele/plug-7/SENSOR")
     d.add_argument("payload", help="the payload text; '-' reads it from standard input, @FILE from a file")
-    d.add_argument("--format", choices=_FORMATS, help="payload family, when the topic does not tell")
+    d.add_argument("--format", choices=_FORMATS,
+                   help="payload family, when the topic is not in its default layout (any prefix is then taken)")
     d.add_argument("--json", action="store_true",
                    help="one JSON object per reading: device, register, ts, value (kWh); "
                         "problems as objects with code and reason")
