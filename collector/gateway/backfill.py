@@ -24,14 +24,20 @@ so no slot is read twice and the bus is never held long by one meter.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 
 from adapters import quality
 from adapters.base import ProfileSlot
 from adapters.reading import Reading
+
+log = logging.getLogger("amr.scheduler")
 
 _KWH_PER_WH = Decimal("0.001")
 
@@ -105,3 +111,56 @@ def derive(
         else:
             gap.anchors[register] = (t, cum)
     return out
+
+
+class BackfillStore:
+    """Where a gateway keeps, across restarts, each meter's last reading on the slot grid and
+    the gaps still to read back: a reboot of the gateway is an outage like any other.
+
+    A small JSON file, replaced whole (written beside, then renamed), so a crash
+    mid-write leaves the old one. A file that cannot be read is logged and
+    ignored: back-fill is an improvement, never a reason not to poll.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, tuple[datetime | None, list[Gap]]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("back-fill state %s is unreadable (%s): starting without it", self.path, exc)
+            return {}
+        out: dict[str, tuple[datetime | None, list[Gap]]] = {}
+        try:
+            for mid, entry in data.get("meters", {}).items():
+                last = datetime.fromisoformat(entry["last_read"]) if entry.get("last_read") else None
+                gaps = [
+                    Gap(datetime.fromisoformat(g["after"]),
+                        {reg: (datetime.fromisoformat(ts), Decimal(v)) for reg, (ts, v) in g["anchors"].items()},
+                        int(g.get("attempts", 0)))
+                    for g in entry.get("gaps", [])
+                ]
+                out[str(mid)] = (last, gaps)
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            log.warning("back-fill state %s does not parse (%s): starting without it", self.path, exc)
+            return {}
+        return out
+
+    def save(self, states: dict[str, tuple[datetime | None, list[Gap]]]) -> None:
+        data = {"meters": {
+            mid: {"last_read": last.isoformat() if last else None,
+                  "gaps": [{"after": g.after.isoformat(), "attempts": g.attempts,
+                            "anchors": {reg: [ts.isoformat(), str(v)] for reg, (ts, v) in g.anchors.items()}}
+                           for g in gaps]}
+            for mid, (last, gaps) in states.items() if last is not None or gaps
+        }}
+        tmp = self.path.with_name(self.path.name + ".new")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("back-fill state %s not written (%s): a restart would forget open gaps", self.path, exc)

@@ -228,7 +228,9 @@ async def run_gateway(
     config = config or load_gateway_config(inventory_path)
     meters = [m for m in config.meters.values() if m.adapter in POLLED_ADAPTERS and m.removed is None]
     adapters = Adapters(settings, Path(inventory_path).resolve().parent, config.presets)
-    sched = Scheduler(meters, adapters, sink, **{"timezone": settings.timezone, **(scheduler_options or {})})
+    # a spooling gateway keeps its back-fill positions beside its spool, so a reboot is back-filled too
+    keep = {"backfill_state": settings.spool_path.with_name("backfill-state.json")} if isinstance(sink, SpoolSink) else {}
+    sched = Scheduler(meters, adapters, sink, **{"timezone": settings.timezone, **keep, **(scheduler_options or {})})
     if on_scheduler:
         on_scheduler(sched)
     stop = stop or asyncio.Event()

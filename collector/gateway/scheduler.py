@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -52,7 +53,7 @@ from adapters import quality
 from adapters.base import AnyMeter, PollError, PollingAdapter
 from adapters.reading import Reading, Rejected
 from amr import metrics
-from collector.gateway.backfill import Gap, derive
+from collector.gateway.backfill import BackfillStore, Gap, derive
 
 log = logging.getLogger("amr.scheduler")
 
@@ -212,6 +213,7 @@ class Scheduler:
         snap_s: float = 10.0,
         now: Callable[[], datetime] | None = None,
         timezone: str | tzinfo = UTC,
+        backfill_state: Path | str | None = None,
     ) -> None:
         self.meters = list(meters)
         self.adapter_for = adapter_for
@@ -233,6 +235,12 @@ class Scheduler:
         self._refused: list[Rejected] = []  # undecodable answers, for rejected_reading
         self.max_unsent = 1_000_000
         self.clock_correct_above_s = 5.0  # a clock this close to ours is left alone
+        # each meter's last slot-grid reading and open gaps, kept across restarts when given a file
+        self._backfill_store = BackfillStore(Path(backfill_state)) if backfill_state is not None else None
+        self._backfill_dirty = False
+        if self._backfill_store is not None:
+            for mid, (last, gaps) in self._backfill_store.load().items():
+                self.state[mid].last_read, self.state[mid].gaps = last, gaps
 
     def _metric(self, metric: _Metric, *labels: str) -> _Metric:
         """A labelled child, looked up once: labels() is costly at a thousand reads a second."""
@@ -365,6 +373,7 @@ class Scheduler:
         if tasks:
             await asyncio.gather(*tasks)
         await self._flush(run.pending)
+        self._save_backfill()
 
     def _due(self, run: _SlotRun, lane: list[ScheduledMeter], mono: float) -> list[ScheduledMeter]:
         return [m for m in lane if m.id not in run.done and not self._backed_off(m, mono)]
@@ -422,7 +431,10 @@ class Scheduler:
         st = self.state[meter.id]
         ts = got[0].ts
         step = meter.interval.total_seconds()
-        if ts.timestamp() % step == 0:
+        if quality.CLOCK_SKEW in got[0].quality:
+            pass  # the profile is stamped by the meter's clock, which is off: its slots would land wrong
+        elif ts.timestamp() % step == 0:
+            self._backfill_dirty = True
             if st.last_read is not None and ts - st.last_read > meter.interval:
                 st.gaps.append(Gap(st.last_read, {r.register: (r.ts, r.value) for r in got if r.ts == ts}))
                 del st.gaps[:-16]  # a meter that keeps dropping out: its oldest gaps stay estimated
@@ -456,7 +468,16 @@ class Scheduler:
                      "" if gap.done else "; more next cycle",
                      extra={"meter": meter.id, "bus": bus})
         st.gaps = [g for g in st.gaps if not g.done]
+        if out:
+            self._backfill_dirty = True
         return out
+
+    def _save_backfill(self) -> None:
+        """Keep the slot-grid positions and open gaps for a restart (once a pass, when they moved)."""
+        if self._backfill_store is None or not self._backfill_dirty:
+            return
+        self._backfill_dirty = False
+        self._backfill_store.save({mid: (st.last_read, st.gaps) for mid, st in self.state.items()})
 
     async def _correct_clock(self, meter: ScheduledMeter) -> None:
         """Move a meter's clock toward ours within its protocol's daily step, at most once a day.
