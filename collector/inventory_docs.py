@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from collector.inventory import Meter, Subscriber
+from collector.inventory import Meter, MqttLayout, Subscriber
 
 REGENERATE = "scripts/docs"  # which runs: .venv/bin/python -m collector.inventory_docs > docs/inventory.md
 
@@ -86,6 +86,8 @@ installed = "2026-01-01T00:00:00+03:00"
 _SECTIONS: tuple[tuple[str, type[BaseModel], str], ...] = (
     ("subscriber", Subscriber, "One per account."),
     ("meter", Meter, "One per meter; a subscriber may have several."),
+    ("mqtt_layout", MqttLayout, "Optional: an MQTT family's topic layout for every device of the file, with "
+     "`topic_prefix` or `topic` (one of them); a meter's own keys come first, the family's default stays heard."),
 )
 
 _SCALARS: dict[Any, str] = {
