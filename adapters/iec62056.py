@@ -227,7 +227,9 @@ DIALECTS: dict[str, Dialect] = {
     # Neva MT 1xx/3xx (Taipit): the standard's XOR check; a command is the OBIS code C.D.E.F as
     # 8 hex digits, 0F0880FF = 15.8.0*255 total active energy, answering (total,T1,T2,T3,T4) in one
     # pair of brackets; 000902FF the date, 000901FF the time; password 00000000 (METERS.md §3,
-    # after wirenboard/wb-mqtt-serial neva_device.cpp, facts only)
+    # after wirenboard/wb-mqtt-serial neva_device.cpp, facts only; frames as in nnemirovsky/pyneva's
+    # tests). The date and time answers' layout is not confirmed by a Neva dump: YYMMDD and
+    # hhmmss (with or without separators) are taken, as the standard prints 0.9.2 and 0.9.1
     "neva": Dialect(
         bcc, "1", "00000000", (("0F0880FF()", _TARIFFS5[:5]),), ("000902FF", "000901FF"),
         answer=values_in_one_bracket,

@@ -83,6 +83,22 @@ def test_energomera_spodes_archive_request_and_answer_from_a_published_log() -> 
     assert DIALECTS["energomera_spodes"].answer is values_of_archive
 
 
+def test_neva_frames_published_by_an_independent_client() -> None:
+    """Neva MT frames from nnemirovsky/pyneva tests/test_tools.py (a Neva MT 3xx library):
+    a read of OBIS 60.01.00*FF as the hex command `600100FF()`, the password `(00000000)`,
+    and the meter's answers, each with the standard's XOR block check."""
+    neva = DIALECTS["neva"]
+    assert command_message("R1", "600100FF()", neva.bcc) == b"\x01R1\x02600100FF()\x03d"
+    assert command_message("P1", "(00000000)", neva.bcc) == b"\x01P1\x02(00000000)\x03a"
+    assert command_message("P1", f"({neva.default_password})", neva.bcc) == b"\x01P1\x02(00000000)\x03a"
+    _, data = parse_frame(b"\x020F0680FF(04.8190,04.8457,02.5359,00.0000,00.0000)\x03R", neva.bcc)
+    assert neva.answer(data) == (["04.8190", "04.8457", "02.5359", "00.0000", "00.0000"], None)
+    _, serial_no = parse_frame(b"\x02600100FF(60089784)\x03\x09", neva.bcc)
+    assert neva.answer(serial_no) == (["60089784"], None)
+    with pytest.raises(ValueError, match="BCC"):
+        parse_frame(b"\x02600100FF(60089784)\x03\x09", bcc_sum7)  # not Energomera's sum
+
+
 def test_neva_values_in_one_bracket() -> None:
     """Neva MT: `0F0880FF()` answers (total,T1,T2,T3,T4) in one pair of brackets
     (../shared/METERS.md §3, from wirenboard/wb-mqtt-serial neva_device.cpp; no published
