@@ -458,8 +458,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wh", action="store_true", help="print energies in Wh instead of kWh")
     p.add_argument(
         "--dialect", choices=sorted(DIALECTS), default="standard",
-        help="energomera: programming mode with password 777777 and ET0PE()/DATE_()/TIME_()",
+        help="energomera: programming mode with password 777777 and ET0PE()/DATE_()/TIME_(); "
+        "energomera_spodes: EMD01 day-start archive; neva: hex OBIS commands, XOR check",
     )
+    p.add_argument("--clock-offset", type=float, default=0.0, metavar="SECONDS",
+                   help="the meters' clocks stand this far from true time (Energomera: CTIME corrects it)")
+    p.add_argument("--missing-profile", action="append", default=[], metavar="ISO",
+                   help="a 30-minute load-profile slot (its start) whose record is broken; repeatable")
     p.add_argument(
         "--fault", action="append", default=[], metavar="ADDRESS=FAULT",
         help=f"inject a fault into one meter; faults: {', '.join(FAULTS)}",
@@ -483,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     meters = [
         SimMeter(address=a, serial_number=f"{i + 1:08d}", seed=args.seed + i,
                  max_baud=args.max_baud, in_wh=args.wh, dialect=args.dialect,
-                 manufacturer="EKT" if args.dialect == "energomera" else "AMR")
+                 manufacturer="EKT" if args.dialect.startswith("energomera") else "AMR",
+                 clock_offset_s=args.clock_offset,
+                 missing_profile={datetime.fromisoformat(t).astimezone(UTC) for t in args.missing_profile})
         for i, a in enumerate(addresses)
     ]
     sim = IecLineSim(meters, args.baud, SimClock(start, args.scale), args.reaction)
