@@ -57,6 +57,10 @@ DEFAULT_BAUD = 9600
 DEFAULT_TCP_PORT = 4059  # IANA dlms/cosem
 CLASS_DATA, CLASS_REGISTER, CLASS_PROFILE, CLASS_CLOCK = 1, 3, 7, 8
 SHIFT_TIME_LIMIT_S = 900  # clock method 6 shifts by at most ±900 s
+# the gateway's daily correction step for SPODES meters (clock_correction = true): a reader's
+# shift_time of at most 30 s a day, the limit Russian supplier practice quotes for a synchronisation
+# without a configurator session (unverified against the standard's text)
+DAILY_CLOCK_STEP_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -549,6 +553,7 @@ class DlmsAdapter:
         self._scalers: dict[tuple[str, bytes], cosem.ScalerUnit] = {}
         self._columns: dict[tuple[str, bytes], tuple[list[tuple[bytes, int, int]], int]] = {}
         self.last_wire = Wire()  # the bytes of the latest exchange (benchmarks' line bound)
+        self._offsets: dict[str, float] = {}
 
     # --- public interface ---------------------------------------------------------
 
@@ -569,6 +574,14 @@ class DlmsAdapter:
 
     async def close(self) -> None:
         self.close_blocking()
+
+    def clock_offset(self, meter: DlmsMeter) -> float | None:
+        """The meter's clock minus ours at its last read, in seconds (None: not read yet)."""
+        return self._offsets.get(meter.id)
+
+    def clock_step_limit(self, meter: DlmsMeter) -> float | None:
+        """The largest correction the gateway makes in a day (`DAILY_CLOCK_STEP_S`)."""
+        return DAILY_CLOCK_STEP_S
 
     def close_blocking(self) -> None:
         with self._guard:
@@ -613,6 +626,7 @@ class DlmsAdapter:
                 units[reg] = "k" + su.unit_text
             polled_at = self._now()
             meter_time = client.clock()
+            self._offsets[meter.id] = (meter_time - polled_at).total_seconds()
         return Poll(values, units, meter_time, polled_at, wire)
 
     def read_profile_blocking(self, meter: DlmsMeter, start: datetime, end: datetime, limit: int) -> list[ProfileSlot]:
