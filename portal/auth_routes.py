@@ -11,6 +11,7 @@ action, the user's id and the address.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Annotated
 
@@ -139,8 +140,13 @@ def confirm(request: Request, t: Field = "") -> Response:
 
 # --- login and logout ---------------------------------------------------------------------------------
 
+def _who(name: str) -> str:
+    """A typed login or address as a counter's key: hashed, since people type passwords there too."""
+    return hashlib.sha256(name.lower().encode("utf-8")).hexdigest()[:32]
+
+
 def _login_keys(login: str, ip: str) -> list[tuple[str, int, int]]:
-    return [(f"{prefix}:{login if prefix == 'login' else ip}", limit, window)
+    return [(f"{prefix}:{_who(login) if prefix == 'login' else ip}", limit, window)
             for prefix, limit, window in users.LOGIN_LIMITS]
 
 
@@ -231,7 +237,7 @@ def reset_request(request: Request, name: Field = "") -> Response:
     with db(request) as conn:
         web.rate_limit(conn, f"reset-ip:{client_ip(request)}", *RESET_PER_IP)
         if name:
-            web.rate_limit(conn, f"reset:{name.lower()}", *RESET_PER_NAME)
+            web.rate_limit(conn, f"reset:{_who(name)}", *RESET_PER_NAME)
             for account in users.by_login_or_email(conn, name):
                 token = users.issue_token(conn, "reset_password", account.id, account.email)
                 web.audit(conn, account.id, "password_reset_requested", {}, request)

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
+from tests.conftest import free_port
+from tests.daemons import Daemon
 from tests.portal_kit import (
     CAPTCHA,
     PASSWORD,
@@ -269,3 +276,26 @@ def test_pages_work_without_javascript(portal: Portal, mail: MailServer) -> None
     css = anon.get("/static/portal.css")
     assert css.status_code == 200 and "text/css" in css.headers["content-type"]
     assert "http" not in css.text  # nothing from the internet
+
+
+def test_amr_portal_serves_the_pages(db_url: str, mail: MailServer, tmp_path: Path) -> None:
+    """`amr portal` as a process: it serves the login page; insecure cookies off loopback are refused."""
+    port = free_port()
+    env = {"AMR_DATABASE_URL": db_url, "AMR_PORTAL_BASE_URL": f"http://127.0.0.1:{port}",
+           "AMR_PORTAL_SECURE_COOKIES": "false", "AMR_SMTP_URL": mail.url, "AMR_LOG_FORMAT": "text"}
+    d = Daemon([sys.executable, "-m", "amr.cli", "portal", "--port", str(port)], env, tmp_path / "portal.log")
+    try:
+        def page() -> httpx.Response | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/login", timeout=2)
+            except httpx.HTTPError:
+                return None
+        r = d.until(page, "the login page")
+        assert isinstance(r, httpx.Response) and r.status_code == 200 and "Вход в личный кабинет" in r.text
+    finally:
+        log = d.stop()
+    assert "serving the customer account" in log
+    refused = subprocess.run([sys.executable, "-m", "amr.cli", "portal"], capture_output=True, text=True,
+                             env={**{k: v for k, v in os.environ.items() if not k.startswith("AMR_")},
+                                  **env, "AMR_PORTAL_BASE_URL": "http://portal.example.ru"}, timeout=60)
+    assert refused.returncode == 2 and "AMR_PORTAL_SECURE_COOKIES=false is for http://127.0.0.1" in refused.stderr

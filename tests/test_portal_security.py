@@ -101,10 +101,13 @@ def test_forged_or_missing_csrf_token_refused_on_every_form(portal: Portal, mail
     assert v.post("/logout-all", fields).status_code == 303  # and the real form works
 
 
-def test_brute_force_on_login_throttled_per_login(portal: Portal, mail: MailServer, restricted: str) -> None:
+def test_brute_force_on_login_throttled_per_login(portal: Portal, mail: MailServer, restricted: str,
+                                                  conn: psycopg.Connection) -> None:
     _user(portal, mail)
     for _ in range(5):
         assert portal.visitor().login("ivanov", "guess guess").status_code == 401
+    keys = " ".join(r[0] for r in conn.execute("SELECT key FROM portal_rate_counter").fetchall())
+    assert "login:" in keys and "ivanov" not in keys  # what was typed is kept hashed
     blocked = portal.visitor().login("ivanov")  # even the right password, while locked
     assert blocked.status_code == 429 and THROTTLED.search(blocked.text)
     assert 0 < int(blocked.headers["Retry-After"]) <= 15 * 60
