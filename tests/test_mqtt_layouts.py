@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -204,6 +205,22 @@ def test_shelly_gen2_switch_status_and_rpc_in_any_prefix(prefix):
     assert quiet.ignored and not quiet.problems
 
 
+@pytest.mark.parametrize("levels", ["", "home/", "haus/keller/shellies/"])  # before the device id
+@pytest.mark.parametrize(("component", "payload", "want"), [
+    ("pm1:0", PM1, {"1.8.0": Decimal("0.012948")}),
+    ("em1data:1", EM1DATA, {"1.8.0": Decimal("9.67154"), "2.8.0": Decimal("2.59526")}),
+    ("emdata:0", EMDATA, {"1.8.0": Decimal("3.5"), "2.8.0": Decimal("0.01")}),
+])
+def test_shelly_meter_components_in_default_and_custom_prefixes(levels, component, payload, want):
+    prefix = f"{levels}shellypro-08f9e0e67204"
+    device = f"{prefix}/{component.split(':')[1]}"
+    topic = f"{prefix}/status/{component}"
+    assert _values(fmt.decode(topic, payload, RECEIVED, family="shelly")) == {(device, r): v for r, v in want.items()}
+    meter = {"id": "m", "device": device, "format": "shelly"}
+    dm = _devmap({**meter, "topic_prefix": prefix} if levels else meter)
+    assert _readings(dm, topic, payload) == {("m", r): v for r, v in want.items()}
+
+
 def test_shelly_pm1_em1data_emdata_in_watt_hours_and_em_power_only():
     assert _values(fmt.decode("shellypmmini-6055f999dfd4/status/pm1:0", PM1, RECEIVED)) == {
         ("shellypmmini-6055f999dfd4/0", "1.8.0"): Decimal("0.012948")}
@@ -359,3 +376,42 @@ def _cli(argv: list[str]) -> int:
     mqtt_cmd.register(p.add_subparsers())
     args = p.parse_args(argv)
     return args.func(args)
+
+
+# --- amr mqtt listen's placing, on the same captured payloads ---------------------------------
+
+
+def test_listener_places_captured_payloads_and_writes_entries_that_decode_them():
+    from collector.mqtt.listen import Listener, inventory_toml
+
+    heard = [("tele/D1-HAIER-POW/SENSOR", TARIFF), (HA_TOPIC, HA_PAYLOAD), (TELEINFO_TOPIC, TELEINFO),
+             ("zaehler/lesekopf/tele/SENSOR", SML), ("home/garage/plug1/status/switch:0", SWITCH),
+             ("home/garage/plug1/events/rpc", RPC_2PM), ("shellies/shellies/shellyem-123456789012/emeter/0/total", GEN1),
+             ("zigbee2mqttcc1352/z1", Z1), ("home/attic/sensor/total_energy/state", b"12.5"), (ESP_TOPIC, ESP),
+             ("shellyproem50-08f9e0e67204/status/em1:1", EM1), ("energy/solar", GROWATT)]
+    growatt = {"name": "Growatt.PV1EnergyTotal", "uniq_id": "mqtt_growatt_pv1energytotal", "stat_t": "energy/solar",
+               "unit_of_meas": "kWh", "stat_cla": "total_increasing", "dev_cla": "energy",
+               "val_tpl": "{{ value_json.PV1EnergyTotal|float }}"}
+    listener = Listener()
+    listener.feed("homeassistant/sensor/growatt/pv1/config", json.dumps(growatt).encode())
+    listener.feed("homeassistant/sensor/shellyem3-abc-1/total/config", json.dumps(HA_CONFIG).encode())
+    for topic, payload in heard:
+        listener.feed(topic, payload)
+    devices, unplaced = listener.report()
+    got = {s.device: s for s in devices}
+    assert set(got) == {"D1-HAIER-POW", "tasmota_49A3BC", "denky_D6C0C0", "lesekopf", "home/garage/plug1/0",
+                        "shellyem-123456789012/0", "z1", "home/attic/total_energy", "mqtt_growatt_pv1energytotal"}
+    assert got["mqtt_growatt_pv1energytotal"].keys == {"topic": "energy/solar", "energy_unit": "kWh",
+                                                        "fields": {"PV1EnergyTotal": "1.8.0"}}
+    assert got["lesekopf"].keys["fields"] == {".Total_in": "1.8.0", ".Total_out": "2.8.0"}
+    assert got["home/garage/plug1/0"].registers == {"1.8.0", "2.8.0"}  # status and RPC events: one device
+    assert [u.topic for u in unplaced] == [ESP_TOPIC] and "daily" in unplaced[0].reason  # a daily counter
+    inv = parse_inventory(tomllib.loads(inventory_toml(devices)))
+    dm = fmt.DeviceMap(inv.meters.values())
+    assert dm.warnings == []
+    for topic, payload in heard:
+        d = fmt.decode(topic, payload, RECEIVED, layouts=dm.layouts)
+        if d.ignored or topic == ESP_TOPIC:
+            continue
+        items = fmt.to_items(d, payload, dm)
+        assert items and all(isinstance(i, Reading) for i in items), (topic, items)
