@@ -117,7 +117,7 @@ def _moscow(value: datetime) -> datetime:
 
 FILTERS = {
     "money": money, "kwh": kwh, "number": number, "day": day, "moment": moment, "month": month,
-    "zone": zone, "amount_field": amount_field,
+    "zone": zone, "amount_field": amount_field, "iso_day": lambda v: day(date.fromisoformat(v)) if v else "—",
     "metering": lambda v: label(METERING, v), "plan": lambda v: label(PLANS, v),
     "bill_method": lambda v: label(BILL_METHODS, v), "payment_state": lambda v: label(PAYMENT_STATES, v),
     "payment_source": lambda v: label(PAYMENT_SOURCES, v), "ledger_kind": lambda v: label(LEDGER_KINDS, v),

@@ -73,6 +73,8 @@ def seed(conn: psycopg.Connection) -> None:
                  " ('m-456', '1.8.0', %s, 1000)", (datetime.now(UTC) - timedelta(days=40),))
     conn.commit()
     bill_period(conn, OCT)
+    add_usage(conn, "m-123", date(2026, 10, 30), night="1.5")  # late data: October's bill gets version 2
+    assert bill_period(conn, OCT).new_versions == 1
     # payments: 123's last one came through a bank 5 days ago, so its proof is the card payment before it
     ledger.book_payment(conn, "123", TODAY - timedelta(days=30), energy=Decimal("1400.00"),
                         penalty=Decimal("100.00"), key="card:sim:old-1", source="card sim", reason="t",
@@ -233,7 +235,7 @@ def test_account_page_has_zone_chart_table_balance_due_date(linked) -> None:
     assert 'class="zone-night"' in svg and 'class="zone-peak"' in svg and 'class="zone-half_peak"' in svg
     assert "10.2026" in svg  # an axis label
     table = re.search(r'<table id="monthly-table">.*?</table>', t, re.S).group(0)
-    assert "октябрь 2026" in table and "15,0" in table  # night 10 + 5
+    assert "октябрь 2026" in table and "16,5" in table  # night 10 + 5 + 1.5
     assert 'data-metering="amr"' in t
     assert re.search(r'id="balance-energy".*?₽', t, re.S)
     assert "Переплата за электроэнергию не засчитывается в оплату пеней" in t
@@ -255,6 +257,9 @@ def test_bill_page_and_pdf(linked) -> None:
     page = alice.get("/accounts/123/bills/2026-10")
     assert page.status_code == 200, page.text
     assert 'id="bill-versions"' in page.text and 'id="bill-lines"' in page.text
+    v2 = re.search(r'<article class="version" id="bill-version-2">.*?</article>', page.text, re.S).group(0)
+    assert "Что изменилось" in v2 and "ночь" in v2 and "15,000" in v2 and "16,500" in v2
+    assert 'id="bill-version-1"' in page.text
     pdf = alice.get("/accounts/123/bills/2026-10/pdf")
     assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
     text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.content)).pages)
@@ -262,6 +267,7 @@ def test_bill_page_and_pdf(linked) -> None:
     assert "октябрь 2026" in text and "123" in text
     assert "15.11.2026" in text
     assert "ночь" in text and "пик" in text
+    assert "Версии счёта" in text  # both versions listed, with their reasons
 
 
 # --- readings --------------------------------------------------------------------------------
@@ -284,6 +290,22 @@ def test_manual_reading_accepted_and_refused_with_russian_reason(linked, conn) -
     assert 'data-result="refused"' in r.text
     assert "показание меньше переданного ранее" in r.text
     assert audit_actions(conn, uid)[-2:] == ["reading_entered", "reading_refused"]
+
+
+def test_a_correction_in_the_same_month_is_taken_and_shown(linked, conn) -> None:
+    alice = linked["alice"][1]
+    # a reading taken yesterday, then the corrected one today (both go through the same checks; a
+    # correction is a later reading, so it may not be below the one it corrects)
+    for value, day in (("1100", TODAY - timedelta(days=1)), ("1102,25", TODAY)):
+        r = post_form(alice, "/accounts/456/readings", "/accounts/456/readings",
+                      {"meter": "m-456", "value_1.8.0": value, "date": day.isoformat()})
+        assert 'data-result="accepted"' in r.text, r.text
+    page = alice.get("/accounts/456/readings")
+    assert "Предыдущее: 1\u00a0102,25" in page.text
+    account = alice.get("/accounts/456")
+    assert 'id="readings-counted"' in account.text and "1\u00a0102,25" in account.text
+    assert conn.execute("SELECT count(*) FROM reading WHERE meter_id = 'm-456' AND source = 'portal'"
+                        ).fetchone()[0] == 2
 
 
 def test_automated_account_has_no_form_and_refuses_the_post(linked, conn) -> None:
@@ -375,6 +397,23 @@ def test_pay_through_the_provider_and_print_the_receipt(linked, conn) -> None:
     assert "Квитанция об оплате" in text
     assert "250,50" in text and "alice@example.ru" in text and "Тестовый поставщик" in text
     assert "payment_started" in audit_actions(conn, uid)
+
+
+def test_a_declined_payment_shows_its_status_and_has_no_receipt(linked, portal, conn) -> None:
+    alice = linked["alice"][1]
+    portal.sim.set_behaviour("fail")
+    form = alice.get("/accounts/456/pay")
+    r = alice.post("/accounts/456/pay", data={"csrf_token": csrf(form), "energy": "10", "penalty": "",
+                                              "contact": "phone", "phone": "8 900 123-45-67"})
+    assert r.status_code == 303
+    httpx.get(r.headers["location"], timeout=10)
+    pid = conn.execute("SELECT id FROM card_payment WHERE account = '456'").fetchone()[0]
+    conn.commit()
+    page = alice.get(f"/accounts/456/payments/{pid}")
+    assert 'data-status="failed"' in page.text and "отклонён" in page.text
+    assert "receipt.pdf" not in page.text
+    assert alice.get(f"/accounts/456/payments/{pid}/receipt.pdf").status_code == 404
+    assert conn.execute("SELECT contact FROM card_payment WHERE id = %s", (pid,)).fetchone()[0] == "+79001234567"
 
 
 def test_no_receipt_for_a_payment_not_made_in_the_account(linked) -> None:
