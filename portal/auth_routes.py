@@ -28,6 +28,7 @@ router = APIRouter()
 Field = Annotated[str, F()]
 
 REGISTER_PER_IP = (10, 3600)
+CAPTCHAS_PER_IP = (100, 600)       # registration forms shown
 RESET_PER_IP = (10, 3600)
 RESET_PER_NAME = (3, 3600)
 RESEND_PER_USER = (3, 3600)
@@ -65,6 +66,7 @@ def _with_session(response: Response, request: Request, token: str, max_age: int
 
 def _register_form(request: Request, problems: list[str], values: dict[str, str], status: int = 200) -> HTMLResponse:
     with db(request) as conn:
+        web.rate_limit(conn, f"captcha-ip:{client_ip(request)}", *CAPTCHAS_PER_IP)  # each one is a row
         challenge = captcha.new_challenge(conn, request.app.state.captcha_text)
     return render(request, "register.html", status_code=status, problems=problems, values=values,
                   captcha=challenge, licence_version=users.LICENCE_VERSION,

@@ -22,6 +22,7 @@ import httpx
 import psycopg
 import pytest
 
+from portal.mail import MailNotConfigured, parse_smtp_url
 from tests.conftest import free_port
 from tests.daemons import Daemon
 from tests.portal_kit import (
@@ -299,3 +300,31 @@ def test_amr_portal_serves_the_pages(db_url: str, mail: MailServer, tmp_path: Pa
                              env={**{k: v for k, v in os.environ.items() if not k.startswith("AMR_")},
                                   **env, "AMR_PORTAL_BASE_URL": "http://portal.example.ru"}, timeout=60)
     assert refused.returncode == 2 and "AMR_PORTAL_SECURE_COOKIES=false is for http://127.0.0.1" in refused.stderr
+
+
+def test_smtp_url_forms() -> None:
+    t = parse_smtp_url("smtp://mailer:p%40ss@mail.example.ru:587?starttls=true")
+    assert (t.host, t.port, t.user, t.password, t.starttls, t.tls) == ("mail.example.ru", 587, "mailer", "p@ss",
+                                                                       True, False)
+    assert "p@ss" not in repr(t)
+    assert parse_smtp_url("smtps://mail.example.ru").port == 465
+    for bad, says in (("", "AMR_SMTP_URL is not set"), ("http://mail.example.ru", "must be smtp://"),
+                      ("smtp://mail.example.ru:x", "port that is no number")):
+        with pytest.raises(MailNotConfigured, match=says):
+            parse_smtp_url(bad)
+
+
+def test_registration_when_the_mail_server_is_down(pg_admin_url: str, db_url: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    url, role = restricted_url(pg_admin_url, db_url)
+    p = Portal(url, None, smtp_url=f"smtp://127.0.0.1:{free_port()}")
+    try:
+        page = p.visitor().register("ivanov", "ivanov@example.ru")
+        assert page.status_code == 200 and "письмо для подтверждения адреса отправить не удалось" in page.text
+        assert "Email не подтвержден" in page.text
+        warned = [r.getMessage() for r in caplog.records if r.name == "amr.portal.auth"]
+        assert any("not sent" in m and "127.0.0.1" in m for m in warned)
+        assert not any("confirm?t=" in m for m in warned)
+    finally:
+        p.close()
+        drop_role(pg_admin_url, role)
