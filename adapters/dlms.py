@@ -612,7 +612,11 @@ class DlmsAdapter:
         phys = _key(meter, "physical_address")
         return f"dlms:{where}" + (f"/{phys}" if phys is not None else "")
 
-    def poll(self, meter: DlmsMeter, registers: Any = None) -> Poll:
+    def poll_available(self, meter: DlmsMeter, registers: Sequence[str]) -> Poll:
+        """Like `poll`, leaving out the registers the meter answers with an access error (for `amr poll`)."""
+        return self.poll(meter, registers, skip_missing=True)
+
+    def poll(self, meter: DlmsMeter, registers: Sequence[str] | None = None, skip_missing: bool = False) -> Poll:
         """Association, each register with its scaler, the clock; PollError names what failed."""
         regs = list(meter.registers if registers is None else registers)
         with self.client(meter) as (client, wire):
@@ -620,8 +624,13 @@ class DlmsAdapter:
             units: dict[str, str] = {}
             for reg in regs:
                 obis, class_id = SPEC.registers[reg]
-                su = self._scaler(meter, client, obis, class_id)
-                raw = client.get(class_id, obis, 2)
+                try:
+                    su = self._scaler(meter, client, obis, class_id)
+                    raw = client.get(class_id, obis, 2)
+                except _Fail as exc:
+                    if skip_missing and exc.outcome == "exception":
+                        continue
+                    raise
                 values[reg] = energy_kwh(raw, su, f"register {reg} ({cosem.obis_text(obis)})")
                 units[reg] = "k" + su.unit_text
             polled_at = self._now()
