@@ -272,3 +272,14 @@ def test_gateway_stores_good_meters_and_counts_the_refused_one(db_url: str, conn
     for s in (sims[0], sims[2]):
         stored = {r[1]: r[2] for r in rows if r[0] == f"dlms-{s.physical_address}"}
         assert stored == _expected(s, t0)
+
+
+def test_the_example_inventory_passes_the_gateway_check() -> None:
+    from pathlib import Path
+
+    from collector.gateway.daemon import check_inventory
+
+    inv = check_inventory(Path(__file__).resolve().parent.parent / "deploy" / "examples" / "inventory-dlms.toml")
+    assert {m.adapter for m in inv.meters.values()} == {"dlms"}
+    assert inv.meters["spodes-0003"].transport == "wrapper"
+    assert inv.meters["spodes-0001"].physical_address == 17
