@@ -61,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and format, the registers it yields and a ready [[meter]] entry (TOML), with the topic_prefix, "
             "topic or fields it needs when it is not set up the default way. Home Assistant discovery "
             "configs of energy sensors become meters too. Messages it cannot place are listed with the "
-            "reason. Needs no database and no inventory; writes nothing but --toml."
+            "reason. Needs no database and no inventory; writes nothing but --toml. Exit status 1 when "
+            "no device was heard."
         ),
     )
     li.add_argument("--seconds", type=float, default=30, help="how long to listen (30); retained messages come first")
