@@ -201,6 +201,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     broker = broker_from_settings(settings)
     if args.seconds <= 0:
         raise UserError("--seconds: give a positive number of seconds")
+    if not args.account.isdigit():
+        raise UserError(f"--account: an account is digits, got {args.account!r}")
     print(f"listening to {args.topic!r} at {broker.describe()} for {args.seconds:g} s...", file=sys.stderr, flush=True)
     try:
         heard = listen(broker, args.seconds, f"amr-listen-{socket.gethostname()}-{os.getpid()}",
