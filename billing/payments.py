@@ -661,8 +661,9 @@ def receipt_html(r: Receipt) -> str:
 
 
 def account_payments(conn: Any, account: str) -> list[dict[str, Any]]:
-    """An account's payments for the customer, newest first: card ones and, where the registry
-    import is installed (view portal_registry_payment), those banks' registries brought.
+    """An account's payments for the customer, newest first: card ones, where the registry
+    import is installed (view portal_registry_payment) those banks' registries brought, and
+    (view portal_payment_proof) the ledger's other payments (source `other`).
 
     Each has its source (card, registry), status (a card payment's state;
     `succeeded` for a booked registry payment), amounts apart, the Moscow
@@ -678,6 +679,15 @@ def account_payments(conn: Any, account: str) -> list[dict[str, Any]]:
         rows += conn.execute(
             "SELECT id::text, 'registry', 'succeeded', energy, penalty, amount, paid_on, false,"
             " created_at FROM portal_registry_payment WHERE account = %s", (account,)).fetchall()
+    if conn.execute("SELECT to_regclass('portal_payment_proof')").fetchone()[0] is not None:
+        # the ledger's payments that came neither by card nor by a registry (a cash desk, an operator's
+        # booking; migration 021's view groups a payment's energy and penalty entries), so the history
+        # shows every source
+        rows += conn.execute(
+            "SELECT first_entry::text, 'other', 'succeeded', energy, penalty, amount, paid_on, false,"
+            " (paid_on::timestamp AT TIME ZONE 'Europe/Moscow') FROM portal_payment_proof"
+            " WHERE account = %s AND payment NOT LIKE 'card:%%' AND payment NOT LIKE 'registry:%%'",
+            (account,)).fetchall()
     rows.sort(key=lambda r: (r[6] or r[8].astimezone(MOSCOW).date(), r[8]), reverse=True)
     return [{"id": i, "source": src, "status": s, "energy": e, "penalty": pn, "amount": a, "paid_on": pd,
              "receipt": rc} for i, src, s, e, pn, a, pd, rc, _ in rows]

@@ -35,7 +35,8 @@ BILL_METHODS = {"readings": "по показаниям", "average": "по сре
                 "norm": "по нормативу (показаний не было)"}
 PAYMENT_STATES = {"created": "создан", "pending": "ожидает оплаты", "succeeded": "оплачен",
                   "failed": "отклонён", "unknown": "уточняется у банка"}
-PAYMENT_SOURCES = {"card": "картой в личном кабинете", "registry": "через банк или платёжного агента"}
+PAYMENT_SOURCES = {"card": "картой в личном кабинете", "registry": "через банк или платёжного агента",
+                   "other": "в кассе или другим способом"}
 LEDGER_KINDS = {"charge": "начисление", "payment": "оплата", "accrual": "начисление пеней",
                 "adjustment": "корректировка", "reversal": "сторно"}
 COMPONENTS = {"energy": "электроэнергия", "penalty": "пени"}

@@ -77,14 +77,22 @@ def seed(conn: psycopg.Connection) -> None:
     assert bill_period(conn, OCT).new_versions == 1
     # payments: 123's last one came through a bank 5 days ago, so its proof is the card payment before it
     ledger.book_payment(conn, "123", TODAY - timedelta(days=30), energy=Decimal("1400.00"),
-                        penalty=Decimal("100.00"), key="card:sim:old-1", source="card sim", reason="t",
+                        penalty=Decimal("100.00"), key="cash:123-1", source="cash desk", reason="t",
                         author="tests")
+    # a bank's registry payment, as billing/registry.py records and books one
+    file_id = conn.execute(
+        "INSERT INTO registry_file (name, checksum, source, layout, encoding, rows, total, booked, duplicate,"
+        " unmatched, refused, imported_by) VALUES ('r.txt', %s, 'sber', 'default', 'cp1251', 1, 700, 1, 0, 0,"
+        " 0, 'test') RETURNING id", ("0" * 64,)).fetchone()[0]
+    conn.execute("INSERT INTO registry_payment (file_id, line, source, operation_id, account, account_given,"
+                 " paid_on, energy, status) VALUES (%s, 1, 'sber', 'op-9', '123', '000123', %s, 700, 'booked')",
+                 (file_id, TODAY - timedelta(days=5)))
     ledger.book_payment(conn, "123", TODAY - timedelta(days=5), energy=Decimal("700.00"),
                         key="registry:sber:op-9", source="registry:sber", reason="t", author="tests")
     ledger.book_payment(conn, "456", TODAY - timedelta(days=20), energy=Decimal("321.09"),
                         key="cash:1", source="cash desk", reason="t", author="tests")
     ledger.book_payment(conn, "789", TODAY - timedelta(days=3), energy=Decimal("55.00"),
-                        key="card:sim:b-1", source="card sim", reason="t", author="tests")
+                        key="cash:789-1", source="cash desk", reason="t", author="tests")
     conn.commit()
 
 
@@ -390,7 +398,10 @@ def test_pay_through_the_provider_and_print_the_receipt(linked, conn) -> None:
     history = alice.get("/accounts/123/payments")
     assert 'id="payments-note"' in history.text and "задержкой" in history.text
     assert f'id="payment-card-{pid}" data-status="succeeded"' in history.text
-    assert 'id="payment-registry-' not in history.text or "через банк" in history.text
+    # every source: the card payment, the bank's registry payment, the cash desk's one
+    assert 'id="payment-registry-' in history.text and "через банк или платёжного агента" in history.text
+    assert 'id="payment-other-' in history.text and "в кассе или другим способом" in history.text
+    assert history.text.count('<tr id="payment-') == 3
     pdf = alice.get(f"/accounts/123/payments/{pid}/receipt.pdf")
     assert pdf.status_code == 200
     text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.content)).pages)
@@ -420,6 +431,7 @@ def test_no_receipt_for_a_payment_not_made_in_the_account(linked) -> None:
     bob = linked["bob"][1]
     page = bob.get("/accounts/789/payments")
     assert page.status_code == 200
+    assert 'id="payment-other-' in page.text and "55,00" in page.text  # a ledger payment of another source
     assert "receipt.pdf" not in page.text  # the card payment of the seed is no card_payment of the account
 
 

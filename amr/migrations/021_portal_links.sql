@@ -33,10 +33,14 @@ $$;
 -- The payments a proof of possession is checked against: one row per payment in the
 -- ledger (its energy and penalty entries together, by their idempotency key less the
 -- component), not reversed, with whether it came through a third party (a bank's or
--- agent's registry: key registry:...). Amounts are what was paid (above zero).
+-- agent's registry: key registry:...). Amounts are what was paid (above zero). The
+-- payment history (billing.payments.account_payments) lists the ones that came neither
+-- by card nor by a registry (a cash desk, an operator's booking) from here too.
 CREATE VIEW portal_payment_proof AS
     SELECT e.account, regexp_replace(e.idempotency_key, ':(energy|penalty)$', '') AS payment,
            min(e.booked_on) AS paid_on, -sum(e.amount) AS amount,
+           coalesce(-sum(e.amount) FILTER (WHERE e.component = 'energy'), 0) AS energy,
+           coalesce(-sum(e.amount) FILTER (WHERE e.component = 'penalty'), 0) AS penalty,
            bool_or(e.idempotency_key LIKE 'registry:%') AS third_party, min(e.id) AS first_entry
     FROM ledger_entry e
     WHERE e.kind = 'payment'
