@@ -466,78 +466,103 @@ class _FastLine:
         return Reading(meter_id, register, ts, value, self.flags, source)
 
 
-def _csv_rows(f: BinaryIO, source: str, dialect: CsvDialect | None = None) -> Iterator[Reading | Rejected]:
-    if dialect is None:
-        dialect, f = sniff_csv(f, source)
-    header = dialect.fields
-    width = len(header)
-    names = ",".join(dialect.header)
-    seen_header = False
-    fast = _FastLine.of(dialect)
-    for n, raw, too_long in _lines(f):
-        at = f"{source}#L{n}"
+class LineParser:
+    """Turns one line of a file into a Reading, a Rejected, or None (a blank line).
+
+    The unit `amr ingest`'s worker processes share: the parent reads and
+    bounds the lines (`_lines`) and skips the header, each worker parses its
+    lines here, so one line gives the same result in one process or in many.
+    """
+
+    def __init__(self, fmt: str, source: str, dialect: CsvDialect | None = None) -> None:
+        if fmt not in ("csv", "jsonl"):
+            raise UserError(f"unknown format {fmt!r}: use csv or jsonl")
+        if fmt == "csv" and dialect is None:
+            raise ValueError("a CSV LineParser needs the file's dialect (sniff_csv)")
+        self.fmt, self.source, self.dialect = fmt, source, dialect
+        self._fast = _FastLine.of(dialect) if dialect is not None else None
+        self._names = ",".join(dialect.header) if dialect is not None else ""
+
+    def parse(self, n: int, raw: bytes, too_long: bool = False) -> Reading | Rejected | None:
+        at = f"{self.source}#L{n}"
         if too_long:
-            yield Rejected(at, raw, f"line {n}: longer than {MAX_LINE} bytes", code="too_long")
-            continue
-        text = _decode(raw, n, at, dialect.encoding)
+            return Rejected(at, raw, f"line {n}: longer than {MAX_LINE} bytes", code="too_long")
+        if self.dialect is None:
+            return self._json(n, raw, at)
+        text = _decode(raw, n, at, self.dialect.encoding)
         if isinstance(text, Rejected):
-            yield text
-            continue
+            return text
         if not text.strip():
-            continue
-        if not seen_header:  # checked by sniff_csv
-            seen_header = True
-            continue
+            return None
+        return self._csv(n, raw, at, text, self.dialect)
+
+    def _csv(self, n: int, raw: bytes, at: str, text: str, dialect: CsvDialect) -> Reading | Rejected:
+        width = len(dialect.fields)
         if '"' in text:
             try:
                 cells = next(csv.reader(io.StringIO(text), delimiter=dialect.delimiter))
             except csv.Error as exc:
-                yield Rejected(at, raw, f"line {n}: not CSV ({exc})", code="parse_error")
-                continue
+                return Rejected(at, raw, f"line {n}: not CSV ({exc})", code="parse_error")
         else:  # what csv.reader gives for a line without quotes, at a fraction of its cost
             cells = text.split(dialect.delimiter)
-            if fast is not None and len(cells) == width:
-                reading = fast.reading(cells, at)
+            if self._fast is not None and len(cells) == width:
+                reading = self._fast.reading(cells, at)
                 if reading is not None:
-                    yield reading
-                    continue
+                    return reading
         if len(cells) != width:
-            yield Rejected(at, raw, f"line {n}: {len(cells)} fields, expected {width} "
-                           f"({names})", code="truncated" if len(cells) < width else "parse_error")
-            continue
-        fields = {k: v for k, v in zip(header, cells, strict=True) if k is not None}
-        yield _reading(fields, n, raw, at, dialect.decimal)
+            return Rejected(at, raw, f"line {n}: {len(cells)} fields, expected {width} "
+                            f"({self._names})", code="truncated" if len(cells) < width else "parse_error")
+        fields = {k: v for k, v in zip(dialect.fields, cells, strict=True) if k is not None}
+        return _reading(fields, n, raw, at, dialect.decimal)
 
-
-def _json_rows(f: BinaryIO, source: str) -> Iterator[Reading | Rejected]:
-    for n, raw, too_long in _lines(f):
-        at = f"{source}#L{n}"
-        if too_long:
-            yield Rejected(at, raw, f"line {n}: longer than {MAX_LINE} bytes", code="too_long")
-            continue
+    def _json(self, n: int, raw: bytes, at: str) -> Reading | Rejected | None:
         text = _decode(raw, n, at)
         if isinstance(text, Rejected):
-            yield text
-            continue
+            return text
         if not text.strip():
-            continue
+            return None
         if too_deep(text):
-            yield Rejected(at, raw, f"line {n}: JSON nested deeper than {MAX_DEPTH} levels", code="parse_error")
-            continue
+            return Rejected(at, raw, f"line {n}: JSON nested deeper than {MAX_DEPTH} levels", code="parse_error")
         try:
             obj = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=Decimal)
         except json.JSONDecodeError as exc:
-            yield Rejected(at, raw, f"line {n}: not JSON ({exc.msg} at column {exc.colno})", code="parse_error")
-            continue
+            return Rejected(at, raw, f"line {n}: not JSON ({exc.msg} at column {exc.colno})", code="parse_error")
         except (RecursionError, ValueError) as exc:  # the depth check should have caught it; a backstop
-            yield Rejected(at, raw, f"line {n}: not JSON a reading can be read from ({type(exc).__name__})",
-                           code="parse_error")
-            continue
+            return Rejected(at, raw, f"line {n}: not JSON a reading can be read from ({type(exc).__name__})",
+                            code="parse_error")
         if not isinstance(obj, dict):
-            yield Rejected(at, raw, f"line {n}: expected a JSON object with keys {', '.join(COLUMNS)}",
-                           code="parse_error")
-            continue
-        yield _reading(obj, n, raw, at)
+            return Rejected(at, raw, f"line {n}: expected a JSON object with keys {', '.join(COLUMNS)}",
+                            code="parse_error")
+        return _reading(obj, n, raw, at)
+
+
+def file_lines(f: BinaryIO, fmt: str, encoding: str = "utf-8") -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, bytes, too long) of every line a LineParser is to see.
+
+    A CSV file's header (its first line that decodes and is not blank, which
+    sniff_csv checked) is left out; lines before it go to the parser, which
+    refuses or skips them as anywhere else.
+    """
+    lines = _lines(f)
+    if fmt == "csv":
+        for n, raw, too_long in lines:
+            if not too_long:
+                try:
+                    header = raw.decode(encoding).strip() != ""
+                except UnicodeDecodeError:
+                    header = False
+                if header:
+                    break
+            yield n, raw, too_long
+    yield from lines
+
+
+def _rows(f: BinaryIO, parser: LineParser, fmt: str) -> Iterator[Reading | Rejected]:
+    encoding = parser.dialect.encoding if parser.dialect is not None else "utf-8"
+    for n, raw, too_long in file_lines(f, fmt, encoding):
+        item = parser.parse(n, raw, too_long)
+        if item is not None:
+            yield item
 
 
 def sniff_format(path: Path) -> str:
@@ -558,8 +583,6 @@ def read_file(f: BinaryIO, fmt: str, source: str, dialect: CsvDialect | None = N
     A CSV file is read with the dialect given (from `sniff_csv`, with the stream
     it returned), else with the one detected from its first bytes.
     """
-    if fmt == "csv":
-        return _csv_rows(f, source, dialect)
-    if fmt == "jsonl":
-        return _json_rows(f, source)
-    raise UserError(f"unknown format {fmt!r}: use csv or jsonl")
+    if fmt == "csv" and dialect is None:
+        dialect, f = sniff_csv(f, source)
+    return _rows(f, LineParser(fmt, source, dialect), fmt)
