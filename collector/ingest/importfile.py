@@ -436,7 +436,8 @@ class _FastLine:
         fields = dialect.fields
         if not all(fields.count(k) == 1 for k in COLUMNS):
             return None
-        return cls(*(fields.index(k) for k in COLUMNS), decimal=dialect.decimal)
+        meter, register, ts, value = (fields.index(k) for k in COLUMNS)
+        return cls(meter, register, ts, value, dialect.decimal)
 
     def reading(self, cells: list[str], source: str) -> Reading | None:
         meter_id, register = cells[self.meter].strip(), cells[self.register].strip()
