@@ -203,10 +203,20 @@ def cmd_listen(args: argparse.Namespace) -> int:
         raise UserError("--seconds: give a positive number of seconds")
     if not args.account.isdigit():
         raise UserError(f"--account: an account is digits, got {args.account!r}")
-    print(f"listening to {args.topic!r} at {broker.describe()} for {args.seconds:g} s...", file=sys.stderr, flush=True)
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())  # Ctrl-C: report what was heard so far
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+    def ready() -> None:
+        print(f"listening to {args.topic!r} at {broker.describe()} for {args.seconds:g} s (Ctrl-C stops "
+              "early and reports)...", file=sys.stderr, flush=True)
+
     try:
         heard = listen(broker, args.seconds, f"amr-listen-{socket.gethostname()}-{os.getpid()}",
-                       Listener(args.timezone or settings.timezone), topic_filter=args.topic)
+                       Listener(args.timezone or settings.timezone), topic_filter=args.topic, stop=stop,
+                       on_ready=ready)
     except ConnectionError as exc:
         raise UserError(str(exc)) from None
     devices, unplaced = heard.report()

@@ -20,6 +20,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -359,8 +360,13 @@ def _layout_keys(f: fmt.DeviceFormat, topic: str) -> dict[str, Any] | None:
 
 
 def listen(broker: Any, seconds: float, client_id: str, listener: Listener | None = None,
-           topic_filter: str = "#") -> Listener:
-    """Subscribe to `topic_filter` for `seconds` and feed every message to a Listener."""
+           topic_filter: str = "#", stop: threading.Event | None = None,
+           on_ready: Callable[[], None] | None = None) -> Listener:
+    """Subscribe to `topic_filter` for `seconds` (or until `stop` is set) and feed every message to a Listener.
+
+    `on_ready` is called once the broker confirmed the subscription: what is
+    published from then on is heard.
+    """
     from collector.mqtt.client import Connection, make_client
 
     out = listener or Listener()
@@ -368,10 +374,15 @@ def listen(broker: Any, seconds: float, client_id: str, listener: Listener | Non
     conn = Connection()
     lock = threading.Lock()
 
+    subscribed = threading.Event()
+
     def on_connect(c, userdata, flags, reason_code, properties) -> None:
         conn.on_connect(c, userdata, flags, reason_code, properties)
         if not reason_code.is_failure:
             c.subscribe(topic_filter, qos=0)
+
+    def on_subscribe(c, userdata, mid, reason_codes, properties) -> None:
+        subscribed.set()
 
     def on_message(c, userdata, msg) -> None:
         with lock:
@@ -380,12 +391,20 @@ def listen(broker: Any, seconds: float, client_id: str, listener: Listener | Non
     client.on_connect = on_connect
     client.on_disconnect = conn.on_disconnect
     client.on_message = on_message
+    client.on_subscribe = on_subscribe
+    failed = threading.Event()
+    client.on_connect_fail = lambda c, userdata: failed.set()  # refused at the TCP level: no use waiting
     client.connect_async(broker.host, broker.port, keepalive=30, clean_start=True)
     client.loop_start()
     try:
-        if not conn.up.wait(10):
+        deadline = time.monotonic() + 10
+        while not subscribed.is_set() and not failed.is_set() and time.monotonic() < deadline:
+            subscribed.wait(0.05)
+        if not subscribed.is_set():
             raise ConnectionError(f"no connection to {broker.describe()}: {conn.last_error or 'no answer'}")
-        time.sleep(seconds)
+        if on_ready is not None:
+            on_ready()
+        (stop or threading.Event()).wait(seconds)
     finally:
         client.disconnect()
         client.loop_stop()
