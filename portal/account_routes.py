@@ -145,6 +145,8 @@ def add_account(request: Request, user: CurrentUser, account: Annotated[str, For
             (f"link-ip:{web.client_ip(request)}", linking.IP_LIMIT, linking.IP_WINDOW_S)]
     with web.db(request) as conn:
         try:
+            # every attempt counts here (a right proof too), beside the wrong-proof counts below
+            web.rate_limit(conn, f"link-any:user:{user.id}", linking.ANY_LIMIT, linking.ANY_WINDOW_S)
             for key, limit, window in keys:
                 web.rate_check(conn, key, limit, window)
         except web.RateLimited:

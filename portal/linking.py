@@ -35,6 +35,8 @@ THIRD_PARTY_DAYS = 14
 USER_LIMIT, USER_WINDOW_S = 5, 15 * 60
 ACCOUNT_LIMIT, ACCOUNT_WINDOW_S = 10, 60 * 60
 IP_LIMIT, IP_WINDOW_S = 20, 60 * 60
+# every attempt of a user, right or wrong (the form is a lookup: it must not be a fast one)
+ANY_LIMIT, ANY_WINDOW_S = 30, 60 * 60
 
 WRONG_PROOF = ("Не удалось добавить лицевой счёт: проверьте номер лицевого счёта, дату и сумму последнего "
                "платежа.")
