@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--units", default="1-247", help="unit ids: '1-247', '1-10,20' (default 1-247)")
     s.add_argument("--timeout", type=float, default=0.3, help="seconds to wait for each unit")
     s.add_argument("--json", action="store_true", help="one JSON object per answering unit")
+    s.add_argument("--dlms", action="store_true",
+                   help="find DLMS/COSEM (SPODES) meters over HDLC on --device, or behind a transparent converter "
+                        "at --host/--port: each physical address in --addresses that answers SNRM and associates as "
+                        "the public client (16), with its serial number (0.0.96.1.0.255)")
+    s.add_argument("--addresses", default="16-127",
+                   help="with --dlms: HDLC physical addresses, '16-127', '17,42,100-120' (0..16383; default 16-127)")
     s.set_defaults(func=cmd_scan)
 
     g = sub.add_parser(
@@ -167,6 +173,56 @@ async def _poll_iec(meter: Meter) -> list[dict[str, Any]]:
     return out
 
 
+async def _poll_dlms(meter: Meter) -> list[dict[str, Any]]:
+    """Every energy register of the SPODES table (not only the configured ones) with the meter's clock;
+    a register the meter does not have is left out."""
+    from adapters.dlms import SPEC, DlmsAdapter
+
+    adapter = DlmsAdapter(get_settings())
+    try:
+        p = await asyncio.to_thread(adapter.poll_available, meter, tuple(SPEC.registers))
+    finally:
+        await adapter.close()
+    return [{"register": reg, "value": value, "unit": p.units[reg], "ts": p.meter_time}
+            for reg, value in p.values.items()]
+
+
+def _cmd_scan_dlms(args: argparse.Namespace) -> int:
+    from adapters.dlms import DlmsAdapter
+    from adapters.dlms import scan as scan_dlms
+
+    addresses: list[int] = []
+    for part in args.addresses.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise UserError(f"--addresses: {part!r} is not a number or a range like 16-127") from None
+        if not 0 <= a <= b <= 16383:
+            raise UserError(f"--addresses: {part!r} is outside 0..16383")
+        addresses += range(a, b + 1)
+    adapter = DlmsAdapter(get_settings())
+    try:
+        found = scan_dlms(adapter, device=args.device, host=args.host, tcp_port=args.port if args.host else None,
+                          baudrate=args.baudrate, addresses=sorted(set(addresses)), timeout=args.timeout)
+    except PollError as exc:
+        raise UserError(f"{exc.outcome}: {exc}") from None
+    finally:
+        adapter.close_blocking()
+    where = f"{args.host}:{args.port}" if args.host else f"{args.device} at {args.baudrate} baud"
+    for f in found:
+        if args.json:
+            _emit({"bus": where, "adapter": "dlms", "physical_address": f["physical_address"], "serial": f["serial"],
+                   "note": f["note"]})
+        else:
+            print(f"physical address {f['physical_address']:>5}: dlms, serial {f['serial'] or 'unknown'}"
+                  + (f" ({f['note']})" if f["note"] else ""))
+    sys.stdout.flush()
+    if not args.json:
+        print(f"{len(found)} of {len(set(addresses))} physical addresses answered on {where}", file=sys.stderr)
+    return 0
+
+
 def cmd_poll(args: argparse.Namespace) -> int:
     path = _inventory_path(args.inventory)
     inv = _checked_for(path, args.meter_id)
@@ -179,6 +235,8 @@ def cmd_poll(args: argparse.Namespace) -> int:
             rows = asyncio.run(_poll_modbus(meter, path, args.readings))
         elif meter.adapter == "iec62056":
             rows = asyncio.run(_poll_iec(meter))
+        elif meter.adapter == "dlms":
+            rows = asyncio.run(_poll_dlms(meter))
         else:
             raise UserError(f"meter {meter.id}: adapter {meter.adapter!r} is not polled (it publishes or is read by hand)")
     except PollError as exc:
@@ -281,6 +339,8 @@ async def scan(
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    if args.dlms:
+        return _cmd_scan_dlms(args)
     if args.rtu and not args.host:
         raise UserError("--rtu: give the converter's --host (and --port); on a serial --device RTU is the default")
     units = parse_units(args.units)
