@@ -350,6 +350,9 @@ class HdlcSession:
         data = bytearray()
         while True:
             frame = self._receive("answer")
+            if frame.control in (hdlc.DM, hdlc.FRMR):
+                raise _Fail("refused", "the meter dropped the link (HDLC " + ("DM" if frame.control == hdlc.DM
+                            else "FRMR") + ") instead of answering: another client on the line, or it restarted")
             if not frame.is_information:
                 raise _Fail("garbage", f"expected an I-frame answer, got control {frame.control:#04x}")
             self.nr = (frame.send_seq + 1) % 8

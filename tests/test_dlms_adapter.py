@@ -283,3 +283,16 @@ def test_the_example_inventory_passes_the_gateway_check() -> None:
     assert {m.adapter for m in inv.meters.values()} == {"dlms"}
     assert inv.meters["spodes-0003"].transport == "wrapper"
     assert inv.meters["spodes-0001"].physical_address == 17
+
+
+def test_a_dropped_link_is_named(sim: SimMeter, line: HdlcMeterLine) -> None:
+    from adapters.dlms import HdlcSession, SerialStream, _Fail
+
+    stream = SerialStream(line.device, 9600)
+    try:
+        session = HdlcSession(stream, 32, 1, 17, 1.0)  # no SNRM: the meter is in disconnected mode
+        with pytest.raises(_Fail) as e:
+            session.request(b"\xc0\x01\xc1\x00\x08\x00\x00\x01\x00\x00\xff\x02\x00")
+        assert e.value.outcome == "refused" and "DM" in str(e.value)
+    finally:
+        stream.close()
