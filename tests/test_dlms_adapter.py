@@ -296,3 +296,15 @@ def test_a_dropped_link_is_named(sim: SimMeter, line: HdlcMeterLine) -> None:
         assert e.value.outcome == "refused" and "DM" in str(e.value)
     finally:
         stream.close()
+
+
+def test_a_small_negotiated_frame_size_segments_both_ways(adapter: DlmsAdapter) -> None:
+    sim = SimMeter(17, "12345678", seed=6, now=_now)
+    with HdlcMeterLine([sim], 9600, max_info=32) as ln:  # the UA says 32 bytes: the AARQ goes in three frames
+        m = _meter(port=ln.device, physical_address=17)
+        readings = adapter.read_blocking(m)
+        assert {r.register: r.value for r in readings} == _expected(sim, NOW)
+        start = datetime(2026, 3, 1, 6, 0, tzinfo=UTC)
+        slots = adapter.read_profile_blocking(m, start, start + timedelta(hours=2), 48)
+        assert [s.wh for s in slots] == [sim.slot_wh(start + timedelta(minutes=30 * k)) for k in range(4)]
+        assert adapter.last_wire.frames > 20
