@@ -336,6 +336,13 @@ def test_readings_post_without_csrf_is_refused(linked, conn) -> None:
     r = alice.post("/accounts/456/readings", data={"csrf_token": "forged", "meter": "m-456", "value_1.8.0": "2000"})
     assert r.status_code == 403
     assert conn.execute("SELECT count(*) FROM reading WHERE meter_id = 'm-456' AND value = 2000").fetchone()[0] == 0
+    for action, data in (("/accounts/add", {"account": "789", "paid_on": TODAY.isoformat(), "amount": "55"}),
+                         ("/accounts/123/pay", {"energy": "10", "email": "a@b.ru"}),
+                         ("/accounts/123/unlink", {})):
+        assert alice.post(action, data={"csrf_token": "forged", **data}).status_code == 403, action
+        assert alice.post(action, data=data).status_code == 403, action
+    assert conn.execute("SELECT count(*) FROM card_payment").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM portal_account_link").fetchone()[0] == 3
 
 
 # --- another user's account --------------------------------------------------------------------
@@ -453,3 +460,34 @@ def test_pages_render_without_javascript(linked) -> None:
         assert page.status_code == 200, path
         assert "<script" not in page.text, path
         assert "<table" in page.text or "<form" in page.text, path
+
+
+def test_the_portal_role_links_only_through_the_function(db_url, conn) -> None:
+    """amr_portal may read links and the proof view, and write links only by portal_link_account."""
+    seed(conn)
+    uid, _ = login_session(conn, "dave")
+    role = f"portal_web_{secrets.token_hex(4)}"
+    conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE amr_portal")
+    conn.commit()
+    info = psycopg.conninfo.conninfo_to_dict(db_url)
+    info["user"] = role
+    try:
+        with psycopg.connect(psycopg.conninfo.make_conninfo(**info)) as web_conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                web_conn.execute("INSERT INTO portal_account_link (user_id, account) VALUES (%s, '456')", (uid,))
+            web_conn.rollback()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                web_conn.execute("SELECT * FROM ledger_entry")
+            web_conn.rollback()
+            assert web_conn.execute("SELECT amount FROM portal_payment_proof WHERE account = '456'").fetchall() \
+                == [(Decimal("321.09"),)]
+            assert web_conn.execute("SELECT portal_link_account(%s, '456')", (uid,)).fetchone()[0] is True
+            assert web_conn.execute("SELECT portal_link_account(%s, '456')", (uid,)).fetchone()[0] is False
+            web_conn.commit()
+            assert web_conn.execute("SELECT account FROM portal_account_link WHERE user_id = %s",
+                                    (uid,)).fetchall() == [("456",)]
+            assert web_conn.execute("SELECT portal_unlink_account(%s, '456')", (uid,)).fetchone()[0] is True
+            web_conn.commit()
+    finally:
+        conn.execute(f"DROP ROLE {role}")
+        conn.commit()
