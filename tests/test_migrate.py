@@ -12,7 +12,7 @@ def test_rerun_is_a_noop_and_partitions_exist(conn) -> None:
     assert version == migrate.available()[-1].version
     assert migrate.migrate(conn) == []
     assert migrate.current_version(conn) == version
-    for table in ("reading", "interval_segment"):
+    for table in ("reading_data", "interval_segment"):  # reading is a view over reading_data (023)
         parts = conn.execute(
             "SELECT count(*) FROM pg_inherits WHERE inhparent = %s::regclass", (table,)
         ).fetchone()[0]
@@ -22,7 +22,7 @@ def test_rerun_is_a_noop_and_partitions_exist(conn) -> None:
     # interval_usage is a view over them now: no partitions of its own
     assert conn.execute("SELECT relkind FROM pg_class WHERE relname = 'interval_usage'").fetchone() == ("v",)
     assert conn.execute(
-        "SELECT name FROM amr_time_table ORDER BY name").fetchall() == [("interval_segment",), ("reading",)]
+        "SELECT name FROM amr_time_table ORDER BY name").fetchall() == [("interval_segment",), ("reading_data",)]
 
 
 def test_refuses_a_schema_newer_than_the_code(conn) -> None:
@@ -41,8 +41,9 @@ def test_fresh_database_from_nothing(empty_conn) -> None:
     for table in ("subscriber", "meter", "daily_zone_usage", "rejected_reading", "tariff",
                   "bill", "bill_line"):
         assert kinds.get(table) == "r", table
-    for table in ("reading", "interval_segment"):  # time tables: natively partitioned
+    for table in ("reading_data", "interval_segment"):  # time tables: natively partitioned
         assert kinds.get(table) == "p", table
+    assert kinds.get("reading") == "v"  # a view over reading_data since 023
     assert kinds.get("interval_usage") == "v"  # a view since 012
 
 
@@ -68,7 +69,7 @@ def test_maintain_drops_partitions_past_retention_only(conn) -> None:
     conn.commit()
     names = lambda: {r[0] for r in conn.execute(  # noqa: E731
         "SELECT relname FROM pg_class WHERE relname ~ '_p2019\\d\\d$' AND relkind = 'r'").fetchall()}
-    everything = {f"{t}_p2019{m}" for t in ("reading", "interval_segment") for m in ("01", "02", "03")}
+    everything = {f"{t}_p2019{m}" for t in ("reading_data", "interval_segment") for m in ("01", "02", "03")}
     assert names() == everything
     # no retention configured (the default): nothing goes, however old
     assert migrate.maintain(conn, now=datetime(2024, 2, 15, tzinfo=UTC)).dropped == []
@@ -76,8 +77,8 @@ def test_maintain_drops_partitions_past_retention_only(conn) -> None:
     # five years of retention counted from 2024-02-15: January 2019 goes, February stays
     report = migrate.maintain(conn, now=datetime(2024, 2, 15, tzinfo=UTC), retention_months=60)
     dropped = [d.part for d in report.dropped]
-    assert sorted(dropped) == ["interval_segment_p201901", "reading_p201901"]  # no interval_usage_p*
-    assert names() == {f"{t}_p2019{m}" for t in ("reading", "interval_segment") for m in ("02", "03")}
+    assert sorted(dropped) == ["interval_segment_p201901", "reading_data_p201901"]  # no interval_usage_p*
+    assert names() == {f"{t}_p2019{m}" for t in ("reading_data", "interval_segment") for m in ("02", "03")}
 
 
 def test_a_lower_numbered_migration_added_later_is_applied(conn, monkeypatch) -> None:

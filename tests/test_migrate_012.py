@@ -169,7 +169,7 @@ def test_interval_segment_holds_the_parts_of_the_split_interval_only(upgraded: U
 def test_time_tables_are_reading_and_interval_segment(upgraded: Upgraded) -> None:
     conn = upgraded.conn
     assert conn.execute("SELECT name, column_name, hypertable FROM amr_time_table ORDER BY name"
-                        ).fetchall() == [("interval_segment", "end_ts", False), ("reading", "ts", False)]
+                        ).fetchall() == [("interval_segment", "end_ts", False), ("reading_data", "ts", False)]
     assert conn.execute("SELECT relname FROM pg_class WHERE relname LIKE 'interval\\_usage%'"
                         ).fetchall() == [("interval_usage",)]
 
@@ -179,12 +179,12 @@ def test_maintain_and_partitions_leave_interval_usage_alone(upgraded: Upgraded) 
     parts = timeseries.Partitions()
     with conn.transaction():
         parts.ensure(conn, datetime.now(UTC) - timedelta(days=400), datetime.now(UTC) + timedelta(days=400))
-    assert parts._tables == ["interval_segment", "reading"]
-    assert {t for t, _ in parts._known} == {"interval_segment", "reading"}
+    assert parts._tables == ["interval_segment", "reading_data"]  # reading is a view over reading_data since 023
+    assert {t for t, _ in parts._known} == {"interval_segment", "reading_data"}
     later = datetime.now(UTC) + timedelta(days=365 * 5 + 200)  # the seeded month is past retention
     dropped = [d.part for d in migrate.maintain(conn, now=later, retention_months=60).dropped]
     assert f"interval_segment_p{upgraded.day:%Y%m}" in dropped
-    assert f"reading_p{upgraded.day:%Y%m}" in dropped
+    assert f"reading_data_p{upgraded.day:%Y%m}" in dropped
     assert not [n for n in dropped if n.startswith("interval_usage")]
     conn.commit()
     assert conn.execute("SELECT relname FROM pg_class WHERE relname LIKE 'interval\\_usage%'"

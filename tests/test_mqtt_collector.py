@@ -494,11 +494,14 @@ def test_a_message_that_cannot_be_dead_lettered_is_not_acknowledged(db_url, tmp_
 
     _setup_meters(db_url, tmp_path, [{"id": m, "adapter": "mqtt"} for m in ("dl-a", "dl-x")])
     with psycopg.connect(db_url) as c:
+        # readings are rows of reading_data (reading is a view over it since migration 023)
         c.execute("""CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-                     BEGIN IF TG_TABLE_NAME = 'rejected_reading' OR NEW.meter_id = 'dl-x' THEN
+                     BEGIN IF TG_TABLE_NAME = 'rejected_reading' THEN
+                       RAISE EXCEPTION 'refused by a test trigger' USING ERRCODE = '22023'; END IF;
+                     IF NEW.series IN (SELECT id FROM reading_series WHERE meter_id = 'dl-x') THEN
                        RAISE EXCEPTION 'refused by a test trigger' USING ERRCODE = '22023'; END IF;
                      RETURN NEW; END $$""")
-        c.execute("CREATE TRIGGER refuse BEFORE INSERT ON reading FOR EACH ROW EXECUTE FUNCTION refuse()")
+        c.execute("CREATE TRIGGER refuse BEFORE INSERT ON reading_data FOR EACH ROW EXECUTE FUNCTION refuse()")
         c.execute("CREATE TRIGGER refuse_dead BEFORE INSERT ON rejected_reading FOR EACH ROW "
                   "WHEN (NEW.code = 'store_error') EXECUTE FUNCTION refuse()")
     cfg = parse_broker_url(f"mqtt://127.0.0.1:{broker.port}")

@@ -90,7 +90,7 @@ def test_a_batch_spanning_years_makes_partitions_only_for_its_months(conn) -> No
         Reading("pt-span", "1.8.0", old, Decimal(1)), Reading("pt-span", "1.8.0", NOW, Decimal(2))])
     assert result.accepted == 2
     made = _partitions(conn) - before
-    assert {p for p in made if "2013" in p} == {"reading_p201305", "interval_segment_p201305"}
+    assert {p for p in made if "2013" in p} == {"reading_data_p201305", "interval_segment_p201305"}
     assert not [p for p in made if re.search(r"_p201[4-9]|_p202[0-3]", p)], made
 
 

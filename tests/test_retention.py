@@ -85,7 +85,7 @@ def test_retention_drops_only_in_maintain_and_refuses_the_pruned_period(db_url, 
     # a dry run names what would go and changes nothing
     dry = amr(db_url, "db", "maintain", "--dry-run", AMR_RETENTION="60")
     assert dry.returncode == 0, dry.stderr
-    assert "would drop reading_p201703" in dry.stdout and "would drop interval_segment_p201703" in dry.stdout
+    assert "would drop reading_data_p201703" in dry.stdout and "would drop interval_segment_p201703" in dry.stdout
     assert state(conn) == before
     # a policy shorter than the dispute horizon is refused, naming the setting
     short = amr(db_url, "db", "maintain", AMR_RETENTION="12")
@@ -94,12 +94,12 @@ def test_retention_drops_only_in_maintain_and_refuses_the_pruned_period(db_url, 
 
     res = amr(db_url, "db", "maintain", AMR_RETENTION="60")
     assert res.returncode == 0, res.stderr
-    assert "dropped reading_p201703" in res.stdout and f"{before[0]} rows" in res.stdout
+    assert "dropped reading_data_p201703" in res.stdout and f"{before[0]} rows" in res.stdout
     assert "watermark 2017-05-01T00:00:00+00:00" in res.stdout
     assert conn.execute("SELECT count(*) FROM reading").fetchone()[0] == 0
     assert conn.execute("SELECT table_name, part, rows FROM retention_log ORDER BY 1, 2").fetchall() == [
         ("interval_segment", "interval_segment_p201703", 0), ("interval_segment", "interval_segment_p201704", 0),
-        ("reading", "reading_p201703", before[0] - 1), ("reading", "reading_p201704", 1)]
+        ("reading_data", "reading_data_p201703", before[0] - 1), ("reading_data", "reading_data_p201704", 1)]
 
     # ingesting the pruned period again is refused reading by reading; the energy is not doubled
     res = amr(db_url, "ingest", str(tmp_path / "2017.csv"), "--json")

@@ -45,7 +45,7 @@ from tests.test_migrate_012 import (
 )
 
 SERVER_DIR = Path(__file__).resolve().parent / "timescale"
-TIME_TABLES = {"reading": "ts", "interval_segment": "end_ts"}  # interval_usage is a view since 012
+TIME_TABLES = {"reading_data": "ts", "interval_segment": "end_ts"}  # views since: interval_usage 012, reading 023
 OTHER_TABLES = {
     "subscriber", "meter", "daily_zone_usage", "interval_decision", "rejected_reading",
     "tariff", "bill", "bill_line", "suspect_audit", "amr_schema_migration", "amr_time_table",
@@ -54,6 +54,7 @@ OTHER_TABLES = {
     "consumption_norm",
     "portal_user", "portal_session", "portal_token", "portal_captcha", "portal_rate_counter", "portal_audit_log",
     "portal_account_link",
+    "reading_series", "reading_source", "quality_flag",
 }
 START_TIMEOUT_S = 90
 
@@ -177,19 +178,19 @@ def test_every_migration_applies_on_timescaledb(ts: Migrated) -> None:
     assert migrate.current_version(ts.conn) == migrate.available()[-1].version
     assert _rows(ts.conn, "SELECT extname FROM pg_extension WHERE extname = 'timescaledb'")
     assert dict(_rows(ts.conn, "SELECT name, hypertable FROM amr_time_table")) == {
-        "reading": True, "interval_segment": True}
+        "reading_data": True, "interval_segment": True}
 
 
 def test_time_tables_are_hypertables_compressed_by_meter(ts: Migrated) -> None:
     hyper = _rows(ts.conn, "SELECT hypertable_name, compression_enabled"
                            " FROM timescaledb_information.hypertables WHERE hypertable_schema = 'public'")
-    assert dict(hyper) == {"reading": True, "interval_segment": True}
+    assert dict(hyper) == {"reading_data": True, "interval_segment": True}
     dims = _rows(ts.conn, "SELECT hypertable_name, column_name FROM timescaledb_information.dimensions")
     assert dict(dims) == TIME_TABLES
     segment_by = _rows(ts.conn, "SELECT hypertable_name, array_agg(attname::text ORDER BY segmentby_column_index)"
                                 " FROM timescaledb_information.compression_settings"
                                 " WHERE segmentby_column_index IS NOT NULL GROUP BY 1")
-    assert dict(segment_by) == {"reading": ["meter_id"], "interval_segment": ["meter_id"]}
+    assert dict(segment_by) == {"reading_data": ["series"], "interval_segment": ["meter_id"]}
     # native partitioning is the other path: none of it here
     assert _rows(ts.conn, "SELECT relname FROM pg_class WHERE relkind = 'p' OR relispartition") == []
 
@@ -197,7 +198,7 @@ def test_time_tables_are_hypertables_compressed_by_meter(ts: Migrated) -> None:
 def test_compression_is_scheduled_and_no_retention_policy_deletes_anything(ts: Migrated) -> None:
     jobs = _rows(ts.conn, "SELECT hypertable_name, config->>'compress_after', scheduled"
                           " FROM timescaledb_information.jobs WHERE proc_name = 'policy_compression'")
-    assert sorted(jobs) == [("interval_segment", "30 days", True), ("reading", "30 days", True)]
+    assert sorted(jobs) == [("interval_segment", "30 days", True), ("reading_data", "30 days", True)]
     # retention is the operator's explicit policy, applied by `amr db maintain` only (013)
     assert _rows(ts.conn, "SELECT count(*) FROM timescaledb_information.jobs"
                           " WHERE proc_name = 'policy_retention'") == [(0,)]
@@ -244,14 +245,14 @@ def test_inserted_readings_land_in_chunks_and_the_policy_compresses_old_ones(ts:
         cur.executemany("INSERT INTO reading (meter_id, register, ts, value) VALUES (%s, %s, %s, %s)",
                         rows)
     conn.commit()
-    chunks = {r[0] for r in _rows(conn, "SELECT show_chunks('reading')::text")}
-    homes = _rows(conn, "SELECT tableoid::regclass::text, count(*) FROM reading"
-                        " WHERE meter_id = 'ts-m1' GROUP BY 1")
+    chunks = {r[0] for r in _rows(conn, "SELECT show_chunks('reading_data')::text")}
+    homes = _rows(conn, "SELECT d.tableoid::regclass::text, count(*) FROM reading_data d"
+                        " JOIN reading_series s ON s.id = d.series WHERE s.meter_id = 'ts-m1' GROUP BY 1")
     assert len(homes) >= 2 and {h for h, _ in homes} <= chunks, homes
-    assert _rows(conn, "SELECT count(*) FROM ONLY reading") == [(0,)]  # nothing in the parent
+    assert _rows(conn, "SELECT count(*) FROM ONLY reading_data") == [(0,)]  # nothing in the parent
 
     (job,) = _rows(conn, "SELECT job_id FROM timescaledb_information.jobs"
-                         " WHERE proc_name = 'policy_compression' AND hypertable_name = 'reading'")
+                         " WHERE proc_name = 'policy_compression' AND hypertable_name = 'reading_data'")
     conn.commit()
     conn.autocommit = True  # the policy commits per chunk
     try:
@@ -260,7 +261,7 @@ def test_inserted_readings_land_in_chunks_and_the_policy_compresses_old_ones(ts:
         conn.autocommit = False
     compressed = dict(_rows(conn, "SELECT range_end < %s, bool_and(is_compressed)"
                                   " FROM timescaledb_information.chunks"
-                                  " WHERE hypertable_name = 'reading' GROUP BY 1",
+                                  " WHERE hypertable_name = 'reading_data' GROUP BY 1",
                             now - timedelta(days=30)))
     assert compressed == {True: True, False: False}
     back = _rows(conn, "SELECT meter_id, register, ts, value FROM reading"
@@ -324,6 +325,13 @@ def upgraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upgraded]:
         conn.commit()
         applied = [m.version for m in migrate.migrate(conn, timescale=True)]
         conn.commit()
+        conn.autocommit = True  # 023 moved the readings into reading_data: compressed again, as the policy will
+        try:
+            for job in _rows(conn, "SELECT job_id FROM timescaledb_information.jobs"
+                                   " WHERE proc_name = 'policy_compression' AND hypertable_name = 'reading_data'"):
+                conn.execute("CALL run_job(%s)", job)
+        finally:
+            conn.autocommit = False
         yield Upgraded(conn, day, rows, applied)
 
 
@@ -349,7 +357,7 @@ def test_012_leaves_the_policies_of_reading_and_interval_segment_only(upgraded: 
     segment_by = _rows(conn, "SELECT hypertable_name, attname::text"
                              " FROM timescaledb_information.compression_settings"
                              " WHERE segmentby_column_index IS NOT NULL ORDER BY 1")
-    assert segment_by == [("interval_segment", "meter_id"), ("reading", "meter_id")]
+    assert segment_by == [("interval_segment", "meter_id"), ("reading_data", "series")]
     conn.commit()
 
 
@@ -359,7 +367,7 @@ def test_012_checks_hold_on_compressed_and_new_chunks(upgraded: Upgraded, column
     conn = upgraded.conn
     ts = datetime(upgraded.day.year, upgraded.day.month, upgraded.day.day, 4, 50, tzinfo=UTC)
     home = _rows(conn, "SELECT c.is_compressed FROM timescaledb_information.chunks c"
-                       " WHERE c.hypertable_name = 'reading' AND %s >= c.range_start"
+                       " WHERE c.hypertable_name = 'reading_data' AND %s >= c.range_start"
                        " AND %s < c.range_end", ts, ts)
     assert home == [(True,)]
     conn.commit()
@@ -399,13 +407,13 @@ def test_maintain_applies_retention_on_timescaledb_by_whole_chunks_and_a_waterma
     # without a policy nothing goes
     assert migrate.maintain(conn, now=now).dropped == []
     dry = migrate.maintain(conn, now=now, retention_months=60, dry_run=True)
-    assert [d.table for d in dry.dropped] == ["reading"] and dry.dropped[0].rows == 1
+    assert [d.table for d in dry.dropped] == ["reading_data"] and dry.dropped[0].rows == 1
     assert _rows(conn, "SELECT count(*) FROM reading WHERE meter_id = 'tsr'") == [(2,)]
     report = migrate.maintain(conn, now=now, retention_months=60)
     conn.commit()
-    assert [(d.table, d.rows) for d in report.dropped] == [("reading", 1)]
+    assert [(d.table, d.rows) for d in report.dropped] == [("reading_data", 1)]
     assert _rows(conn, "SELECT ts FROM reading WHERE meter_id = 'tsr'") == [(kept,)]
     mark = retention.watermark(conn)
     assert mark is not None and old < mark <= datetime(2021, 12, 1, tzinfo=UTC)
-    assert _rows(conn, "SELECT table_name, rows, policy_months FROM retention_log") == [("reading", 1, 60)]
+    assert _rows(conn, "SELECT table_name, rows, policy_months FROM retention_log") == [("reading_data", 1, 60)]
     conn.commit()

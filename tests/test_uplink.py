@@ -402,11 +402,13 @@ def test_one_item_the_database_refuses_does_not_hold_the_spool(tmp_path, db_url)
     with psycopg.connect(db_url) as c:
         upsert_inventory(c, parse_inventory({"subscriber": [{"account": "1"}],
                                              "meter": [{"id": "gw-m", "account": "1"}, {"id": "gw-x", "account": "1"}]}))
+        # readings are rows of reading_data (reading is a view over it since migration 023)
         c.execute("""CREATE FUNCTION refuse_gw_x() RETURNS trigger LANGUAGE plpgsql AS $$
-                     BEGIN IF NEW.meter_id = 'gw-x' THEN
-                       RAISE EXCEPTION 'value refused for %', NEW.meter_id USING ERRCODE = '22023'; END IF;
+                     BEGIN IF NEW.series IN (SELECT id FROM reading_series WHERE meter_id = 'gw-x') THEN
+                       RAISE EXCEPTION 'value refused for %', 'gw-x' USING ERRCODE = '22023'; END IF;
                      RETURN NEW; END $$""")
-        c.execute("CREATE TRIGGER refuse_gw_x BEFORE INSERT ON reading FOR EACH ROW EXECUTE FUNCTION refuse_gw_x()")
+        c.execute("CREATE TRIGGER refuse_gw_x BEFORE INSERT ON reading_data FOR EACH ROW"
+                  " EXECUTE FUNCTION refuse_gw_x()")
     spool = Spool(tmp_path / "spool.sqlite", 10_000)
     good = _readings(60)
     poison = _readings(1, 1000, meter="gw-x")[0]

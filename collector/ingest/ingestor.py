@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import re
-import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from functools import lru_cache
 from operator import lt
 from typing import Any, NamedTuple, Self
 
@@ -40,6 +37,7 @@ from amr.settings import Settings, get_settings
 from amr.storage import retention
 from amr.storage.db import array_literal
 from amr.storage.timeseries import Partitions, next_month
+from collector.ingest import layout
 from collector.rules import vee
 from collector.rules.intervals import between, glitches
 from collector.rules.vee import BILLED_REGISTER, MeterRules
@@ -67,18 +65,11 @@ class _WatermarkMoved(Exception):
     """The retention watermark moved after the batch was validated: validate it again."""
 
 
-# a reading and the interval it closes: start_ts, kwh, kind, status, estimated, day, zone
-_READING_COLUMNS = "meter_id, register, ts, value, quality, source, " \
-    "start_ts, kwh, kind, status, estimated, day, zone"
-# quality goes pre-encoded (see _flags_field), hence bytea for the text[] column
-_READING_TYPES = [
-    "text", "text", "timestamptz", "numeric", "bytea", "text",
-    "timestamptz", "bytea", "text", "text", "bool", "date", "text",  # kwh: see _kwh_field
-]
-# the interval columns of a reading that closes none
-_NO_INTERVAL_COLUMNS: tuple[None, ...] = (None,) * 7
-# quality comes back as text: psycopg parses arrays in Python, per row (see _stored_flags)
-_STORED = "ts, value, quality::text, start_ts, kwh, kind, status, estimated, day, zone"
+# a reading and the interval it closes, as reading_data keeps them (collector.ingest.layout)
+_READING_COLUMNS = layout.COLUMNS
+_READING_TYPES = layout.TYPES
+# a stored reading loaded beside new ones: flags hold its quality and its interval's codes
+_STORED = "ts, value, flags, kwh, span"
 _SEGMENT_TYPES = ["text", "text", "timestamptz", "timestamptz", "timestamptz", "date", "text", "numeric"]
 
 
@@ -108,7 +99,7 @@ class _Stored(NamedTuple):
 
     ts: datetime
     value: Decimal
-    quality: str  # the text[] as text, parsed by _stored_flags only when it is re-derived
+    quality: int  # the quality bits of its flags (layout.QUALITY_MASK), named only when re-derived
     interval: _Interval | None
 
 
@@ -307,6 +298,8 @@ class Ingestor:
         self.clock = clock or (lambda: datetime.now(UTC))
         self._meters: dict[str, MeterRules] = {}
         self._partitions = Partitions()
+        self._codes = layout.Codes()
+        self._codes_loaded = False
         self._record = record_metrics
         self._watermark_read: tuple[datetime, datetime | None] | None = None
 
@@ -346,6 +339,8 @@ class Ingestor:
                 continue
         else:
             raise RuntimeError("the retention watermark kept moving while this batch was stored")
+        if not self.conn.autocommit:  # the caller's transaction decides: keys made in it may go
+            self._codes.forget_uncommitted()
         if self._record:
             record_metrics(result, len(items), time.perf_counter() - started)
         return result
@@ -415,6 +410,7 @@ class Ingestor:
                 else:
                     months.update(date(t.year, t.month, 1) for t in instants)
             self._ensure_partitions(months)
+            self._ensure_codes(good)
         with self.conn.transaction():
             if by_key:
                 result.accepted += self._store(by_key, meters, result, rejects, window)
@@ -439,6 +435,19 @@ class Ingestor:
         for i in range(0, len(missing), _PARTITIONS_PER_TRANSACTION):
             with self.conn.transaction():
                 self._partitions.ensure_months(self.conn, missing[i:i + _PARTITIONS_PER_TRANSACTION])
+
+    def _ensure_codes(self, good: dict[tuple[str, str], dict[datetime, Reading]]) -> None:
+        """The dictionary keys (series, sources, quality bits) the batch's rows need, made first in a
+        transaction of their own, so the store transaction only reads them (collector.ingest.layout)."""
+        codes = self._codes
+        if not self._codes_loaded:
+            codes.load_flags(self.conn)
+            self._codes_loaded = True
+        sources = {r.source for series in good.values() for r in series.values()}
+        flagsets = {r.quality for series in good.values() for r in series.values() if r.quality}
+        flags = {f for fs in flagsets for f in fs}
+        codes.ensure(self.conn, good.keys(), codes.missing_sources(sources),
+                     flags if not codes.knows(flags) else set())
 
     def _conflict_row(self, item: Reading, stored: Decimal) -> _Refused:
         reason = (
@@ -496,7 +505,7 @@ class Ingestor:
             while True:
                 short: list[int] = []
                 # planning and deriving run while the server stores the rows already sent
-                with cur.copy(f"COPY reading ({_READING_COLUMNS}) FROM STDIN (FORMAT BINARY)") as cp:
+                with cur.copy(f"COPY reading_data ({_READING_COLUMNS}) FROM STDIN (FORMAT BINARY)") as cp:
                     cp.set_types(_READING_TYPES)
                     for n, i in enumerate(todo):
                         key = keys[i]
@@ -566,11 +575,12 @@ class Ingestor:
         """
         if context is None:
             return self._around(keys, los, counts, None)
+        series = self._codes.series
         rows = self.conn.execute(
-            f"""SELECT k.i, x.* FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS k(m, r, i)
-               CROSS JOIN LATERAL (SELECT {_STORED} FROM reading WHERE meter_id = k.m AND register = k.r
+            f"""SELECT k.i, x.* FROM unnest(%s::int[]) WITH ORDINALITY AS k(s, i)
+               CROSS JOIN LATERAL (SELECT {_STORED} FROM reading_data WHERE series = k.s
                  ORDER BY ts DESC LIMIT %s) x""",
-            (array_literal([k[0] for k in keys]), array_literal([k[1] for k in keys]), context),
+            (array_literal([series[k] for k in keys]), context),
         ).fetchall()
         windows = _by_register(rows)
         late = [i for i, w in windows.items() if w[0].ts >= los[i]]  # newest first
@@ -585,19 +595,19 @@ class Ingestor:
         self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None
     ) -> dict[int, list[_Stored]]:
         """The two-sided window of _load_windows: two index probes per register."""
+        series = self._codes.series
         rows = self.conn.execute(
             f"""SELECT k.i, x.* FROM
-                 unnest(%s::text[], %s::text[], %s::timestamptz[], %s::int[])
-                   WITH ORDINALITY AS k(m, r, lo, n, i)
+                 unnest(%s::int[], %s::timestamptz[], %s::int[]) WITH ORDINALITY AS k(s, lo, n, i)
                CROSS JOIN LATERAL (
-                 (SELECT {_STORED} FROM reading WHERE meter_id = k.m AND register = k.r
+                 (SELECT {_STORED} FROM reading_data WHERE series = k.s
                     AND ts < k.lo ORDER BY ts DESC LIMIT %s)
                  UNION ALL
-                 (SELECT {_STORED} FROM reading WHERE meter_id = k.m AND register = k.r
+                 (SELECT {_STORED} FROM reading_data WHERE series = k.s
                     AND ts >= k.lo ORDER BY ts LIMIT k.n + %s)
                ) x""",
-            (array_literal([k[0] for k in keys]), array_literal([k[1] for k in keys]),
-             array_literal(los), array_literal(counts), context, context),
+            (array_literal([series[k] for k in keys]), array_literal(los), array_literal(counts),
+             context, context),
         ).fetchall()
         return _by_register(rows)
 
@@ -682,6 +692,9 @@ class Ingestor:
         _count_in (an interval written).
         """
         mid, reg = key
+        sid = self._codes.series[key]
+        source_of = self._codes.source
+        bits_of = layout.interval_bits
         glitch = span.glitch
         billed = reg == BILLED_REGISTER
         daily: dict[_DailyKey, Decimal] = {}
@@ -713,8 +726,8 @@ class Ingestor:
                     day, zone = pieces[0][2], pieces[0][3]
                     if r is not None and not r.quality and kind not in _FLAGGED_KINDS:
                         # the common case: a new reading, one zone, nothing to flag
-                        write((mid, reg, ts, value, _NO_FLAGS_FIELD, r.source,
-                               start, _kwh_field(str(kwh)), kind, status, estimated, day, zone))
+                        write((sid, bits_of(kind, status, estimated, day, zone, ts), ts, *source_of(r.source),
+                               value, _kwh_field(str(kwh)), _span_field(start, ts)))
                         inserted += 1
                         if billed:
                             dkey = (day, zone, estimated, status)
@@ -727,8 +740,8 @@ class Ingestor:
                     interval = _Interval(start, kwh, kind, status, True, None, None)
                 derived = kind if kind in _FLAGGED_KINDS else None
             if r is not None:
-                write((mid, reg, ts, value, _new_flags_field(r.quality, derived), r.source,
-                       *_interval_fields(interval)))
+                write((sid, self._new_flags(r.quality, derived, interval, ts), ts, *source_of(r.source),
+                       value, *_interval_fields(interval, ts)))
                 inserted += 1
             else:
                 assert old is not None  # a point is a stored reading or a new one
@@ -740,6 +753,14 @@ class Ingestor:
         count = work.daily.count
         for (day, zone, est, status), kwh in daily.items():
             count(mid, day, zone, kwh, est, status)
+
+    def _new_flags(self, flags: frozenset[str], derived: str | None, interval: _Interval | None,
+                   ts: datetime) -> int:
+        """A new reading's flags word: the flags it came with, the derived one in place, its interval."""
+        codes = self._codes
+        if derived or flags & _DERIVED_FLAGS:
+            flags = frozenset(_with_derived(flags, derived))
+        return codes.mask(flags) | _interval_code(interval, ts)
 
     def _restate(
         self,
@@ -758,7 +779,7 @@ class Ingestor:
         totals (or its parts interval_segment), and if the interval is gone
         from a closed month it is recorded in work.held.
         """
-        old_flags = _stored_flags(old.quality)
+        old_flags = self._codes.names(old.quality)
         flags: Sequence[str] = old_flags
         if old_flags or derived:
             want = _with_derived(old_flags, derived)
@@ -822,15 +843,17 @@ class Ingestor:
         Each list of records goes as one array per column, in the records' field order.
         """
         if work.updates:
-            updates = [(u.meter_id, u.register, u.ts, array_literal(u.quality),
-                        *(u.interval or _NO_INTERVAL_COLUMNS)) for u in work.updates]
+            codes = self._codes
+            updates = [(codes.series[(u.meter_id, u.register)], u.ts,
+                        codes.mask(frozenset(u.quality)) | _interval_code(u.interval, u.ts),
+                        None if u.interval is None else u.interval.kwh,
+                        None if u.interval is None else layout.span_of(u.interval.start, u.ts))
+                       for u in work.updates]
             cur.execute(
-                """UPDATE reading r SET quality = k.q::text[], start_ts = k.s, kwh = k.kwh, kind = k.kind,
-                     status = k.st, estimated = k.est, day = k.day, zone = k.zone
-                   FROM (SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[],
-                     %s::timestamptz[], %s::numeric[], %s::text[], %s::text[], %s::bool[], %s::date[],
-                     %s::text[])) AS k(m, r, ts, q, s, kwh, kind, st, est, day, zone)
-                   WHERE r.meter_id = k.m AND r.register = k.r AND r.ts = k.ts""",
+                """UPDATE reading_data r SET flags = k.f, kwh = k.kwh, span = k.span
+                   FROM (SELECT * FROM unnest(%s::int[], %s::timestamptz[], %s::int[], %s::numeric[],
+                     %s::numeric[])) AS k(s, ts, f, kwh, span)
+                   WHERE r.series = k.s AND r.ts = k.ts""",
                 tuple(array_literal(col) for col in zip(*updates, strict=True)),
             )
         if work.removed_split:
@@ -921,12 +944,12 @@ class Ingestor:
 def _by_register(rows: list[tuple[Any, ...]]) -> dict[int, list[_Stored]]:
     """Window rows (ordinality, then _STORED) by the 0-based index of their register in the query."""
     windows: dict[int, list[_Stored]] = defaultdict(list)
-    # a row: ordinality, ts, value, quality, then the interval's seven columns (kwh at 5);
-    # _make, from a sequence, is the quicker constructor (a few thousand rows a batch)
-    stored, interval = _Stored._make, _Interval._make
-    for row in rows:
-        closes = None if row[5] is None else interval(row[4:])
-        windows[row[0] - 1].append(stored((row[1], row[2], row[3], closes)))
+    # a row: ordinality, ts, value, flags, kwh, span; _make, from a sequence, is the quicker
+    # constructor (a few thousand rows a batch)
+    stored, interval, decode, mask = _Stored._make, _Interval._make, layout.stored_interval, layout.QUALITY_MASK
+    for i, ts, value, flags, kwh, span in rows:
+        closes = None if kwh is None else interval(decode(ts, flags, kwh, span))  # type: ignore[arg-type]
+        windows[i - 1].append(stored((ts, value, flags & mask, closes)))
     return windows
 
 
@@ -951,75 +974,26 @@ def _with_derived(flags: Iterable[str], derived: str | None) -> set[str]:
     return out
 
 
-def _new_flags_field(flags: frozenset[str], derived: str | None) -> bytes:
-    """A new reading's quality as a COPY field: the flags it came with, the derived one in place."""
-    if not flags and not derived:
-        return _NO_FLAGS_FIELD
-    return _flags_field(tuple(sorted(_with_derived(flags, derived))))
-
-
-def _interval_fields(interval: _Interval | None) -> tuple[Any, ...]:
-    """The interval columns of the reading that closes it, as COPY fields (see _READING_TYPES)."""
+def _interval_fields(interval: _Interval | None, ts: datetime) -> tuple[Any, ...]:
+    """The kwh and span fields of the reading that closes `interval` (see layout.TYPES)."""
     if interval is None:
-        return _NO_INTERVAL_COLUMNS
-    return (interval.start, _kwh_field(str(interval.kwh)), interval.kind, interval.status,
-            interval.estimated, interval.day, interval.zone)
+        return (None, None)
+    return (_kwh_field(str(interval.kwh)), _span_field(interval.start, ts))
 
 
-@lru_cache(maxsize=256)
-def _flags_field(flags: tuple[str, ...]) -> bytes:
-    """A reading's quality flags as a binary COPY field of type text[].
-
-    psycopg adapts a list through a dumper written in Python, the costliest
-    field of the row; a fleet uses a handful of flag sets, so each is encoded
-    once (ndim, has-nulls, element type text, then dimension and elements).
-    """
-    if not flags:
-        return struct.pack("!iiI", 0, 0, _TEXT_OID)
-    out = [struct.pack("!iiIii", 1, 0, _TEXT_OID, len(flags), 1)]
-    for flag in flags:
-        b = flag.encode()
-        out.append(struct.pack("!i", len(b)) + b)
-    return b"".join(out)
+def _interval_code(interval: _Interval | None, ts: datetime) -> int:
+    """The interval part of a reading's flags word (0: it closes none)."""
+    if interval is None:
+        return 0
+    return layout.interval_bits(interval.kind, interval.status, interval.estimated, interval.day,
+                                interval.zone, ts)
 
 
-_TEXT_OID = 25
-_NO_FLAGS_FIELD = _flags_field(())
+_kwh_field = layout.numeric_field
 
 
-@lru_cache(maxsize=65536)
-def _kwh_field(text: str) -> bytes:
-    """An interval's kWh (as str(Decimal), which keeps its scale) as a binary COPY numeric field.
-
-    psycopg's numeric dumper takes about 2 µs a value, the costliest field of
-    the row; interval energies repeat (a household's half hours take a few
-    thousand distinct values), so each is encoded once.
-    """
-    field = _NUMERIC_DUMPER.dump(Decimal(text))
-    assert field is not None  # a dumper returns None for a NULL only
-    return bytes(field)
-
-
-_NUMERIC_DUMPER = psycopg.adapters.get_dumper_by_oid(
-    psycopg.adapters.types["numeric"].oid, psycopg.pq.Format.BINARY)(Decimal, None)
-
-
-@lru_cache(maxsize=256)
-def _stored_flags(text: str) -> tuple[str, ...]:
-    """A stored quality array read as text ('{}', '{late,retried}'), as a tuple of flags.
-
-    A fleet has a handful of flag sets, so each text is parsed once; quoted
-    elements (never written by this code) are read too.
-    """
-    body = text[1:-1]
-    if not body:
-        return ()
-    if '"' not in body and "\\" not in body:
-        return tuple(body.split(","))
-    return tuple(re.sub(r"\\(.)", r"\1", q) if q else b for q, b in _ARRAY_ITEM.findall(body))
-
-
-_ARRAY_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,]+)')
+def _span_field(start: datetime, ts: datetime) -> bytes:
+    return layout.span_field(layout.span_of(start, ts))
 
 
 def _span(
