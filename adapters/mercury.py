@@ -112,13 +112,13 @@ def check_frame(raw: bytes, address: bytes) -> bytes:
     n = len(address)
     if len(raw) < n + 3:
         raise FrameError("garbage", f"answer too short ({len(raw)} bytes): {raw.hex(' ')}", raw)
+    if raw[:n] != address:  # noise, or another meter's answer: not a damaged frame of ours
+        raise FrameError("garbage", f"answer from address {raw[:n].hex()}, not {address.hex()}: {raw[:24].hex(' ')}", raw)
     if crc16(raw[:-2]) != raw[-2:]:
         raise FrameError(
             "crc", f"CRC mismatch: computed {crc16(raw[:-2]).hex(' ')}, received {raw[-2:].hex(' ')} "
             f"in {len(raw)} bytes", raw,
         )
-    if raw[:n] != address:
-        raise FrameError("garbage", f"answer from address {raw[:n].hex()}, not {address.hex()}", raw)
     return raw[n:-2]
 
 

@@ -19,7 +19,8 @@ Timing on the line (`adapters/schemas/mercury.toml`, `[line]`):
 - the answer's length is known from the request (`mercury.reply_size`), so a
   good answer is taken the moment its last byte arrives; a 4-byte frame with a
   good CRC is a status answer (an error, or the OK of a session command);
-  anything else ends at the first silence and is refused by its CRC or length;
+  anything else ends at the first silence of 50 ms (not the frame gap: USB
+  adapters deliver bytes in bursts) and is refused by its CRC or length;
 - the meter's `timeout` bounds the wait for the first byte; an answer that
   keeps trickling in is cut at twice its line time past the first byte.
 
@@ -54,6 +55,7 @@ from adapters.reading import Reading
 
 ADAPTERS = ("mercury230", "mercury200")
 MAX_FRAME = 512
+RX_GAP_S = 0.05  # silence inside an answer that ends it (see _Link)
 BITS_PER_CHAR = 10  # 8N1
 _T = TypeVar("_T")
 PROFILE_REGISTERS = {"1.8.0": 0, "2.8.0": 1, "3.8.0": 2, "4.8.0": 3}  # channel of the average-power array
@@ -79,6 +81,10 @@ class _Link:
         self.lock = threading.Lock()
         self.baudrate = baudrate
         self.gap = frame_gap(baudrate)
+        # inside an answer we wait longer than the frame gap before calling it ended: USB
+        # adapters and busy hosts deliver bytes in bursts (an FTDI's latency timer is 16 ms), and
+        # a good answer ends by its known length anyway, so the longer wait only costs on faults
+        self.rx_gap = max(self.gap, RX_GAP_S)
         self.quiet_at = 0.0
         self.exchanges = 0
         self.bytes = 0
@@ -117,7 +123,7 @@ class _Link:
         overall = first_by
         while True:
             now = time.monotonic()
-            wait = (first_by - now) if not buf else min(self.gap, overall - now)
+            wait = (first_by - now) if not buf else min(self.rx_gap, overall - now)
             if wait <= 0:
                 break
             if not select.select([self.fileno()], [], [], wait)[0]:
@@ -126,7 +132,7 @@ class _Link:
             if not chunk:
                 break
             if not buf:
-                overall = time.monotonic() + 2 * expect * ct + self.gap + 0.1
+                overall = time.monotonic() + 2 * expect * ct + self.rx_gap + 0.1
             buf += chunk
             if len(buf) >= expect or len(buf) >= MAX_FRAME:
                 break
@@ -163,7 +169,7 @@ class _SerialLink(_Link):
 class _TcpLink(_Link):
     def __init__(self, host: str, port: int, baudrate: int, timeout: float):
         super().__init__(f"{host}:{port}", baudrate)
-        self.gap = max(self.gap, 0.02)  # a converter forwards in packets: allow for the network
+        self.rx_gap = max(self.rx_gap, 0.1)  # a converter forwards in packets: allow for the network
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(None)

@@ -61,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--units", default="1-247", help="unit ids: '1-247', '1-10,20' (default 1-247)")
     s.add_argument("--timeout", type=float, default=0.3, help="seconds to wait for each unit")
     s.add_argument("--json", action="store_true", help="one JSON object per answering unit")
+    s.add_argument("--mercury", action="store_true",
+                   help="find the address of a single Incotex Mercury v2 meter (230, 234, 236...) on --device, or "
+                        "behind a transparent converter at --host/--port, by asking the broadcast address 0 "
+                        "(every meter answers it: with two or more on the line the answers collide)")
+    s.add_argument("--password", default=None, help="with --mercury: the level-1 password (default 111111)")
+    s.add_argument("--password-encoding", choices=("digits", "ascii"), default="digits",
+                   help="with --mercury: how the password is sent (default digits; try ascii if nothing answers)")
     s.add_argument("--dlms", action="store_true",
                    help="find DLMS/COSEM (SPODES) meters over HDLC on --device, or behind a transparent converter "
                         "at --host/--port: each physical address in --addresses that answers SNRM and associates as "
@@ -173,6 +180,32 @@ async def _poll_iec(meter: Meter) -> list[dict[str, Any]]:
     return out
 
 
+async def _poll_mercury(meter: Meter) -> list[dict[str, Any]]:
+    """Every energy register of the meter's tariffs (not only the configured ones), the clock and,
+    for v2, the transformer ratios; a register the meter does not measure shows 'not measured'."""
+    from adapters import mercury as mc
+    from adapters.mercury_adapter import MercuryAdapter
+
+    adapter = MercuryAdapter(get_settings())
+    wide = meter.model_copy(update={"registers": tuple(
+        mc.ENERGY_REGISTERS if meter.adapter == "mercury230" else mc.V1_REGISTERS)})
+    try:
+        p = await asyncio.to_thread(adapter.poll, wide, True)
+    finally:
+        await adapter.close()
+    out: list[dict[str, Any]] = []
+    for reg, wh in p.energy.items():
+        row: dict[str, Any] = {"register": reg, "value": "not measured" if wh is None else mc.kwh(wh),
+                               "unit": "" if wh is None else "kWh" if reg[0] in "12" else "kvarh"}
+        if p.meter_time is not None:
+            row["ts"] = p.meter_time
+        out.append(row)
+    if p.transformer is not None:
+        out.append({"register": "transformer_ratio_u", "value": p.transformer[0], "unit": ""})
+        out.append({"register": "transformer_ratio_i", "value": p.transformer[1], "unit": ""})
+    return out
+
+
 async def _poll_dlms(meter: Meter) -> list[dict[str, Any]]:
     """Every energy register of the SPODES table (not only the configured ones) with the meter's clock;
     a register the meter does not have is left out."""
@@ -235,6 +268,8 @@ def cmd_poll(args: argparse.Namespace) -> int:
             rows = asyncio.run(_poll_modbus(meter, path, args.readings))
         elif meter.adapter == "iec62056":
             rows = asyncio.run(_poll_iec(meter))
+        elif meter.adapter in ("mercury230", "mercury200"):
+            rows = asyncio.run(_poll_mercury(meter))
         elif meter.adapter == "dlms":
             rows = asyncio.run(_poll_dlms(meter))
         else:
@@ -338,7 +373,39 @@ async def scan(
     return found
 
 
+def scan_mercury(
+    *, host: str | None, port: int, device: str | None, baudrate: int, timeout: float,
+    password: str | None, password_encoding: str,
+) -> dict[str, Any]:
+    """The address and serial number of the single Mercury v2 meter on a line (broadcast address 0)."""
+    from adapters.mercury_adapter import LineMeter, MercuryAdapter
+
+    line = LineMeter(port=device, host=host, tcp_port=port if host else None, baudrate=baudrate,
+                     timeout=max(timeout, 0.3), password=password, password_encoding=password_encoding)
+    adapter = MercuryAdapter(get_settings())
+    try:
+        return adapter.find_single(line)
+    finally:
+        adapter.close_blocking()
+
+
+def _cmd_scan_mercury(args: argparse.Namespace) -> int:
+    where = f"{args.host}:{args.port}" if args.host else f"{args.device} at {args.baudrate} baud"
+    try:
+        got = scan_mercury(host=args.host, port=args.port, device=args.device, baudrate=args.baudrate,
+                           timeout=args.timeout, password=args.password, password_encoding=args.password_encoding)
+    except PollError as exc:
+        raise UserError(f"no Mercury found on {where}: {exc.outcome}: {exc}") from None
+    if args.json:
+        _emit({"bus": where, "adapter": "mercury230", "address": got["address"], "serial": got["serial"]})
+    else:
+        print(f"address {got['address']:>3}: mercury230, serial {got['serial'] or 'unknown'}")
+    return 0
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
+    if args.mercury:
+        return _cmd_scan_mercury(args)
     if args.dlms:
         return _cmd_scan_dlms(args)
     if args.rtu and not args.host:
