@@ -32,7 +32,8 @@ PASSWORD = "Sekr3tPw9"  # in every URL that can carry one: it must never be prin
 # commands that need no database (or start their own, like demo), and daemons, which wait out an
 # outage by design (their start-up checks are tested with them)
 NO_DATABASE = {
-    "inventory check", "demo", "mqtt decode", "mqtt drain", "scan", "poll", "api", "collect", "gateway",
+    "inventory check", "demo", "mqtt decode", "mqtt drain", "mqtt listen", "scan", "poll", "api", "portal",
+    "collect", "gateway",
     "card reconcile",  # talks to the payment provider first; its refusal is tested in test_card_payments
 }
 
