@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psycopg
-from _db import scratch_database
+import psycopg  # noqa: E402
+from _db import scratch_database  # noqa: E402
 
-from collector.inventory import parse_inventory, upsert_inventory
+from collector.inventory import parse_inventory, upsert_inventory  # noqa: E402
 
 START = datetime(2026, 10, 1, tzinfo=UTC) - timedelta(hours=3)  # local midnight, 1 October
 

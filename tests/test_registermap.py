@@ -152,7 +152,7 @@ def test_overlapping_duplicate_and_bad_entries_are_all_named() -> None:
 
 
 def test_unknown_preset_lists_the_known_ones() -> None:
-    with pytest.raises(RegisterMapError, match="unknown preset 'sdm999'; known: abb_b21, .*eastron_sdm120"):
+    with pytest.raises(RegisterMapError, match=r"unknown preset 'sdm999'; known: abb_b21, .*eastron_sdm120"):
         load_register_map("sdm999")
 
 
