@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from amr.settings import Settings, get_settings
@@ -64,7 +65,12 @@ def _install_token_filter() -> None:
         access.addFilter(LinkTokenFilter())
 
 
-def _page(request: Request, status: int, title: str, message: str, *, with_user: bool = True) -> HTMLResponse:
+async def _page(request: Request, status: int, title: str, message: str, *, with_user: bool = True) -> HTMLResponse:
+    """The error page, rendered in a worker thread (it may look the session up in the database)."""
+    return await run_in_threadpool(_render_page, request, status, title, message, with_user)
+
+
+def _render_page(request: Request, status: int, title: str, message: str, with_user: bool) -> HTMLResponse:
     context: dict[str, Any] = {"title": title, "message": message}
     if not with_user:
         context["user"] = None
@@ -78,7 +84,7 @@ def _page(request: Request, status: int, title: str, message: str, *, with_user:
 
 async def portal_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, web.PortalError)
-    response = _page(request, exc.status, exc.title, exc.message)
+    response = await _page(request, exc.status, exc.title, exc.message)
     if isinstance(exc, web.RateLimited):
         response.headers["Retry-After"] = str(max(1, exc.retry_after_s))
     return response
@@ -87,12 +93,12 @@ async def portal_error(request: Request, exc: Exception) -> Response:
 async def login_required(request: Request, exc: Exception) -> Response:
     if request.method in ("GET", "HEAD"):
         return web.login_redirect(request)
-    return _page(request, 401, "Нужно войти", "Войдите в личный кабинет и повторите действие.",
+    return await _page(request, 401, "Нужно войти", "Войдите в личный кабинет и повторите действие.",
                  with_user=False)
 
 
 async def database_unavailable(request: Request, exc: Exception) -> Response:
-    return _page(request, 503, "Сервис временно недоступен",
+    return await _page(request, 503, "Сервис временно недоступен",
                  "Личный кабинет временно недоступен. Попробуйте через несколько минут.", with_user=False)
 
 
@@ -100,14 +106,14 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         err = web.not_found()
-        return _page(request, 404, err.title, err.message)
+        return await _page(request, 404, err.title, err.message)
     if exc.status_code == 405:
-        return _page(request, 405, "Действие недоступно", "Так эту страницу открыть нельзя.")
-    return _page(request, exc.status_code, "Ошибка", "Запрос не выполнен.")
+        return await _page(request, 405, "Действие недоступно", "Так эту страницу открыть нельзя.")
+    return await _page(request, exc.status_code, "Ошибка", "Запрос не выполнен.")
 
 
 async def invalid_request(request: Request, exc: Exception) -> Response:
-    return _page(request, 422, "Неверные данные", "Форма заполнена неверно: проверьте поля и отправьте её ещё раз.")
+    return await _page(request, 422, "Неверные данные", "Форма заполнена неверно: проверьте поля и отправьте её ещё раз.")
 
 
 @asynccontextmanager

@@ -61,6 +61,7 @@ from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from psycopg.types.json import Jsonb
+from starlette.concurrency import run_in_threadpool
 
 from amr.settings import Settings
 
@@ -215,9 +216,17 @@ def csrf_token(request: Request) -> str:
 
 
 def _expected_tokens(request: Request) -> list[str]:
+    """The tokens this request may carry: the session's alone while the session is valid.
+
+    Without a valid session (none yet, or one that ended while a form was
+    open) the token of the anonymous cookie, or of the stale session cookie
+    the form was rendered with, lets a login or registration form through.
+    """
     settings = settings_of(request)
-    out = []
     session = request.cookies.get(session_cookie_name(settings))
+    if session and len(session) < 200 and optional_user(request) is not None:
+        return [_derive(session)]
+    out = []
     if session and len(session) < 200:
         out.append(_derive(session))
     anon = request.cookies.get(anon_cookie_name(settings))
@@ -230,8 +239,7 @@ async def csrf_protect(request: Request) -> None:
     """Refuse a POST whose csrf_token field does not match this visitor's cookie (403 page).
 
     Also refused: an Origin header naming another site than this one or
-    AMR_PORTAL_BASE_URL. The token of the anonymous cookie is accepted too,
-    so a login form opened before a session expired still works.
+    AMR_PORTAL_BASE_URL.
     """
     origin = request.headers.get("origin")
     if origin and origin != "null":
@@ -245,7 +253,8 @@ async def csrf_protect(request: Request) -> None:
     given = form.get("csrf_token")
     if not isinstance(given, str) or not given:
         raise CsrfFailed
-    if not any(hmac.compare_digest(given, t) for t in _expected_tokens(request)):
+    expected = await run_in_threadpool(_expected_tokens, request)  # may look the session up
+    if not any(hmac.compare_digest(given, t) for t in expected):
         raise CsrfFailed
 
 

@@ -256,6 +256,7 @@ def test_captcha_used_once_and_drawn_offline(portal: Portal) -> None:
                   licence="1", pd_consent="1", captcha_answer=CAPTCHA.lower())
     assert v.post("/register", fields).status_code == 303  # case does not matter
     fields.update(login="petrov2")
+    v.http.cookies.delete("amr_session")  # (logged in now, the anonymous form's token would not pass)
     replay = v.post("/register", fields)  # the same captcha again
     assert replay.status_code == 400 and "Символы с картинки введены неверно." in replay.text
 

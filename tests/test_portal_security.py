@@ -92,6 +92,12 @@ def test_forged_or_missing_csrf_token_refused_on_every_form(portal: Portal, mail
             r = v.post(action, data)
             assert r.status_code == 403, (action, token, r.status_code)
             assert REFUSED in r.text and '<html lang="ru">' in r.text
+    # a token from before login (the anonymous cookie's) does not pass once a session is open
+    w = portal.visitor()
+    before = w.form("/login", "/login")["csrf_token"]
+    assert w.login("ivanov").status_code == 303
+    assert w.post("/logout-all", {"csrf_token": before}).status_code == 403
+    assert w.get("/profile").status_code == 200
     # the right token from another site's page is refused too (Origin)
     fields = dict(next(f for a, f in found if a == "/logout-all"))
     v.http.headers["Origin"] = "https://evil.example"
