@@ -415,6 +415,8 @@ class Demo:
         inv_path.write_text(inventory_text(first - DAY, tcp_port, rtu.device, iec.device, mqtt_device))
         inv = load_inventory(inv_path)
         upsert_inventory(conn, inv)
+        demo_meters = [m.id for m in inv.meters.values()]
+        stored_before = stored_per_adapter(conn, demo_meters)
         conn.commit()
 
         consumer = publisher = None
@@ -467,7 +469,7 @@ class Demo:
         if consumer is not None:
             self._drain_mqtt(consumer, publisher, published)
         poll_seconds = time.monotonic() - t_poll
-        by_protocol, mqtt_counts = stored_this_run(conn, run_started, [m.id for m in inv.meters.values()])
+        by_protocol, mqtt_counts = stored_this_run(conn, run_started, demo_meters, stored_before)
         totals.accepted += mqtt_counts["accepted"]  # the collector's readings: the summary counts every protocol
         totals.rejected += mqtt_counts["rejected"]
 
@@ -554,17 +556,27 @@ def _end_session(broker: Any, client_id: str) -> None:
         log.warning("could not drop the demo's MQTT session %s: %s", client_id, exc)
 
 
-def stored_this_run(conn: Any, since: datetime, meters: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Readings stored since SINCE per adapter, and the MQTT collector's accepted and rejected.
+def stored_per_adapter(conn: Any, meters: list[str]) -> dict[str, int]:
+    """How many readings the database holds for these meters, per adapter."""
+    counts = {a: n for a, n in conn.execute(
+        "SELECT m.adapter, count(*) FROM reading r JOIN meter m ON m.id = r.meter_id"
+        " WHERE r.meter_id = ANY(%s) GROUP BY 1 ORDER BY 1", (meters,)).fetchall()}
+    conn.commit()
+    return counts
+
+
+def stored_this_run(conn: Any, since: datetime, meters: list[str], before: dict[str, int]
+                    ) -> tuple[dict[str, int], dict[str, int]]:
+    """Readings stored in this run per adapter, and the MQTT collector's accepted and rejected.
 
     The polled meters' counts come from the demo's own ingestor; the MQTT
     meter's readings are stored by the collector, so they are counted here,
-    from what the database received during the run.
+    from the database: what it holds now less what it held before the run
+    (`before`, from stored_per_adapter; a reading keeps no arrival time of
+    its own, see migration 023). Refusals are counted by their arrival time.
     """
-    by_protocol = {a: n for a, n in conn.execute(
-        "SELECT m.adapter, count(*) FROM reading r JOIN meter m ON m.id = r.meter_id"
-        " WHERE r.meter_id = ANY(%s) AND r.received_at >= %s GROUP BY 1 ORDER BY 1",
-        (meters, since)).fetchall()}
+    after = stored_per_adapter(conn, meters)
+    by_protocol = {a: n - before.get(a, 0) for a, n in after.items() if n > before.get(a, 0)}
     rejected = conn.execute(
         "SELECT count(*) FROM rejected_reading WHERE received_at >= %s AND (source LIKE 'mqtt:%%'"
         " OR meter_id = ANY(%s::text[]))",
