@@ -45,9 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the summary as JSON lines (one object per subscriber, then the run)")
     p.add_argument("--serve", action="store_true",
-                   help="after the summary, keep the database, /metrics and the customer-account API "
-                        "running until Ctrl-C, and print their URLs and an API token")
+                   help="after the summary, keep the database, /metrics, the customer-account API and the "
+                        "customer account's web pages running until Ctrl-C, and print their URLs, an API "
+                        "token and the demo user's login and password")
     p.add_argument("--api-port", type=int, default=0, help="port of the API with --serve (default: any free)")
+    p.add_argument("--portal-port", type=int, default=0,
+                   help="port of the customer account (личный кабинет) with --serve (default: any free)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -78,10 +81,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = demo.run(keep_open=args.serve)
     try:
         api = demo.serve_api(result, args.api_port) if args.serve else None
+        portal = demo.serve_portal(result, args.portal_port) if args.serve else None
         if args.json:
-            print_json(result, api)
+            print_json(result, api, portal)
         else:
-            print_summary(result, api)
+            print_summary(result, api, portal)
         sys.stdout.flush()
         if api is not None:
             _wait_for_interrupt()
@@ -156,7 +160,7 @@ class _Progress:
             print(f"amr demo: {text}", file=sys.stderr, flush=True)
 
 
-def print_json(result: Any, api: tuple[str, str, Any] | None = None) -> None:
+def print_json(result: Any, api: tuple[str, str, Any] | None = None, portal: Any = None) -> None:
     from simulators.demo import next_steps
 
     for sub in result.subscribers:
@@ -168,12 +172,14 @@ def print_json(result: Any, api: tuple[str, str, Any] | None = None) -> None:
         "embedded_database": result.embedded, "metrics_url": result.metrics_url,
         "billing": _plain(result.billing), "seconds": result.seconds,
         "api_url": api[0] if api else None, "api_token": api[1] if api else None,
+        "portal": {"url": portal.url, "login": portal.login, "password": portal.password,
+                   "accounts": portal.accounts} if portal else None,
         "readings_by_protocol": result.readings_by_protocol, "mqtt_left_out": result.mqtt_left_out,
         "next_steps": [{"command": c, "what": w} for c, w in next_steps(result)],
     }))
 
 
-def print_summary(result: Any, api: tuple[str, str, Any] | None = None) -> None:
+def print_summary(result: Any, api: tuple[str, str, Any] | None = None, portal: Any = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -222,6 +228,10 @@ def print_summary(result: Any, api: tuple[str, str, Any] | None = None) -> None:
         console.print(f"  metrics:  {result.metrics_url}")
         console.print(f"  API:      {url}/docs   (token {token})")
         console.print(f'            curl -H "Authorization: Bearer {token}" {url}/accounts/990001/bills')
+    if portal is not None:
+        console.print(f"  account:  {portal.url}/login   login {portal.login}, password {escape(portal.password)} "
+                      f"(личный кабинет; accounts {', '.join(portal.accounts)} linked; payments go to a "
+                      "simulated provider)")
     else:
         console.print(f"  metrics:  {result.metrics_url} served while the demo ran; `amr demo --serve` keeps "
                       "it and the customer-account API up until Ctrl-C")

@@ -101,6 +101,19 @@ class DemoResult:
     billing: dict[str, Any] = field(default_factory=dict)
 
 
+DEMO_LOGIN = "demo"  # the customer account's demo user (amr demo --serve)
+
+
+@dataclass(frozen=True)
+class PortalLogin:
+    """Where the demo's customer account runs and how to log in to it."""
+
+    url: str
+    login: str
+    password: str
+    accounts: list[str]
+
+
 # --- the demo fleet -----------------------------------------------------------------
 
 # account, plan, category, area, metering, meters: (id, protocol)
@@ -347,6 +360,65 @@ class Demo:
 
         self._stack.callback(stop)
         return f"http://127.0.0.1:{port}", token, stop
+
+    def serve_portal(self, result: DemoResult, port: int = 0) -> PortalLogin:
+        """Start the customer account (личный кабинет) on the demo's database, with a demo user.
+
+        The user `demo` gets a fresh random password each run (printed, never stored in
+        clear), a confirmed e-mail, and the demo's accounts linked: the automated ones and
+        the manual one, so both kinds of page can be seen. Card payments go to a simulated
+        provider started here, which calls back to this portal. No mail server is
+        configured: registering another user works, its confirmation letter is not sent.
+        """
+        import secrets
+
+        import uvicorn
+
+        from amr.storage import db
+        from portal import linking, users
+        from portal.app import create_app
+        from simulators.payment_provider import PaymentProviderSim
+
+        port = port or _free_port()
+        url = f"http://127.0.0.1:{port}"
+        key = secrets.token_hex(16)
+        provider = PaymentProviderSim(f"{url}/payments/callback", key.encode()).start()
+        self._stack.callback(provider.close)
+        password = secrets.token_urlsafe(9)
+        with db.connect(result.database_url) as conn:
+            found = users.by_login(conn, DEMO_LOGIN)
+            if found is None:
+                user_id = users.create_user(conn, DEMO_LOGIN, password, "demo@example.org", None)
+                assert user_id is not None  # the login was free a moment ago, in the demo's own database
+            else:
+                user_id = found.id
+                users.set_password(conn, user_id, password)
+            if found is None or not found.email_confirmed:  # confirmed as a letter's link would
+                token = users.issue_token(conn, "confirm_email", user_id, "demo@example.org")
+                users.use_token(conn, "confirm_email", token)
+            for account, *_ in SUBSCRIBERS:
+                linking.link(conn, user_id, account)
+            conn.commit()
+        settings = self.settings.model_copy(update={
+            "database_url": result.database_url, "portal_base_url": url, "portal_secure_cookies": False,
+            "smtp_url": "", "payment_provider_url": provider.url, "payment_provider_name": "demo",
+            "payment_hmac_key": key, "payment_supplier": "Демонстрационный поставщик электроэнергии"})
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                               log_config=None, log_level="warning"))
+        thread = threading.Thread(target=server.run, name="amr-demo-portal", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"the customer account did not start on 127.0.0.1:{port}")
+
+        def stop() -> None:
+            server.should_exit = True
+            thread.join(10)
+
+        self._stack.callback(stop)
+        return PortalLogin(url, DEMO_LOGIN, password, [a for a, *_ in SUBSCRIBERS])
 
     def _run(self) -> DemoResult:
         from adapters.modbus import ModbusAdapter

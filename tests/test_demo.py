@@ -144,6 +144,7 @@ def test_demo_serve_keeps_metrics_and_api_up_until_stopped(db_url, tmp_path):
         with urllib.request.urlopen(run["metrics_url"], timeout=10) as resp:
             metrics_text = resp.read().decode()
         assert 'amr_readings_total{outcome="accepted"}' in metrics_text
+        _the_demo_user_sees_both_kinds_of_account(run["portal"])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
@@ -153,6 +154,28 @@ def test_demo_serve_keeps_metrics_and_api_up_until_stopped(db_url, tmp_path):
     with pytest.raises(OSError):  # the API is gone with the demo
         urllib.request.urlopen(f"{run['api_url']}/docs", timeout=3)
     assert not list(tmp_path.glob("amr-demo-*"))
+
+
+def _the_demo_user_sees_both_kinds_of_account(portal: dict) -> None:
+    """The printed login and password open the customer account, with the demo's accounts linked."""
+    from tests.portal_kit import Visitor
+
+    assert portal and portal["login"] == "demo" and len(portal["password"]) >= 8
+    v = Visitor(portal["url"], {})
+    try:
+        assert v.login("demo", "not the password").status_code != 303
+        assert v.login(portal["login"], portal["password"]).status_code == 303
+        home = v.get("/")
+        assert home.status_code == 200 and "990001" in home.text and "990005" in home.text
+        automated = v.get("/accounts/990001/readings")
+        assert automated.status_code == 200 and 'name="value_' not in automated.text
+        assert "автоматически" in automated.text
+        manual = v.get("/accounts/990005/readings")
+        assert manual.status_code == 200 and 'name="value_' in manual.text
+        usage = v.get("/accounts/990001")
+        assert usage.status_code == 200 and "<svg" in usage.text
+    finally:
+        v.close()
 
 
 def test_demo_summary_counts_the_mqtt_meters_readings(db_url, mqtt_broker, tmp_path, pg_admin_url, template_db):
