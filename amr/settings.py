@@ -99,6 +99,14 @@ class Settings(BaseSettings):
         "many past months wholly read, for at most this many months in a row; then by the consumption "
         "norm (Government Decree 354 p. 59-60; some suppliers use 6)",
     )
+    portal_writer_url: str = Field(
+        default="",
+        description="libpq URL the customer account (`amr portal`) writes readings and card payments "
+        "with: the ingestion path and the payment tables. The pages read with AMR_DATABASE_URL, in "
+        "production a login role that is only a member of amr_portal (it reads views and calls the "
+        "narrow functions for users, sessions, links and the audit log); this second role needs what "
+        "`amr collect` needs. Empty: AMR_DATABASE_URL writes too (one role for both, as in the demo)",
+    )
     portal_base_url: str = Field(
         default="http://127.0.0.1:8090",
         description="the customer account's public address (`amr portal`), the start of every link "

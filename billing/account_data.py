@@ -313,8 +313,8 @@ PLAN_REGISTERS = {"single": ("1.8.0",), "two_zone": ("1.8.1", "1.8.2"), "three_z
 def entry_registers(conn: Any, acc: str, plan: str) -> list[tuple[str, list[str]]]:
     """(meter, its registers) a manual reading may be entered for: the meters in service, each with the
     registers its inventory configures, or the plan's when it names none."""
-    rows = conn.execute("SELECT id, adapter, config FROM meter WHERE account = %s AND removed IS NULL"
-                        " ORDER BY installed NULLS FIRST, id", (acc,)).fetchall()
+    rows = conn.execute("SELECT meter_id, adapter, config FROM portal_meter_entry WHERE account = %s"
+                        " ORDER BY installed NULLS FIRST, meter_id", (acc,)).fetchall()
     out = []
     for meter_id, adapter, config in rows:
         regs = configured_registers(adapter, config)

@@ -307,7 +307,7 @@ def payment_page(request: Request, user: CurrentUser, account: str, payment: str
         except (payments.ProviderUnavailable, payments.ProviderRefused) as exc:
             log.info("card payment %d: no status from the provider for its result page: %s", p.id, exc)
         else:
-            with web.db(request) as conn:
+            with web.writer_db(request) as conn:
                 p, _ = payments.apply_status(conn, p.id, remote, via="reconcile", now=now_of(request),
                                              supplier=web.settings_of(request).payment_supplier)
     with web.db(request) as conn:
@@ -378,7 +378,7 @@ def start_payment(request: Request, user: CurrentUser, account: str,
         bal = account_data.balance(conn, sub.account, today)
     try:
         e, pn = _amount(energy, "за электроэнергию"), _amount(penalty, "пеней")
-        with web.db(request) as conn:
+        with web.writer_db(request) as conn:
             p, new = payments.start_payment(
                 conn, provider_of(request), web.settings_of(request), account=sub.account,
                 key=f"portal:{user.id}:{key or secrets.token_urlsafe(18)}", energy=e, penalty=pn,
@@ -406,7 +406,7 @@ async def payment_callback(request: Request) -> Response:
     client = web.client_ip(request)
 
     def handle() -> tuple[int, dict[str, str]]:
-        with web.db(request) as conn:
+        with web.writer_db(request) as conn:
             try:
                 p, _ = payments.handle_callback(conn, body, signed, web.settings_of(request), now=now_of(request),
                                                 client=client)
@@ -488,7 +488,9 @@ def _enter(request: Request, user: PortalUser, account: str, fields: dict[str, s
             return _readings_page(request, conn, sub, status_code=422, values=fields, result={
                 "ok": False, "reason": "введите показание хотя бы одного тарифа"})
         try:
-            counts = account_data.enter_readings(conn, sub.account, items, settings, source="portal", now=now)
+            with web.writer_db(request, conn) as writer:
+                counts = account_data.enter_readings(writer, sub.account, items, settings, source="portal",
+                                                     now=now)
         except account_data.ReadingRefused as exc:
             conn.rollback()
             reason = reject_texts(exc.reject_codes) if exc.reject_codes else reject_text(exc.code)

@@ -118,12 +118,16 @@ async def invalid_request(request: Request, exc: Exception) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    gate: DatabaseGate = app.state.database
-    gate.open()
+    gates: list[DatabaseGate] = [app.state.database]
+    if app.state.writer is not app.state.database:
+        gates.append(app.state.writer)
+    for gate in gates:
+        gate.open()
     try:
         yield
     finally:
-        gate.close()
+        for gate in gates:
+            gate.close()
 
 
 def create_app(settings: Settings | None = None, *, captcha_text: Callable[[], str] | None = None) -> FastAPI:
@@ -137,6 +141,10 @@ def create_app(settings: Settings | None = None, *, captcha_text: Callable[[], s
     app = FastAPI(title="Личный кабинет", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.database = DatabaseGate(settings.database_url, settings.api_db_wait_s)
+    # readings and card payments are written with a role of their own (AMR_PORTAL_WRITER_URL): the
+    # pages' role reads views and calls narrow functions only (migrations 011, 020, 021)
+    app.state.writer = (DatabaseGate(settings.portal_writer_url, settings.api_db_wait_s)
+                        if settings.portal_writer_url else app.state.database)
     app.state.captcha_text = captcha_text
     _install_token_filter()
     try:  # the formatting filters (money, dates, zones), one home: portal/formatting.py

@@ -15,7 +15,11 @@ registration with an image captcha and e-mail confirmation, login, password reco
 profile, and the linked accounts' pages. It runs beside `amr api` on the same database.
 
 Configuration (AMR_* environment variables):
-  AMR_DATABASE_URL            the database (migrated by `amr db migrate`)
+  AMR_DATABASE_URL            the database (migrated by `amr db migrate`), as the role the pages
+                              read with: in production a login role that is only a member of
+                              amr_portal (views and narrow functions, nothing else)
+  AMR_PORTAL_WRITER_URL       the role readings and card payments are written with (what
+                              `amr collect` needs); empty: AMR_DATABASE_URL writes them too
   AMR_PORTAL_BASE_URL         the address customers open, the start of the links in e-mails
                               (default http://127.0.0.1:8090)
   AMR_SMTP_URL                smtp://[user:password@]host:port[?starttls=true] or smtps://...;

@@ -119,6 +119,24 @@ def db(request: Request) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+@contextmanager
+def writer_db(request: Request, pages: psycopg.Connection | None = None) -> Iterator[psycopg.Connection]:
+    """A connection of the writing role (AMR_PORTAL_WRITER_URL), for readings and card payments.
+
+    Only account_data.enter_readings and billing.payments run on it, after the
+    pages' own connection has checked that the user linked the account. With
+    no writing role configured the pages' pool writes: then `pages`, the
+    connection the caller holds, is used itself (a second one from the same
+    pool, taken while holding the first, could wait forever under load).
+    """
+    gate = request.app.state.writer
+    if gate is request.app.state.database and pages is not None:
+        yield pages
+        return
+    with gate.connection() as conn:
+        yield conn
+
+
 def settings_of(request: Request) -> Settings:
     s: Settings = request.app.state.settings
     return s

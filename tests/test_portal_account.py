@@ -99,14 +99,14 @@ def seed(conn: psycopg.Connection) -> None:
 class Portal:
     """The portal on a free port, with the simulated provider calling back to it."""
 
-    def __init__(self, db_url: str) -> None:
+    def __init__(self, db_url: str, writer_url: str = "") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.sim = PaymentProviderSim(f"{self.url}/payments/callback", KEY.encode()).start()
         self.settings = Settings(database_url=db_url, portal_secure_cookies=False, portal_base_url=self.url,
                                  payment_provider_url=self.sim.url, payment_provider_name="sim",
                                  payment_hmac_key=KEY, payment_supplier="Тестовый поставщик электроэнергии",
-                                 payment_break="23:50-00:10")
+                                 payment_break="23:50-00:10", portal_writer_url=writer_url)
         self.app = create_app(self.settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None,
                                                     lifespan="on"))
@@ -491,3 +491,40 @@ def test_the_portal_role_links_only_through_the_function(db_url, conn) -> None:
     finally:
         conn.execute(f"DROP ROLE {role}")
         conn.commit()
+
+
+def test_the_pages_role_writes_readings_and_payments_only_through_the_writer(db_url, conn, pg_admin_url) -> None:
+    """Pages read as a role that is only a member of amr_portal; readings and payments go through the writer."""
+    from tests.portal_kit import drop_role, restricted_url
+
+    seed(conn)
+    pages_url, role = restricted_url(pg_admin_url, db_url)
+    p = Portal(pages_url, writer_url=db_url)
+    try:
+        uid, token = login_session(conn, "dora")
+        c = p.client(token)
+        assert link(c, "456", TODAY - timedelta(days=20), "321.09").status_code == 303
+        assert link(c, "123", TODAY - timedelta(days=30), "1500").status_code == 303
+        r = post_form(c, "/accounts/456/readings", "/accounts/456/readings",
+                      {"meter": "m-456", "value_1.8.0": "1200", "date": TODAY.isoformat()})
+        assert r.status_code == 200 and 'data-result="accepted"' in r.text, r.text[:500]
+        assert conn.execute("SELECT value FROM reading WHERE meter_id = 'm-456' ORDER BY ts DESC LIMIT 1"
+                            ).fetchone()[0] == Decimal("1200")
+        conn.commit()
+        form = c.get("/accounts/123/pay")
+        r = c.post("/accounts/123/pay", data={"csrf_token": csrf(form), "energy": "10,00", "penalty": "0",
+                                              "contact": "email", "email": "dora@example.ru",
+                                              "key": re.search(r'name="key" value="([^"]+)"', form.text).group(1)})
+        assert r.status_code == 303 and "/pay/" in r.headers["location"], r.text[:500]
+        assert conn.execute("SELECT count(*) FROM card_payment WHERE account = '123'").fetchone()[0] == 1
+        conn.commit()
+        assert audit_actions(conn, uid)[-2:] == ["reading_entered", "payment_started"]
+        with psycopg.connect(pages_url, autocommit=True) as pages:  # the pages' role itself cannot
+            for sql in ("INSERT INTO reading (meter_id, register, ts, value) VALUES ('m-456', '1.8.0', now(), 1300)",
+                        "UPDATE card_payment SET state = 'succeeded'", "DELETE FROM ledger_entry"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    pages.execute(sql)
+        c.close()
+    finally:
+        p.close()
+        drop_role(pg_admin_url, role)
