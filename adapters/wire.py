@@ -241,7 +241,8 @@ class _FastReading(msgspec.Struct, forbid_unknown_fields=True):
     # the source flags by their names in adapters.quality, spelled once; msgspec reads the values,
     # mypy takes no names inside Literal[...] (to it the list is of Any)
     quality: Annotated[list[Literal[quality.RETRIED, quality.CLOCK_SKEW, quality.METER_CLOCK,  # type: ignore[valid-type]
-                                    quality.LATE, quality.MANUAL, quality.IMPORTED, quality.SPOOLED]],
+                                    quality.LATE, quality.MANUAL, quality.IMPORTED, quality.SPOOLED,
+                                    quality.FROM_PROFILE]],
                        msgspec.Meta(max_length=16)] = []
     source: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
