@@ -334,8 +334,6 @@ class Demo:
         """Start the customer-account API on the demo's database: (URL, a bearer token, stop)."""
         import secrets
 
-        import uvicorn
-
         from billing.api import create_app
 
         token = secrets.token_urlsafe(16)
@@ -344,22 +342,29 @@ class Demo:
         tokens.write_text(f'[[token]]\nname = "demo"\ntoken = "{token}"\naccounts = [{accounts}]\n')
         settings = self.settings.model_copy(update={"database_url": result.database_url, "api_tokens": tokens})
         port = port or _free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                               log_config=None, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="amr-demo-api", daemon=True)
+        stop = self._serve(create_app(settings), port, "the API")
+        return f"http://127.0.0.1:{port}", token, stop
+
+    def _serve(self, app: Any, port: int, what: str) -> Callable[[], None]:
+        """Serve an ASGI app on 127.0.0.1:port in a thread until the demo closes; the stop function."""
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                               log_level="warning"))
+        thread = threading.Thread(target=server.run, name=f"amr-demo-{port}", daemon=True)
         thread.start()
         deadline = time.monotonic() + 15
         while not server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         if not server.started:
-            raise RuntimeError(f"the API did not start on 127.0.0.1:{port}")
+            raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}")
 
         def stop() -> None:
             server.should_exit = True
             thread.join(10)
 
         self._stack.callback(stop)
-        return f"http://127.0.0.1:{port}", token, stop
+        return stop
 
     def serve_portal(self, result: DemoResult, port: int = 0) -> PortalLogin:
         """Start the customer account (личный кабинет) on the demo's database, with a demo user.
@@ -371,8 +376,6 @@ class Demo:
         configured: registering another user works, its confirmation letter is not sent.
         """
         import secrets
-
-        import uvicorn
 
         from amr.storage import db
         from portal import linking, users
@@ -403,21 +406,7 @@ class Demo:
             "database_url": result.database_url, "portal_base_url": url, "portal_secure_cookies": False,
             "smtp_url": "", "payment_provider_url": provider.url, "payment_provider_name": "demo",
             "payment_hmac_key": key, "payment_supplier": "Демонстрационный поставщик электроэнергии"})
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                               log_config=None, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="amr-demo-portal", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not server.started:
-            raise RuntimeError(f"the customer account did not start on 127.0.0.1:{port}")
-
-        def stop() -> None:
-            server.should_exit = True
-            thread.join(10)
-
-        self._stack.callback(stop)
+        self._serve(create_app(settings), port, "the customer account")
         return PortalLogin(url, DEMO_LOGIN, password, [a for a, *_ in SUBSCRIBERS])
 
     def _run(self) -> DemoResult:
