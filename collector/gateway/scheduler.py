@@ -57,7 +57,9 @@ from collector.gateway.backfill import BackfillStore, Gap, derive
 
 log = logging.getLogger("amr.scheduler")
 
-SERIAL_ADAPTERS = ("modbus_rtu", "iec62056", "mercury230", "mercury200")
+# meters on one serial line (or one converter's line: `bus_name` is its host:tcp_port) are read in turn,
+# outside the TCP reads' concurrency bound; dlms too: HDLC meters share RS-485 lines like the others
+SERIAL_ADAPTERS = ("modbus_rtu", "iec62056", "mercury230", "mercury200", "dlms")
 
 # a wait shorter than this is not announced: a 2-second interval would say so every 2 seconds
 ANNOUNCE_WAIT_S = 5.0
