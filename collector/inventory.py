@@ -317,6 +317,10 @@ class Meter(BaseModel):
             return f"{self.host}:{self.port or 502}"
         if self.host and self.tcp_port is not None:  # a serial line behind a TCP converter
             return f"{self.host}:{self.tcp_port}"
+        if self.host and self.adapter == "dlms":  # the TCP wrapper on its default port: that endpoint
+            from adapters.dlms import DEFAULT_TCP_PORT
+
+            return f"{self.host}:{DEFAULT_TCP_PORT}"
         return str(self.port or self.device or self.adapter)
 
 

@@ -161,3 +161,12 @@ def test_dlms_behind_a_converter_is_grouped_by_the_converter_like_mercury() -> N
     assert endpoints == {}
     assert {k: [m.id for m in v] for k, v in buses.items()} == {"10.0.0.5:4001": ["a", "b", "m"],
                                                                "/dev/ttyUSB1": ["c", "d"]}
+
+
+def test_dlms_over_the_tcp_wrapper_without_a_port_is_a_bus_per_host() -> None:
+    """No tcp_port: the adapter connects to 4059, so meters on two hosts are two lines, each named by it."""
+    meters = [_dlms("e", physical_address=17, host="10.0.0.7"), _dlms("f", physical_address=17, host="10.0.0.8"),
+              _dlms("g", physical_address=18, host="10.0.0.8", tcp_port=4059)]
+    sched = Scheduler(meters, lambda m: DlmsAdapter(Settings()), ListSink(), jitter_s=0)
+    _, buses = sched._lanes(meters)
+    assert {k: [m.id for m in v] for k, v in buses.items()} == {"10.0.0.7:4059": ["e"], "10.0.0.8:4059": ["f", "g"]}
