@@ -298,7 +298,10 @@ def _card_payment(conn: Any, acc: str, payment: str) -> payments.CardPayment:
 def payment_page(request: Request, user: CurrentUser, account: str, payment: str) -> Response:
     with web.db(request) as conn:
         sub = _own(conn, user, account)
-        p = _card_payment(conn, sub.account, payment)
+        # the payment's own row (its contact, its confirmation URL) is in card_payment, which only the
+        # writing role reads: the pages' role sees the portal_card_payment view, without those columns
+        with web.writer_db(request, conn) as wconn:
+            p = _card_payment(wconn, sub.account, payment)
     provider = provider_of(request)
     if p.state in payments.OPEN and p.provider_payment_id and provider is not None:
         # the result page asks the provider, as the janitor would: a lost callback does not leave it pending

@@ -7,7 +7,8 @@ they share is in portal.web. The static files (portal/static) are served at
 /static; nothing comes from the internet and no page needs JavaScript.
 
 Every response carries a Content-Security-Policy that allows only this site's
-own resources, refuses framing, and sends no Referer to other sites (the
+own resources (a form may lead to this site and to the card payment
+provider only), refuses framing, and sends no Referer to other sites (the
 confirmation and reset links are in URLs). A database that is down is a 503
 page in Russian, not a traceback.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,6 +42,22 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
+
+
+def security_headers_for(settings: Settings) -> dict[str, str]:
+    """SECURITY_HEADERS with the card payment provider's origin allowed as a form's destination.
+
+    The payment form posts to the account, which answers 303 to the provider's
+    payment page; browsers hold a form's redirects to form-action too, so with
+    'self' alone Chromium stops the customer on the form (nothing happens on
+    "Перейти к оплате").
+    """
+    headers = dict(SECURITY_HEADERS)
+    url = urllib.parse.urlsplit(settings.payment_provider_url)
+    if url.scheme in ("http", "https") and url.netloc:
+        headers["Content-Security-Policy"] = headers["Content-Security-Policy"].replace(
+            "form-action 'self'", f"form-action 'self' {url.scheme}://{url.netloc}")
+    return headers
 
 
 class LinkTokenFilter(logging.Filter):
@@ -165,10 +183,12 @@ def create_app(settings: Settings | None = None, *, captcha_text: Callable[[], s
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
 
+    headers = security_headers_for(settings)
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in headers.items():
             response.headers.setdefault(name, value)
         if not request.url.path.startswith("/static/"):
             response.headers.setdefault("Cache-Control", "no-store")
