@@ -135,7 +135,8 @@ class PaymentProvider(Protocol):
 
     name: str
 
-    def create(self, key: str, amount: Decimal, description: str) -> ProviderPayment: ...
+    def create(self, key: str, amount: Decimal, description: str,
+               return_url: str | None = None) -> ProviderPayment: ...
 
     def status(self, provider_id: str) -> ProviderPayment: ...
 
@@ -193,10 +194,12 @@ class HttpProvider:
         except ValueError:
             raise ProviderUnavailable(f"{method} {path}: the provider's answer is not JSON") from None
 
-    def create(self, key: str, amount: Decimal, description: str) -> ProviderPayment:
-        return self._call("POST", "/payments", {"amount": str(amount), "currency": "RUB",
-                                                "description": description},
-                          {"Idempotence-Key": key})
+    def create(self, key: str, amount: Decimal, description: str,
+               return_url: str | None = None) -> ProviderPayment:
+        body: dict[str, str] = {"amount": str(amount), "currency": "RUB", "description": description}
+        if return_url:  # where the provider's page sends the customer back after paying
+            body["return_url"] = return_url
+        return self._call("POST", "/payments", body, {"Idempotence-Key": key})
 
     def status(self, provider_id: str) -> ProviderPayment:
         return self._call("GET", "/payments/" + urllib.parse.quote(provider_id, safe=""))
@@ -361,8 +364,12 @@ def _move(conn: Any, p: CardPayment, state: str, via: str, detail: str, now: dat
 
 def start_payment(conn: Any, provider: PaymentProvider | None, settings: Settings, *, account: str,
                   key: str, energy: Decimal, penalty: Decimal, email: str | None = None,
-                  phone: str | None = None, now: datetime | None = None) -> tuple[CardPayment, bool]:
+                  phone: str | None = None, now: datetime | None = None,
+                  return_url: str | None = None) -> tuple[CardPayment, bool]:
     """Start (or, for a key seen before, return) a card payment: (payment, True if new).
+
+    `return_url` is where the provider's payment page sends the customer back
+    (the account's payment history).
 
     Refused outside the rules (the technical break, amounts, the receipt's
     contact) with a PaymentRefused in Russian. The same key with other
@@ -401,15 +408,16 @@ def start_payment(conn: Any, provider: PaymentProvider | None, settings: Setting
         conn.commit()
     assert p is not None
     if p.provider_payment_id is None and p.state in OPEN:
-        p = _ask_create(conn, provider, p, "api", now, settings.payment_supplier)
+        p = _ask_create(conn, provider, p, "api", now, settings.payment_supplier, return_url)
     return p, new
 
 
 def _ask_create(conn: Any, provider: PaymentProvider, p: CardPayment, via: str, now: datetime,
-                supplier: str) -> CardPayment:
+                supplier: str, return_url: str | None = None) -> CardPayment:
     """Ask the provider to create the payment (again: idempotent by our key); record what it said."""
     try:
-        remote = provider.create(f"amr-card-{p.id}", p.amount, f"Оплата по лицевому счёту {p.account}")
+        remote = provider.create(f"amr-card-{p.id}", p.amount, f"Оплата по лицевому счёту {p.account}",
+                                 return_url)
     except ProviderRefused as exc:
         locked = get(conn, p.id, lock=True)
         assert locked is not None

@@ -386,7 +386,8 @@ def start_payment(request: Request, user: CurrentUser, account: str,
                 conn, provider_of(request), web.settings_of(request), account=sub.account,
                 key=f"portal:{user.id}:{key or secrets.token_urlsafe(18)}", energy=e, penalty=pn,
                 email=email if contact != "phone" else None, phone=phone if contact == "phone" else None,
-                now=now_of(request))
+                now=now_of(request),
+                return_url=f"{web.settings_of(request).portal_base_url.rstrip('/')}/accounts/{sub.account}/payments")
             web.audit(conn, user.id, "payment_started" if new else "payment_repeated",
                       {"account": sub.account, "payment": p.id, "energy": str(p.energy),
                        "penalty": str(p.penalty), "state": p.state}, request)

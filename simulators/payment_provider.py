@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import html
 import json
 import logging
 import threading
@@ -56,6 +57,7 @@ class SimPayment:
     behaviour: str
     status: str = "pending"
     paid_at: datetime | None = None
+    return_url: str = ""  # where the payment page sends the customer back
 
     def as_json(self, base_url: str) -> dict[str, Any]:
         return {"id": self.id, "status": self.status, "amount": str(self.amount),
@@ -132,11 +134,13 @@ class PaymentProviderSim:
 
     # --- what the provider does -----------------------------------------------------
 
-    def create(self, key: str, amount: Decimal, description: str) -> tuple[SimPayment, bool]:
+    def create(self, key: str, amount: Decimal, description: str,
+               return_url: str = "") -> tuple[SimPayment, bool]:
         with self.lock:
             if key in self.by_key:
                 return self.payments[self.by_key[key]], False
-            p = SimPayment(f"sim-{uuid.uuid4().hex[:16]}", key, amount, description, self.behaviour)
+            p = SimPayment(f"sim-{uuid.uuid4().hex[:16]}", key, amount, description, self.behaviour,
+                           return_url=return_url)
             self.payments[p.id] = p
             self.by_key[key] = p.id
             return p, True
@@ -224,7 +228,9 @@ def _handler(sim: PaymentProviderSim) -> type[BaseHTTPRequestHandler]:
                 if not key or not ok:
                     self._json(400, {"error": "an Idempotence-Key header and a positive amount in kopecks are needed"})
                     return
-                p, new = sim.create(key, amount, str(data.get("description", "")))
+                back = data.get("return_url")
+                p, new = sim.create(key, amount, str(data.get("description", "")),
+                                    back if isinstance(back, str) and back.startswith(("http://", "https://")) else "")
                 if p.behaviour == "timeout":
                     self._no_answer()
                     return
@@ -266,7 +272,9 @@ def _handler(sim: PaymentProviderSim) -> type[BaseHTTPRequestHandler]:
                 return
             p = sim.pay(payment_id)
             text = "Оплата прошла." if p.status == "succeeded" else "Оплата отклонена банком."
-            body = f"<!DOCTYPE html><html lang=\"ru\"><meta charset=\"utf-8\"><p>{text}</p></html>".encode()
+            back = (f'<p><a id="return" href="{html.escape(p.return_url)}">Вернуться в личный кабинет</a></p>'
+                    if p.return_url else "")
+            body = f"<!DOCTYPE html><html lang=\"ru\"><meta charset=\"utf-8\"><p>{text}</p>{back}</html>".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))

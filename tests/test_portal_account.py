@@ -392,6 +392,7 @@ def test_pay_through_the_provider_and_print_the_receipt(linked, conn) -> None:
     assert confirmation.startswith(linked and r.headers["location"].split("/pay/")[0])
     paid = httpx.get(confirmation, timeout=10)  # the customer pays at the provider's page
     assert "Оплата прошла" in paid.text
+    assert f'id="return" href="{str(alice.base_url).rstrip("/")}/accounts/123/payments"' in paid.text  # and back
     pid = conn.execute("SELECT id FROM card_payment WHERE account = '123'").fetchone()[0]
     conn.commit()
     deadline = time.monotonic() + 10
