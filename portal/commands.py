@@ -36,13 +36,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes (default 1); pages are rendered in Python, so on a busy portal "
+                        "give one per core: sessions, rate limits and the audit log are in the database, "
+                        "shared by every worker")
     p.set_defaults(func=cmd_portal)
 
 
 def cmd_portal(args: argparse.Namespace) -> int:
     """Start the pages; a malformed database URL stops it, a database that is down does not (503 pages)."""
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     settings = get_settings()
     db.check_url(settings.database_url)
+    if settings.portal_writer_url:
+        db.check_url(settings.portal_writer_url)
     if settings.smtp_url:
         from portal.mail import parse_smtp_url
 
@@ -59,10 +67,13 @@ def cmd_portal(args: argparse.Namespace) -> int:
 
     logs.setup("INFO", settings.log_format)
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
-    app = create_app(settings)
     logging.getLogger("amr.portal").info(
-        "serving the customer account on %s:%d (database %s, public address %s, mail %s)", args.host,
-        args.port, db.describe_database(settings.database_url), settings.portal_base_url,
-        "on" if settings.smtp_url else "off")
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+        "serving the customer account on %s:%d with %d worker(s) (database %s, public address %s, mail %s)",
+        args.host, args.port, args.workers, db.describe_database(settings.database_url),
+        settings.portal_base_url, "on" if settings.smtp_url else "off")
+    if args.workers == 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    else:  # each worker process builds the app from the same environment
+        uvicorn.run("portal.app:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+                    log_config=None)
     return 0

@@ -280,12 +280,14 @@ def test_pages_work_without_javascript(portal: Portal, mail: MailServer) -> None
     assert "http" not in css.text  # nothing from the internet
 
 
-def test_amr_portal_serves_the_pages(db_url: str, mail: MailServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_amr_portal_serves_the_pages(db_url: str, mail: MailServer, tmp_path: Path, workers: int) -> None:
     """`amr portal` as a process: it serves the login page; insecure cookies off loopback are refused."""
     port = free_port()
     env = {"AMR_DATABASE_URL": db_url, "AMR_PORTAL_BASE_URL": f"http://127.0.0.1:{port}",
            "AMR_PORTAL_SECURE_COOKIES": "false", "AMR_SMTP_URL": mail.url, "AMR_LOG_FORMAT": "text"}
-    d = Daemon([sys.executable, "-m", "amr.cli", "portal", "--port", str(port)], env, tmp_path / "portal.log")
+    d = Daemon([sys.executable, "-m", "amr.cli", "portal", "--port", str(port), "--workers", str(workers)], env,
+               tmp_path / "portal.log")
     try:
         def page() -> httpx.Response | None:
             try:
@@ -294,9 +296,16 @@ def test_amr_portal_serves_the_pages(db_url: str, mail: MailServer, tmp_path: Pa
                 return None
         r = d.until(page, "the login page")
         assert isinstance(r, httpx.Response) and r.status_code == 200 and "Вход в личный кабинет" in r.text
+        if workers > 1:  # the parent and its worker processes, each serving the same pages
+            def started() -> list[str] | None:
+                kids = subprocess.run(["ps", "--ppid", str(d.proc.pid), "-o", "pid="], capture_output=True,
+                                      text=True).stdout.split()
+                return kids if len(kids) >= workers else None
+            d.until(started, f"{workers} worker processes")
+            assert all(page().status_code == 200 for _ in range(4))  # type: ignore[union-attr]
     finally:
         log = d.stop()
-    assert "serving the customer account" in log
+    assert f"serving the customer account on 127.0.0.1:{port} with {workers} worker(s)" in log
     refused = subprocess.run([sys.executable, "-m", "amr.cli", "portal"], capture_output=True, text=True,
                              env={**{k: v for k, v in os.environ.items() if not k.startswith("AMR_")},
                                   **env, "AMR_PORTAL_BASE_URL": "http://portal.example.ru"}, timeout=60)
