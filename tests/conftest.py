@@ -205,3 +205,26 @@ def broker():
         b = Broker(Path(d))
         yield b
         b.stop()
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Never hang after the last test: a thread some library left running (not a daemon) would keep
+    the process alive for ever, and CI with it. Name such threads and exit with the tests' status."""
+    import sys
+    import threading
+
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not left or not _EXIT_STATUS:
+        return
+    print(f"\ntests left {len(left)} non-daemon thread(s) running: {', '.join(t.name for t in left)}; "
+          "exiting without waiting for them", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(_EXIT_STATUS[-1])

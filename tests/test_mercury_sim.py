@@ -129,9 +129,16 @@ def test_mercury_base_reads_the_v1_simulator(clock: Frozen) -> None:
     want = [v / 100 for v in sm.v1_energy(clock.t)]
     with MercuryLineSim(bus) as sim, MercuryTcpSim(bus) as tcp:
         for transport in (mb.SerialDataTransport(sim.device), mb.TcpDataTransport(tcp.host, tcp.port)):
-            m = mb.Meter(12345678, transport)
-            assert m.serial_number == 12345678 and m.model == "206"
-            assert m.command("get_energy_accumulators") == want
+            try:
+                m = mb.Meter(12345678, transport)
+                assert m.serial_number == 12345678 and m.model == "206"
+                assert m.command("get_energy_accumulators") == want
+            finally:
+                # its TCP transport's socket thread spins until told to disconnect, and is not a daemon:
+                # left running it takes a core and keeps the test process from ever exiting
+                client = getattr(transport, "_TcpDataTransport__connection", None)
+                if client is not None:
+                    client.disconnect()
 
 
 class _Replay(threading.Thread):
