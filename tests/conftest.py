@@ -228,3 +228,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
           "exiting without waiting for them", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(_EXIT_STATUS[-1])
+
+
+@pytest.fixture
+def mail() -> Iterator[object]:
+    """A real SMTP server on 127.0.0.1 (aiosmtpd) keeping the letters it receives (tests/portal_kit.py)."""
+    from tests.portal_kit import MailServer
+
+    server = MailServer()
+    yield server
+    server.close()

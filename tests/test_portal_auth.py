@@ -40,13 +40,6 @@ from tests.portal_kit import (
 
 
 @pytest.fixture
-def mail() -> Iterator[MailServer]:
-    server = MailServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def portal(pg_admin_url: str, db_url: str, mail: MailServer) -> Iterator[Portal]:
     url, role = restricted_url(pg_admin_url, db_url)
     p = Portal(url, mail)

@@ -81,13 +81,6 @@ def shots(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def mail() -> Iterator[MailServer]:
-    server = MailServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def provider() -> Iterator[PaymentProviderSim]:
     sim = PaymentProviderSim("http://127.0.0.1:1/unset", KEY.encode()).start()  # callback set with the portal
     yield sim

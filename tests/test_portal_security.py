@@ -31,13 +31,6 @@ THROTTLED = re.compile(r"Слишком много попыток, попроб�
 
 
 @pytest.fixture
-def mail() -> Iterator[MailServer]:
-    server = MailServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def restricted(pg_admin_url: str, db_url: str) -> Iterator[str]:
     url, role = restricted_url(pg_admin_url, db_url)
     yield url
