@@ -59,6 +59,16 @@ def generate(meters: int, days: int) -> list[Reading]:
     return out
 
 
+def add_meters(conn: psycopg.Connection, meters: int) -> None:
+    """The meters generate() reads for (b00000, b00001, ...), on one account, through the inventory path."""
+    upsert_inventory(conn, parse_inventory({
+        "subscriber": [{"account": "1"}],
+        "meter": [{"id": f"b{m:05d}", "account": "1", "installed": "2026-01-01T00:00:00+03:00"}
+                  for m in range(meters)],
+    }))
+    conn.commit()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--meters", type=int, default=2000)
@@ -79,12 +89,7 @@ def main() -> int:
     readings = generate(args.meters, args.days)
     n = len(readings)
     with scratch_database() as url, psycopg.connect(url) as conn:
-        upsert_inventory(conn, parse_inventory({
-            "subscriber": [{"account": "1"}],
-            "meter": [{"id": f"b{m:05d}", "account": "1", "installed": "2026-01-01T00:00:00+03:00"}
-                      for m in range(args.meters)],
-        }))
-        conn.commit()
+        add_meters(conn, args.meters)
         ing = Ingestor(conn, clock=lambda: datetime(2026, 12, 1, tzinfo=UTC))
         t0 = time.perf_counter()
         accepted = 0

@@ -35,11 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
 from _db import scratch_database
-from ingest import generate
+from ingest import add_meters, generate
 
 from amr.runtime import tune_gc
 from collector.ingest.ingestor import Ingestor
-from collector.inventory import parse_inventory, upsert_inventory
 
 
 def table_bytes(conn: psycopg.Connection, root: str) -> int:
@@ -71,12 +70,7 @@ def main() -> int:
     n = len(readings)
     batch = args.meters * 48
     with scratch_database("amr_bench_storage") as url, psycopg.connect(url) as conn:
-        upsert_inventory(conn, parse_inventory({
-            "subscriber": [{"account": "1"}],
-            "meter": [{"id": f"b{m:05d}", "account": "1", "installed": "2026-01-01T00:00:00+03:00"}
-                      for m in range(args.meters)],
-        }))
-        conn.commit()
+        add_meters(conn, args.meters)
         ing = Ingestor(conn, clock=lambda: datetime(2026, 12, 1, tzinfo=UTC))
         t0 = time.perf_counter()
         for i in range(0, n, batch):
