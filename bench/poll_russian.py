@@ -33,14 +33,14 @@ beside the same kind of bound.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _line import line_bench_main
 
 from adapters import mercury as mc
 from adapters.mercury_adapter import MercuryAdapter
@@ -117,25 +117,7 @@ def run(meters: int, rounds: int, backfills: int) -> list[dict[str, float | int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a short run (about ten seconds)")
-    p.add_argument("--meters", type=int, default=16, help="meters on the line (default 16)")
-    p.add_argument("--rounds", type=int, help="reads of every meter (default 10, quick 2)")
-    p.add_argument("--json", action="store_true", help="one JSON object per run")
-    args = p.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 10)
-    backfills = min(args.meters, 4 if args.quick else 16)
-    for r in run(args.meters, rounds, backfills):
-        if args.json:
-            print(json.dumps(r))
-        elif r["run"] == "read":
-            print(f"Mercury 230 {r['baud']} baud, {r['meters_on_line']} meters on one line: {r['reads_per_s']:.3f} "
-                  f"reads/s ({r['reads']} in {r['seconds']} s, {r['exchanges']} exchanges, {r['bytes']} bytes); "
-                  f"line bound {r['line_bound_reads_per_s']:.3f} reads/s; ratio {r['ratio']:.1%}")
-        else:
-            print(f"Mercury 230 back-fill of a day (48 slots) for {r['meters']} meters ({r['slots']} slots read): "
-                  f"{r['seconds']} s; line bound {r['line_bound_seconds']} s; ratio {r['ratio']:.1%}")
-    return 0
+    return line_bench_main("Mercury 230", __doc__, run, argv)
 
 
 if __name__ == "__main__":
