@@ -76,6 +76,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=0,
                     help="readings per ingest call (default: one day of every meter, meters x 48)")
     ap.add_argument("--quick", action="store_true", help="200 meters x 7 days")
+    ap.add_argument("--no-tail", action="store_true",
+                    help="read every register's last readings from the database on each call, as before the "
+                    "in-memory tail (migration 026)")
     ap.add_argument("--gc-defaults", action="store_true",
                     help="keep CPython's default cycle collector thresholds (what amr.runtime.tune_gc gains)")
     args = ap.parse_args()
@@ -90,7 +93,7 @@ def main() -> int:
     n = len(readings)
     with scratch_database() as url, psycopg.connect(url) as conn:
         add_meters(conn, args.meters)
-        ing = Ingestor(conn, clock=lambda: datetime(2026, 12, 1, tzinfo=UTC))
+        ing = Ingestor(conn, clock=lambda: datetime(2026, 12, 1, tzinfo=UTC), tail=not args.no_tail)
         t0 = time.perf_counter()
         accepted = 0
         for i in range(0, n, args.batch):
@@ -122,6 +125,7 @@ def main() -> int:
           "intervals, zones, daily totals)")
     print(f"raw binary COPY, same rows  {raw:>12,.0f} readings/s   ({raw_s:.1f} s; the physical limit)")
     print(f"ratio                       {rate / raw:>12.2f}")
+    print(f"windows from the tail       {ing.tail_hits:>12,}   (of {n // args.batch * args.meters:,} register-calls)")
     return 0
 
 

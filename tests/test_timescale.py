@@ -54,7 +54,7 @@ OTHER_TABLES = {
     "consumption_norm",
     "portal_user", "portal_session", "portal_token", "portal_captcha", "portal_rate_counter", "portal_audit_log",
     "portal_account_link",
-    "reading_series", "reading_source", "quality_flag",
+    "reading_series", "reading_source", "quality_flag", "tail_owner",
 }
 START_TIMEOUT_S = 90
 

@@ -104,6 +104,8 @@ def apply(conn: psycopg.Connection, months: int | None, now: datetime | None = N
             " EXCLUDED.watermark), updated_at = now()", (report.watermark,))
         for table in sorted(hypertables):  # exactly the chunks listed: those ending by the cutoff
             conn.execute("SELECT drop_chunks(%s::regclass, older_than => %s::timestamptz)", (table, cutoff))
+        # readings an ingesting process keeps in memory may be among those dropped (migration 026)
+        conn.execute("UPDATE tail_owner SET gen = gen + 1")
     return report
 
 

@@ -59,6 +59,15 @@ _WATERMARK_TTL = timedelta(seconds=60)
 _PARTITIONS_PER_TRANSACTION = 24
 # the advisory lock `amr db maintain` holds while it drops; ingestion shares it
 _RETENTION_LOCK = 7217002
+# the first key of the session advisory lock (7217, token) an owner of series holds
+# (migration 026); live owners are the tokens whose lock is held
+_OWNER_LOCK = 7217
+# series whose tail one process keeps at most (a few hundred bytes each); the least
+# recently written are forgotten first, and read from the database when they come again
+TAIL_SERIES = 250_000
+_LIVE_OWNERS = (
+    "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = 7217 AND objsubid = 2"
+    " AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
 
 
 class _WatermarkMoved(Exception):
@@ -125,6 +134,7 @@ class _Plan(NamedTuple):
     span: _Span | None  # None: nothing is new
     duplicates: int
     conflicts: list[tuple[Reading, Decimal]]  # a new reading and the different value stored
+    to_the_end: bool  # the points reach the series' newest reading: their last ones are its tail
 
 
 class _Update(NamedTuple):
@@ -289,6 +299,7 @@ class Ingestor:
         calendar: ZoneCalendar | None = None,
         clock: Callable[[], datetime] | None = None,
         record_metrics: bool = True,
+        tail: bool = True,
     ):
         if not conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             conn.autocommit = True
@@ -302,6 +313,16 @@ class Ingestor:
         self._codes_loaded = False
         self._record = record_metrics
         self._watermark_read: tuple[datetime, datetime | None] | None = None
+        # The tail (migration 026): each owned series' newest CONTEXT readings as stored,
+        # oldest first, so that an append needs no window probe. Only with commits of
+        # our own: a caller's transaction may roll back what the tail would remember.
+        self._tail_on = tail and conn.autocommit
+        self._token: int | None = None  # this process's owner token, once it ingested
+        self._gen: int | None = None  # its tail_owner.gen when last read
+        self._owned: set[int] = set()  # series whose owner is this token (committed)
+        self._tails: dict[int, list[_Stored]] = {}  # insertion order: least recently written first
+        self.tail_hits = 0  # windows taken from the tail instead of the database
+        self.tail_drops = 0  # times another writer made us forget every tail
 
     # --- meters ---
 
@@ -411,17 +432,80 @@ class Ingestor:
                     months.update(date(t.year, t.month, 1) for t in instants)
             self._ensure_partitions(months)
             self._ensure_codes(good)
-        with self.conn.transaction():
-            if by_key:
-                result.accepted += self._store(by_key, meters, result, rejects, window)
-            if rejects:
-                self._write_rejects(rejects)
+        if by_key and self._tail_on and self._token is None:
+            self._take_token()
+        work: _Changes | None = None
+        try:
+            with self.conn.transaction():
+                if by_key:
+                    work = self._store(by_key, meters, result, rejects, window)
+                    result.accepted += work.inserted
+                if rejects:
+                    self._write_rejects(rejects)
+        except BaseException:
+            for key in by_key:  # what they hold is not known to be what is stored: read it again
+                sid = self._codes.series.get(key)
+                if sid is not None:
+                    self._tails.pop(sid, None)
+            raise
+        if work is not None and self._tail_on:
+            self._keep_tails(work)
         result.rejected += len(rejects) - result.conflict
         result.refused = [RefusedInput(row.source, row.code, row.reason, row.raw) for row in rejects]
         for row in rejects:
             if row.kind == "invalid":
                 result.rejects_by_code[row.code] = result.rejects_by_code.get(row.code, 0) + 1
         return result
+
+    # --- the tail: owned series' newest readings in memory (migration 026) ---
+
+    def _take_token(self) -> None:
+        """Become an owner: a token of our own and its session lock, held while the connection lives."""
+        conn = self.conn
+        with conn.transaction():
+            row = conn.execute("SELECT nextval('tail_owner_token')::int").fetchone()
+            assert row is not None
+            token = row[0]
+            conn.execute("SELECT pg_advisory_lock(%s, %s)", (_OWNER_LOCK, token))
+            # owners whose process ended leave their row: nobody reads it again
+            conn.execute(f"DELETE FROM tail_owner WHERE token::oid NOT IN ({_LIVE_OWNERS})")
+            conn.execute("INSERT INTO tail_owner (token) VALUES (%s)", (token,))
+        self._token, self._gen = token, 0
+
+    def _claim(self, sids: list[int]) -> set[int]:
+        """Under the meters' locks: claim the series nobody live owns, tell the owners of the rest.
+
+        Returns the series claimed (ours once the batch commits). Without a tail
+        (tail=False, or in a caller's transaction) nothing is claimed and every
+        owner of these series is told: we write them behind its back.
+        """
+        if not self._tail_on:
+            self.conn.execute("SELECT amr_tail_stale(%s::int[])", (array_literal(sids),))
+            return set()
+        rows = self.conn.execute(
+            f"""WITH claimed AS (
+                 UPDATE reading_series SET owner = %(me)s WHERE id = ANY(%(ids)s::int[])
+                   AND (owner IS NULL OR owner = %(me)s OR owner::oid NOT IN ({_LIVE_OWNERS}))
+                 RETURNING id),
+               told AS (
+                 UPDATE tail_owner SET gen = gen + 1 WHERE token <> %(me)s AND token IN (
+                   SELECT owner FROM reading_series WHERE id = ANY(%(ids)s::int[])
+                     AND id NOT IN (SELECT id FROM claimed)))
+               SELECT id FROM claimed""",
+            {"me": self._token, "ids": array_literal(sids)},
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def _keep_tails(self, work: _Changes) -> None:
+        """After the batch committed: keep the new tails of the series we own, forget the others."""
+        self._owned |= work.claimed
+        tails, owned = self._tails, self._owned
+        for sid, tail in work.tails.items():
+            tails.pop(sid, None)  # re-inserted last: the most recently written
+            if tail is not None and sid in owned:
+                tails[sid] = tail
+        while len(tails) > TAIL_SERIES:
+            del tails[next(iter(tails))]
 
     def _ensure_partitions(self, months: set[date]) -> None:
         """Partitions for the months that hold accepted readings, a bounded number per transaction.
@@ -467,7 +551,7 @@ class Ingestor:
         result: IngestResult,
         rejects: list[_Refused],
         window: vee.TimeWindow,
-    ) -> int:
+    ) -> _Changes:
         """Store what is new, each reading with the interval it closes, in one COPY.
 
         Takes each register's readings in time order. Duplicates and conflicts
@@ -490,13 +574,31 @@ class Ingestor:
         )
         los = [by_key[k][0][0] for k in keys]
         counts = [len(by_key[k]) for k in keys]
-        windows = self._load_windows(keys, los, counts, CONTEXT)
+        series = self._codes.series
+        sids = [series[k] for k in keys]
+        work = _Changes()
+        foreign = [s for s in sids if s not in self._owned]
+        if foreign:
+            work.claimed = self._claim(foreign)
+        windows, cached = self._load_windows(keys, los, counts, CONTEXT, self._tail_on)
         since = self._earliest_month(windows, los)
-        decisions, mark, closed = self._context({k[0] for k in keys}, since)
+        meter_ids = {k[0] for k in keys}
+        decisions, mark, closed, gen = self._context(meter_ids, since)
         if mark != window.watermark:
             self._watermark_read = (self.clock(), mark)
             raise _WatermarkMoved
-        work = _Changes()
+        if self._tail_on and gen != self._gen:
+            # another process, a person or retention wrote a series we own: what we keep
+            # may be behind; read this batch's windows from the database, and the rest later
+            self._tails.clear()
+            self.tail_drops += 1
+            self._gen = gen
+            if cached:
+                windows, _ = self._load_windows(keys, los, counts, CONTEXT, False)
+                since = self._earliest_month(windows, los)
+                decisions, mark, closed, self._gen = self._context(meter_ids, since)
+        else:
+            self.tail_hits += cached
         todo = list(range(len(keys)))
         context: int | None = CONTEXT
         with conn.cursor() as cur:
@@ -519,23 +621,25 @@ class Ingestor:
                             rejects.append(self._conflict_row(r, stored))
                         result.conflict += len(plan.conflicts)
                         if plan.span is not None:
-                            self._emit(key, plan.points, plan.span, meters[key[0]], decisions,
-                                       closed.get(key[0]) if key[1] == BILLED_REGISTER else None, cp, work)
+                            tail = self._emit(key, plan.points, plan.span, meters[key[0]], decisions,
+                                              closed.get(key[0]) if key[1] == BILLED_REGISTER else None, cp,
+                                              work, self._tail_on and plan.to_the_end)
+                            work.tails[sids[i]] = tail
                 if not short:
                     break
                 # a run of glitches beside the new readings, or more stored readings among
                 # them than the window held: load more around those registers
                 context = context * 4 if context is not None and context < 1000 else None
                 todo = short
-                windows = self._load_windows([keys[i] for i in todo], [los[i] for i in todo],
-                                             [counts[i] for i in todo], context)
+                windows, _ = self._load_windows([keys[i] for i in todo], [los[i] for i in todo],
+                                                [counts[i] for i in todo], context)
                 wider = self._earliest_month(windows, [los[i] for i in todo])
                 if wider < since:  # the wider window reaches months not asked about yet
                     for mid, periods in self._context({keys[i][0] for i in todo}, wider)[2].items():
                         closed.setdefault(mid, set()).update(periods)
                     since = wider
             self._apply(cur, work)
-        return work.inserted
+        return work
 
     def _write_rejects(self, rows: list[_Refused]) -> None:
         """Record refused inputs, each distinct one once: a repeat adds to its count.
@@ -563,33 +667,57 @@ class Ingestor:
             )
 
     def _load_windows(
-        self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None
-    ) -> dict[int, list[_Stored]]:
+        self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None,
+        tail: bool = False,
+    ) -> tuple[dict[int, list[_Stored]], int]:
         """Stored readings around and among each register's new ones, with what was derived.
 
         `context` readings before lo, and from lo on as many as the batch has
         for the register plus `context`; all of them when context is None.
         Appends, the common case, take one index probe: the register's last
-        `context` readings, all before lo, are the window. Only a register
-        with a stored reading from lo on takes the two-sided probe.
+        `context` readings, all before lo, are the window; with `tail`, a series
+        whose tail we keep takes none (the tail is those readings). Only a register
+        with a stored reading from lo on takes the two-sided probe. Returns the
+        windows and how many came from tails.
         """
         if context is None:
-            return self._around(keys, los, counts, None)
+            return self._around(keys, los, counts, None), 0
         series = self._codes.series
+        windows: dict[int, list[_Stored]] = {}
+        probe: Sequence[int] = range(len(keys))
+        if tail and self._tails:
+            tails = self._tails
+            missed = []
+            for i, k in enumerate(keys):
+                kept = tails.get(series[k])
+                if kept is not None and kept[-1].ts < los[i]:
+                    windows[i] = kept
+                else:
+                    missed.append(i)
+            probe = missed
+        cached = len(keys) - len(probe)
+        if not probe:
+            return windows, cached
         rows = self.conn.execute(
             f"""SELECT k.i, x.* FROM unnest(%s::int[]) WITH ORDINALITY AS k(s, i)
                CROSS JOIN LATERAL (SELECT {_STORED} FROM reading_data WHERE series = k.s
                  ORDER BY ts DESC LIMIT %s) x""",
-            (array_literal([series[k] for k in keys]), context),
+            (array_literal([series[keys[i]] for i in probe]), context),
         ).fetchall()
-        windows = _by_register(rows)
-        late = [i for i, w in windows.items() if w[0].ts >= los[i]]  # newest first
+        loaded = _by_register(rows)
+        if cached:
+            for j, i in enumerate(probe):
+                if j in loaded:
+                    windows[i] = loaded[j]
+        else:
+            windows = loaded
+        late = [i for i in probe if (w := windows.get(i)) and w[0].ts >= los[i]]  # newest first
         if late:
             around = self._around([keys[i] for i in late], [los[i] for i in late], [counts[i] for i in late],
                                   context)
             for j, i in enumerate(late):
                 windows[i] = around.get(j, [])
-        return windows
+        return windows, cached
 
     def _around(
         self, keys: list[tuple[str, str]], los: list[datetime], counts: list[int], context: int | None
@@ -659,14 +787,14 @@ class Ingestor:
                     else:
                         clashes.append((r, old.value))
                 if not new:
-                    return _Plan([], None, dups, clashes)
+                    return _Plan([], None, dups, clashes, False)
                 pts = [(row.ts, row.value, row, None) for row in stored]
                 pts += [(ts, r.value, None, r) for ts, r in new]
                 pts.sort()  # new readings exclude stored instants: no ties
         span = _span(pts, new[0][0], new[-1][0], true_start, true_end)
         if span is None:
             return None
-        return _Plan(pts, span, dups, clashes)
+        return _Plan(pts, span, dups, clashes, true_end)
 
     def _emit(
         self,
@@ -678,8 +806,13 @@ class Ingestor:
         closed: set[date] | None,
         cp: psycopg.Copy,
         work: _Changes,
-    ) -> None:
+        keep: bool = False,
+    ) -> list[_Stored] | None:
         """Derive the span's intervals; COPY new readings, queue changes to stored ones.
+
+        With `keep` (the points reach the series' newest reading), returns the
+        series' tail as it is stored once this batch commits: its last CONTEXT
+        points with what was derived for them; otherwise None.
 
         `closed`: the billed months of the meter's account (register 1.8.0 only);
         an interval added, changed or taken away in one of them is recorded in
@@ -703,6 +836,9 @@ class Ingestor:
         prev_ts: datetime | None = None
         prev_v = _ZERO
         inserted = 0
+        # the points that end up in the tail, and the new state of those that change
+        tail_from = len(pts) - CONTEXT if keep else len(pts)
+        now: dict[int, _Stored] = {}
         for j in range(span.start, span.stop):
             ts, value, old, r = pts[j]
             interval: _Interval | None
@@ -729,6 +865,8 @@ class Ingestor:
                         write((sid, bits_of(kind, status, estimated, day, zone, ts), ts, *source_of(r.source),
                                value, _kwh_field(str(kwh)), _span_field(start, ts)))
                         inserted += 1
+                        if j >= tail_from:
+                            now[j] = _Stored(ts, value, 0, _Interval(start, kwh, kind, status, estimated, day, zone))
                         if billed:
                             dkey = (day, zone, estimated, status)
                             daily[dkey] = daily.get(dkey, _ZERO) + kwh
@@ -740,19 +878,34 @@ class Ingestor:
                     interval = _Interval(start, kwh, kind, status, True, None, None)
                 derived = kind if kind in _FLAGGED_KINDS else None
             if r is not None:
-                write((sid, self._new_flags(r.quality, derived, interval, ts), ts, *source_of(r.source),
-                       value, *_interval_fields(interval, ts)))
+                flags = self._new_flags(r.quality, derived, interval, ts)
+                write((sid, flags, ts, *source_of(r.source), value, *_interval_fields(interval, ts)))
                 inserted += 1
+                if j >= tail_from:
+                    now[j] = _Stored(ts, value, flags & layout.QUALITY_MASK, interval)
             else:
                 assert old is not None  # a point is a stored reading or a new one
                 if not self._restate(work, key, ts, old, interval, derived, closed):
                     continue  # the common case for the stored readings before new ones
+                if j >= tail_from:
+                    bits = self._codes.mask(frozenset(work.updates[-1].quality)) & layout.QUALITY_MASK
+                    now[j] = _Stored(ts, old.value, bits, interval)
             if interval is not None:
                 self._count_in(work, daily, key, ts, interval, closed)
         work.inserted += inserted
         count = work.daily.count
         for (day, zone, est, status), kwh in daily.items():
             count(mid, day, zone, kwh, est, status)
+        if not keep:
+            return None
+        # a point that did not change is as stored: loaded (old) or, outside the span, untouched
+        tail: list[_Stored] = []
+        for j in range(max(tail_from, 0), len(pts)):
+            row = now.get(j) or pts[j][2]
+            if row is None:  # a new reading not derived here: not known as stored
+                return None
+            tail.append(row)
+        return tail
 
     def _new_flags(self, flags: frozenset[str], derived: str | None, interval: _Interval | None,
                    ts: datetime) -> int:
@@ -898,13 +1051,14 @@ class Ingestor:
         return first.astimezone(self.calendar.tz).date().replace(day=1)
 
     def _context(self, meter_ids: set[str], since: date
-                 ) -> tuple[dict[_DecisionKey, str], datetime | None, dict[str, set[date]]]:
+                 ) -> tuple[dict[_DecisionKey, str], datetime | None, dict[str, set[date]], int | None]:
         """What a batch's derivation needs besides the readings, in one round trip, under the locks.
 
         The people's decisions on the meters' intervals; the retention watermark
-        as it is now (validation used a copy up to a minute old); and the months
+        as it is now (validation used a copy up to a minute old); the months
         from `since` on that are billed for each meter's account, which are closed
-        (a change to them is recorded in billed_change for a person to decide).
+        (a change to them is recorded in billed_change for a person to decide);
+        and our owner token's gen (None without a token, or when its row is gone).
         """
         rows = self.conn.execute(
             "SELECT meter_id, register, start_ts, end_ts, decision FROM interval_decision"
@@ -914,20 +1068,24 @@ class Ingestor:
             " UNION ALL SELECT DISTINCT m.id, NULL::text, b.period::timestamp AT TIME ZONE 'UTC',"
             " NULL::timestamptz, 'closed'"
             " FROM meter m JOIN bill b ON b.account = m.account"
-            " WHERE m.id = ANY(%(m)s) AND b.period >= %(since)s",
-            {"m": array_literal(meter_ids), "since": since},
+            " WHERE m.id = ANY(%(m)s) AND b.period >= %(since)s"
+            " UNION ALL SELECT NULL, gen::text, NULL, NULL, 'gen' FROM tail_owner WHERE token = %(t)s",
+            {"m": array_literal(meter_ids), "since": since, "t": self._token},
         ).fetchall()
         mark = None
+        gen = None
         decisions: dict[_DecisionKey, str] = {}
         closed: dict[str, set[date]] = {}
         for m, r, s, e, d in rows:
             if d == "closed":
                 closed.setdefault(m, set()).add(s.astimezone(UTC).date())
+            elif d == "gen" and m is None:
+                gen = int(r)
             elif m is None:
                 mark = s
             else:
                 decisions[(m, r, s, e)] = d
-        return decisions, mark, closed
+        return decisions, mark, closed, gen
 
     def _months(self, start: datetime, end: datetime) -> set[date]:
         """The local months [start, end) touches (first days)."""
@@ -958,6 +1116,9 @@ class _Changes:
     """What one batch's derivation does besides the rows it COPYs."""
 
     inserted: int = 0
+    # per series written, its tail after the batch (None: not known, forget it); the series claimed
+    tails: dict[int, list[_Stored] | None] = field(default_factory=dict)
+    claimed: set[int] = field(default_factory=set)
     updates: list[_Update] = field(default_factory=list)  # stored readings whose derived columns change
     daily: DailyChanges = field(default_factory=lambda: DailyChanges())
     removed_split: list[_OldParts] = field(default_factory=list)
