@@ -850,6 +850,12 @@ class Ingestor:
                 if old is not None:
                     continue
                 interval, derived = None, None  # the first reading of the series
+            elif old is not None and (was := old.interval) is not None and was.start == prev_ts:
+                # a stored reading that closes its interval from the same reading as before:
+                # everything it holds was derived from the same values (the common case for
+                # the stored readings just before an append)
+                prev_ts, prev_v = ts, value
+                continue
             else:
                 start = prev_ts
                 kwh, kind, estimated, suspect = between(start, prev_v, ts, value, meter)
