@@ -226,3 +226,24 @@ def test_retention_tells_every_owner(db_url: str) -> None:
         assert report.dropped
         assert conn.execute("SELECT gen FROM tail_owner WHERE token = %s",
                             (ing._token,)).fetchone()[0] == gen + 1
+
+
+def test_beyond_its_size_the_tail_keeps_the_series_it_has_and_reads_the_rest(db_url: str, monkeypatch) -> None:
+    from collector.ingest import ingestor
+
+    monkeypatch.setattr(ingestor, "TAIL_SERIES", 2)
+    meters = ["c1", "c2", "c3"]
+    with connect(db_url) as conn:
+        add_meters(conn, *meters, *(m + "ref" for m in meters), max_power_kw=1000)
+        conn.commit()
+        ing = Ingestor(conn, clock=_clock)
+        values = [4000 + 9 * i for i in range(8)]
+        series = {m: readings_of(m, values) for m in meters}
+        for i in range(len(values)):  # round after round, in the same order
+            ing.ingest([series[m][i] for m in meters])
+        assert len(ing._tails) == 2
+        assert ing.tail_hits == 2 * (len(values) - 1)  # the two kept hit every round, the third never
+        plain = Ingestor(conn, clock=_clock, tail=False)
+        for m in meters:
+            plain.ingest(readings_of(m + "ref", values))
+            assert derived(conn, m) == derived(conn, m + "ref")

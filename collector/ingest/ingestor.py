@@ -62,9 +62,10 @@ _RETENTION_LOCK = 7217002
 # the first key of the session advisory lock (7217, token) an owner of series holds
 # (migration 026); live owners are the tokens whose lock is held
 _OWNER_LOCK = 7217
-# series whose tail one process keeps at most (a few hundred bytes each); the least
-# recently written are forgotten first, and read from the database when they come again
-TAIL_SERIES = 250_000
+# series whose tail one process keeps at most (about 2 KB each: 400 MB); beyond it new
+# series are read from the database each time. Not least-recently-used: a fleet larger
+# than this, read round after round in the same order, would miss on every series.
+TAIL_SERIES = 200_000
 _LIVE_OWNERS = (
     "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = 7217 AND objsubid = 2"
     " AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
@@ -320,7 +321,7 @@ class Ingestor:
         self._token: int | None = None  # this process's owner token, once it ingested
         self._gen: int | None = None  # its tail_owner.gen when last read
         self._owned: set[int] = set()  # series whose owner is this token (committed)
-        self._tails: dict[int, list[_Stored]] = {}  # insertion order: least recently written first
+        self._tails: dict[int, list[_Stored]] = {}
         self.tail_hits = 0  # windows taken from the tail instead of the database
         self.tail_drops = 0  # times another writer made us forget every tail
 
@@ -500,12 +501,15 @@ class Ingestor:
         """After the batch committed: keep the new tails of the series we own, forget the others."""
         self._owned |= work.claimed
         tails, owned = self._tails, self._owned
+        room = TAIL_SERIES - len(tails)
         for sid, tail in work.tails.items():
-            tails.pop(sid, None)  # re-inserted last: the most recently written
-            if tail is not None and sid in owned:
+            if tail is None or sid not in owned:
+                tails.pop(sid, None)
+            elif sid in tails:
                 tails[sid] = tail
-        while len(tails) > TAIL_SERIES:
-            del tails[next(iter(tails))]
+            elif room > 0:
+                tails[sid] = tail
+                room -= 1
 
     def _ensure_partitions(self, months: set[date]) -> None:
         """Partitions for the months that hold accepted readings, a bounded number per transaction.
