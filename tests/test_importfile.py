@@ -151,3 +151,35 @@ def test_a_file_longer_than_what_detection_reads_is_read_on() -> None:
     out = list(read_file(stream, "csv", "import:t", dialect))
     assert len(out) == 3000 and all(isinstance(r, Reading) for r in out)
     assert [r.value for r in out] == [Decimal(k) for k in range(3000)]
+
+
+def _lines_one_readline_each(f: io.BytesIO, limit: int) -> list[tuple[int, bytes, bool]]:
+    """What _lines gives, the slow way: one bounded readline a line."""
+    out, n = [], 0
+    while chunk := f.readline(limit + 1):
+        n += 1
+        if len(chunk) > limit and not chunk.endswith(b"\n"):
+            head = chunk[:200]
+            while chunk and not chunk.endswith(b"\n"):
+                chunk = f.readline(1 << 20)
+            out.append((n, head, True))
+        else:
+            out.append((n, chunk.rstrip(b"\r\n"), False))
+    return out
+
+
+@pytest.mark.parametrize("tail", [b"", b"\n", b"last", b"\r", b"y" * 700, b"y" * 700 + b"\n"])
+def test_lines_read_in_blocks_are_the_lines_read_one_by_one(monkeypatch, tail) -> None:
+    """Blocks that cut lines, too-long lines across several blocks, CRLF, a last line without its newline."""
+    from collector.ingest import importfile
+
+    monkeypatch.setattr(importfile, "MAX_LINE", 300)
+    body = b"".join([
+        b"meter_id,register,ts,value\r\n", b"a,1.8.0,2026-10-01T00:00:00+00:00,1\n", b"\n", b"\r\n",
+        b"x" * 300 + b"\n", b"x" * 301 + b"\n", b"z" * 5000 + b"\r\n", b"b,1.8.0,t,2\r\r\n",
+        b"q" * 299 + b"\r\n", b"w" * 1000, b"\n", b"c" * 64, b"\n", b"d" * 301,
+    ]) + b"\n" + tail
+    for block in (7, 64, 300, 301, 1 << 20):
+        monkeypatch.setattr(importfile, "BLOCK", block)
+        got = list(importfile._lines(io.BytesIO(body)))
+        assert got == _lines_one_readline_each(io.BytesIO(body), 300), block

@@ -115,3 +115,33 @@ def test_a_worker_that_cannot_store_is_named_and_what_was_stored_stays(db_url, c
     assert out.returncode == 2, out.stderr
     assert "ingestion worker" in out.stderr and "run the same command again" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _ingest_with(pg_admin_url: str, template_db: str, tmp_path: Path, f: Path, workers: int, batch: int) -> tuple:
+    with fresh_database(pg_admin_url, template_db) as url:
+        with psycopg.connect(url) as conn:
+            add_meters(conn, *METERS, "q01")
+        rejects = tmp_path / f"rejects-{workers}-{batch}.csv"
+        args = ("ingest", str(f), "--json", "--workers", str(workers), "--batch", str(batch), "--rejects", str(rejects))
+        out = amr(url, *args)
+        with rejects.open(encoding="utf-8") as r:
+            lines = [(int(x["line"]), x["code"], x["reason"]) for x in csv.DictReader(r)]
+        again = amr(url, *args)
+        return out.returncode, json.loads(out.stdout), lines, stored(url), again.returncode, json.loads(again.stdout)
+
+
+def test_a_time_sorted_file_grouped_by_meter_stores_what_one_call_stores(pg_admin_url, template_db, tmp_path) -> None:
+    """A window of a time-sorted file is stored in calls grouped by meter (many readings of fewer meters
+    each): readings, intervals, daily totals, counts and refusals are those of storing it as read."""
+    f = tmp_path / "mixed.csv"
+    write_mixed_csv(f)
+    as_read = _ingest_with(pg_admin_url, template_db, tmp_path, f, 1, 100_000)  # one call, in file order
+    grouped = _ingest_with(pg_admin_url, template_db, tmp_path, f, 1, 50)  # windows of 200 lines, calls of 50
+    by_two = _ingest_with(pg_admin_url, template_db, tmp_path, f, 2, 50)
+    status, counts, rejects, data, again, recount = as_read
+    assert status == 3 and counts["accepted"] == 48 * 40 + 48 and data[1] and data[2]
+    assert again == 3 and recount["accepted"] == 0 and recount["duplicate"] == counts["accepted"]
+    assert [n for n, _, _ in rejects] == sorted(n for n, _, _ in rejects)
+    assert grouped == as_read  # the rejects file too: one process writes it in the file's order
+    assert by_two[:2] == as_read[:2] and by_two[3:] == as_read[3:]
+    assert sorted(by_two[2]) == sorted(rejects)

@@ -7,7 +7,6 @@ import csv
 import json
 import re
 import sys
-from itertools import islice
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -18,12 +17,11 @@ from collector.ingest.importfile import (
     CsvDialect,
     file_lines,
     parse_columns,
-    read_file,
     sniff_csv,
     sniff_format,
 )
 from collector.ingest.ingestor import Ingestor, IngestResult, RefusedInput
-from collector.ingest.parallel import default_workers, ingest_lines
+from collector.ingest.parallel import default_workers, ingest_here, ingest_lines
 
 # exit statuses beyond amr's own (0 done, 2 a user error): a cron job tells them apart
 EXIT_NONE_ACCEPTED = 1
@@ -167,7 +165,6 @@ def _ingest(args: argparse.Namespace, reader: BinaryIO, stream: BinaryIO, size: 
     try:
         with db.connect(get_settings().database_url) as conn:
             ingestor = Ingestor(conn)
-            rows = read_file(reader, fmt, source, dialect)
             if show:
                 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -193,8 +190,9 @@ def _ingest(args: argparse.Namespace, reader: BinaryIO, stream: BinaryIO, size: 
                     ingest_lines(file_lines(reader, fmt, raw_encoding), database_url=get_settings().database_url,
                                  workers=workers, fmt=fmt, source=source, dialect=dialect, batch=args.batch,
                                  on_result=stored)
-                while workers == 1 and (batch := list(islice(rows, args.batch))):
-                    stored(ingestor.ingest(batch))
+                else:
+                    ingest_here(file_lines(reader, fmt, raw_encoding), ingestor, fmt=fmt, source=source,
+                                dialect=dialect, batch=args.batch, on_result=stored)
             finally:
                 if show:
                     progress.stop()

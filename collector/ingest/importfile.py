@@ -75,21 +75,47 @@ _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")
 
 
+BLOCK = 1 << 20  # what _lines reads at a time
+
+
 def _lines(f: BinaryIO) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number, bytes, too long) without ever holding a huge line in memory."""
+    """(line number, bytes, too long) without ever holding a huge line in memory.
+
+    Reads the file in blocks of BLOCK bytes and splits each at once (a
+    readline per line costs more than the parsing of a short line); a line
+    longer than MAX_LINE bytes keeps its first 200 bytes, the rest of it is
+    read and dropped a block at a time.
+    """
     n = 0
+    rest = b""
+    long_head: bytes | None = None  # the head of a too-long line whose end is still to come
+    read = f.read
     while True:
-        chunk = f.readline(MAX_LINE + 1)
-        if not chunk:
-            return
-        n += 1
-        if len(chunk) > MAX_LINE and not chunk.endswith(b"\n"):
-            head = chunk[:200]
-            while chunk and not chunk.endswith(b"\n"):  # skip the rest of the line
-                chunk = f.readline(1 << 20)
-            yield n, head, True
-            continue
-        yield n, chunk.rstrip(b"\r\n"), False
+        block = read(BLOCK)
+        if not block:
+            break
+        if long_head is not None:
+            end = block.find(b"\n")
+            if end < 0:
+                continue
+            n += 1
+            yield n, long_head, True
+            long_head = None
+            block = block[end + 1:]
+        parts = (rest + block).split(b"\n") if rest else block.split(b"\n")
+        rest = parts.pop()
+        for raw in parts:
+            n += 1
+            if len(raw) > MAX_LINE:
+                yield n, raw[:200], True
+            else:
+                yield n, raw.rstrip(b"\r"), False
+        if len(rest) > MAX_LINE:
+            long_head, rest = rest[:200], b""
+    if long_head is not None:
+        yield n + 1, long_head, True
+    elif rest:
+        yield n + 1, rest.rstrip(b"\r"), False
 
 
 def _decode(raw: bytes, n: int, source: str, encoding: str = "utf-8") -> str | Rejected:
@@ -284,6 +310,14 @@ class _Prefixed:
         if line.endswith(b"\n") or (limit >= 0 and len(line) >= limit):
             return line
         return line + self._rest.readline(-1 if limit < 0 else limit - len(line))
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._head.read(size)
+        if size < 0:
+            return data + self._rest.read()
+        if len(data) < size:
+            data += self._rest.read(size - len(data))
+        return data
 
     def tell(self) -> int:
         return self._rest.tell()

@@ -26,19 +26,25 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from adapters.reading import Reading, Rejected
 from amr.errors import UserError
 from collector.ingest.importfile import CsvDialect, LineParser
-from collector.ingest.ingestor import IngestResult
+from collector.ingest.ingestor import Ingestor, IngestResult, RefusedInput
 
 log = logging.getLogger("amr.ingest")
 
 Line = tuple[int, bytes, bool]  # (line number, bytes, too long)
 _IN_FLIGHT = 2  # chunks a worker holds at most: one being stored, one waiting
+# A window (what is grouped by meter before it is stored) is this many batches of lines:
+# a time-sorted file's window then holds WINDOW_BATCHES times as many readings of each
+# meter as one batch would, and memory stays bounded by the window, not the file.
+WINDOW_BATCHES = 4
 
 
 def default_workers(size: int | None) -> int:
@@ -68,29 +74,102 @@ class _Router:
             return cls(workers, fmt)
         return cls(workers, fmt, dialect.delimiter.encode("ascii"), dialect.fields.index("meter_id"))
 
-    def worker(self, raw: bytes) -> int:
+    def key(self, raw: bytes) -> bytes:
+        """The bytes of a line's meter, as split here (b"" when they cannot be told this way)."""
         if self.fmt == "csv":
             if b'"' in raw:
-                return 0  # quoted fields: rare in exports, parsed properly by worker 0
+                return b""  # quoted fields: rare in exports, parsed properly by worker 0
             cells = raw.split(self.delimiter, self.column + 1)
             if len(cells) <= self.column:
-                return 0
-            key = cells[self.column].strip()
+                return b""
+            return cells[self.column].strip()
+        at = raw.find(b'"meter_id"')  # `"meter_id": "M1"`: the text between the next two quotes
+        parts = raw[at + 10: at + 80].split(b'"', 2) if at >= 0 else []
+        return parts[1] if len(parts) == 3 else b""
+
+    def worker(self, raw: bytes) -> int:
+        return zlib.crc32(self.key(raw)) % self.workers  # b"" (crc 0) goes to worker 0
+
+
+def grouped(lines: list[Line], key: Callable[[bytes], bytes], batch: int) -> Iterator[list[Line]]:
+    """A window of lines as ingest calls of at most `batch` lines, each holding whole meters' runs.
+
+    A file sorted by time holds one reading of each meter in a row; the
+    ingestor stores a register's readings of one call together (one window
+    probe, one COPY run, each day's totals once), so a call with many readings
+    of fewer meters stores far faster than one with a reading of every meter.
+    The meters go in the order they first appear; inside a call the lines keep
+    the file's order (so refusals are recorded in it). A window no longer than
+    `batch` is one call, exactly as read.
+    """
+    if len(lines) <= batch:
+        if lines:
+            yield lines
+        return
+    groups: dict[bytes, list[Line]] = {}
+    for line in lines:
+        k = b"" if line[2] else key(line[1])
+        run = groups.get(k)
+        if run is None:
+            groups[k] = [line]
         else:
-            at = raw.find(b'"meter_id"')  # `"meter_id": "M1"`: the text between the next two quotes
-            parts = raw[at + 10: at + 80].split(b'"', 2) if at >= 0 else []
-            key = parts[1] if len(parts) == 3 else b""
-        return zlib.crc32(key) % self.workers
+            run.append(line)
+    call: list[Line] = []
+    for run in groups.values():
+        if call and len(call) + len(run) > batch:
+            call.sort(key=_number)
+            yield call
+            call = []
+        if len(run) > batch:  # one meter beyond a call: its own calls, in file order
+            for i in range(0, len(run) - batch, batch):
+                yield run[i:i + batch]
+            run = run[(len(run) - 1) // batch * batch:]
+        call.extend(run)
+    if call:
+        call.sort(key=_number)
+        yield call
 
 
-def _worker(conn: Connection, database_url: str, fmt: str, source: str, dialect: CsvDialect | None) -> None:
-    """A worker process: parse each chunk of lines it is sent, store it, send back the result."""
+def _number(line: Line) -> int:
+    return line[0]
+
+
+def store_window(ingestor: Ingestor, parser: LineParser, lines: list[Line], batch: int,
+                 key: Callable[[bytes], bytes]) -> IngestResult:
+    """Parse and store a window of lines in calls grouped by meter (`grouped`); one result for all.
+
+    The result's refused inputs are those of every call, in the file's order.
+    """
+    total = IngestResult()
+    refused: list[RefusedInput] = []
+    calls = 0
+    for call in grouped(lines, key, batch):
+        items = [it for n, raw, long in call if (it := parser.parse(n, raw, long)) is not None]
+        result = ingestor.ingest(items)
+        total += result
+        refused += result.refused
+        calls += 1
+    if calls > 1:
+        refused.sort(key=_line_number)
+    total.refused = refused
+    return total
+
+
+def _line_number(r: RefusedInput) -> int:
+    source = r.source or ""
+    number = source[source.rfind("#L") + 2:] if "#L" in source else ""
+    return int(number) if number.isdigit() else 0
+
+
+def _worker(conn: Connection, database_url: str, fmt: str, source: str, dialect: CsvDialect | None,
+            batch: int) -> None:
+    """A worker process: parse each chunk of lines it is sent, store it grouped by meter, send back the result."""
     from amr.runtime import tune_gc
     from amr.storage import db
-    from collector.ingest.ingestor import Ingestor
 
     tune_gc()
     parser = LineParser(fmt, source, dialect)
+    key = _Router.of(1, fmt, dialect).key
     try:
         with db.connect(database_url) as dbconn:
             ingestor = Ingestor(dbconn)
@@ -102,8 +181,7 @@ def _worker(conn: Connection, database_url: str, fmt: str, source: str, dialect:
                     return
                 if chunk is None:
                     return
-                items = [it for n, raw, long in chunk if (it := parser.parse(n, raw, long)) is not None]
-                conn.send(("done", ingestor.ingest(items)))
+                conn.send(("done", store_window(ingestor, parser, chunk, batch, key)))
     except KeyboardInterrupt:
         return
     except Exception as exc:  # the parent reports it and stops the others
@@ -121,7 +199,8 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Pool:
-    def __init__(self, workers: int, database_url: str, fmt: str, source: str, dialect: CsvDialect | None):
+    def __init__(self, workers: int, database_url: str, fmt: str, source: str, dialect: CsvDialect | None,
+                 batch: int):
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited connections
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
@@ -130,7 +209,7 @@ class _Pool:
         self.senders: list[threading.Thread] = []
         for i in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, database_url, fmt, source, dialect),
+            proc = ctx.Process(target=_worker, args=(child, database_url, fmt, source, dialect, batch),
                                name=f"amr-ingest-{i}", daemon=True)
             proc.start()
             child.close()
@@ -208,15 +287,18 @@ def ingest_lines(
 ) -> None:
     """Store the lines of a file through `workers` worker processes, routed by meter.
 
-    on_result gets each stored chunk's IngestResult (with its refused inputs)
+    Each worker is sent its lines a share of a window at a time (WINDOW_BATCHES
+    batches of lines over the workers) and stores them grouped by meter
+    (`store_window`), at most `batch` readings a transaction. on_result gets
+    each stored share's IngestResult (with its refused inputs, in file order)
     as it comes back, for counts, progress and the rejects file.
     """
     if workers < 2:
         raise ValueError("ingest_lines needs at least 2 workers; a single process reads the file itself")
     router = _Router.of(workers, fmt, dialect)
-    share = max(1, batch // workers)
+    share = max(1, batch * WINDOW_BATCHES // workers)
     pending: list[list[Line]] = [[] for _ in range(workers)]
-    pool = _Pool(workers, database_url, fmt, source, dialect)
+    pool = _Pool(workers, database_url, fmt, source, dialect, batch)
     try:
         for line in lines:
             i = router.worker(line[1]) if not line[2] else 0
@@ -231,3 +313,68 @@ def ingest_lines(
         pool.drain(on_result)
     finally:
         pool.close()
+
+
+def ingest_here(
+    lines: Iterable[Line], ingestor: Ingestor, *, fmt: str, source: str, dialect: CsvDialect | None,
+    batch: int, on_result: Callable[[IngestResult], None],
+) -> None:
+    """Store the lines of a file in this process: windows grouped by meter, parsed while the last is stored.
+
+    A thread reads a window (WINDOW_BATCHES batches of lines), groups it by
+    meter (`grouped`) and parses its calls, at most two calls ahead, while
+    this thread stores them: the parsing runs while the database works on
+    what was sent. on_result gets one IngestResult a window, its refused
+    inputs in file order.
+    """
+    parser = LineParser(fmt, source, dialect)
+    key = _Router.of(1, fmt, dialect).key
+    window = max(1, batch * WINDOW_BATCHES)
+    ahead: queue.Queue[tuple[list[Reading | Rejected], bool] | BaseException | None] = queue.Queue(2)
+    stop = threading.Event()
+
+    def put(item: tuple[list[Reading | Rejected], bool] | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            it = iter(lines)
+            while chunk := list(islice(it, window)):
+                calls = list(grouped(chunk, key, batch))
+                for i, call in enumerate(calls):
+                    items = [x for n, raw, long in call if (x := parser.parse(n, raw, long)) is not None]
+                    if not put((items, i == len(calls) - 1)):
+                        return
+            put(None)
+        except BaseException as exc:  # handed to the storing thread, which raises it
+            put(exc)
+
+    reader = threading.Thread(target=read, name="amr-ingest-read", daemon=True)
+    reader.start()
+    try:
+        total = IngestResult()
+        refused: list[RefusedInput] = []
+        calls = 0
+        while (got := ahead.get()) is not None:
+            if isinstance(got, BaseException):
+                raise got
+            items, last = got
+            result = ingestor.ingest(items)
+            total += result
+            refused += result.refused
+            calls += 1
+            if last:
+                if calls > 1:
+                    refused.sort(key=_line_number)
+                total.refused = refused
+                on_result(total)
+                total, refused, calls = IngestResult(), [], 0
+    finally:
+        stop.set()
+        reader.join(5)
