@@ -10,16 +10,12 @@ password says "password".
 from __future__ import annotations
 
 import asyncio
-import select
-import socket
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
-import serial
 
 from adapters import quality
 from adapters.base import PollError, ProfileSlot
@@ -27,6 +23,7 @@ from adapters.dlms import DlmsAdapter, check_meter, scan
 from amr.settings import Settings
 from collector.inventory import Meter, parse_inventory, upsert_inventory
 from simulators.dlms_sim import HdlcMeterLine, SimMeter, WrapperMeter
+from tests.converter import TcpToPty
 
 NOW = datetime(2026, 3, 1, 12, 0, 5, tzinfo=UTC)
 TARIFFS = ("1.8.0", "1.8.1", "1.8.2", "1.8.3")
@@ -86,52 +83,13 @@ def test_registers_over_the_tcp_wrapper(adapter: DlmsAdapter) -> None:
         assert pub[0].value == _expected(sim, NOW)["1.8.0"]
 
 
-class TcpToPty:
-    """A transparent RS-485-to-Ethernet converter: one TCP client at a time, byte for byte to the pty."""
-
-    def __init__(self, device: str) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.line = serial.Serial(device, 9600, timeout=0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.server.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                client, _ = self.server.accept()
-            except TimeoutError:
-                continue
-            with client:
-                while not self._stop.is_set():
-                    ready, _, _ = select.select([client, self.line.fileno()], [], [], 0.05)
-                    if client in ready:
-                        data = client.recv(4096)
-                        if not data:
-                            break
-                        self.line.write(data)
-                    if self.line.fileno() in ready and (data := self.line.read(4096)):
-                        client.sendall(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.server.close()
-        self.line.close()
-
-
 def test_hdlc_through_a_transparent_tcp_converter(adapter: DlmsAdapter, sim: SimMeter, line: HdlcMeterLine) -> None:
-    relay = TcpToPty(line.device)
-    try:
+    with TcpToPty(line.device) as relay:
         m = _meter(host="127.0.0.1", tcp_port=relay.port, physical_address=17)  # transport hdlc by default
         assert check_meter(m) == []
         readings = adapter.read_blocking(m)
         assert {r.register: r.value for r in readings} == _expected(sim, NOW)
         assert readings[0].source == f"dlms:127.0.0.1:{relay.port}/17"
-    finally:
-        relay.close()
 
 
 def test_wrong_password_says_password_and_reads_nothing(adapter: DlmsAdapter, sim: SimMeter,

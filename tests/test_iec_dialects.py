@@ -8,17 +8,11 @@ the converter case.
 
 from __future__ import annotations
 
-import select
-import socket
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
-import serial
 
 from adapters import quality
 from adapters.base import PollError
@@ -42,6 +36,7 @@ from collector.inventory import Meter
 from simulators.consumption import SimClock
 from simulators.iec62056_sim import IecLineSim, SimMeter
 from tests.conftest import free_port
+from tests.converter import TcpToPty
 
 MSK = ZoneInfo("Europe/Moscow")
 
@@ -228,56 +223,12 @@ def test_profile_and_clock_correction_against_the_simulator() -> None:
 # --- a TCP converter ------------------------------------------------------------------------
 
 
-@contextmanager
-def tcp_to_pty_bridge(device: str, seven_bit: bool = False) -> Iterator[int]:
-    """A transparent RS-485-to-Ethernet converter of our own: one TCP client at a time, its
-    bytes copied to the pseudo-terminal and back, unchanged (no header).
-
-    seven_bit: the converter's serial side set to 7E1, so it hands the meter's 7-bit
-    characters to TCP without their parity bit (the pty carries them 8N1 with parity in
-    bit 7, as the simulator sends them).
-    """
-    server = socket.create_server(("127.0.0.1", free_port()))
-    port = server.getsockname()[1]
-    stop = threading.Event()
-    line = serial.Serial(device, 9600, timeout=0)
-
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            with client:
-                while not stop.is_set():
-                    ready, _, _ = select.select([client, line.fileno()], [], [], 0.1)
-                    if client in ready:
-                        data = client.recv(4096)
-                        if not data:
-                            break
-                        line.write(data)
-                    if line.fileno() in ready:
-                        data = line.read(4096)
-                        if data:
-                            client.sendall(bytes(b & 0x7F for b in data) if seven_bit else data)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield port
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        server.close()
-        line.close()
-
-
 def test_iec_over_a_tcp_converter() -> None:
     adapter = Iec62056Adapter(Settings())
     # the converter's line runs at 9600; the meter proposes 19200, which a converter cannot follow
     with IecLineSim([SimMeter(seed=8, max_baud=19200, in_wh=True)], baudrate=9600) as sim:
-        with tcp_to_pty_bridge(sim.device) as tcp_port:
+        with TcpToPty(sim.device) as relay:
+            tcp_port = relay.port
             m = Meter.model_validate({"id": "tcp1", "account": "1", "adapter": "iec62056", "host": "127.0.0.1",
                                       "tcp_port": tcp_port, "baudrate": 9600, "registers": ("1.8.0", "2.8.0")})
             assert check_meter(m) == []
@@ -307,7 +258,8 @@ def test_converter_keys_are_checked() -> None:
 def test_iec_over_a_7e1_converter_which_strips_the_parity_bit() -> None:
     adapter = Iec62056Adapter(Settings())
     with IecLineSim([SimMeter(seed=9, dialect="energomera", manufacturer="EKT")], baudrate=9600) as sim:
-        with tcp_to_pty_bridge(sim.device, seven_bit=True) as tcp_port:
+        with TcpToPty(sim.device, seven_bit=True) as relay:
+            tcp_port = relay.port
             m = Meter.model_validate({"id": "t7", "account": "1", "adapter": "iec62056", "host": "127.0.0.1",
                                       "tcp_port": tcp_port, "baudrate": 9600, "dialect": "energomera",
                                       "registers": ("1.8.0", "1.8.1")})
@@ -325,7 +277,8 @@ def test_simulator_answers_an_independent_client() -> None:
     from iec62056_21.client import Iec6205621Client
 
     with IecLineSim([SimMeter(seed=10)], baudrate=9600, reaction_s=0.25) as sim:
-        with tcp_to_pty_bridge(sim.device, seven_bit=True) as tcp_port:
+        with TcpToPty(sim.device, seven_bit=True) as relay:
+            tcp_port = relay.port
             client = Iec6205621Client.with_tcp_transport(("127.0.0.1", tcp_port), device_address="")
             client.connect()
             try:

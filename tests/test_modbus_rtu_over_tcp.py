@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
-import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,7 +17,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import serial
 
 from adapters.base import PollError
 from adapters.modbus import ModbusAdapter
@@ -29,56 +25,14 @@ from amr.settings import Settings
 from collector.inventory import Meter
 from simulators.consumption import SimClock
 from simulators.modbus_sim import ModbusRtuBus, SimMeter, crc16
+from tests.converter import TcpToPty
 
 FROZEN = SimClock(datetime(2026, 3, 1, 9, 15, tzinfo=UTC), 0.0)
 
 
-class Converter:
-    """One TCP client at a time, relayed byte for byte to the serial device; keeps what the client sent."""
-
-    def __init__(self, device: str, baudrate: int = 9600) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.line = serial.Serial(device, baudrate, timeout=0)
-        self.sent = bytearray()  # every byte the client sent, for a look at the frames
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="tcp-to-pty", daemon=True)
-
-    def _serve(self) -> None:
-        self.server.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                client, _ = self.server.accept()
-            except TimeoutError:
-                continue
-            # bytes leave the pty as the line paces them: no Nagle wait for each short piece
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with client:
-                while not self._stop.is_set():
-                    ready, _, _ = select.select([client, self.line.fileno()], [], [], 0.05)
-                    if client in ready:
-                        data = client.recv(4096)
-                        if not data:
-                            break  # the adapter closed: wait for its next connection
-                        self.sent += data
-                        self.line.write(data)
-                    if self.line.fileno() in ready and (data := self.line.read(4096)):
-                        client.sendall(data)
-
-    def __enter__(self) -> Converter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.server.close()
-        self.line.close()
-
-
 @contextmanager
-def line_behind_converter(sims: list[SimMeter]) -> Iterator[tuple[ModbusRtuBus, Converter]]:
-    with ModbusRtuBus(sims, baudrate=9600) as bus, Converter(bus.device) as conv:
+def line_behind_converter(sims: list[SimMeter]) -> Iterator[tuple[ModbusRtuBus, TcpToPty]]:
+    with ModbusRtuBus(sims, baudrate=9600) as bus, TcpToPty(bus.device) as conv:
         yield bus, conv
 
 
