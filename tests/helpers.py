@@ -38,3 +38,18 @@ def daily(conn, meter_id: str) -> dict[tuple[str, str], tuple[Decimal, Decimal]]
         (meter_id,),
     ).fetchall()
     return {(d, z): (k, e) for d, z, k, e in rows}
+
+
+def derived(conn, meter_id: str) -> tuple[list, list, list]:
+    """Everything ingestion stores and derives for a meter (readings, interval parts, daily
+    totals), without the meter's id: two meters fed the same series compare equal."""
+    readings = conn.execute(
+        "SELECT ts, value, quality, start_ts, kwh, kind, status, estimated, day, zone"
+        " FROM reading WHERE meter_id = %s ORDER BY ts", (meter_id,)).fetchall()
+    parts = conn.execute(
+        "SELECT start_ts, end_ts, seg_start, day, zone, kwh, status FROM interval_usage"
+        " WHERE meter_id = %s ORDER BY seg_start", (meter_id,)).fetchall()
+    totals = conn.execute(
+        "SELECT day, zone, kwh, estimated_kwh, suspect_kwh FROM daily_zone_usage"
+        " WHERE meter_id = %s AND (kwh <> 0 OR suspect_kwh <> 0) ORDER BY 1, 2", (meter_id,)).fetchall()
+    return readings, parts, totals

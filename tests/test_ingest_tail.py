@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from adapters.reading import Reading
 from amr.storage import retention
 from collector.ingest.ingestor import Ingestor
-from tests.helpers import T0, add_meters
+from tests.helpers import T0, add_meters, derived
 
 _ids = itertools.count()
 NOW = datetime(2027, 1, 1, tzinfo=UTC)
@@ -28,20 +28,6 @@ NOW = datetime(2027, 1, 1, tzinfo=UTC)
 
 def _clock() -> datetime:
     return NOW
-
-
-def derived(conn: psycopg.Connection, m: str) -> tuple[list, list, list]:
-    """Everything ingestion stores and derives for a meter, without the meter's id."""
-    readings = conn.execute(
-        "SELECT ts, value, quality, start_ts, kwh, kind, status, estimated, day, zone"
-        " FROM reading WHERE meter_id = %s ORDER BY ts", (m,)).fetchall()
-    parts = conn.execute(
-        "SELECT start_ts, end_ts, seg_start, day, zone, kwh, status FROM interval_usage"
-        " WHERE meter_id = %s ORDER BY seg_start", (m,)).fetchall()
-    daily = conn.execute(
-        "SELECT day, zone, kwh, estimated_kwh, suspect_kwh FROM daily_zone_usage"
-        " WHERE meter_id = %s AND (kwh <> 0 OR suspect_kwh <> 0) ORDER BY 1, 2", (m,)).fetchall()
-    return readings, parts, daily
 
 
 def values_of(steps: list[int], faults: list[int]) -> list[int]:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from adapters.reading import Reading
 from collector.ingest.ingestor import Ingestor
-from tests.helpers import T0, add_meters
+from tests.helpers import T0, add_meters, derived
 
 _ids = itertools.count()
 
@@ -108,16 +108,4 @@ def test_glitches_and_resets_derive_the_same_in_any_arrival_order(conn, data) ->
     for k in range(0, len(shuffled), batch):
         ing.ingest(shuffled[k : k + batch])
 
-    def derived(m: str) -> tuple[list, list, list]:
-        readings = conn.execute(
-            "SELECT ts, value, quality, start_ts, kwh, kind, status, estimated, day, zone"
-            " FROM reading WHERE meter_id = %s ORDER BY ts", (m,)).fetchall()
-        parts = conn.execute(
-            "SELECT start_ts, end_ts, seg_start, day, zone, kwh FROM interval_usage"
-            " WHERE meter_id = %s ORDER BY seg_start", (m,)).fetchall()
-        daily = conn.execute(
-            "SELECT day, zone, kwh, estimated_kwh, suspect_kwh FROM daily_zone_usage"
-            " WHERE meter_id = %s AND (kwh <> 0 OR suspect_kwh <> 0) ORDER BY 1, 2", (m,)).fetchall()
-        return readings, parts, daily
-
-    assert derived(meter) == derived(ref)
+    assert derived(conn, meter) == derived(conn, ref)
