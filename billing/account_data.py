@@ -299,7 +299,9 @@ def enter_readings(conn: Any, acc: str, readings: Sequence[ManualReading], setti
                                      f"{where}: расход {r.value - last_value} кВт·ч за это время больше "
                                      f"возможного для прибора (до {max_kw} кВт); проверьте показание.")
         items.append(Reading(meter_id, r.register, ts, r.value, frozenset({quality.MANUAL}), source))
-    result = Ingestor(conn, settings).ingest(items)
+    # made per request: no in-memory tail (collector.ingest.ingestor), which is for an ingestor
+    # that lives as long as its connection
+    result = Ingestor(conn, settings, tail=False).ingest(items)
     if result.rejected or result.conflict:
         codes = sorted(result.rejects_by_code) or ["conflict"]
         raise ReadingRefused("reading_rejected", f"Показание не принято ({', '.join(codes)}).", codes)

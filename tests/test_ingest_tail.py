@@ -233,3 +233,31 @@ def test_beyond_its_size_the_tail_keeps_the_series_it_has_and_reads_the_rest(db_
         for m in meters:
             plain.ingest(readings_of(m + "ref", values))
             assert derived(conn, m) == derived(conn, m + "ref")
+
+
+def test_ingestors_made_one_after_another_on_a_connection_share_its_one_token(db_url: str) -> None:
+    """As a pooled connection sees them: no session lock piles up, and an earlier ingestor
+    still in use goes on without its tail, telling the token's new holder of its writes."""
+    with connect(db_url) as conn:
+        add_meters(conn, "s1", "s1ref", max_power_kw=1000)
+        conn.commit()
+        values = [6000 + 11 * i for i in range(12)]
+        series = readings_of("s1", values)
+        first = Ingestor(conn, clock=_clock)
+        for r in series[:4]:
+            first.ingest([r])
+        locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        assert conn.execute(locks).fetchone()[0] == 1
+        for _ in range(5):
+            later = Ingestor(conn, clock=_clock)
+            later.ingest(series[4:5])  # new the first time, then repeats; each takes the token over
+        assert later._token == first._token
+        assert conn.execute(locks).fetchone()[0] == 1
+        for r in series[5:8]:
+            later.ingest([r])
+        first.ingest(series[8:9])  # the earlier one, without its tail now
+        for r in series[9:]:
+            later.ingest([r])
+        assert later.tail_drops >= 1
+        Ingestor(conn, clock=_clock, tail=False).ingest(readings_of("s1ref", values))
+        assert derived(conn, "s1") == derived(conn, "s1ref")

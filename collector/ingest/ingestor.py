@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,11 @@ _OWNER_LOCK = 7217
 # series are read from the database each time. Not least-recently-used: a fleet larger
 # than this, read round after round in the same order, would miss on every series.
 TAIL_SERIES = 200_000
+# the owner token of each connection that holds one, and the ingestor using it: one token
+# a connection, so that ingestors made one after another on a pooled connection do not pile
+# up session locks on it; the newest takes the token over, and the one before loses its tail
+_TOKENS: weakref.WeakKeyDictionary[psycopg.Connection, tuple[int, weakref.ref[Ingestor]]] = (
+    weakref.WeakKeyDictionary())
 _LIVE_OWNERS = (
     "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = 7217 AND objsubid = 2"
     " AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
@@ -461,8 +467,25 @@ class Ingestor:
     # --- the tail: owned series' newest readings in memory (migration 026) ---
 
     def _take_token(self) -> None:
-        """Become an owner: a token of our own and its session lock, held while the connection lives."""
+        """Become an owner: a token and its session lock, held while the connection lives.
+
+        A connection has one token: a later ingestor on it takes the token over (and
+        the series it owns), and the earlier one, if still in use, goes on without a
+        tail, telling the token's owner of its writes like any other writer.
+        """
         conn = self.conn
+        held = _TOKENS.get(conn)
+        if held is not None:
+            token, ref = held
+            before = ref()
+            if before is not None and before is not self:
+                before._tail_on = False
+                before._tails.clear()
+                before._owned.clear()
+            row = conn.execute("SELECT gen FROM tail_owner WHERE token = %s", (token,)).fetchone()
+            self._token, self._gen = token, None if row is None else row[0]
+            _TOKENS[conn] = (token, weakref.ref(self))
+            return
         with conn.transaction():
             row = conn.execute("SELECT nextval('tail_owner_token')::int").fetchone()
             assert row is not None
@@ -472,6 +495,7 @@ class Ingestor:
             conn.execute(f"DELETE FROM tail_owner WHERE token::oid NOT IN ({_LIVE_OWNERS})")
             conn.execute("INSERT INTO tail_owner (token) VALUES (%s)", (token,))
         self._token, self._gen = token, 0
+        _TOKENS[conn] = (token, weakref.ref(self))
 
     def _claim(self, sids: list[int]) -> set[int]:
         """Under the meters' locks: claim the series nobody live owns, tell the owners of the rest.
