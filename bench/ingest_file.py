@@ -77,6 +77,7 @@ def main() -> int:
             if args.workers is not None:
                 cmd += ["--workers", str(args.workers)]
             env = {**os.environ, "AMR_DATABASE_URL": url}
+            load_before = os.getloadavg()
             t0 = time.perf_counter()
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             ingest_s = time.perf_counter() - t0
@@ -96,11 +97,15 @@ def main() -> int:
                         cp.write(chunk)
                 conn.commit()
                 raw_s = time.perf_counter() - t0
+            load_after = os.getloadavg()
     rate, raw = n / ingest_s, n / raw_s
+    workers = "default" if args.workers is None else args.workers
     print(f"amr ingest (whole command)  {rate:>12,.0f} readings/s   ({ingest_s:.1f} s; parse, validate, store, "
           "intervals, zones, daily totals)")
     print(f"COPY of the same file       {raw:>12,.0f} readings/s   ({raw_s:.1f} s; the physical limit)")
-    print(f"ratio                       {rate / raw:>12.2f}   (target 0.5)")
+    print(f"ratio                       {rate / raw:>12.2f}   (target 0.5; --workers {workers})")
+    # the machine may be shared: the figures mean little without what else was running
+    print(f"load average                {load_before[0]:>12.2f}   (1 minute; {load_after[0]:.2f} after the COPY)")
     return 0
 
 

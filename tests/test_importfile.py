@@ -183,3 +183,32 @@ def test_lines_read_in_blocks_are_the_lines_read_one_by_one(monkeypatch, tail) -
         monkeypatch.setattr(importfile, "BLOCK", block)
         got = list(importfile._lines(io.BytesIO(body)))
         assert got == _lines_one_readline_each(io.BytesIO(body), 300), block
+
+
+@pytest.mark.parametrize("header,encoding", [
+    ("meter_id,register,ts,value", "utf-8"),
+    ("Счетчик;Регистр;Дата;Показание;Комментарий", "cp1251"),
+])
+def test_parse_many_gives_what_parse_gives_line_by_line(header, encoding) -> None:
+    from collector.ingest.importfile import LineParser, file_lines
+
+    sep = ";" if ";" in header else ","
+    extra = sep + "x" if header.count(sep) == 4 else ""
+    value = "10,5" if sep == ";" else "10.5"
+    rows = [
+        f"m{k}{sep}1.8.0{sep}2026-10-01T00:{k:02d}:00+03:00{sep}{value}{extra}" for k in range(5)
+    ] + [
+        "", "   ", sep * (header.count(sep)), f'"m1"{sep}"1.8.0"{sep}"2026-10-01T01:00:00+03:00"{sep}"7"{extra}',
+        f"m1{sep}1.8.0{sep}yesterday{sep}1{extra}", f"m1{sep}1.8.0{sep}2026-10-01T01:00:00{sep}1{extra}",
+        f"m1{sep}1.8.0{sep}2026-10-01T01:00:00+03:00{sep}1E-99999{extra}", f"m1{sep}1.8.0",
+        f"m1{sep}1.8.0{sep}2026-10-01T01:00:00+03:00{sep}{'9' * 40}{extra}",
+        f" m2 {sep} 1.8.0 {sep}2026-10-01T01:00:00+03:00{sep} 3 {extra}",
+    ]
+    body = ("\n".join([header, *rows]) + "\n").encode(encoding) + b"m3,\xff\xfe\n" + b"y" * (70 * 1024) + b"\n"
+    dialect, stream = sniff_csv(io.BytesIO(body), "import:t")
+    lines = list(file_lines(stream, "csv", dialect.encoding))
+    one = LineParser("csv", "import:t", dialect)
+    expected = [x for n, raw, long in lines if (x := one.parse(n, raw, long)) is not None]
+    got = LineParser("csv", "import:t", dialect).parse_many(lines)
+    assert got == expected
+    assert sum(isinstance(x, Reading) for x in got) >= 6 and any(isinstance(x, Rejected) for x in got)

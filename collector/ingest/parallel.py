@@ -144,7 +144,7 @@ def store_window(ingestor: Ingestor, parser: LineParser, lines: list[Line], batc
     refused: list[RefusedInput] = []
     calls = 0
     for call in grouped(lines, key, batch):
-        items = [it for n, raw, long in call if (it := parser.parse(n, raw, long)) is not None]
+        items = parser.parse_many(call)
         result = ingestor.ingest(items)
         total += result
         refused += result.refused
@@ -348,7 +348,7 @@ def ingest_here(
             while chunk := list(islice(it, window)):
                 calls = list(grouped(chunk, key, batch))
                 for i, call in enumerate(calls):
-                    items = [x for n, raw, long in call if (x := parser.parse(n, raw, long)) is not None]
+                    items = parser.parse_many(call)
                     if not put((items, i == len(calls) - 1)):
                         return
             put(None)
