@@ -13,19 +13,11 @@ a pass); with AMR_REQUIRE_TIMESCALE=1 that is a failure instead.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import NamedTuple
 
 import psycopg
@@ -43,8 +35,8 @@ from tests.test_migrate_012 import (
     reading_state,
     seed_before_012,
 )
+from tests.timescale_server import ServerFailed, Unavailable, install, serve
 
-SERVER_DIR = Path(__file__).resolve().parent / "timescale"
 TIME_TABLES = {"reading_data": "ts", "interval_segment": "end_ts"}  # views since: interval_usage 012, reading 023
 OTHER_TABLES = {
     "subscriber", "meter", "daily_zone_usage", "interval_decision", "rejected_reading",
@@ -56,7 +48,6 @@ OTHER_TABLES = {
     "portal_account_link",
     "reading_series", "reading_source", "quality_flag", "tail_owner",
 }
-START_TIMEOUT_S = 90
 
 
 def _unavailable(reason: str) -> None:
@@ -67,52 +58,11 @@ def _unavailable(reason: str) -> None:
                 "(run scripts/bootstrap --with-broker; AMR_REQUIRE_TIMESCALE=1 makes it a failure)")
 
 
-def _installed() -> bool:
-    """node_modules holds exactly the versions package-lock.json pins."""
-    try:
-        want = json.loads((SERVER_DIR / "package-lock.json").read_text())["packages"]
-        have = json.loads((SERVER_DIR / "node_modules" / ".package-lock.json").read_text())["packages"]
-    except (OSError, ValueError, KeyError):
-        return False
-    for path, entry in want.items():
-        if not path:
-            continue
-        got = have.get(path) or {}
-        if (got.get("version"), got.get("integrity")) != (entry.get("version"), entry.get("integrity")):
-            return False
-        if not (SERVER_DIR / path / "package.json").is_file():
-            return False
-    return True
-
-
 def _install() -> None:
-    if shutil.which("node") is None:
-        _unavailable("no `node` on PATH (Node.js 18+ runs the PGlite TimescaleDB server)")
-    lock = Path(tempfile.gettempdir()) / "amr-timescale-npm.lock"
-    with lock.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # xdist workers install once, not over each other
-        if _installed():
-            return
-        npm = shutil.which("npm")
-        if npm is None:
-            _unavailable("no `npm` on PATH to install tests/timescale/package-lock.json")
-        try:
-            done = subprocess.run(
-                [npm, "ci", "--prefix", str(SERVER_DIR), "--no-audit", "--no-fund",
-                 "--fetch-retries=1"],
-                capture_output=True, text=True, timeout=600, check=False,
-            )
-        except subprocess.TimeoutExpired:
-            _unavailable("`npm ci --prefix tests/timescale` took over 10 minutes")
-        if done.returncode != 0 or not _installed():
-            head = "\n".join((done.stderr or done.stdout).strip().splitlines()[:6])
-            _unavailable(f"`npm ci --prefix tests/timescale` failed (exit {done.returncode}):\n{head}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        install()
+    except Unavailable as e:
+        _unavailable(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -125,32 +75,11 @@ def timescale_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @contextmanager
 def _serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _install()
-    port = _free_port()
-    log = tmp_path_factory.mktemp("timescale") / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(["node", str(SERVER_DIR / "serve.mjs"), str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while "ready postgresql://" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"serve.mjs did not start (exit {proc.returncode}):\n{log.read_text()[-3000:]}",
-                        pytrace=False)
-        time.sleep(0.1)
     try:
-        yield f"postgresql://postgres:postgres@127.0.0.1:{port}/postgres?sslmode=disable"
-    finally:
-        proc.terminate()
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            code = None
-    if code != 0:
-        pytest.fail(f"serve.mjs did not exit cleanly on SIGTERM (exit {code}):\n{log.read_text()[-3000:]}",
-                    pytrace=False)
+        with serve(tmp_path_factory.mktemp("timescale")) as url:
+            yield url
+    except ServerFailed as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 class Migrated(NamedTuple):
@@ -170,7 +99,7 @@ def ts(timescale_url: str) -> Iterator[Migrated]:
 
 
 def _rows(conn: psycopg.Connection, sql: str, *params: object) -> list[tuple]:
-    return conn.execute(sql, params or None).fetchall()  # type: ignore[arg-type]
+    return conn.execute(sql, params or None).fetchall()
 
 
 def test_every_migration_applies_on_timescaledb(ts: Migrated) -> None:
