@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -78,9 +79,12 @@ def main() -> int:
                 cmd += ["--workers", str(args.workers)]
             env = {**os.environ, "AMR_DATABASE_URL": url}
             load_before = os.getloadavg()
+            cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             ingest_s = time.perf_counter() - t0
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its worker processes
+            cpu_s = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
             if out.returncode != 0:
                 print(out.stdout, out.stderr, file=sys.stderr)
                 return 1
@@ -102,6 +106,8 @@ def main() -> int:
     workers = "default" if args.workers is None else args.workers
     print(f"amr ingest (whole command)  {rate:>12,.0f} readings/s   ({ingest_s:.1f} s; parse, validate, store, "
           "intervals, zones, daily totals)")
+    print(f"  its CPU (not the server's) {cpu_s:>11.1f} s      ({n / cpu_s:,.0f} readings per CPU second: "
+          "less swayed than the rate by others' load)")
     print(f"COPY of the same file       {raw:>12,.0f} readings/s   ({raw_s:.1f} s; the physical limit)")
     print(f"ratio                       {rate / raw:>12.2f}   (target 0.5; --workers {workers})")
     # the machine may be shared: the figures mean little without what else was running
