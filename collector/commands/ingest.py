@@ -61,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["auto", "csv", "jsonl"], default="auto")
     p.add_argument("--batch", type=int, default=50000,
                    help="readings per transaction (default 50000); each transaction loads every "
-                        "register's last readings once, so larger batches import faster")
+                        "register's last readings once, so larger batches import faster; the lines of "
+                        "4 batches at a time are grouped by meter first, so that a file sorted by time "
+                        "stores many readings of each meter a transaction")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes that parse and store, each its own meters (default: one per core, "
                         "up to 4, for a file over 8 MB; else 1)")
