@@ -32,6 +32,8 @@ from itertools import islice
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import psycopg
+
 from adapters.reading import Reading, Rejected
 from amr.errors import UserError
 from collector.ingest.importfile import CsvDialect, LineParser
@@ -145,7 +147,7 @@ def store_window(ingestor: Ingestor, parser: LineParser, lines: list[Line], batc
     calls = 0
     for call in grouped(lines, key, batch):
         items = parser.parse_many(call)
-        result = ingestor.ingest(items)
+        result = _store(ingestor, items)
         total += result
         refused += result.refused
         calls += 1
@@ -153,6 +155,24 @@ def store_window(ingestor: Ingestor, parser: LineParser, lines: list[Line], batc
         refused.sort(key=_line_number)
     total.refused = refused
     return total
+
+
+def _store(ingestor: Ingestor, items: list[Reading | Rejected]) -> IngestResult:
+    """ingestor.ingest(items), again when another process made a month's partition at the same instant.
+
+    Workers that start together make the same months' partitions together, and
+    PostgreSQL's CREATE TABLE IF NOT EXISTS then fails in all but one of them
+    (DuplicateTable). Nothing of the call was stored (its partitions are made
+    before, in a transaction of their own), and the partition is there now.
+    """
+    for attempt in range(3):
+        try:
+            return ingestor.ingest(items)
+        except psycopg.errors.DuplicateTable:
+            if attempt == 2:
+                raise
+            log.info("a partition was made by another process meanwhile; storing the call again")
+    raise AssertionError("unreachable")
 
 
 def _line_number(r: RefusedInput) -> int:
@@ -365,7 +385,7 @@ def ingest_here(
             if isinstance(got, BaseException):
                 raise got
             items, last = got
-            result = ingestor.ingest(items)
+            result = _store(ingestor, items)
             total += result
             refused += result.refused
             calls += 1
