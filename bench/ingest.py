@@ -39,10 +39,13 @@ from simulators.consumption import ConsumptionModel
 START = datetime(2026, 10, 1, tzinfo=UTC) - timedelta(hours=3)  # local midnight, 1 October
 
 
-def generate(meters: int, days: int) -> list[Reading]:
-    """Counter values from the consumption model; each meter its own scale and start."""
+def generate(meters: int, days: int, first_day: int = 0) -> list[Reading]:
+    """Counter values from the consumption model; each meter its own scale and start.
+
+    `first_day` skips that many days: the readings that follow on from them.
+    """
     model = ConsumptionModel(seed=7)
-    steps = days * 48
+    steps = (first_day + days) * 48
     base = [model.energy_kwh(START + timedelta(minutes=30 * k)) for k in range(steps + 1)]
     incs = [b - a for a, b in itertools.pairwise(base)]
     out: list[Reading] = []
@@ -53,8 +56,10 @@ def generate(meters: int, days: int) -> list[Reading]:
     for k in range(steps):
         ts = START + timedelta(minutes=30 * k)
         inc = incs[k]
+        keep = k >= first_day * 48
         for m in range(meters):
-            out.append(Reading(ids[m], "1.8.0", ts, values[m], empty, "bench"))
+            if keep:
+                out.append(Reading(ids[m], "1.8.0", ts, values[m], empty, "bench"))
             values[m] = (values[m] + inc * scale[m]).quantize(Decimal("0.01"))
     return out
 
