@@ -96,6 +96,10 @@ def next_month(d: date) -> date:
     return date(d.year + (d.month == 12), d.month % 12 + 1, 1)
 
 
+# the advisory lock held while monthly partitions are made
+PARTITION_LOCK = 7217005
+
+
 class Partitions:
     """Creates monthly partitions ahead of the rows that need them (plain PostgreSQL).
 
@@ -139,18 +143,23 @@ class Partitions:
         years makes partitions only where its rows go. Returns how many were made.
         """
         tables = self._load(conn)
-        made = 0
-        for month in sorted(set(months)):
-            for table in tables:
-                if (table, month) not in self._known:
-                    name = f"{table}_p{month:%Y%m}"
-                    conn.execute(
-                        f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES "
-                        f"FROM ('{month.isoformat()} 00:00+00') TO ('{next_month(month).isoformat()} 00:00+00')"
-                    )
-                    self._known.add((table, month))
-                    made += 1
-        return made
+        todo = [(table, month) for month in sorted(set(months)) for table in tables
+                if (table, month) not in self._known]
+        if not todo:
+            return 0
+        with conn.transaction():
+            # one maker at a time: IF NOT EXISTS does not keep two sessions from creating the
+            # same partition at once (the second fails with DuplicateTable); after the lock,
+            # a partition another session just made is there and skipped
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+            for table, month in todo:
+                name = f"{table}_p{month:%Y%m}"
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES "
+                    f"FROM ('{month.isoformat()} 00:00+00') TO ('{next_month(month).isoformat()} 00:00+00')"
+                )
+        self._known.update(todo)
+        return len(todo)
 
     def missing(self, conn: psycopg.Connection, months: Iterable[date]) -> list[date]:
         """Of these months, those some time table has no partition for yet."""
