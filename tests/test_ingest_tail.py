@@ -261,3 +261,4 @@ def test_ingestors_made_one_after_another_on_a_connection_share_its_one_token(db
         assert later.tail_drops >= 1
         Ingestor(conn, clock=_clock, tail=False).ingest(readings_of("s1ref", values))
         assert derived(conn, "s1") == derived(conn, "s1ref")
+

@@ -5,7 +5,12 @@ validates each with collector.rules.vee, stores the accepted ones with COPY,
 idempotently, derives interval energy around them, splits it into zones and
 keeps daily_zone_usage current, in one transaction. A batch either lands
 whole or not at all, so a caller that keeps its batch until `ingest` returns
-(the gateway spool, the MQTT consumer) never loses or doubles a reading.
+(the gateway spool, the MQTT consumer) never loses or doubles a reading. A
+batch naming more than METERS_PER_TRANSACTION meters is stored in several
+transactions of whole meters (each meter is locked for its transaction, and
+PostgreSQL's lock table is shared and small); a part stored before a failure
+comes again as a repeat, told apart and counted as a duplicate, so nothing is
+lost or doubled either.
 
 Each stored reading carries the interval it closes, so the common case (a
 reading appended after the last one) is one row written. Per register, the
@@ -58,6 +63,10 @@ _FLAGGED_KINDS = frozenset({quality.ROLLOVER, quality.RESET})  # interval kinds 
 _WATERMARK_TTL = timedelta(seconds=60)
 # partitions made in one transaction at most (each takes locks until commit)
 _PARTITIONS_PER_TRANSACTION = 24
+# meters one transaction stores at most: it takes an advisory lock for each, and the lock
+# table of the server (max_locks_per_transaction x max_connections, 6,400 by default) is
+# shared by every session: a batch of 50,000 meters failed with "out of shared memory"
+METERS_PER_TRANSACTION = 1000
 # the advisory lock `amr db maintain` holds while it drops; ingestion shares it
 _RETENTION_LOCK = 7217002
 # the first key of the session advisory lock (7217, token) an owner of series holds
@@ -359,6 +368,15 @@ class Ingestor:
         items = list(items)
         if not items:
             return IngestResult()
+        if self.conn.autocommit:  # our own transactions: a large batch goes in parts of whole meters
+            parts = _by_meters(items, METERS_PER_TRANSACTION)
+            if len(parts) > 1:
+                total = IngestResult()
+                for part in parts:
+                    done = self.ingest(part)
+                    total += done
+                    total.refused.extend(done.refused)
+                return total
         for _ in range(3):
             try:
                 result = self._ingest(items)
@@ -1131,6 +1149,25 @@ class Ingestor:
             month = next_month(month)
             out.add(month)
         return out
+
+
+def _by_meters(items: list[Reading | Rejected], most: int) -> list[list[Reading | Rejected]]:
+    """The items in parts naming at most `most` meters each, every meter's items in one part,
+    in their order; inputs refused upstream without a meter go with the first part."""
+    if len(items) <= most:
+        return [items]
+    part_of: dict[str | None, int] = {}
+    parts: list[list[Reading | Rejected]] = [[]]
+    for item in items:
+        mid = item.meter_id if isinstance(item, Reading) else None
+        k = part_of.get(mid)
+        if k is None:
+            k = 0 if mid is None else len(part_of) // most
+            part_of[mid] = k
+            if k == len(parts):
+                parts.append([])
+        parts[k].append(item)
+    return parts
 
 
 def _by_register(rows: list[tuple[Any, ...]]) -> dict[int, list[_Stored]]:
