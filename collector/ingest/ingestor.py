@@ -65,8 +65,9 @@ _WATERMARK_TTL = timedelta(seconds=60)
 _PARTITIONS_PER_TRANSACTION = 24
 # meters one transaction stores at most: it takes an advisory lock for each, and the lock
 # table of the server (max_locks_per_transaction x max_connections, 6,400 by default) is
-# shared by every session: a batch of 50,000 meters failed with "out of shared memory"
-METERS_PER_TRANSACTION = 1000
+# shared by every session: a batch of 50,000 meters failed with "out of shared memory";
+# two ingestion workers at this size take 4,000 of the default 6,400
+METERS_PER_TRANSACTION = 2000
 # the advisory lock `amr db maintain` holds while it drops; ingestion shares it
 _RETENTION_LOCK = 7217002
 # the first key of the session advisory lock (7217, token) an owner of series holds
