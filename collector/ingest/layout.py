@@ -42,6 +42,12 @@ _KIND_AT, _STATUS_AT, _ESTIMATED_AT, _ZONE_AT, _DAY_AT = 18, 21, 24, 26, 28
 # file is one dictionary entry, not one per line
 _LINE = re.compile(r"^(.*)#L([1-9][0-9]{0,8})$", re.S)
 
+
+def split_source(text: str) -> tuple[str, int | None]:
+    """A source text as its prefix and the import line it names (`import:F#L12` -> ('import:F', 12))."""
+    m = _LINE.match(text) if "#L" in text else None
+    return (m.group(1), int(m.group(2))) if m else (text, None)
+
 COLUMNS = "series, flags, ts, source, line, value, kwh, span"
 # kwh and span go pre-encoded (numeric_field), hence bytea
 TYPES = ["int4", "int4", "timestamptz", "int4", "int4", "numeric", "bytea", "bytea"]
@@ -142,8 +148,7 @@ class Codes:
         out = set()
         for s in sources:
             if s not in self._sources:
-                m = _LINE.match(s) if "#L" in s else None
-                prefix = m.group(1) if m else s
+                prefix = split_source(s)[0]
                 if prefix not in self._sources:
                     out.add(prefix)
         return out
@@ -218,10 +223,10 @@ class Codes:
         sid = self._sources.get(text)
         if sid is not None:
             return sid, None
-        m = _LINE.match(text)
-        if m is None:
+        prefix, line = split_source(text)
+        if line is None:
             raise KeyError(text)
-        return self._sources[m.group(1)], int(m.group(2))
+        return self._sources[prefix], line
 
     def mask(self, flags: frozenset[str]) -> int:
         m = self._masks.get(flags)

@@ -32,12 +32,11 @@ from itertools import islice
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import psycopg
-
 from adapters.reading import Reading, Rejected
 from amr.errors import UserError
 from collector.ingest.importfile import CsvDialect, LineParser
 from collector.ingest.ingestor import Ingestor, IngestResult, RefusedInput
+from collector.ingest.layout import split_source
 
 log = logging.getLogger("amr.ingest")
 
@@ -142,43 +141,24 @@ def store_window(ingestor: Ingestor, parser: LineParser, lines: list[Line], batc
 
     The result's refused inputs are those of every call, in the file's order.
     """
+    return _combined([ingestor.ingest(parser.parse_many(call)) for call in grouped(lines, key, batch)])
+
+
+def _combined(results: list[IngestResult]) -> IngestResult:
+    """The results of a window's calls as one, its refused inputs in the file's order."""
     total = IngestResult()
     refused: list[RefusedInput] = []
-    calls = 0
-    for call in grouped(lines, key, batch):
-        items = parser.parse_many(call)
-        result = _store(ingestor, items)
+    for result in results:
         total += result
         refused += result.refused
-        calls += 1
-    if calls > 1:
+    if len(results) > 1:
         refused.sort(key=_line_number)
     total.refused = refused
     return total
 
 
-def _store(ingestor: Ingestor, items: list[Reading | Rejected]) -> IngestResult:
-    """ingestor.ingest(items), again when another process made a month's partition at the same instant.
-
-    Workers that start together make the same months' partitions together, and
-    PostgreSQL's CREATE TABLE IF NOT EXISTS then fails in all but one of them
-    (DuplicateTable). Nothing of the call was stored (its partitions are made
-    before, in a transaction of their own), and the partition is there now.
-    """
-    for attempt in range(3):
-        try:
-            return ingestor.ingest(items)
-        except psycopg.errors.DuplicateTable:
-            if attempt == 2:
-                raise
-            log.info("a partition was made by another process meanwhile; storing the call again")
-    raise AssertionError("unreachable")
-
-
 def _line_number(r: RefusedInput) -> int:
-    source = r.source or ""
-    number = source[source.rfind("#L") + 2:] if "#L" in source else ""
-    return int(number) if number.isdigit() else 0
+    return split_source(r.source or "")[1] or 0
 
 
 def _worker(conn: Connection, database_url: str, fmt: str, source: str, dialect: CsvDialect | None,
@@ -378,23 +358,15 @@ def ingest_here(
     reader = threading.Thread(target=read, name="amr-ingest-read", daemon=True)
     reader.start()
     try:
-        total = IngestResult()
-        refused: list[RefusedInput] = []
-        calls = 0
+        results: list[IngestResult] = []
         while (got := ahead.get()) is not None:
             if isinstance(got, BaseException):
                 raise got
             items, last = got
-            result = _store(ingestor, items)
-            total += result
-            refused += result.refused
-            calls += 1
+            results.append(ingestor.ingest(items))
             if last:
-                if calls > 1:
-                    refused.sort(key=_line_number)
-                total.refused = refused
-                on_result(total)
-                total, refused, calls = IngestResult(), [], 0
+                on_result(_combined(results))
+                results = []
     finally:
         stop.set()
         reader.join(5)
